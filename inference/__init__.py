@@ -1,0 +1,5 @@
+"""Spine AI inference: models, pipelines, engine runtimes, training and phantoms.
+
+Importing this package is cheap and never imports torch; submodules that need torch
+(``inference.models``, ``inference.train``) import it themselves.
+"""

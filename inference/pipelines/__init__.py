@@ -1,0 +1,61 @@
+"""Pipelines: DICOM series in, :class:`~inference.findings.Findings` out.
+
+A pipeline registers itself under the name routes use (``ct-cspine-fracture``, ...)
+with :func:`register`. Pipelines never import Celery or pynetdicom.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from inference.findings import Findings
+from node.domain import SeriesRef
+
+
+class ModelProvider(Protocol):
+    """Gives a pipeline a loaded engine by model name (the worker picks the backend)."""
+
+    def __call__(self, model_name: str) -> object: ...
+
+
+class Pipeline(Protocol):
+    name: str
+
+    def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings: ...
+
+
+_REGISTRY: dict[str, Callable[[], Pipeline]] = {}
+# Modules that register pipelines when imported.
+_MODULES: tuple[str, ...] = ()
+
+
+def register(name: str) -> Callable[[Callable[[], Pipeline]], Callable[[], Pipeline]]:
+    """Register a pipeline factory under ``name``."""
+
+    def decorate(factory: Callable[[], Pipeline]) -> Callable[[], Pipeline]:
+        if name in _REGISTRY:
+            raise ValueError(f"pipeline {name!r} registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def _load_all() -> None:
+    for module in _MODULES:
+        importlib.import_module(module)
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Pipeline:
+    _load_all()
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(sorted(_REGISTRY)) or 'none'}") from None

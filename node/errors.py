@@ -1,0 +1,41 @@
+"""The node's exceptions: one base, a few meaningful children.
+
+Tasks and handlers turn these into audit states and DICOM statuses; anything that is
+not a :class:`NodeError` is unexpected, logged and re-raised.
+"""
+
+
+class NodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+
+class ConfigError(NodeError):
+    """The configuration is invalid; the message names the bad value."""
+
+
+class InvalidUIDError(NodeError):
+    """A UID failed validation (length, characters, path safety)."""
+
+
+class SpoolError(NodeError):
+    """An instance could not be written safely into the spool."""
+
+
+class OutOfSpaceError(SpoolError):
+    """The spool volume has less free space than the configured minimum."""
+
+
+class RoutingError(NodeError):
+    """A routing rule is invalid or a series could not be routed."""
+
+
+class PipelineError(NodeError):
+    """A pipeline could not turn its input into findings (bad input, model failure)."""
+
+
+class DispatchError(NodeError):
+    """A result could not be sent to a destination."""
+
+
+class JobStateError(NodeError):
+    """A job is not in a state that allows the requested action."""

@@ -1,0 +1,125 @@
+"""The spool: ``<spool>/<study>/<series>/<sop>.dcm``, written atomically.
+
+Files are written to a temporary name in the target folder, flushed and renamed into
+place, so a reader never sees a partial file and a re-sent instance replaces the old
+one in one step. Every path component is a validated UID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from node.errors import OutOfSpaceError, SpoolError
+from node.uids import validate_uid
+
+_COPY_CHUNK = 1 << 20
+
+
+class Spool:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return (
+            self.root
+            / validate_uid(study_uid, "Study Instance UID")
+            / validate_uid(series_uid, "Series Instance UID")
+        )
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.series_dir(study_uid, series_uid) / (
+            validate_uid(sop_uid, "SOP Instance UID") + ".dcm"
+        )
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Raise :class:`OutOfSpaceError` if writing ``incoming`` bytes would go below the floor."""
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise OutOfSpaceError(
+                f"spool {self.root} has {free // (1 << 20)} MiB free, "
+                f"floor is {self.min_free_bytes // (1 << 20)} MiB"
+            )
+
+    def store(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        source: BinaryIO | bytes,
+        size_hint: int = 0,
+    ) -> tuple[Path, int]:
+        """Write an instance atomically; return its path and the bytes written."""
+        target = self.instance_path(study_uid, series_uid, sop_uid)
+        self.check_space(size_hint)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".part", dir=target.parent)
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                if isinstance(source, (bytes, bytearray, memoryview)):
+                    out.write(source)
+                    written = len(source)
+                else:
+                    while chunk := source.read(_COPY_CHUNK):
+                        out.write(chunk)
+                        written += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, target)
+        except OSError as exc:
+            _unlink_quietly(tmp_name)
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise OutOfSpaceError(f"spool {self.root} is full: {exc.strerror}") from exc
+            raise SpoolError(f"cannot write instance into spool: {exc.strerror}") from exc
+        except BaseException:
+            _unlink_quietly(tmp_name)
+            raise
+        return target, written
+
+    def adopt(self, study_uid: str, series_uid: str, sop_uid: str, temp_file: Path) -> Path:
+        """Rename an already written file on the same volume into place."""
+        target = self.instance_path(study_uid, series_uid, sop_uid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(temp_file, target)
+        except OSError as exc:
+            raise SpoolError(f"cannot move instance into spool: {exc.strerror}") from exc
+        return target
+
+    def iter_series(self) -> Iterator[tuple[str, str, Path]]:
+        """Every (study UID, series UID, folder) in the spool."""
+        if not self.root.is_dir():
+            return
+        for study in sorted(self.root.iterdir()):
+            if not study.is_dir() or study.name.startswith("."):
+                continue
+            for series in sorted(study.iterdir()):
+                if series.is_dir() and not series.name.startswith("."):
+                    yield study.name, series.name, series
+
+    def size_bytes(self) -> int:
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    pass
+        return total
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
