@@ -14,17 +14,20 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -47,7 +50,7 @@ from node.audit import Association, Database, record_event, utcnow
 from node.config import Settings, TLSSettings
 from node.errors import InvalidUIDError, OutOfSpaceError, SpoolError
 from node.spool import Spool
-from node.uids import validate_uid
+from node.uids import is_valid_uid, validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +102,21 @@ class StoreRejected(Exception):
 
 
 def read_header(path: Path) -> InstanceInfo:
-    """Read the identifying header of a DICOM file without touching pixel data."""
+    """Read the identifying header of a DICOM file without touching pixel data.
+
+    Raises only :class:`StoreRejected`: 0xC210 for bytes that do not parse, 0xC220 for
+    UIDs that are missing or invalid (and so could not become path components).
+    """
     try:
         ds = dcmread(path, stop_before_pixels=True, defer_size=4096, specific_tags=list(_HEADER_TAGS))
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError) as exc:
+        values = {keyword: _text(ds, keyword) for keyword in _HEADER_TAGS}
+    except Exception as exc:  # noqa: BLE001 - hostile bytes can break the parser in any way
         raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from None
-
-    def text(keyword: str) -> str:
-        value = ds.get(keyword, "")
-        return str(value).strip() if value is not None else ""
-
     try:
-        study = validate_uid(text("StudyInstanceUID"), "Study Instance UID")
-        series = validate_uid(text("SeriesInstanceUID"), "Series Instance UID")
-        sop = validate_uid(text("SOPInstanceUID"), "SOP Instance UID")
-        sop_class = validate_uid(text("SOPClassUID"), "SOP Class UID")
+        study = validate_uid(values["StudyInstanceUID"], "Study Instance UID")
+        series = validate_uid(values["SeriesInstanceUID"], "Series Instance UID")
+        sop = validate_uid(values["SOPInstanceUID"], "SOP Instance UID")
+        sop_class = validate_uid(values["SOPClassUID"], "SOP Class UID")
     except InvalidUIDError as exc:
         raise StoreRejected(STATUS_INVALID_UID, str(exc)) from None
     return InstanceInfo(
@@ -121,15 +124,170 @@ def read_header(path: Path) -> InstanceInfo:
         series_uid=series,
         sop_instance_uid=sop,
         sop_class_uid=sop_class,
-        modality=text("Modality")[:16],
-        body_part=text("BodyPartExamined")[:64].upper(),
-        view_position=text("ViewPosition")[:16].upper(),
+        modality=values["Modality"][:16],
+        body_part=values["BodyPartExamined"][:64].upper(),
+        view_position=values["ViewPosition"][:16].upper(),
     )
+
+
+def _text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, bytes):  # a value pydicom could not decode
+        value = value.decode("ascii", "replace")
+    elif isinstance(value, MultiValue):
+        value = "\\".join(str(v) for v in value)
+    # Strip the NUL padding some devices put in UIDs and any stray control characters.
+    return "".join(ch for ch in str(value) if ch >= " ").strip()
+
+
+# -- structure check --------------------------------------------------------------------
+# Receive never decodes pixel data, but it does walk the element headers of the data set
+# (a few reads and seeks per instance) so that a truncated or corrupt stream, an element
+# whose length runs past the end of the data, or File Meta elements smuggled into the
+# data set are refused with a status instead of being filed for a pipeline to trip on.
+
+_LONG_LENGTH_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = (0xFFFE, 0xE000)
+_ITEM_END = (0xFFFE, 0xE00D)
+_SEQUENCE_END = (0xFFFE, 0xE0DD)
+_PIXEL_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
+_MAX_NESTING = 32
+
+
+class _Malformed(Exception):
+    """The data set encoding is broken; the message says where (no values)."""
+
+
+class _StructureWalker:
+    """Walks element headers (tag, VR, length) of a little-endian data set."""
+
+    def __init__(self, fp: BinaryIO, end: int) -> None:
+        self.fp = fp
+        self.end = end
+
+    def _read(self, size: int) -> bytes:
+        data = self.fp.read(size)
+        if len(data) != size:
+            raise _Malformed(f"data set ends inside an element header at byte {self.fp.tell()}")
+        return data
+
+    def _skip(self, length: int, what: str) -> None:
+        position = self.fp.tell()
+        if length > self.end - position:
+            raise _Malformed(
+                f"{what} claims {length} bytes at byte {position} but only {self.end - position} remain"
+            )
+        self.fp.seek(length, os.SEEK_CUR)
+
+    def _element_header(self, implicit: bool) -> tuple[tuple[int, int], bytes, int]:
+        group, element = struct.unpack("<HH", self._read(4))
+        tag = (group, element)
+        if group == 0xFFFE or implicit:
+            return tag, b"", struct.unpack("<L", self._read(4))[0]
+        vr = self._read(2)
+        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            raise _Malformed(f"element ({group:04X},{element:04X}) has no valid VR")
+        if vr in _LONG_LENGTH_VRS:
+            self._read(2)
+            return tag, vr, struct.unpack("<L", self._read(4))[0]
+        return tag, vr, struct.unpack("<H", self._read(2))[0]
+
+    def dataset(self, implicit: bool, depth: int, in_item: bool) -> set[tuple[int, int]]:
+        """Walk a data set to its end (or item delimiter); return its top-level tags."""
+        if depth > _MAX_NESTING:
+            raise _Malformed(f"sequences nested deeper than {_MAX_NESTING} levels")
+        tags: set[tuple[int, int]] = set()
+        while self.fp.tell() < self.end:
+            tag, vr, length = self._element_header(implicit)
+            if tag == _ITEM_END and in_item:
+                return tags
+            if tag[0] == 0xFFFE:
+                raise _Malformed(f"unexpected delimiter ({tag[0]:04X},{tag[1]:04X})")
+            tags.add(tag)
+            if length != _UNDEFINED:
+                self._skip(length, f"element ({tag[0]:04X},{tag[1]:04X})")
+            elif tag in _PIXEL_TAGS and vr in (b"OB", b"OW"):
+                self._fragments()
+            elif implicit or vr in (b"SQ", b"UN"):
+                # An undefined-length UN is a sequence encoded as implicit VR (PS3.5 6.2.2).
+                self._sequence(implicit or vr == b"UN", depth)
+            else:
+                raise _Malformed(f"element ({tag[0]:04X},{tag[1]:04X}) VR {vr.decode()} cannot have "
+                                 "undefined length")
+        if in_item:
+            raise _Malformed("data set ends inside a sequence item")
+        return tags
+
+    def _sequence(self, implicit: bool, depth: int) -> None:
+        while True:
+            tag, _vr, length = self._element_header(True)
+            if tag == _SEQUENCE_END:
+                return
+            if tag != _ITEM:
+                raise _Malformed(f"expected a sequence item, found ({tag[0]:04X},{tag[1]:04X})")
+            if length == _UNDEFINED:
+                self.dataset(implicit, depth + 1, in_item=True)
+            else:
+                self._skip(length, "sequence item")
+
+    def _fragments(self) -> None:
+        while True:
+            tag, _vr, length = self._element_header(True)
+            if tag == _SEQUENCE_END:
+                return
+            if tag != _ITEM or length == _UNDEFINED:
+                raise _Malformed("encapsulated pixel data holds something other than fragments")
+            self._skip(length, "pixel data fragment")
+
+
+def check_structure(path: Path, transfer_syntax: str) -> bool | None:
+    """Check the encoding of the data set in a received file (never decoding pixel data).
+
+    Returns whether the data set has a top-level pixel data element, or ``None`` where
+    the structure cannot be walked without inflating it (deflated syntax). Raises
+    :class:`StoreRejected` (0xC210) for a broken encoding.
+    """
+    syntax = UID(transfer_syntax)
+    if syntax == DeflatedExplicitVRLittleEndian or not syntax.is_little_endian:
+        return None
+    try:
+        with path.open("rb") as fp:
+            fp.seek(0, os.SEEK_END)
+            end = fp.tell()
+            fp.seek(128)
+            if fp.read(4) != b"DICM":
+                raise _Malformed("no DICM prefix")
+            # File Meta: (0002,0000) UL group length comes first, explicit VR.
+            header = fp.read(12)
+            if len(header) != 12 or header[:6] != b"\x02\x00\x00\x00UL":
+                raise _Malformed("file meta has no group length")
+            group_length = struct.unpack("<L", header[8:12])[0]
+            fp.seek(group_length, os.SEEK_CUR)
+            first = fp.read(2)
+            if len(first) == 2 and struct.unpack("<H", first)[0] == 0x0002:
+                raise _Malformed("data set carries File Meta Information (group 0002) elements")
+            fp.seek(-len(first), os.SEEK_CUR)
+            tags = _StructureWalker(fp, end).dataset(syntax.is_implicit_VR, 0, in_item=False)
+    except _Malformed as exc:
+        raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"malformed data set: {exc}") from None
+    except (OSError, struct.error) as exc:
+        raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from None
+    return bool(tags & _PIXEL_TAGS)
+
+
+def needs_pixel_data(sop_class_uid: str) -> bool:
+    """True for the image storage SOP classes, whose IODs require Pixel Data."""
+    return "Image Storage" in UID(sop_class_uid).name
 
 
 @dataclass
 class _AssocStats:
-    row_id: int
+    row_id: int | None
     received: int = 0
     failed: int = 0
     bytes: int = 0
@@ -180,6 +338,7 @@ class Receiver:
         self._lock = threading.Lock()
         self._free_checked_at = 0.0
         self._free_ok = True
+        self._audit_warned_at = -1e9
         self.server: _FilteringServer | None = None
         self.ae = self._make_ae()
 
@@ -219,6 +378,10 @@ class Receiver:
         # Never decode and log dataset contents (PHI) on errors.
         _config.LOG_RESPONSE_IDENTIFIERS = False
         _config.LOG_REQUEST_IDENTIFIERS = False
+        # Receive validates what it uses itself; pydicom's value warnings and pynetdicom's
+        # UID conformance messages would echo peer-controlled values into the log.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
         self._clean_incoming()
         cfg = self.settings.dicom
         ssl_context = make_ssl_context(cfg.tls, server_side=True) if cfg.tls.enabled else None
@@ -260,24 +423,41 @@ class Receiver:
                 pass
 
     # -- association audit ------------------------------------------------------------
+    def _audit_failed(self, what: str, exc: Exception) -> None:
+        """Receive goes on without the database; say so once per outage, not per PDU."""
+        now = time.monotonic()
+        if now - self._audit_warned_at > 60:
+            self._audit_warned_at = now
+            log.warning("database unavailable, %s not recorded (receive continues): %s",
+                        what, type(exc).__name__)
+
     def handle_accepted(self, event: Any) -> None:
         assoc = event.assoc
-        with self.db.session() as session:
-            row = Association(
-                calling_ae_title=assoc.requestor.ae_title.strip()[:16],
-                called_ae_title=assoc.acceptor.ae_title.strip()[:16],
-                peer_host=str(assoc.requestor.address)[:64],
-                peer_port=int(assoc.requestor.port or 0),
-                state="accepted",
-            )
-            session.add(row)
-            session.flush()
-            row_id = row.id
+        row_id: int | None = None
+        try:
+            with self.db.session() as session:
+                row = Association(
+                    calling_ae_title=assoc.requestor.ae_title.strip()[:16],
+                    called_ae_title=assoc.acceptor.ae_title.strip()[:16],
+                    peer_host=str(assoc.requestor.address)[:64],
+                    peer_port=int(assoc.requestor.port or 0),
+                    state="accepted",
+                )
+                session.add(row)
+                session.flush()
+                row_id = row.id
+        except Exception as exc:  # noqa: BLE001 - the association proceeds without its row
+            self._audit_failed("association", exc)
         with self._lock:
             self._assocs[id(assoc)] = _AssocStats(row_id)
 
     def handle_rejected(self, event: Any) -> None:
-        assoc = event.assoc
+        try:
+            self._record_rejected(event.assoc)
+        except Exception as exc:  # noqa: BLE001
+            self._audit_failed("rejected association", exc)
+
+    def _record_rejected(self, assoc: Any) -> None:
         calling = assoc.requestor.ae_title.strip()[:16]
         with self.db.session() as session:
             row = Association(
@@ -298,22 +478,39 @@ class Receiver:
         log.warning("rejected association from %s@%s", calling, assoc.requestor.address)
 
     def record_refused_host(self, host: str, port: int) -> None:
-        with self.db.session() as session:
-            row = Association(calling_ae_title="", called_ae_title=self.settings.dicom.ae_title,
-                              peer_host=host[:64], peer_port=port, state="rejected",
-                              reason="host not allowed", ended_at=utcnow())
-            session.add(row)
-            session.flush()
-            record_event(session, "association.rejected", "host not allowed",
-                         association_id=row.id, details={"peer": host})
+        try:
+            with self.db.session() as session:
+                row = Association(calling_ae_title="", called_ae_title=self.settings.dicom.ae_title,
+                                  peer_host=host[:64], peer_port=port, state="rejected",
+                                  reason="host not allowed", ended_at=utcnow())
+                session.add(row)
+                session.flush()
+                record_event(session, "association.rejected", "host not allowed",
+                             association_id=row.id, details={"peer": host})
+        except Exception as exc:  # noqa: BLE001
+            self._audit_failed("refused connection", exc)
         log.warning("refused connection from %s (host not allowed)", host)
 
     def handle_ended(self, event: Any) -> None:
+        self._discard_partial(event.assoc)
         with self._lock:
             stats = self._assocs.pop(id(event.assoc), None)
         if stats is None:
             return
         state = "aborted" if event.event.name == "EVT_ABORTED" else "released"
+        try:
+            self._record_ended(stats, state)
+        except Exception as exc:  # noqa: BLE001
+            self._audit_failed("end of association", exc)
+        try:
+            self.tracker.flush()
+        except Exception as exc:  # noqa: BLE001 - counts stay in memory for the next flush
+            self._audit_failed("series counts", exc)
+        self.sweep_incoming()
+
+    def _record_ended(self, stats: _AssocStats, state: str) -> None:
+        if stats.row_id is None:
+            return
         with self.db.session() as session:
             row = session.get(Association, stats.row_id)
             if row is not None:
@@ -326,7 +523,38 @@ class Receiver:
                     record_event(session, "association.aborted", "peer or network aborted",
                                  association_id=row.id,
                                  details={"instances_received": stats.received})
-        self.tracker.flush()
+
+    def _discard_partial(self, assoc: Any) -> None:
+        """Delete the temp file of a data set cut off by an abort or a dropped connection.
+
+        pynetdicom removes the file after the C-STORE handler ran, but not when the
+        association ends before the last fragment arrived.
+        """
+        message = getattr(getattr(assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if partial is None:
+            return
+        try:
+            partial.close()
+            os.unlink(partial.name)
+            log.info("discarded a partial data set from an interrupted association")
+        except OSError:
+            pass
+
+    def sweep_incoming(self, max_age_s: float | None = None) -> int:
+        """Remove temp files no live transfer can still be writing; return how many."""
+        cfg = self.settings.dicom
+        max_age_s = max_age_s if max_age_s is not None else 2 * (cfg.network_timeout_s + cfg.dimse_timeout_s)
+        cutoff = time.time() - max_age_s
+        removed = 0
+        for leftover in self.incoming_dir.glob("*"):
+            try:
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
 
     # -- DIMSE ------------------------------------------------------------------------
     def handle_echo(self, event: Any) -> int:
@@ -343,11 +571,20 @@ class Receiver:
     def handle_store(self, event: Any) -> int:
         """Validate, write atomically, record, answer."""
         stats = self._assocs.get(id(event.assoc))
-        temp_path = Path(event.dataset_path)
+        try:
+            temp_path = Path(event.dataset_path)
+        except (TypeError, AttributeError):
+            return self._refuse(event, stats, STATUS_CANNOT_UNDERSTAND, "C-STORE request without a data set")
         try:
             if not self._space_ok():
                 raise StoreRejected(STATUS_OUT_OF_RESOURCES, "spool below free-space floor")
+            # Structure first: a truncated data set is "cannot understand", even where
+            # the cut also took the UIDs with it.
+            has_pixels = check_structure(temp_path, str(event.context.transfer_syntax))
             info = read_header(temp_path)
+            if has_pixels is False and needs_pixel_data(info.sop_class_uid):
+                raise StoreRejected(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                    "image storage instance has no Pixel Data")
             requested_sop = str(event.request.AffectedSOPInstanceUID or "")
             if requested_sop != info.sop_instance_uid:
                 raise StoreRejected(STATUS_INSTANCE_UID_MISMATCH,
@@ -378,14 +615,15 @@ class Receiver:
         if stats is not None:
             stats.failed += 1
         sop = str(event.request.AffectedSOPInstanceUID or "")
-        log.warning("refused instance %s: 0x%04X %s", sop[:64], status, reason)
+        sop = sop if is_valid_uid(sop) else "(invalid UID)"
+        log.warning("refused instance %s: 0x%04X %s", sop, status, reason)
         try:
             with self.db.session() as session:
                 record_event(session, "instance.refused", reason,
                              association_id=stats.row_id if stats else None,
-                             details={"status": f"0x{status:04X}", "sop_instance_uid": sop[:64]})
-        except Exception:  # the answer matters more than the audit row
-            log.exception("could not record refused instance")
+                             details={"status": f"0x{status:04X}", "sop_instance_uid": sop})
+        except Exception as exc:  # noqa: BLE001 - the answer matters more than the audit row
+            self._audit_failed("refused instance", exc)
         return status
 
 
