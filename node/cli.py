@@ -11,7 +11,9 @@ from rich.console import Console
 from node.config import Settings, load_settings, redact_url
 from node.errors import NodeError
 
-app = typer.Typer(help="spine-node: a DICOM listener node for spine AI.", no_args_is_help=True)
+# Never show local variables in tracebacks: they hold settings with database passwords.
+app = typer.Typer(help="spine-node: a DICOM listener node for spine AI.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 series_app = typer.Typer(help="Series in the spool.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
@@ -55,7 +57,12 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     from node.db_migrate import upgrade
 
     cfg = settings()
-    upgrade(cfg.database_url, revision)
+    try:
+        upgrade(cfg.database_url, revision)
+    except Exception as exc:  # connection refused, bad credentials, unknown revision, ...
+        err_console.print(f"[red]error:[/red] cannot migrate database {redact_url(cfg.database_url)}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        raise typer.Exit(2) from None
     console.print(f"database {redact_url(cfg.database_url)} is at revision {revision}")
 
 
@@ -63,7 +70,13 @@ def _database(cfg: Settings):  # type: ignore[no-untyped-def]
     from node.audit import Database
 
     db = Database(cfg.database_url)
-    if not db.is_current():
+    try:
+        current = db.is_current()
+    except Exception as exc:  # connection refused, bad credentials, ...
+        err_console.print(f"[red]error:[/red] cannot use database {redact_url(cfg.database_url)}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        raise typer.Exit(2) from None
+    if not current:
         err_console.print(
             f"[red]error:[/red] database {redact_url(cfg.database_url)} has no schema; "
             "run 'spine-node db upgrade' (or start 'spine-node serve' once)"

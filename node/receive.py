@@ -9,6 +9,8 @@ and flushed to SQL in batches by :class:`node.assemble.SeriesTracker`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -40,7 +42,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -285,6 +287,75 @@ def needs_pixel_data(sop_class_uid: str) -> bool:
     return "Image Storage" in UID(sop_class_uid).name
 
 
+class _IncomingFile:
+    """Where pynetdicom streams one received data set: a temp file in the spool volume.
+
+    Stands in for the ``NamedTemporaryFile`` pynetdicom opens per C-STORE request. A full
+    disk while writing (ENOSPC, EDQUOT) does not raise into pynetdicom's network thread,
+    which would kill the association without an answer: the file is emptied, later
+    fragments are dropped, and the C-STORE handler answers 0xA700 instead.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix="", suffix=".dcm", dir=folder)
+        self._fp = os.fdopen(fd, "wb")
+        self.name = name
+        self.out_of_space = False
+
+    @property
+    def file(self) -> _IncomingFile:
+        """pynetdicom flushes through ``.file`` (the NamedTemporaryFile wrapper API)."""
+        return self
+
+    def write(self, data: bytes) -> int:
+        if self.out_of_space:
+            return len(data)
+        try:
+            return self._fp.write(data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.out_of_space = True
+            with contextlib.suppress(OSError, ValueError):
+                self._fp.truncate(0)
+            return len(data)
+
+    def flush(self) -> None:
+        if self.out_of_space:
+            return
+        try:
+            self._fp.flush()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.out_of_space = True
+            with contextlib.suppress(OSError, ValueError):
+                self._fp.truncate(0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._fp.close()
+
+
+class _IncomingFiles:
+    """The factory pynetdicom calls instead of ``NamedTemporaryFile``; tracks open files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._open: dict[str, _IncomingFile] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _IncomingFile:
+        incoming = _IncomingFile(self.folder)
+        with self._lock:
+            self._open[incoming.name] = incoming
+        return incoming
+
+    def pop(self, name: str) -> _IncomingFile | None:
+        with self._lock:
+            return self._open.pop(str(name), None)
+
+
 @dataclass
 class _AssocStats:
     row_id: int | None
@@ -334,6 +405,7 @@ class Receiver:
         self.tracker = tracker or SeriesTracker(db)
         self.incoming_dir = self.spool.root / ".incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self.incoming_files = _IncomingFiles(self.incoming_dir)
         self._assocs: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self._free_checked_at = 0.0
@@ -371,9 +443,10 @@ class Receiver:
 
     def start(self) -> _FilteringServer:
         """Start listening (non-blocking); returns the server."""
-        # pynetdicom streams datasets to NamedTemporaryFile in the default temp dir:
-        # point it at the spool volume so the final rename is atomic and cheap.
-        tempfile.tempdir = str(self.incoming_dir)
+        # pynetdicom streams each data set to a NamedTemporaryFile: open it on the spool
+        # volume instead (the final rename is then atomic and cheap), and make a full disk
+        # a status rather than an exception in its network thread.
+        dimse_messages.NamedTemporaryFile = self.incoming_files  # type: ignore[attr-defined]
         _config.STORE_RECV_CHUNKED_DATASET = True
         # Never decode and log dataset contents (PHI) on errors.
         _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -534,6 +607,7 @@ class Receiver:
         partial = getattr(message, "_data_set_file", None)
         if partial is None:
             return
+        self.incoming_files.pop(partial.name)
         try:
             partial.close()
             os.unlink(partial.name)
@@ -561,8 +635,10 @@ class Receiver:
         return STATUS_SUCCESS
 
     def _space_ok(self) -> bool:
+        # A good answer is cached for half a second; a bad one is checked again each
+        # time, so receive resumes as soon as space returns.
         now = time.monotonic()
-        if now - self._free_checked_at > 0.5:
+        if not self._free_ok or now - self._free_checked_at > 0.5:
             free = shutil.disk_usage(self.spool.root).free
             self._free_ok = free >= self.spool.min_free_bytes
             self._free_checked_at = now
@@ -575,7 +651,11 @@ class Receiver:
             temp_path = Path(event.dataset_path)
         except (TypeError, AttributeError):
             return self._refuse(event, stats, STATUS_CANNOT_UNDERSTAND, "C-STORE request without a data set")
+        incoming = self.incoming_files.pop(str(temp_path))
         try:
+            if incoming is not None and incoming.out_of_space:
+                self._free_ok = False
+                raise StoreRejected(STATUS_OUT_OF_RESOURCES, "spool volume full while receiving")
             if not self._space_ok():
                 raise StoreRejected(STATUS_OUT_OF_RESOURCES, "spool below free-space floor")
             # Structure first: a truncated data set is "cannot understand", even where

@@ -17,6 +17,7 @@ from node.assemble import Assembler, CompletedStudy, recover_from_spool
 from node.audit import Database
 from node.config import Settings
 from node.receive import Receiver
+from node.retention import RetentionCleaner
 from node.route import route_study
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class NodeService:
         self.receiver = Receiver(settings, self.db)
         self.assembler = Assembler(self.db, settings.assembly, on_complete=self._route)
         self.tick_hooks = list(tick_hooks or [])
+        cleaner = RetentionCleaner(settings.storage)
+        if cleaner.enabled:
+            self.tick_hooks.append(cleaner)
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
 
