@@ -51,7 +51,7 @@ def association(
     ae.add_requested_context(Verification)
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, list(syntaxes))
-    tls_args = (tls, "") if tls is not None else None
+    tls_args = (tls, None) if tls is not None else None
     assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
     if not assoc.is_established:
         raise ConnectionError(f"association not established with port {port}")
@@ -77,7 +77,7 @@ def echo_ok(port: int, tls: ssl.SSLContext | None = None) -> bool:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title="SPINE_NODE",
-                         tls_args=(tls, "") if tls is not None else None)
+                         tls_args=(tls, None) if tls is not None else None)
     try:
         if not assoc.is_established:
             return False
@@ -195,3 +195,26 @@ def release(sock: socket.socket) -> None:
         _recv_exact(sock, 10)
     finally:
         sock.close()
+
+
+def write_with_meta(ds: Dataset, path: Path, *, meta_sop_instance: str) -> Path:
+    """Write ``ds`` as a file whose File Meta names another SOP Instance UID.
+
+    pydicom's own writer keeps the meta consistent with the data set; a broken device
+    does not. pynetdicom sends the meta's UID as the request's Affected SOP Instance UID.
+    """
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = Dataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = meta_sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.9.7433.1.1"
+    with path.open("wb") as out:
+        out.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(out), meta, enforce_standard=True)
+        data = encode(ds, False, True)
+        assert data is not None
+        out.write(data)
+    return path

@@ -50,6 +50,7 @@ from tests.scu import (
     release,
     store,
     store_command,
+    write_with_meta,
 )
 
 JPEG_XL_LOSSLESS = "1.2.840.10008.1.2.4.110"
@@ -201,12 +202,8 @@ def test_truncated_in_header_is_refused(node: NodeProcess, work: Path) -> None:
 def test_file_meta_disagreeing_with_data_set_is_refused(node: NodeProcess, work: Path) -> None:
     """The meta names another SOP Instance UID: the request and the data set disagree."""
     def bad(study: str) -> Path:
-        ds = _instance(study, 7)
-        path = _write(ds, work / "bad.dcm")
-        meta_only = _instance(study, 8)
-        raw = path.read_bytes().replace(ds.SOPInstanceUID.encode(), meta_only.SOPInstanceUID.encode(), 1)
-        path.write_bytes(raw)
-        return path
+        return write_with_meta(_instance(study, 7), work / "bad.dcm",
+                               meta_sop_instance=_instance(study, 8).SOPInstanceUID)
     status, _ = _sandwich(node, work, bad)
     assert status == 0xC221
 
@@ -368,7 +365,8 @@ def test_data_set_only_a_pipeline_can_judge_is_stored_and_routed(node: NodeProce
             ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0 not really a JPEG stream \xff\xd9"])
             ds["PixelData"].VR = "OB"
         return _write(ds, work / "bad.dcm", syntax)
-    status, goods = _sandwich(node, work, bad, ((CT_IMAGE_STORAGE, [ExplicitVRLittleEndian]), (CT_IMAGE_STORAGE, [syntax])))
+    contexts = ((CT_IMAGE_STORAGE, [ExplicitVRLittleEndian]), (CT_IMAGE_STORAGE, [syntax]))
+    status, goods = _sandwich(node, work, bad, contexts)
     assert status == 0
     stored = _stored(node, _instance(derive_uid("hostile", work.name), 7))
     assert stored.is_file()
