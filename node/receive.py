@@ -673,10 +673,9 @@ class Receiver:
                 raise StoreRejected(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                     "SOP Class UID in dataset differs from the request")
             size = temp_path.stat().st_size
-            target = self.spool.instance_path(info.study_uid, info.series_uid, info.sop_instance_uid)
-            replaced = target.exists()
             _fsync_path(temp_path)
-            self.spool.adopt(info.study_uid, info.series_uid, info.sop_instance_uid, temp_path)
+            _target, replaced = self.spool.adopt_instance(info.study_uid, info.series_uid,
+                                                          info.sop_instance_uid, temp_path)
         except StoreRejected as exc:
             return self._refuse(event, stats, exc.status, exc.reason)
         except OutOfSpaceError as exc:
