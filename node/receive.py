@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
@@ -166,60 +167,75 @@ class _Malformed(Exception):
 
 
 class _StructureWalker:
-    """Walks element headers (tag, VR, length) of a little-endian data set."""
+    """Walks element headers (tag, VR, length) of a little-endian data set in memory."""
 
-    def __init__(self, fp: BinaryIO, end: int) -> None:
-        self.fp = fp
-        self.end = end
+    def __init__(self, data: Any, start: int) -> None:
+        self.data = data  # bytes or an mmap of the file
+        self.pos = start
+        self.end = len(data)
 
-    def _read(self, size: int) -> bytes:
-        data = self.fp.read(size)
-        if len(data) != size:
-            raise _Malformed(f"data set ends inside an element header at byte {self.fp.tell()}")
-        return data
+    def _unpack(self, fmt: str, size: int) -> tuple[Any, ...]:
+        if self.pos + size > self.end:
+            raise _Malformed(f"data set ends inside an element header at byte {self.pos}")
+        values = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return values
 
     def _skip(self, length: int, what: str) -> None:
-        position = self.fp.tell()
-        if length > self.end - position:
-            raise _Malformed(
-                f"{what} claims {length} bytes at byte {position} but only {self.end - position} remain"
-            )
-        self.fp.seek(length, os.SEEK_CUR)
+        if length > self.end - self.pos:
+            raise _Malformed(f"{what} claims {length} bytes at byte {self.pos} "
+                             f"but only {self.end - self.pos} remain")
+        self.pos += length
 
-    def _element_header(self, implicit: bool) -> tuple[tuple[int, int], bytes, int]:
-        group, element = struct.unpack("<HH", self._read(4))
-        tag = (group, element)
-        if group == 0xFFFE or implicit:
-            return tag, b"", struct.unpack("<L", self._read(4))[0]
-        vr = self._read(2)
-        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-            raise _Malformed(f"element ({group:04X},{element:04X}) has no valid VR")
-        if vr in _LONG_LENGTH_VRS:
-            self._read(2)
-            return tag, vr, struct.unpack("<L", self._read(4))[0]
-        return tag, vr, struct.unpack("<H", self._read(2))[0]
+    def _item_header(self) -> tuple[tuple[int, int], int]:
+        group, element, length = self._unpack("<HHL", 8)
+        return (group, element), length
 
     def dataset(self, implicit: bool, depth: int, in_item: bool) -> set[tuple[int, int]]:
         """Walk a data set to its end (or item delimiter); return its top-level tags."""
         if depth > _MAX_NESTING:
             raise _Malformed(f"sequences nested deeper than {_MAX_NESTING} levels")
         tags: set[tuple[int, int]] = set()
-        while self.fp.tell() < self.end:
-            tag, vr, length = self._element_header(implicit)
+        data, end, unpack_from = self.data, self.end, struct.unpack_from
+        # The element header is parsed inline: this loop runs for every element received.
+        while self.pos < end:
+            pos = self.pos
+            if pos + 8 > end:
+                raise _Malformed(f"data set ends inside an element header at byte {pos}")
+            group, element, vr = unpack_from("<HH2s", data, pos)
+            if implicit or group == 0xFFFE:
+                vr = b""
+                length = unpack_from("<L", data, pos + 4)[0]
+                pos += 8
+            elif vr in _LONG_LENGTH_VRS:
+                if pos + 12 > end:
+                    raise _Malformed(f"data set ends inside an element header at byte {pos}")
+                length = unpack_from("<L", data, pos + 8)[0]
+                pos += 12
+            elif vr.isalpha() and vr.isupper():
+                length = unpack_from("<H", data, pos + 6)[0]
+                pos += 8
+            else:
+                raise _Malformed(f"element ({group:04X},{element:04X}) has no valid VR")
+            self.pos = pos
+            tag = (group, element)
             if tag == _ITEM_END and in_item:
                 return tags
-            if tag[0] == 0xFFFE:
-                raise _Malformed(f"unexpected delimiter ({tag[0]:04X},{tag[1]:04X})")
+            if group == 0xFFFE:
+                raise _Malformed(f"unexpected delimiter ({group:04X},{element:04X})")
             tags.add(tag)
             if length != _UNDEFINED:
-                self._skip(length, f"element ({tag[0]:04X},{tag[1]:04X})")
+                if length > end - pos:
+                    raise _Malformed(f"element ({group:04X},{element:04X}) claims {length} bytes at byte "
+                                     f"{pos} but only {end - pos} remain")
+                self.pos = pos + length
             elif tag in _PIXEL_TAGS and vr in (b"OB", b"OW"):
                 self._fragments()
             elif implicit or vr in (b"SQ", b"UN"):
                 # An undefined-length UN is a sequence encoded as implicit VR (PS3.5 6.2.2).
                 self._sequence(implicit or vr == b"UN", depth)
             else:
-                raise _Malformed(f"element ({tag[0]:04X},{tag[1]:04X}) VR {vr.decode()} cannot have "
+                raise _Malformed(f"element ({group:04X},{element:04X}) VR {vr.decode()} cannot have "
                                  "undefined length")
         if in_item:
             raise _Malformed("data set ends inside a sequence item")
@@ -227,7 +243,7 @@ class _StructureWalker:
 
     def _sequence(self, implicit: bool, depth: int) -> None:
         while True:
-            tag, _vr, length = self._element_header(True)
+            tag, length = self._item_header()
             if tag == _SEQUENCE_END:
                 return
             if tag != _ITEM:
@@ -239,7 +255,7 @@ class _StructureWalker:
 
     def _fragments(self) -> None:
         while True:
-            tag, _vr, length = self._element_header(True)
+            tag, length = self._item_header()
             if tag == _SEQUENCE_END:
                 return
             if tag != _ITEM or length == _UNDEFINED:
@@ -259,25 +275,22 @@ def check_structure(path: Path, transfer_syntax: str) -> bool | None:
         return None
     try:
         with path.open("rb") as fp:
-            fp.seek(0, os.SEEK_END)
-            end = fp.tell()
-            fp.seek(128)
-            if fp.read(4) != b"DICM":
-                raise _Malformed("no DICM prefix")
-            # File Meta: (0002,0000) UL group length comes first, explicit VR.
-            header = fp.read(12)
-            if len(header) != 12 or header[:6] != b"\x02\x00\x00\x00UL":
-                raise _Malformed("file meta has no group length")
-            group_length = struct.unpack("<L", header[8:12])[0]
-            fp.seek(group_length, os.SEEK_CUR)
-            first = fp.read(2)
-            if len(first) == 2 and struct.unpack("<H", first)[0] == 0x0002:
-                raise _Malformed("data set carries File Meta Information (group 0002) elements")
-            fp.seek(-len(first), os.SEEK_CUR)
-            tags = _StructureWalker(fp, end).dataset(syntax.is_implicit_VR, 0, in_item=False)
+            if os.fstat(fp.fileno()).st_size < 144:
+                raise _Malformed("file too short for a preamble and file meta")
+            # Mapped, not read: only the pages holding element headers are touched.
+            with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                if data[128:132] != b"DICM":
+                    raise _Malformed("no DICM prefix")
+                # File Meta: (0002,0000) UL group length comes first, explicit VR.
+                if data[132:138] != b"\x02\x00\x00\x00UL":
+                    raise _Malformed("file meta has no group length")
+                start = 144 + struct.unpack_from("<L", data, 140)[0]
+                if data[start:start + 2] == b"\x02\x00":
+                    raise _Malformed("data set carries File Meta Information (group 0002) elements")
+                tags = _StructureWalker(data, start).dataset(syntax.is_implicit_VR, 0, in_item=False)
     except _Malformed as exc:
         raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"malformed data set: {exc}") from None
-    except (OSError, struct.error) as exc:
+    except (OSError, ValueError, struct.error) as exc:
         raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from None
     return bool(tags & _PIXEL_TAGS)
 
