@@ -85,7 +85,11 @@ class SeriesTracker:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        self.flush()
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - the files are safe in the spool
+            log.warning("series counts of %d series not written at stop (%s); they are rebuilt from "
+                        "the spool at the next start", self.pending_series, type(exc).__name__)
 
     def _run(self) -> None:
         failing_since: float | None = None
