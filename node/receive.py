@@ -459,7 +459,7 @@ class Receiver:
         # pynetdicom streams each data set to a NamedTemporaryFile: open it on the spool
         # volume instead (the final rename is then atomic and cheap), and make a full disk
         # a status rather than an exception in its network thread.
-        dimse_messages.NamedTemporaryFile = self.incoming_files  # type: ignore[attr-defined]
+        dimse_messages.NamedTemporaryFile = self.incoming_files  # type: ignore[assignment]
         _config.STORE_RECV_CHUNKED_DATASET = True
         # Never decode and log dataset contents (PHI) on errors.
         _config.LOG_RESPONSE_IDENTIFIERS = False

@@ -235,3 +235,28 @@ def test_database_outage_during_run_loses_no_instance(tmp_path: Path) -> None:
         finally:
             admin.dispose()
 
+
+
+def test_sqlite_locked_for_a_while_loses_no_instance(tmp_path: Path) -> None:
+    """Another process holds the SQLite write lock for seconds while a study arrives."""
+    import sqlite3
+
+    study = _instance_files(tmp_path, "locked", count=8)
+    db_path = tmp_path / "node.db"
+    with NodeProcess(tmp_path / "node", f"sqlite:///{db_path}") as node:
+        assert echo_ok(node.port)
+        lock = sqlite3.connect(db_path, timeout=5, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            push = subprocess.Popen([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1", str(node.port),
+                                     str(tmp_path / "locked")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            time.sleep(5)
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
+        _out, err = push.communicate(timeout=120)
+        assert push.returncode == 0, err
+        rows = _wait_states(node.database_url, dict(zip(study, ("routed", "skipped"), strict=True)))
+        assert [rows[uid].instance_count for uid in study] == [4, 4]
+        assert len(list((node.data_dir / "spool").rglob("*.dcm"))) == 8
