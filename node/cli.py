@@ -167,7 +167,12 @@ def status() -> None:
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 5
     host = "127.0.0.1" if cfg.dicom.host in ("0.0.0.0", "::") else cfg.dicom.host
-    assoc = ae.associate(host, cfg.dicom.port, ae_title=cfg.dicom.ae_title)
+    tls_args = None
+    if cfg.dicom.tls.enabled:
+        from node.receive import probe_ssl_context
+
+        tls_args = (probe_ssl_context(cfg.dicom.tls), None)
+    assoc = ae.associate(host, cfg.dicom.port, ae_title=cfg.dicom.ae_title, tls_args=tls_args)
     up = False
     if assoc.is_established:
         rsp = assoc.send_c_echo()

@@ -408,6 +408,20 @@ def make_ssl_context(tls: TLSSettings, server_side: bool) -> ssl.SSLContext:
     return context
 
 
+def probe_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+    """A client context for probing the node's own TLS port (``spine-node status``).
+
+    It presents the node's own certificate (accepted where the site CA in ``ca_file``
+    signed it) and does not verify the listener: it checks liveness, it sends no data.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file and tls.key_file:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return context
+
+
 class Receiver:
     """The SCP: owns the AE, the spool and the in-memory series tracker."""
 

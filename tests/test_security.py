@@ -123,6 +123,8 @@ def test_tls_with_server_certificate_only(tmp_path: Path, pki: dict[str, Path]) 
         plain = _dcmtk("echoscu", node.port, "-to", "10", "-ta", "10")
         assert plain.returncode != 0
         assert echo_ok(node.port, tls=_client_context(pki, None))
+        status = node.cli("status", check=False)
+        assert status.returncode == 0 and "up" in status.stdout, status.stdout + status.stderr
 
 
 def test_tls_requiring_client_certificates(tmp_path: Path, pki: dict[str, Path]) -> None:
@@ -140,6 +142,9 @@ def test_tls_requiring_client_certificates(tmp_path: Path, pki: dict[str, Path])
         assert echo_ok(node.port, tls=_client_context(pki, "client"))
         assert not _pynetdicom_echo(node.port, _client_context(pki, None))
         assert node.proc is not None and node.proc.poll() is None
+        # The node's certificate is signed by the site CA, so `status` can probe it.
+        status = node.cli("status", check=False)
+        assert status.returncode == 0 and "up" in status.stdout, status.stdout + status.stderr
 
 
 def _pynetdicom_echo(port: int, context: ssl.SSLContext) -> bool:
