@@ -597,9 +597,13 @@ class Receiver:
             stats = self._assocs.pop(id(event.assoc), None)
         if stats is None:
             return
-        state = "aborted" if event.event.name == "EVT_ABORTED" else "released"
+        # The first of these events decides: a release comes before the connection closes,
+        # so a close seen first means the peer dropped the connection without releasing.
+        name = event.event.name
+        state = "released" if name == "EVT_RELEASED" else "aborted"
+        reason = "peer or network aborted" if name == "EVT_ABORTED" else "connection closed without release"
         try:
-            self._record_ended(stats, state)
+            self._record_ended(stats, state, reason)
         except Exception as exc:  # noqa: BLE001
             self._audit_failed("end of association", exc)
         try:
@@ -608,7 +612,7 @@ class Receiver:
             self._audit_failed("series counts", exc)
         self.sweep_incoming()
 
-    def _record_ended(self, stats: _AssocStats, state: str) -> None:
+    def _record_ended(self, stats: _AssocStats, state: str, reason: str) -> None:
         if stats.row_id is None:
             return
         with self.db.session() as session:
@@ -620,7 +624,8 @@ class Receiver:
                 row.instances_failed = stats.failed
                 row.bytes_received = stats.bytes
                 if state == "aborted":
-                    record_event(session, "association.aborted", "peer or network aborted",
+                    row.reason = reason
+                    record_event(session, "association.aborted", reason,
                                  association_id=row.id,
                                  details={"instances_received": stats.received})
 

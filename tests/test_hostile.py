@@ -387,7 +387,9 @@ def test_association_dropped_mid_transfer_leaves_no_partial_file(node: NodeProce
     sock.close()
     wait_for(lambda: _incoming_empty(node), timeout=30)
     assert not _stored(node, ds).exists()
-    wait_for(lambda: _events(node, "association.aborted") or True)
+    aborted = wait_for(lambda: [e for e in _events(node, "association.aborted")
+                                if e.message == "connection closed without release"], timeout=30)
+    assert aborted[-1].details["instances_received"] == 0
 
 
 def test_pdu_claiming_two_gigabytes_then_silence(node: NodeProcess) -> None:
