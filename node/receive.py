@@ -21,6 +21,7 @@ import struct
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,7 @@ def check_structure(path: Path, transfer_syntax: str) -> bool | None:
     :class:`StoreRejected` (0xC210) for a broken encoding.
     """
     syntax = UID(transfer_syntax)
-    if syntax == DeflatedExplicitVRLittleEndian or not syntax.is_little_endian:
+    if not syntax.is_little_endian:
         return None
     try:
         with path.open("rb") as fp:
@@ -285,6 +286,9 @@ def check_structure(path: Path, transfer_syntax: str) -> bool | None:
                 if data[132:138] != b"\x02\x00\x00\x00UL":
                     raise _Malformed("file meta has no group length")
                 start = 144 + struct.unpack_from("<L", data, 140)[0]
+                if syntax == DeflatedExplicitVRLittleEndian:
+                    _check_deflated(data, start)
+                    return None
                 if data[start:start + 2] == b"\x02\x00":
                     raise _Malformed("data set carries File Meta Information (group 0002) elements")
                 tags = _StructureWalker(data, start).dataset(syntax.is_implicit_VR, 0, in_item=False)
@@ -293,6 +297,38 @@ def check_structure(path: Path, transfer_syntax: str) -> bool | None:
     except (OSError, ValueError, struct.error) as exc:
         raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from None
     return bool(tags & _PIXEL_TAGS)
+
+
+# A deflated data set is inflated whole by the header parser: refuse streams that would
+# inflate past this size, or past _MAX_INFLATE_RATIO times their size once above 64 MiB
+# (real DICOM deflates a few times over; a "zip bomb" a thousand times).
+_MAX_INFLATED = 1 << 30
+_MAX_INFLATE_RATIO = 100
+
+
+def _check_deflated(data: Any, start: int) -> None:
+    """Inflate a deflated data set in bounded chunks, counting but not keeping the output."""
+    compressed = len(data) - start
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    position = start
+    try:
+        while position < len(data) or inflater.unconsumed_tail:
+            if inflater.unconsumed_tail:
+                chunk = inflater.unconsumed_tail
+            else:
+                chunk = data[position:position + (1 << 20)]
+                position += len(chunk)
+            inflated += len(inflater.decompress(chunk, 1 << 22))
+            if inflated > _MAX_INFLATED or (inflated > 64 << 20 and inflated > _MAX_INFLATE_RATIO * compressed):
+                raise _Malformed(f"deflated data set of {compressed} bytes inflates past {inflated} bytes")
+            if inflater.eof:
+                break
+        inflated += len(inflater.flush())
+    except zlib.error as exc:
+        raise _Malformed(f"deflated data set does not inflate: {exc}") from None
+    if not inflater.eof:
+        raise _Malformed("deflated data set ends before its deflate stream does")
 
 
 def needs_pixel_data(sop_class_uid: str) -> bool:

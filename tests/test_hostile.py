@@ -15,6 +15,7 @@ import struct
 import subprocess
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -242,6 +244,24 @@ def test_sequences_nested_without_end_are_refused(node: NodeProcess, work: Path)
         return _splice(path, data[:8 + 26] + bomb)
     status, _ = _sandwich(node, work, bad)
     assert status in (0xC210, 0xC220)
+
+
+def test_deflate_bomb_is_refused(node: NodeProcess, work: Path) -> None:
+    """A deflated data set of a few hundred KiB that would inflate to 200 MiB of zeros."""
+    def bad(study: str) -> Path:
+        ds = _instance(study, 7)
+        path = _write(ds, work / "bad.dcm", DeflatedExplicitVRLittleEndian)
+        bomb_size = 200 << 20
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        parts = [deflater.compress(_encoded(ds) + b"\x09\x00\x02\x10OB\x00\x00" + struct.pack("<L", bomb_size))]
+        zeros = bytes(1 << 20)
+        parts += [deflater.compress(zeros) for _ in range(bomb_size >> 20)]
+        parts.append(deflater.flush())
+        return _splice(path, b"".join(parts))
+    contexts = ((CT_IMAGE_STORAGE, LITTLE_ENDIAN), (CT_IMAGE_STORAGE, [DeflatedExplicitVRLittleEndian]))
+    status, _ = _sandwich(node, work, bad, contexts)
+    assert status == 0xC210
+    assert (work / "bad.dcm").stat().st_size < 1 << 20
 
 
 def test_missing_pixel_data_is_refused(node: NodeProcess, work: Path) -> None:
