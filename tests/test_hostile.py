@@ -431,3 +431,30 @@ def test_garbage_instead_of_an_association_request(node: NodeProcess) -> None:
                 sock.recv(64)
             except (TimeoutError, ConnectionError):
                 pass
+
+
+def test_silent_and_stalled_peers_are_dropped_after_the_timeouts(tmp_path: Path) -> None:
+    """A peer that connects and says nothing, and one that stops in the middle of a data set."""
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    env = {"SPINE_NODE_DICOM__ACSE_TIMEOUT_S": "2", "SPINE_NODE_DICOM__NETWORK_TIMEOUT_S": "3",
+           "SPINE_NODE_DICOM__DIMSE_TIMEOUT_S": "3"}
+    with NodeProcess(tmp_path / "node", url, env=env) as node:
+        silent = socket.create_connection(("127.0.0.1", node.port), timeout=30)
+        ds = _instance(derive_uid("hostile", "stalled"), 1)
+        data = _encoded(ds)
+        stalled = raw_associate(node.port)
+        stalled.sendall(pdata_pdu(1, store_command(CT_IMAGE_STORAGE, ds.SOPInstanceUID), command=True, last=True))
+        stalled.sendall(pdata_pdu(1, data[: len(data) // 2], command=False, last=False))
+        try:
+            for sock in (silent, stalled):
+                sock.settimeout(30)
+                received = b""
+                while chunk := sock.recv(1024):  # the node sends an A-ABORT or just closes
+                    received += chunk
+                assert not received or received[:1] == b"\x07", received  # nothing, or an A-ABORT
+        finally:
+            silent.close()
+            stalled.close()
+        wait_for(lambda: _incoming_empty(node), timeout=30)
+        assert not _stored(node, ds).exists()
+        assert echo_ok(node.port)
