@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from node.config import Settings, load_settings, redact_url
 from node.errors import NodeError
@@ -77,6 +79,12 @@ def _repository(engines_dir: Path | None) -> ModelRepository:
                            else settings().worker.engines_dir)
 
 
+def _fail(message: object) -> NoReturn:
+    """Print ``error: message`` (not parsed as markup, not wrapped) and exit 1."""
+    err_console.print(Text.assemble(("error: ", "red"), str(message)), soft_wrap=True)
+    raise typer.Exit(1)
+
+
 def _clinical(card: ModelCard) -> str:
     if card.clinical_use:
         return "[green]yes[/green]"
@@ -106,14 +114,16 @@ def models_list(engines_dir: EnginesDirOption = None) -> None:
         try:
             card = repo.card(folder.name)
         except ModelCardError as exc:
-            table.add_row(folder.name, "", "", "", "", "", "", f"[red]invalid card: {exc}[/red]")
+            table.add_row(escape(folder.name), "", "", "", "", "", "",
+                          Text(f"invalid card: {exc}", style="red"))
             continue
         files = [f.split(".")[1] for f in ("model.onnx", "model.pt") if (folder / f).is_file()]
         plans = list((folder / "plans").glob("*.plan"))
         if plans:
             files.append(f"{len(plans)} plan(s)")
-        table.add_row(card.name, card.version, card.task, _shapes(card.inputs),
-                      _shapes(card.outputs), card.trained_on, _clinical(card), ", ".join(files))
+        table.add_row(card.name, escape(card.version), card.task, _shapes(card.inputs),
+                      _shapes(card.outputs), escape(card.trained_on), _clinical(card),
+                      ", ".join(files))
     if not table.rows:
         console.print(f"no models in {repo.root}")
         return
@@ -134,32 +144,32 @@ def models_show(name: str, engines_dir: EnginesDirOption = None) -> None:
     try:
         card = repo.card(name)
     except (ModelNotFoundError, ModelCardError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"[bold]{card.name}[/bold] version {card.version} ({card.task})")
+        _fail(exc)
+    console.print(f"[bold]{card.name}[/bold] version {escape(card.version)} ({card.task})")
     if card.description:
-        console.print(card.description)
+        console.print(Text(card.description))
     console.print(f"clinical use: {_clinical(card)}")
-    console.print(f"intended use: {card.intended_use}")
+    console.print(Text(f"intended use: {card.intended_use}"))
     provenance = Table(title="provenance (weights)", show_header=False)
     provenance.add_column("field", style="bold")
     provenance.add_column("value")
     for key, value in card.weights.items():
         text = value if isinstance(value, str) else json.dumps(value)
-        provenance.add_row(str(key), text)
+        provenance.add_row(Text(str(key)), Text(text))
     if card.architecture is not None:
-        provenance.add_row("architecture", json.dumps(card.architecture))
+        provenance.add_row("architecture", Text(json.dumps(card.architecture)))
     console.print(provenance)
     tensors = Table(title="tensors")
     for column in ("kind", "name", "shape", "dtype"):
         tensors.add_column(column)
     for kind, specs in (("input", card.inputs), ("output", card.outputs)):
         for spec in specs:
-            tensors.add_row(kind, spec.name, str(list(spec.shape)), spec.dtype)
+            tensors.add_row(kind, Text(spec.name), Text(str(list(spec.shape))), spec.dtype)
     console.print(tensors)
-    console.print("labels: " + ", ".join(f"{k}={v}" for k, v in sorted(card.labels.items())))
+    console.print(Text("labels: " + ", ".join(f"{k}={v}"
+                                              for k, v in sorted(card.labels.items()))))
     if card.preprocessing:
-        console.print(f"preprocessing: {json.dumps(card.preprocessing)}")
+        console.print(Text(f"preprocessing: {json.dumps(card.preprocessing)}"))
     files = Table(title=f"files in {card.folder}")
     files.add_column("file")
     files.add_column("size")
@@ -174,15 +184,15 @@ def models_show(name: str, engines_dir: EnginesDirOption = None) -> None:
                       "torch reference weights")
     for plan in sorted((card.folder / "plans").glob("*.plan")):
         sidecar = plan.with_suffix(".json")
-        detail = ""
+        detail: str | Text = ""
         if sidecar.is_file():
             try:
                 info = json.loads(sidecar.read_text(encoding="utf-8"))
-                detail = (f"built {info.get('built_at', '?')} on {info.get('gpu', '?')}, "
-                          f"onnx sha256 {str(info.get('onnx_sha256', '?'))[:12]}")
+                detail = Text(f"built {info.get('built_at', '?')} on {info.get('gpu', '?')}, "
+                              f"onnx sha256 {str(info.get('onnx_sha256', '?'))[:12]}")
             except ValueError:
-                detail = "[red]unreadable sidecar[/red]"
-        files.add_row(f"plans/{plan.name}", f"{plan.stat().st_size:,}", detail)
+                detail = "unreadable sidecar"
+        files.add_row(Text(f"plans/{plan.name}"), f"{plan.stat().st_size:,}", detail)
     console.print(files)
 
 
@@ -200,11 +210,7 @@ def models_validate(
     try:
         reports = [repo.validate(name)] if name else repo.validate_all()
     except ModelNotFoundError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    if name and reports[0].card is None and not (repo.root / name).is_dir():
-        err_console.print(f"[red]error:[/red] no model {name!r} in {repo.root}")
-        raise typer.Exit(1)
+        _fail(exc)
     if not reports:
         console.print(f"no models in {repo.root}")
         return
@@ -213,8 +219,9 @@ def models_validate(
     table.add_column("result")
     table.add_column("problems")
     for report in reports:
-        table.add_row(report.name, "[green]ok[/green]" if report.ok else "[red]invalid[/red]",
-                      "\n".join(report.problems))
+        table.add_row(escape(report.name),
+                      "[green]ok[/green]" if report.ok else "[red]invalid[/red]",
+                      Text("\n".join(report.problems)))
     console.print(table)
     if not all(report.ok for report in reports):
         raise typer.Exit(1)
@@ -239,9 +246,9 @@ def models_import(
     try:
         imported = repo.import_model(onnx, card, state_dict=state_dict, replace=replace)
     except ModelImportError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"imported {imported.name} version {imported.version} into {imported.folder}")
+        _fail(exc)
+    console.print(Text(f"imported {imported.name} version {imported.version} into "
+                       f"{imported.folder}"), soft_wrap=True)
     if not imported.clinical_use:
         console.print("[bold red]NOT FOR CLINICAL USE[/bold red] (clinical_use: false)")
 
