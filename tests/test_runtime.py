@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
@@ -345,6 +347,16 @@ def test_provider_caches_engines(engines_dir: Path) -> None:
     assert provider.loaded() == {}
 
 
+def test_provider_from_settings(engines_dir: Path) -> None:
+    from node.config import load_settings
+
+    settings = load_settings(worker={"engines_dir": str(engines_dir),
+                                     "backends": ["torch-cpu", "onnxruntime-cpu"]})
+    provider = EngineProvider.from_settings(settings)
+    assert provider("cls2d").backend == "torch-cpu"
+    assert provider("seg3d-onnx-only").backend == "onnxruntime-cpu"
+
+
 def test_engine_checks_inputs_against_card(engines_dir: Path) -> None:
     engine = load_engine("cls2d", engines_dir, backends=["onnxruntime-cpu"])
     good = np.zeros((1, 1, 64, 64), np.float32)
@@ -460,6 +472,23 @@ def test_import_model_checks_the_onnx_against_the_card(engines_dir: Path,
         import_model(tmp_path / "junk.onnx", source / "model.yaml", tmp_path / "other")
 
 
+def test_import_model_with_external_data(engines_dir: Path, tmp_path: Path) -> None:
+    import onnx
+
+    source = tmp_path / "source"
+    source.mkdir()
+    model = onnx.load(str(engines_dir / "cls2d" / "model.onnx"))
+    onnx.save_model(model, str(source / "exported.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="exported.weights",
+                    size_threshold=0)
+    card = import_model(source / "exported.onnx", engines_dir / "cls2d" / "model.yaml",
+                        tmp_path / "repo")
+    assert (card.folder / "exported.weights").is_file()
+    assert ModelRepository(tmp_path / "repo").validate("cls2d").ok
+    engine = load_engine(card, backends=["onnxruntime-cpu"])
+    assert_parity(engine, reference(engines_dir, "cls2d"), example_inputs(card))
+
+
 def test_packaged_models_validate() -> None:
     """Whatever models the project ships in engines/ must match their cards."""
     problems = {r.name: r.problems for r in ModelRepository().validate_all() if not r.ok}
@@ -544,6 +573,40 @@ def test_pointwise_model_is_exact_for_every_blend(tmp_path: Path, blend: str) ->
     with torch.inference_mode():
         whole = module(torch.from_numpy(volume.astype(np.float32))[None, None])[0].numpy()
     np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-3)  # values ~ 1e3
+
+
+@pytest.fixture(scope="module")
+def pointwise_engine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, nn.Module]:
+    """A 1x1x1-kernel net with dynamic spatial axes: tiling must not change its output."""
+    root = tmp_path_factory.mktemp("pointwise")
+    module = _seeded(Seg3d, 11, classes=3, kernel=1)
+    export(root / "pointwise-dyn", module, torch.zeros(1, 1, 4, 4, 4),
+           _card("pointwise-dyn", "segmentation",
+                 [{"name": "image", "shape": [-1, 1, -1, -1, -1]}],
+                 [{"name": "logits", "shape": [-1, 3, -1, -1, -1]}], {0: "a", 1: "b", 2: "c"}),
+           SEG_DYNAMIC, state_dict=False)
+    return load_engine("pointwise-dyn", root, backends=["onnxruntime-cpu"]), module
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(1, 23)] * 3),
+    window=st.tuples(*[st.integers(1, 9)] * 3),
+    overlap=st.floats(0.0, 0.9),
+    blend=st.sampled_from(["gaussian", "linear", "constant"]),
+    batch=st.integers(1, 4),
+)
+def test_tiling_any_grid_is_exact_for_a_pointwise_model(
+    pointwise_engine: tuple[Engine, nn.Module], shape: tuple[int, int, int],
+    window: tuple[int, int, int], overlap: float, blend: str, batch: int,
+) -> None:
+    engine, module = pointwise_engine
+    volume = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    tiled = sliding_window_inference(engine, volume, window, overlap=overlap,
+                                     blend=blend, batch_size=batch)  # type: ignore[arg-type]
+    with torch.inference_mode():
+        whole = module(torch.from_numpy(volume)[None, None])[0].numpy()
+    np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-5)
 
 
 def test_fixed_batch_and_grid(engines_dir: Path) -> None:
