@@ -95,7 +95,7 @@ def _shapes(specs: Sequence[TensorSpec]) -> str:
     def dims(shape: Sequence[int]) -> str:
         return "x".join("?" if d == -1 else str(d) for d in shape)
 
-    return ", ".join(f"{s.name} {dims(s.shape)}" for s in specs)
+    return escape(", ".join(f"{s.name} {dims(s.shape)}" for s in specs))
 
 
 @models_app.command("list")
