@@ -612,7 +612,14 @@ def _frame_segment_numbers(segmentation: Dataset) -> list[int]:
 def _segment_reference(
     findings: Findings, segment: tuple[int, str], segmentation: Dataset
 ) -> hd.sr.ReferencedSegment | hd.sr.ReferencedSegmentationFrame | None:
-    """A reference to the segment of ``segment``'s label, or None if it has no pixels."""
+    """A reference to the segment of ``segment``'s label, or None if it has no pixels.
+
+    Built from the SEG's own per-frame Derivation Image references, so the SR names
+    exactly the source images the segment's frames were derived from. highdicom's
+    ``from_segmentation`` helpers are not used: they need per-frame segment numbers
+    (absent from a single-segment SEG) and write attribute pairs that PS3.3 Table 10-3
+    forbids together.
+    """
     label, key = segment
     assert findings.segmentation is not None
     number = segment_numbers(findings.segmentation)[label]
@@ -632,13 +639,50 @@ def _segment_reference(
     ]
     if not frames:
         return None
-    if len(findings.segmentation.source_sop_instance_uids) == 1 and len(frames) == 1:
-        return hd.sr.ReferencedSegmentationFrame.from_segmentation(
-            segmentation, frame_number=frames[0], segment_number=number
+    sources: dict[tuple[str, str], set[int]] = {}
+    for index in frames:
+        item = segmentation.PerFrameFunctionalGroupsSequence[index - 1]
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                frames_of_source = sources.setdefault(
+                    (str(source.ReferencedSOPClassUID), str(source.ReferencedSOPInstanceUID)),
+                    set(),
+                )
+                if "ReferencedFrameNumber" in source:
+                    value = source.ReferencedFrameNumber
+                    frames_of_source.update(
+                        int(v) for v in (value if isinstance(value, list | tuple) else [value])
+                    )
+    source_images = [
+        hd.sr.SourceImageForSegmentation(
+            referenced_sop_class_uid=sop_class,
+            referenced_sop_instance_uid=sop_instance,
+            referenced_frame_numbers=sorted(numbers_) or None,
         )
-    # Without frame numbers: PS3.3 C.10.9 forbids Referenced Segment Number beside
-    # Referenced Frame Number, and the segment number is the reference we mean.
-    return hd.sr.ReferencedSegment.from_segmentation(segmentation, segment_number=number)
+        for (sop_class, sop_instance), numbers_ in sources.items()
+    ]
+    if not source_images:
+        raise ResultsError(
+            f"segmentation {segmentation.SOPInstanceUID} does not name its source images"
+        )
+    if len(frames) == 1 and len(source_images) == 1:
+        # TID 1410 on one radiograph: the SEG frame implies its segment, and Table 10-3
+        # allows Referenced Segment Number only where no frame number is given.
+        reference = hd.sr.ReferencedSegmentationFrame(
+            sop_class_uid=str(segmentation.SOPClassUID),
+            sop_instance_uid=str(segmentation.SOPInstanceUID),
+            frame_number=frames[0],
+            segment_number=number,
+            source_image=source_images[0],
+        )
+        del reference[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
+        return reference
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(segmentation.SOPClassUID),
+        sop_instance_uid=str(segmentation.SOPInstanceUID),
+        segment_number=number,
+        source_images=source_images,
+    )
 
 
 # ---------------------------------------------------------------- encode and write
