@@ -171,6 +171,11 @@ def _sr_algorithm(
     )
 
 
+def _declare_schemes(dataset: Dataset) -> None:
+    if codes.uses_private_scheme(dataset):
+        dataset.CodingSchemeIdentificationSequence = [codes.private_scheme_identification()]
+
+
 # ---------------------------------------------------------------- sources
 
 
@@ -397,6 +402,7 @@ def _segmentation(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultsError(f"cannot build SEG for {findings.pipeline}: {exc}") from exc
+    _declare_schemes(seg)
     if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
         # General Image: Type 2C when there is no patient coordinate system (e.g. CR).
         seg.PatientOrientation = frame_sources[0].get("PatientOrientation", "")
@@ -479,6 +485,7 @@ def build_report(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultsError(f"cannot build SR for {findings.pipeline}: {exc}") from exc
+    _declare_schemes(sr)
     # Equipment the SOP class constructor does not take.
     sr.ManufacturerModelName = options.manufacturer_model_name
     sr.SoftwareVersions = options.software_versions
@@ -665,9 +672,9 @@ def _segment_reference(
         raise ResultsError(
             f"segmentation {segmentation.SOPInstanceUID} does not name its source images"
         )
-    if len(frames) == 1 and len(source_images) == 1:
-        # TID 1410 on one radiograph: the SEG frame implies its segment, and Table 10-3
-        # allows Referenced Segment Number only where no frame number is given.
+    if len(findings.segmentation.source_sop_instance_uids) == 1 and len(frames) == 1:
+        # TID 1410 on a single-frame map (a radiograph): the SEG frame implies its segment,
+        # and Table 10-3 allows Referenced Segment Number only where no frame is given.
         reference = hd.sr.ReferencedSegmentationFrame(
             sop_class_uid=str(segmentation.SOPClassUID),
             sop_instance_uid=str(segmentation.SOPInstanceUID),
