@@ -15,6 +15,7 @@ import copy
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import highdicom as hd
 import numpy as np
@@ -60,7 +61,7 @@ def ct_series(slices: int = 6) -> list[Dataset]:
     base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     series_uid = generate_uid(entropy_srcs=["spine-node test CT series"])
     spacing = float(base.SliceThickness)
-    out = []
+    out: list[Dataset] = []
     for index in range(slices):
         ds = copy.deepcopy(base)
         ds.SOPInstanceUID = generate_uid(entropy_srcs=["spine-node test CT", str(index)])
@@ -213,13 +214,9 @@ def seg_labels_per_source(seg: hd.seg.Segmentation, uids: Sequence[str]) -> np.n
     )
 
 
-def groups_of(sr: hd.sr.Comprehensive3DSR) -> list:
-    content = sr.content
-    return (
-        content.get_volumetric_roi_measurement_groups()
-        + content.get_planar_roi_measurement_groups()
-        + content.get_image_measurement_groups()
-    )
+def report_of(sr: Dataset) -> hd.sr.MeasurementReport:
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    return cast(hd.sr.MeasurementReport, sr.content)
 
 
 def qualitative(group: object, name: hd.sr.CodedConcept) -> str:
@@ -304,6 +301,7 @@ def test_ct_series_seg_and_sr_are_valid_and_round_trip(tmp_path: Path) -> None:
     assert c3.segmented_property_type == codes.structure("C3").property_type
     assert c3.segmented_property_category == codes.CATEGORY_ANATOMICAL_STRUCTURE
     assert c3.tracking_id == "C3"
+    assert c3.algorithm_identification is not None
     algorithm = c3.algorithm_identification[0]
     assert algorithm.AlgorithmName == DEMO_MODEL.name
     assert algorithm.AlgorithmVersion == DEMO_MODEL.version
@@ -331,8 +329,8 @@ def test_ct_series_seg_and_sr_are_valid_and_round_trip(tmp_path: Path) -> None:
     sr = hd.sr.srread(paths[2])
     assert sr.SeriesNumber == ResultsOptions().sr_series_number
     assert sr.VerificationFlag == "UNVERIFIED"
-    volumetric = sr.content.get_volumetric_roi_measurement_groups()
-    image_level = sr.content.get_image_measurement_groups()
+    volumetric = report_of(sr).get_volumetric_roi_measurement_groups()
+    image_level = report_of(sr).get_image_measurement_groups()
     # C3 and C4 have pixels and reference their segments; C5 is empty and the
     # series-level finding has no site: both reference the source images instead.
     assert len(volumetric) == 2 and len(image_level) == 2
@@ -348,7 +346,8 @@ def test_ct_series_seg_and_sr_are_valid_and_round_trip(tmp_path: Path) -> None:
         reference = group.referenced_segment
         assert reference is not None
         assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID
-        assert reference.referenced_segment_numbers == [numbers[int(finding.segment_label)]]
+        assert finding.segment_label is not None
+        assert reference.referenced_segment_numbers == [numbers[finding.segment_label]]
         referenced_sources = {
             image.referenced_sop_instance_uid
             for image in reference.source_images_for_segmentation
@@ -368,7 +367,7 @@ def test_ct_series_seg_and_sr_are_valid_and_round_trip(tmp_path: Path) -> None:
         for item in series.ReferencedSOPSequence
     }
     assert evidence == set(uids) | {seg.SOPInstanceUID}
-    observers = sr.content.get_observer_contexts()
+    observers = report_of(sr).get_observer_contexts()
     device = [o for o in observers if o.observer_type == codes.DEVICE]
     assert device and device[0].observer_identifying_attributes.name == DEMO_MODEL.name
     assert "NOT FOR CLINICAL USE" in text_of(sr)
@@ -455,19 +454,19 @@ def test_cr_radiograph_seg_and_sr_are_valid_and_round_trip(tmp_path: Path) -> No
     assert set(frame_sources(seg)) == {str(source.SOPInstanceUID)}
 
     sr = hd.sr.srread(paths[2])
-    (planar,) = sr.content.get_planar_roi_measurement_groups()
+    (planar,) = report_of(sr).get_planar_roi_measurement_groups()
     assert planar.finding_type == codes.finding("damage")
     reference = planar.referenced_segmentation_frame
     assert reference is not None
     assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID
     # The frame implies the segment (PS3.3 Table 10-3 allows no segment number beside it).
-    (frame_number,) = reference.referenced_frame_numbers
+    (frame_number,) = reference.referenced_frame_numbers or []
     item = seg.PerFrameFunctionalGroupsSequence[frame_number - 1]
     assert item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 1
     assert reference.source_image_for_segmentation.referenced_sop_instance_uid == str(
         source.SOPInstanceUID
     )
-    (image_level,) = sr.content.get_image_measurement_groups()
+    (image_level,) = report_of(sr).get_image_measurement_groups()
     assert image_level.finding_type == codes.finding("normal")
     (measurement,) = image_level.get_measurements()
     assert measurement.value == pytest.approx(findings.findings[1].probability, abs=1e-6)
@@ -487,7 +486,7 @@ def test_report_without_segmentation_references_source_images(tmp_path: Path) ->
     assert [ds.Modality for ds in objects] == ["SR"]
     assert_valid(write_results(objects, tmp_path))
     sr = hd.sr.srread(write_results(objects, tmp_path)[0])
-    groups = sr.content.get_image_measurement_groups()
+    groups = report_of(sr).get_image_measurement_groups()
     assert [g.finding_type for g in groups] == [codes.finding("damage"), codes.finding("normal")]
     assert groups[0].finding_sites[0].value == codes.structure("bone").property_type
 
@@ -624,12 +623,14 @@ def test_radiograph_structures_reference_their_segment_frames(
         seg_labels_per_source(seg, [str(source.SOPInstanceUID)]), findings.segmentation.labels
     )
     sr = hd.sr.srread(paths[1])
-    planar = sr.content.get_planar_roi_measurement_groups()
+    planar = report_of(sr).get_planar_roi_measurement_groups()
     assert len(planar) == len(keys)
     shared = seg.SharedFunctionalGroupsSequence[0]
     for group, key in zip(planar, keys, strict=True):
         assert group.finding_sites[0].value == codes.structure(key).property_type
-        (frame_number,) = group.referenced_segmentation_frame.referenced_frame_numbers
+        reference = group.referenced_segmentation_frame
+        assert reference is not None
+        (frame_number,) = reference.referenced_frame_numbers or []
         identification = (
             shared if len(keys) == 1 else seg.PerFrameFunctionalGroupsSequence[frame_number - 1]
         ).SegmentIdentificationSequence[0]
@@ -662,7 +663,8 @@ def test_multiframe_source_frames_map_to_its_frames(tmp_path: Path) -> None:
         assert_missing_frames_are_empty=True,
     )
     np.testing.assert_array_equal(read, labels)
-    (group,) = hd.sr.srread(paths[1]).content.get_volumetric_roi_measurement_groups()
+    (group,) = report_of(hd.sr.srread(paths[1])).get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment is not None
     (image,) = group.referenced_segment.source_images_for_segmentation
     assert image.referenced_sop_instance_uid == uid
     assert image.referenced_frame_numbers == [1]
