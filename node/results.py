@@ -105,30 +105,33 @@ def result_uid(findings: Findings, kind: str) -> str:
     return derive_uid(*parts)
 
 
+def _all_models(findings: Findings) -> tuple[ModelInfo, ...]:
+    """The model and every further stage model, each once."""
+    return tuple(dict.fromkeys((findings.model, *findings.models)))
+
+
 def _clinical(findings: Findings) -> bool:
-    models = (findings.model, *findings.models)
-    return all(m.clinical_use for m in models)
+    return all(m.clinical_use for m in _all_models(findings))
 
 
 def _description(findings: Findings, what: str) -> str:
-    """Series Description (LO, at most 64 characters)."""
-    text = f"{findings.pipeline} {what}"
-    if not _clinical(findings):
-        text += " (demo, not clinical)"
-    return text[:64]
+    """Series Description (LO, at most 64 characters); the demo note is never cut off."""
+    suffix = "" if _clinical(findings) else " (demo, not clinical)"
+    return f"{findings.pipeline} {what}"[: 64 - len(suffix)] + suffix
 
 
 def _disclaimer(findings: Findings) -> str:
-    models = ", ".join(
-        f"{m.name} {m.version}" + ("" if m.clinical_use else " (demo weights)")
-        for m in (findings.model, *findings.models)
-    )
-    text = f"Produced automatically by spine-node pipeline {findings.pipeline} with {models}."
+    parts = []
+    for model in _all_models(findings):
+        text = f"{model.name} {model.version}"
+        if not model.clinical_use:
+            trained = f", trained on {model.trained_on}" if model.trained_on else ""
+            text += f" (demo weights{trained})"
+        parts.append(text)
+    text = f"Produced automatically by spine-node pipeline {findings.pipeline} with "
+    text += ", ".join(parts) + "."
     if not _clinical(findings):
-        text += (
-            " These weights were trained on synthetic phantoms for demonstration only; "
-            "the results are NOT FOR CLINICAL USE."
-        )
+        text += " The weights are not validated for clinical use: NOT FOR CLINICAL USE."
     return text
 
 
@@ -145,7 +148,7 @@ def _model_parameters(model: ModelInfo) -> dict[str, str]:
 def _seg_algorithm(findings: Findings) -> hd.AlgorithmIdentificationSequence:
     model = findings.model
     params = _model_parameters(model)
-    for index, extra in enumerate(findings.models, start=1):
+    for index, extra in enumerate(_all_models(findings)[1:], start=1):
         params[f"model_{index}"] = f"{extra.name} {extra.version} backend={extra.backend}"
     return hd.AlgorithmIdentificationSequence(
         name=model.name,
