@@ -464,12 +464,7 @@ def build_report(
         for finding in findings.findings
     ]
     try:
-        report = hd.sr.MeasurementReport(
-            observation_context=context,
-            procedure_reported=codes.procedure_reported(modality),
-            imaging_measurements=groups,
-            referenced_images=_image_library_sources(sources),
-        )
+        report = _measurement_report(context, codes.procedure_reported(modality), groups, sources)
         _add_comment(report, _disclaimer(findings))
         evidence = list(sources) + ([segmentation] if segmentation is not None else [])
         sr = hd.sr.Comprehensive3DSR(
@@ -502,18 +497,29 @@ def build_report(
     return sr
 
 
-def _image_library_sources(sources: Sequence[Dataset]) -> list[Dataset] | None:
-    """The sources for TID 1600 Image Library, or None where highdicom cannot describe them.
+def _measurement_report(
+    context: hd.sr.ObservationContext,
+    procedure: hd.sr.CodedConcept,
+    groups: list[Any],
+    sources: Sequence[Dataset],
+) -> hd.sr.MeasurementReport:
+    """TID 1500 with a TID 1600 Image Library of the sources where highdicom can build one.
 
-    The library is optional in TID 1500; highdicom needs e.g. Imager Pixel Spacing to
-    describe a projection radiograph, which some CR devices leave out.
+    The library is optional; highdicom needs e.g. Imager Pixel Spacing to describe a
+    projection radiograph, which some CR devices leave out, so it is dropped then.
     """
     try:
-        hd.sr.ImageLibrary(list(sources))
-    except (AttributeError, ValueError, TypeError) as exc:
-        log.debug("no image library in SR: %s", exc)
-        return None
-    return list(sources)
+        return hd.sr.MeasurementReport(
+            observation_context=context,
+            procedure_reported=procedure,
+            imaging_measurements=groups,
+            referenced_images=list(sources),
+        )
+    except AttributeError as exc:
+        log.info("SR without image library: a source lacks %s", exc.name)
+    return hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=procedure, imaging_measurements=groups
+    )
 
 
 def _add_comment(report: hd.sr.MeasurementReport, text: str) -> None:
