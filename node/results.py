@@ -459,11 +459,11 @@ def build_report(
         ),
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)
-    groups = [
-        _measurement_group(findings, finding, sources, segmentation)
-        for finding in findings.findings
-    ]
     try:
+        groups = [
+            _measurement_group(findings, finding, sources, segmentation)
+            for finding in findings.findings
+        ]
         report = _measurement_report(context, codes.procedure_reported(modality), groups, sources)
         _add_comment(report, _disclaimer(findings))
         evidence = list(sources) + ([segmentation] if segmentation is not None else [])
