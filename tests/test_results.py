@@ -39,7 +39,7 @@ from node.results import (
     segment_numbers,
     write_results,
 )
-from tests.peers import tool
+from tests.peers import dcmtk, tool
 
 get_testdata_file = pytest.importorskip("pydicom.data").get_testdata_file
 
@@ -179,8 +179,16 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
 
 
 def assert_valid(paths: Sequence[Path]) -> None:
-    """No error and no warning, except dciodvfy not knowing our private coding scheme."""
+    """No error and no warning, except dciodvfy not knowing our private coding scheme.
+
+    SR documents are also read by DCMTK's dsrdump, which checks the content tree.
+    """
     for path in paths:
+        if pydicom.dcmread(path, stop_before_pixels=True).Modality == "SR":
+            dump = subprocess.run(
+                [dcmtk("dsrdump"), str(path)], capture_output=True, text=True, timeout=120
+            )
+            assert dump.returncode == 0 and dump.stderr == "", dump.stderr
         errors, warnings = dciodvfy(path)
         assert errors == [], f"{path.name}: {errors}"
         unexpected = [
