@@ -766,7 +766,8 @@ def write_results(datasets: Sequence[Dataset], results_dir: Path | str) -> list[
             except FileNotFoundError:
                 pass
             if isinstance(exc, OSError):
-                raise ResultsError(f"cannot write result {target.name}: {exc.strerror}") from exc
+                reason = exc.strerror or str(exc)
+                raise ResultsError(f"cannot write result {target.name}: {reason}") from exc
             raise
         log.info("wrote result %s", target.name)
         paths.append(target)

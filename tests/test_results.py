@@ -686,3 +686,20 @@ def test_options_from_settings_use_the_node_ae_title() -> None:
     )
     assert options.device_serial_number == "SPINE_TEST"
     assert options.sr_series_number == 4242
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR", "ignore:A value of type")
+def test_write_results_validates_uids_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    from node.errors import InvalidUIDError
+
+    sources = ct_series(slices=3)
+    seg, _, sr = encode(ct_findings(sources), sources)
+    bad = copy.deepcopy(sr)
+    bad.SeriesInstanceUID = "1.2.3/../../etc"
+    with pytest.raises(InvalidUIDError):
+        write_results([bad], tmp_path)
+    unwritable = copy.deepcopy(seg)
+    unwritable.Rows = "not a number"  # fails half-way through encoding
+    with pytest.raises(ResultsError, match="cannot write result"):
+        write_results([unwritable], tmp_path)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
