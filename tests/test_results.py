@@ -394,8 +394,11 @@ def text_of(sr: Dataset) -> str:
     return "\n".join(texts)
 
 
-def test_empty_middle_frames_keep_every_frame_on_its_source(tmp_path: Path) -> None:
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_empty_middle_frames_keep_every_frame_on_its_source(tmp_path: Path, order: str) -> None:
     sources = ct_series(slices=6)
+    if order == "descending":  # a pipeline may sort slices head first
+        sources.reverse()
     findings = ct_findings(sources, empty_frames=(2, 3))
     labelmap = findings.segmentation
     assert labelmap is not None
