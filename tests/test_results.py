@@ -706,3 +706,20 @@ def test_write_results_validates_uids_and_leaves_no_partial_file(tmp_path: Path)
     with pytest.raises(ResultsError, match="cannot write result"):
         write_results([unwritable], tmp_path)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_headers_without_pixel_data_are_enough(tmp_path: Path) -> None:
+    """A worker may read sources with ``stop_before_pixels=True`` to save memory."""
+    sources = ct_series(slices=3)
+    headers = []
+    for ds in sources:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+    from_headers = encode(ct_findings(sources), headers)
+    assert_valid(write_results(from_headers, tmp_path / "results"))
+    full = encode(ct_findings(sources), sources)
+    for a, b in zip(from_headers, full, strict=True):
+        assert a.SOPInstanceUID == b.SOPInstanceUID
+        if "PixelData" in b:
+            assert a.PixelData == b.PixelData
