@@ -14,6 +14,10 @@ Objects built here:
 * a Comprehensive 3D SR following TID 1500 Measurement Report, with one measurement group
   per finding (probability as a measurement, present/absent as a qualitative evaluation)
   that references the source images and, when a SEG is given, its segments.
+
+A worker calls ``write_results(encode(findings, sources, options=ResultsOptions.
+from_settings(settings)), settings.storage.results)``; ``sources`` may be read with
+``stop_before_pixels=True``.
 """
 
 from __future__ import annotations
