@@ -1,0 +1,303 @@
+"""The worker side of a job: spool series in, pipeline, result objects out.
+
+:func:`execute` is the domain code the ``run_job`` task calls once it owns a job: it
+builds :class:`~node.domain.SeriesRef` objects from the spool, runs the pipeline with an
+:class:`EngineProvider`, encodes the findings with :mod:`node.results` and writes the
+objects under ``storage.results``. :func:`run_worker` starts a Celery worker with the
+node's configuration and keeps its liveness row fresh.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+
+from inference import pipelines
+from inference.card import ModelCard, ModelCardError
+from inference.findings import Findings
+from node.audit import Database, Series
+from node.config import Settings
+from node.domain import SeriesRef
+from node.errors import NodeError, PipelineError, SpoolError
+from node.jobs import Claim, Outcome, ResultFile, WorkerLiveness, celery_app, queue_names
+from node.spool import Spool
+from node.uids import validate_uid
+
+log = logging.getLogger(__name__)
+
+_SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+_PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+_SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
+# --- engines -----------------------------------------------------------------------------
+
+
+def available_backends(preferred: Sequence[str]) -> list[str]:
+    """The backends of ``preferred`` this host can run, in preference order.
+
+    Detection only looks for the packages (and, for ONNX Runtime, its execution
+    providers); it never imports torch into the node.
+    """
+    found: list[str] = []
+    for name in preferred:
+        if name == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
+            found.append(name)
+        elif name == "onnxruntime" and importlib.util.find_spec("onnxruntime") is not None:
+            found.append(name)
+        elif name == "torch" and importlib.util.find_spec("torch") is not None:
+            found.append(name)
+    return found
+
+
+def describe_backends(backends: Sequence[str]) -> list[str]:
+    """Human-readable backend list for the worker banner (execution providers included)."""
+    described = []
+    for name in backends:
+        if name == "onnxruntime":
+            import onnxruntime
+
+            providers = ", ".join(p.removesuffix("ExecutionProvider")
+                                  for p in onnxruntime.get_available_providers())
+            described.append(f"onnxruntime ({providers})")
+        else:
+            described.append(name)
+    return described
+
+
+def load_engine(card: ModelCard, backends: Sequence[str]) -> Any:
+    """Load ``card``'s model on the first of ``backends`` that works here.
+
+    The single place the worker asks :mod:`inference.runtime` for an engine.
+    """
+    try:
+        from inference.runtime import load_engine as runtime_load_engine  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise PipelineError(
+            f"cannot load model {card.name!r}: no engine runtime is installed "
+            "(inference.runtime.load_engine is missing)"
+        ) from exc
+    try:
+        return runtime_load_engine(card, backends=list(backends))
+    except RuntimeError as exc:  # EngineUnavailable and friends
+        raise PipelineError(f"cannot load model {card.name!r} on {list(backends)}: {exc}") from exc
+
+
+class EngineProvider:
+    """The :class:`~inference.pipelines.ModelProvider` a worker hands to pipelines.
+
+    Loads ``<engines_dir>/<name>/model.yaml`` once per process and keeps the engine.
+    """
+
+    def __init__(self, engines_dir: Path, backends: Sequence[str]) -> None:
+        self.engines_dir = Path(engines_dir)
+        self.backends = list(backends)
+        self._engines: dict[str, Any] = {}
+
+    def __call__(self, model_name: str) -> Any:
+        engine = self._engines.get(model_name)
+        if engine is None:
+            folder = self.engines_dir / model_name
+            try:
+                card = ModelCard.load(folder)
+            except ModelCardError as exc:
+                raise PipelineError(str(exc)) from exc
+            engine = self._engines[model_name] = load_engine(card, self.backends)
+        return engine
+
+
+_PROVIDERS: dict[tuple[str, tuple[str, ...]], EngineProvider] = {}
+
+
+def engine_provider(settings: Settings) -> EngineProvider:
+    """This process's provider for ``settings`` (engines stay loaded between jobs)."""
+    backends = tuple(available_backends(settings.worker.backends))
+    key = (str(settings.worker.engines_dir), backends)
+    provider = _PROVIDERS.get(key)
+    if provider is None:
+        provider = _PROVIDERS[key] = EngineProvider(settings.worker.engines_dir, backends)
+    return provider
+
+
+def import_pipeline_modules(settings: Settings) -> None:
+    """Import the modules in ``worker.pipeline_modules`` so their pipelines register."""
+    for module in settings.worker.pipeline_modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise PipelineError(f"cannot import pipeline module {module!r}: {exc}") from exc
+
+
+# --- inputs and outputs ------------------------------------------------------------------
+
+
+def series_refs(claim: Claim, settings: Settings, db: Database) -> list[SeriesRef]:
+    """The job's input series as spool references, each checked to hold instances."""
+    spool = Spool(settings.storage.spool)
+    with db.session() as session:
+        rows = {row.series_uid: row for row in session.scalars(
+            select(Series).where(Series.series_uid.in_(claim.input_series_uids)))}
+    refs = []
+    for uid in claim.input_series_uids:
+        row = rows.get(uid)
+        study = row.study_uid if row is not None else claim.study_uid
+        folder = spool.series_dir(validate_uid(study, "Study Instance UID"),
+                                  validate_uid(uid, "Series Instance UID"))
+        files = sorted(folder.glob("*.dcm"))
+        if not files:
+            raise SpoolError(f"series {uid} has no instances in the spool ({folder})")
+        if row is not None:
+            ref = SeriesRef(study, uid, folder, row.modality, row.body_part, row.view_position,
+                            row.sop_class_uid, len(files))
+        else:
+            header = _read(files[0], headers_only=True)
+            ref = SeriesRef(study, uid, folder, str(header.get("Modality", "")),
+                            str(header.get("BodyPartExamined", "")),
+                            str(header.get("ViewPosition", "")),
+                            str(header.get("SOPClassUID", "")), len(files))
+        refs.append(ref)
+    return refs
+
+
+def _read(path: Path, headers_only: bool = False) -> Dataset:
+    try:
+        return dcmread(path, stop_before_pixels=headers_only)
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        raise SpoolError(f"cannot read spooled instance {path.name}: {exc}") from exc
+
+
+def encode_results(findings: Findings, inputs: Sequence[SeriesRef],
+                   settings: Settings) -> list[Dataset]:
+    """Turn ``findings`` into DICOM objects with :mod:`node.results`."""
+    from node import results
+
+    sources = [_read(path) for ref in inputs for path in ref.files()]
+    return list(results.encode(findings, sources))
+
+
+def result_kind(sop_class_uid: str) -> str:
+    if sop_class_uid == _SEG:
+        return "SEG"
+    if sop_class_uid.startswith(_SR_PREFIX):
+        return "SR"
+    if sop_class_uid == _PARAMETRIC_MAP:
+        return "PMAP"
+    return "OTHER"
+
+
+def write_results(datasets: Sequence[Dataset], results_dir: Path) -> list[ResultFile]:
+    """Write each object to ``<results>/<study>/<series>/<sop>.dcm`` atomically."""
+    written = []
+    for ds in datasets:
+        study = validate_uid(ds.StudyInstanceUID, "result Study Instance UID")
+        series = validate_uid(ds.SeriesInstanceUID, "result Series Instance UID")
+        sop = validate_uid(ds.SOPInstanceUID, "result SOP Instance UID")
+        sop_class = validate_uid(ds.SOPClassUID, "result SOP Class UID")
+        target = Path(results_dir) / study / series / f"{sop}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".result-", suffix=".part", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                ds.save_as(out, enforce_file_format=True)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(ResultFile(result_kind(sop_class), sop_class, sop, series, target))
+    return written
+
+
+def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
+    """Run the claimed job's pipeline and write its result objects; return the outcome.
+
+    Raises :class:`NodeError` subclasses for failures that are the input's or the
+    model's (the job fails with that reason); anything else is a bug.
+    """
+    started = time.perf_counter()
+    import_pipeline_modules(settings)
+    try:
+        pipeline = pipelines.get(claim.pipeline)
+    except KeyError as exc:
+        raise PipelineError(str(exc.args[0])) from None
+    inputs = series_refs(claim, settings, db)
+    loaded = time.perf_counter()
+    findings = pipeline.run(inputs, engine_provider(settings))
+    ran = time.perf_counter()
+    if not isinstance(findings, Findings):
+        raise PipelineError(f"pipeline {claim.pipeline!r} returned {type(findings).__name__}, "
+                            "expected Findings")
+    datasets = encode_results(findings, inputs, settings)
+    results = write_results(datasets, settings.storage.results)
+    done = time.perf_counter()
+    return Outcome(
+        results=results,
+        backend=findings.model.backend or None,
+        model_name=findings.model.name[:64] or None,
+        model_version=findings.model.version[:32] or None,
+        timings={
+            "inputs_s": round(loaded - started, 4),
+            "pipeline_s": round(ran - loaded, 4),
+            "encode_s": round(done - ran, 4),
+            "total_s": round(done - started, 4),
+        },
+    )
+
+
+# --- the worker process ------------------------------------------------------------------
+
+
+def run_worker(settings: Settings, queues: Sequence[str], concurrency: int,
+               loglevel: str = "INFO") -> None:
+    """Run a Celery worker for ``queues`` until it is stopped (blocks).
+
+    One process (``solo`` pool) when ``concurrency`` is 1, else a prefork pool. The
+    worker's liveness row is kept fresh while it runs and removed when it stops.
+    """
+    from celery import signals
+
+    unknown = [q for q in queues if q not in queue_names(settings)]
+    if unknown:
+        raise NodeError(f"unknown queue(s) {unknown}; known: {queue_names(settings)}")
+    import_pipeline_modules(settings)
+    app = celery_app(settings)
+    db = app.database()
+    if not db.is_current():
+        raise NodeError("the database has no schema; run `spine-node db upgrade` first")
+    hostname = f"spine-{os.getpid()}@{socket.gethostname()}"
+    backends = available_backends(settings.worker.backends)
+    liveness = WorkerLiveness(db, hostname, queues, backends)
+
+    def _ready(**_: Any) -> None:
+        liveness.start()
+
+    def _shutdown(**_: Any) -> None:
+        liveness.stop()
+
+    signals.worker_ready.connect(_ready, weak=False)
+    signals.worker_shutdown.connect(_shutdown, weak=False)
+    argv = [
+        "worker",
+        f"--queues={','.join(queues)}",
+        f"--concurrency={concurrency}",
+        f"--pool={'solo' if concurrency == 1 else 'prefork'}",
+        f"--hostname={hostname}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    app.worker_main(argv)
