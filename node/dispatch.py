@@ -96,7 +96,7 @@ def dispatch_pending(db: Database, settings: Settings, now: datetime | None = No
                             f"destination {name!r} is not configured") for i in batch}
             else:
                 outcomes = send_batch(destination, batch, settings)
-            _record(db, settings, name, batch, outcomes, report)
+            _record(db, settings, name, batch, outcomes, report, now)
     return report
 
 
@@ -143,8 +143,9 @@ def _association_failure(assoc: Association, destination: Destination) -> str:
         source = getattr(primitive, "source_str", None) or getattr(primitive, "result_source", "")
         reason = getattr(primitive, "reason_str", None) or getattr(primitive, "diagnostic", "")
         return f"association rejected by {where} ({result}; {source}; {reason})"
-    if assoc.is_aborted:
+    if assoc.is_aborted and assoc.acceptor.primitive is not None:
         return f"association aborted by {where}"
+    # pynetdicom reports a refused or timed-out connection as an abort with no answer.
     return f"cannot associate with {where} (connection refused, unreachable or timed out)"
 
 
@@ -213,8 +214,8 @@ def send_batch(destination: Destination, batch: list[_Item],
 
 
 def _record(db: Database, settings: Settings, destination: str, batch: list[_Item],
-            outcomes: dict[int, _Attempt], report: DispatchReport) -> None:
-    now = utcnow()
+            outcomes: dict[int, _Attempt], report: DispatchReport, now: datetime) -> None:
+    # Backoff counts from the pass's clock, so a caller-supplied ``now`` is honoured.
     with db.session() as session:
         for item in batch:
             outcome = outcomes.get(item.dispatch_id) or _Attempt(False, None, "not attempted")
