@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 from celery import Celery, shared_task
 from kombu import Exchange, Queue
+from kombu.transport import filesystem as kombu_filesystem
+from kombu.transport.virtual import BrokerState
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
@@ -85,6 +87,24 @@ def broker_folders(settings: Settings) -> dict[str, Path]:
     return {"queue": root / "queue", "control": root / "control", "processed": root / "processed"}
 
 
+class FilesystemTransport(kombu_filesystem.Transport):
+    """kombu's filesystem transport with one binding state per broker folder.
+
+    kombu keeps the declared bindings of every filesystem broker in one process-wide
+    state, so once a queue is bound in one folder, declaring it in another folder of the
+    same process (a second node, a test) is skipped and its messages are dropped.
+    """
+
+    _states: dict[str, BrokerState] = {}
+    _states_lock = threading.Lock()
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        folder = str(client.transport_options.get("control_folder", ""))
+        with self._states_lock:
+            self.state = self._states.setdefault(folder, BrokerState())
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration of the node (producer and worker share it)."""
     exchange = Exchange("spine_node", type="direct")
@@ -113,6 +133,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.broker_url.startswith("filesystem://"):
         folders = broker_folders(settings)
+        # kombu pools connections by URL, not by transport options: name the folder in the
+        # URL (as its virtual host) so two nodes in one process never share a pool.
+        conf["broker_url"] = f"filesystem://localhost/{settings.broker_dir.resolve().as_posix()}"
+        conf["broker_transport"] = f"{__name__}:FilesystemTransport"
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
@@ -185,25 +209,33 @@ def send_pending(db: Database, settings: Settings, *, limit: int = 500) -> int:
             .limit(limit)
         ).all()
         pending = [(job.id, job.queue) for job in jobs]
-    for job_id, queue in pending:
-        task_id = str(uuid.uuid4())
-        try:
-            app.send_task(
-                TASK_NAME, kwargs={"job_id": job_id}, queue=queue, routing_key=queue,
-                exchange="spine_node", task_id=task_id,
-            )
-        except Exception as exc:  # kombu raises many kinds; the broker is down or refusing
-            log.warning("cannot send job %d to broker %s: %s", job_id,
-                        redact_url(settings.broker_url), exc)
-            break
-        with db.session() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED.value,
-                       Job.enqueued_at.is_(None))
-                .values(enqueued_at=utcnow(), task_id=task_id)
-            )
-        sent += 1
+    if not pending:
+        return 0
+    try:
+        with app.producer_or_acquire() as producer:
+            # Declare the queues on every pass, not once per connection: a broker that
+            # restarted without persistence has forgotten its bindings, and a message
+            # routed to no queue is dropped without an error.
+            for queue in app.amqp.queues.values():
+                queue.bind(producer.channel).declare()
+            for job_id, queue_name in pending:
+                task_id = str(uuid.uuid4())
+                app.send_task(
+                    TASK_NAME, kwargs={"job_id": job_id}, queue=queue_name,
+                    routing_key=queue_name, exchange="spine_node", task_id=task_id,
+                    producer=producer,
+                )
+                with db.session() as session:
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == job_id, Job.state == JobState.QUEUED.value,
+                               Job.enqueued_at.is_(None))
+                        .values(enqueued_at=utcnow(), task_id=task_id)
+                    )
+                sent += 1
+    except Exception as exc:  # kombu raises many kinds; the broker is down or refusing
+        log.warning("cannot send job messages to broker %s (%d sent): %s",
+                    redact_url(settings.broker_url), sent, exc)
     if sent:
         log.info("sent %d job message(s)", sent)
     return sent
