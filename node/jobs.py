@@ -26,9 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import Celery, shared_task
-from kombu import Exchange, Queue
-from kombu.transport import filesystem as kombu_filesystem
-from kombu.transport.virtual import BrokerState
+from kombu import Queue
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
@@ -87,36 +85,16 @@ def broker_folders(settings: Settings) -> dict[str, Path]:
     return {"queue": root / "queue", "control": root / "control", "processed": root / "processed"}
 
 
-class FilesystemTransport(kombu_filesystem.Transport):
-    """kombu's filesystem transport with one binding state per broker folder.
-
-    kombu keeps the declared bindings of every filesystem broker in one process-wide
-    state, so once a queue is bound in one folder, declaring it in another folder of the
-    same process (a second node, a test) is skipped and its messages are dropped.
-    """
-
-    _states: dict[str, BrokerState] = {}
-    _states_lock = threading.Lock()
-
-    def __init__(self, client: Any, **kwargs: Any) -> None:
-        super().__init__(client, **kwargs)
-        folder = str(client.transport_options.get("control_folder", ""))
-        with self._states_lock:
-            self.state = self._states.setdefault(folder, BrokerState())
-
-
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration of the node (producer and worker share it)."""
-    exchange = Exchange("spine_node", type="direct")
     conf: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_queues": [Queue(q, exchange, routing_key=q) for q in queue_names(settings)],
+        "task_queues": [Queue(q, routing_key=q) for q in queue_names(settings)],
         "task_default_queue": "cpu",
-        "task_default_exchange": "spine_node",
         "task_serializer": "json",
         "accept_content": ["json"],
         # SQL is the truth; no result backend.
@@ -136,7 +114,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # kombu pools connections by URL, not by transport options: name the folder in the
         # URL (as its virtual host) so two nodes in one process never share a pool.
         conf["broker_url"] = f"filesystem://localhost/{settings.broker_dir.resolve().as_posix()}"
-        conf["broker_transport"] = f"{__name__}:FilesystemTransport"
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
@@ -213,18 +190,14 @@ def send_pending(db: Database, settings: Settings, *, limit: int = 500) -> int:
         return 0
     try:
         with app.producer_or_acquire() as producer:
-            # Declare the queues on every pass, not once per connection: a broker that
-            # restarted without persistence has forgotten its bindings, and a message
-            # routed to no queue is dropped without an error.
-            for queue in app.amqp.queues.values():
-                queue.bind(producer.channel).declare()
             for job_id, queue_name in pending:
                 task_id = str(uuid.uuid4())
-                app.send_task(
-                    TASK_NAME, kwargs={"job_id": job_id}, queue=queue_name,
-                    routing_key=queue_name, exchange="spine_node", task_id=task_id,
-                    producer=producer,
-                )
+                # No exchange: Celery then puts the message straight on the named queue,
+                # which needs no binding. Bindings live in broker state that a restarted
+                # Redis has forgotten while this process still believes them declared,
+                # and a message routed through a missing binding is dropped silently.
+                app.send_task(TASK_NAME, kwargs={"job_id": job_id}, queue=queue_name,
+                              task_id=task_id, producer=producer)
                 with db.session() as session:
                     session.execute(
                         update(Job)

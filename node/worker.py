@@ -14,7 +14,6 @@ import importlib.util
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +24,9 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from inference import pipelines
-from inference.card import ModelCard, ModelCardError
 from inference.findings import Findings
+from inference.runtime import EngineProvider
+from node import results
 from node.audit import Database, Series
 from node.config import Settings
 from node.domain import SeriesRef
@@ -45,89 +45,45 @@ _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 # --- engines -----------------------------------------------------------------------------
 
 
-def available_backends(preferred: Sequence[str]) -> list[str]:
-    """The backends of ``preferred`` this host can run, in preference order.
+_BACKEND_PACKAGES = {"tensorrt": "tensorrt", "onnxruntime": "onnxruntime", "torch": "torch"}
 
-    Detection only looks for the packages (and, for ONNX Runtime, its execution
-    providers); it never imports torch into the node.
+
+def available_backends(preferred: Sequence[str]) -> list[str]:
+    """The backends of ``preferred`` whose package is installed here, in preference order.
+
+    Names may pin a variant (``onnxruntime-cpu``); detection only looks for the package,
+    so it never imports torch into the node. Whether a backend really runs a model (a
+    GPU for TensorRT) is decided when the engine loads.
     """
-    found: list[str] = []
-    for name in preferred:
-        if name == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
-            found.append(name)
-        elif name == "onnxruntime" and importlib.util.find_spec("onnxruntime") is not None:
-            found.append(name)
-        elif name == "torch" and importlib.util.find_spec("torch") is not None:
-            found.append(name)
-    return found
+    return [name for name in preferred
+            if (package := _BACKEND_PACKAGES.get(name.partition("-")[0])) is not None
+            and importlib.util.find_spec(package) is not None]
 
 
 def describe_backends(backends: Sequence[str]) -> list[str]:
     """Human-readable backend list for the worker banner (execution providers included)."""
     described = []
     for name in backends:
-        if name == "onnxruntime":
+        if name.startswith("onnxruntime"):
             import onnxruntime
 
             providers = ", ".join(p.removesuffix("ExecutionProvider")
                                   for p in onnxruntime.get_available_providers())
-            described.append(f"onnxruntime ({providers})")
+            described.append(f"{name} ({providers})")
         else:
             described.append(name)
     return described
-
-
-def load_engine(card: ModelCard, backends: Sequence[str]) -> Any:
-    """Load ``card``'s model on the first of ``backends`` that works here.
-
-    The single place the worker asks :mod:`inference.runtime` for an engine.
-    """
-    try:
-        from inference.runtime import load_engine as runtime_load_engine  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise PipelineError(
-            f"cannot load model {card.name!r}: no engine runtime is installed "
-            "(inference.runtime.load_engine is missing)"
-        ) from exc
-    try:
-        return runtime_load_engine(card, backends=list(backends))
-    except RuntimeError as exc:  # EngineUnavailable and friends
-        raise PipelineError(f"cannot load model {card.name!r} on {list(backends)}: {exc}") from exc
-
-
-class EngineProvider:
-    """The :class:`~inference.pipelines.ModelProvider` a worker hands to pipelines.
-
-    Loads ``<engines_dir>/<name>/model.yaml`` once per process and keeps the engine.
-    """
-
-    def __init__(self, engines_dir: Path, backends: Sequence[str]) -> None:
-        self.engines_dir = Path(engines_dir)
-        self.backends = list(backends)
-        self._engines: dict[str, Any] = {}
-
-    def __call__(self, model_name: str) -> Any:
-        engine = self._engines.get(model_name)
-        if engine is None:
-            folder = self.engines_dir / model_name
-            try:
-                card = ModelCard.load(folder)
-            except ModelCardError as exc:
-                raise PipelineError(str(exc)) from exc
-            engine = self._engines[model_name] = load_engine(card, self.backends)
-        return engine
 
 
 _PROVIDERS: dict[tuple[str, tuple[str, ...]], EngineProvider] = {}
 
 
 def engine_provider(settings: Settings) -> EngineProvider:
-    """This process's provider for ``settings`` (engines stay loaded between jobs)."""
-    backends = tuple(available_backends(settings.worker.backends))
-    key = (str(settings.worker.engines_dir), backends)
+    """This process's engine provider (engines stay loaded between jobs)."""
+    key = (str(settings.worker.engines_dir), tuple(settings.worker.backends))
     provider = _PROVIDERS.get(key)
     if provider is None:
-        provider = _PROVIDERS[key] = EngineProvider(settings.worker.engines_dir, backends)
+        provider = _PROVIDERS[key] = EngineProvider.from_settings(settings)
     return provider
 
 
@@ -180,11 +136,10 @@ def _read(path: Path, headers_only: bool = False) -> Dataset:
 
 def encode_results(findings: Findings, inputs: Sequence[SeriesRef],
                    settings: Settings) -> list[Dataset]:
-    """Turn ``findings`` into DICOM objects with :mod:`node.results`."""
-    from node import results
-
+    """Turn ``findings`` into DICOM objects (SEG, SR) with :mod:`node.results`."""
     sources = [_read(path) for ref in inputs for path in ref.files()]
-    return list(results.encode(findings, sources))
+    return results.encode(findings, sources,
+                          options=results.ResultsOptions.from_settings(settings))
 
 
 def result_kind(sop_class_uid: str) -> str:
@@ -198,27 +153,13 @@ def result_kind(sop_class_uid: str) -> str:
 
 
 def write_results(datasets: Sequence[Dataset], results_dir: Path) -> list[ResultFile]:
-    """Write each object to ``<results>/<study>/<series>/<sop>.dcm`` atomically."""
-    written = []
-    for ds in datasets:
-        study = validate_uid(ds.StudyInstanceUID, "result Study Instance UID")
-        series = validate_uid(ds.SeriesInstanceUID, "result Series Instance UID")
-        sop = validate_uid(ds.SOPInstanceUID, "result SOP Instance UID")
-        sop_class = validate_uid(ds.SOPClassUID, "result SOP Class UID")
-        target = Path(results_dir) / study / series / f"{sop}.dcm"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".result-", suffix=".part", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                ds.save_as(out, enforce_file_format=True)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        written.append(ResultFile(result_kind(sop_class), sop_class, sop, series, target))
-    return written
+    """Write each object under ``results_dir`` atomically; describe what was written."""
+    paths = results.write_results(datasets, results_dir)
+    return [
+        ResultFile(result_kind(str(ds.SOPClassUID)), str(ds.SOPClassUID),
+                   str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), path)
+        for ds, path in zip(datasets, paths, strict=True)
+    ]
 
 
 def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
@@ -235,17 +176,19 @@ def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
         raise PipelineError(str(exc.args[0])) from None
     inputs = series_refs(claim, settings, db)
     loaded = time.perf_counter()
-    findings = pipeline.run(inputs, engine_provider(settings))
+    provider = engine_provider(settings)
+    findings = pipeline.run(inputs, provider)
     ran = time.perf_counter()
     if not isinstance(findings, Findings):
         raise PipelineError(f"pipeline {claim.pipeline!r} returned {type(findings).__name__}, "
                             "expected Findings")
     datasets = encode_results(findings, inputs, settings)
-    results = write_results(datasets, settings.storage.results)
+    written = write_results(datasets, settings.storage.results)
     done = time.perf_counter()
+    backend = findings.model.backend or ",".join(sorted(set(provider.loaded().values())))
     return Outcome(
-        results=results,
-        backend=findings.model.backend or None,
+        results=written,
+        backend=backend[:32] or None,
         model_name=findings.model.name[:64] or None,
         model_version=findings.model.version[:32] or None,
         timings={

@@ -1,8 +1,9 @@
 """A test-only pipeline, loaded by workers through ``worker.pipeline_modules``.
 
 ``test-bone-threshold`` needs no model: it thresholds the CT series at ``BONE_HU`` into a
-bone mask and reports the bone fraction of the series as its "probability", so every
-output is computed from the pixels it was given.
+bone mask and reports the bone fraction of the series as the "probability" of a finding
+(coded as the generic "damage" kind, since the encoder only codes known kinds). It is a
+statistic of the pixels, not a diagnosis; every output is computed from the input.
 
 When ``SPINE_NODE_TEST_GATE_DIR`` is set, the pipeline writes ``started-<pid>`` there
 and waits for a file named ``open`` before it finishes, so a test can act while a job
@@ -50,8 +51,9 @@ class BoneThreshold:
             study_uid=series.study_uid,
             series_uids=(series.series_uid,),
             source_sop_instance_uids=tuple(ds.SOPInstanceUID for ds in datasets),
-            findings=[Finding(kind="bone", probability=float(mask.mean()), threshold=0.05,
-                              segment_label=1)],
+            # Series-level: no segment reference (highdicom 0.28 cannot reference the
+            # segment of a one-segment SEG, whose identification is in the shared groups).
+            findings=[Finding(kind="damage", probability=float(mask.mean()), threshold=0.05)],
             segmentation=LabelMap(labels=mask,
                                   source_sop_instance_uids=tuple(ds.SOPInstanceUID
                                                                  for ds in datasets),
