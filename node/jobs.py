@@ -162,8 +162,13 @@ def node_task(*, queue: str = "cpu", **options: Any) -> Callable[[F], F]:
 
 
 def worker_id() -> str:
-    """How this process names itself on job rows: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """How this execution slot names itself on job rows: ``host:pid:thread``.
+
+    The thread part keeps two jobs of a threads-pool worker apart; a slot runs one job
+    at a time, so a message for a job its own slot is marked running under is a
+    re-delivery after that run ended.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
 # --- sending -----------------------------------------------------------------------------
@@ -231,12 +236,11 @@ class Claim:
 
 
 def _pid_dead_here(worker: str | None) -> bool:
-    """True if ``worker`` (``host:pid``) names a process on this host that no longer exists."""
-    if not worker or ":" not in worker:
+    """True if ``worker`` (``host:pid[:thread]``) names a process here that no longer exists."""
+    parts = (worker or "").split(":")
+    if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
         return False
-    host, _, pid_text = worker.rpartition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
+    pid_text = parts[1]
     try:
         os.kill(int(pid_text), 0)
     except ProcessLookupError:

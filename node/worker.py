@@ -207,14 +207,18 @@ def run_worker(settings: Settings, queues: Sequence[str], concurrency: int,
                loglevel: str = "INFO") -> None:
     """Run a Celery worker for ``queues`` until it is stopped (blocks).
 
-    One process (``solo`` pool) when ``concurrency`` is 1, else a prefork pool. The
-    worker's liveness row is kept fresh while it runs and removed when it stops.
+    One process (``solo`` pool) when ``concurrency`` is 1, else a prefork pool, or a
+    threads pool on the filesystem broker (billiard's prefork pool hangs at exit with
+    kombu's filesystem transport). The worker's liveness row is kept fresh while it runs
+    and removed when it stops.
     """
     from celery import signals
 
     unknown = [q for q in queues if q not in queue_names(settings)]
     if unknown:
         raise NodeError(f"unknown queue(s) {unknown}; known: {queue_names(settings)}")
+    # highdicom logs every module it copies at INFO: one line per attribute group per job.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     import_pipeline_modules(settings)
     app = celery_app(settings)
     db = app.database()
@@ -232,11 +236,17 @@ def run_worker(settings: Settings, queues: Sequence[str], concurrency: int,
 
     signals.worker_ready.connect(_ready, weak=False)
     signals.worker_shutdown.connect(_shutdown, weak=False)
+    if concurrency == 1:
+        pool = "solo"
+    elif settings.broker_url.startswith("filesystem://"):
+        pool = "threads"
+    else:
+        pool = "prefork"
     argv = [
         "worker",
         f"--queues={','.join(queues)}",
         f"--concurrency={concurrency}",
-        f"--pool={'solo' if concurrency == 1 else 'prefork'}",
+        f"--pool={pool}",
         f"--hostname={hostname}",
         f"--loglevel={loglevel}",
         "--without-gossip",
