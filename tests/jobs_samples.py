@@ -8,6 +8,9 @@ what the pixels hold (a bone threshold), not from made-up values.
 from __future__ import annotations
 
 import copy
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import highdicom as hd
@@ -18,6 +21,7 @@ from pydicom.sr.codedict import codes
 
 from node.spool import Spool
 from node.uids import derive_uid
+from tests.peers import dcmtk
 
 BONE_HU = 300.0
 
@@ -100,3 +104,40 @@ def bone_sr(sources: list[Dataset], *, series_uid: str | None = None) -> hd.sr.C
         series_instance_uid=series_uid or derive_uid("test-sr-series", key), series_number=902,
         sop_instance_uid=derive_uid("test-sr", key), instance_number=1,
         manufacturer="spine-node tests")
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"storescp exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"storescp did not listen on {port}")
+
+
+class StoreSCP:
+    """A DCMTK storescp process writing what it receives into a folder."""
+
+    def __init__(self, port: int, out_dir: Path, *extra: str) -> None:
+        self.port = port
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [dcmtk("storescp"), "--aetitle", "PACS", "-od", str(out_dir), *extra, str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(port, self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.out_dir.iterdir() if p.is_file())

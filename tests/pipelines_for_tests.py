@@ -77,3 +77,22 @@ def _wait_for_gate() -> None:
 @register(NAME)
 def _factory() -> BoneThreshold:
     return BoneThreshold()
+
+
+BROKEN = "test-broken"
+
+
+class Broken:
+    """A pipeline with a bug: it divides by the number of instances of an empty list."""
+
+    name = BROKEN
+
+    def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings:
+        empty: list[int] = []
+        mean = sum(empty) / len(empty)  # ZeroDivisionError, not a NodeError
+        raise AssertionError(f"unreachable {mean}")
+
+
+@register(BROKEN)
+def _broken_factory() -> Broken:
+    return Broken()

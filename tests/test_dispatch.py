@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,47 +17,10 @@ from node.audit import AuditEvent, Database, Dispatch, Job, Result, utcnow
 from node.config import Destination, Settings
 from node.dispatch import backoff_s, dispatch_pending
 from node.worker import write_results
-from tests.jobs_samples import bone_seg, bone_sr, ct_series
-from tests.peers import dcmtk, free_port
+from tests.jobs_samples import StoreSCP, bone_seg, bone_sr, ct_series
+from tests.peers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"storescp exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"storescp did not listen on {port}")
-
-
-class StoreSCP:
-    """A DCMTK storescp process writing what it receives into a folder."""
-
-    def __init__(self, port: int, out_dir: Path, *extra: str) -> None:
-        self.port = port
-        self.out_dir = out_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "--aetitle", "PACS", "-od", str(out_dir), *extra, str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(port, self.proc)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def received(self) -> list[Path]:
-        return sorted(p for p in self.out_dir.iterdir() if p.is_file())
 
 
 @pytest.fixture

@@ -38,9 +38,11 @@ from node.jobs import (
     record_success,
     retry_job,
     send_pending,
+    tick,
 )
-from tests.jobs_samples import BONE_HU, ct_series, hounsfield
+from tests.jobs_samples import BONE_HU, StoreSCP, ct_series, hounsfield
 from tests.peers import free_port, redis_url, require, tool
+from tests.pipelines_for_tests import BROKEN
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = "test-bone-threshold"
@@ -131,10 +133,11 @@ def workers(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Worker]]:
         worker.stop()
 
 
-def add_job(db: Database, study_uid: str, series_uid: str, queue: str = "cpu") -> int:
+def add_job(db: Database, study_uid: str, series_uid: str, queue: str = "cpu",
+            pipeline: str = PIPELINE) -> int:
     with db.session() as session:
         job = Job(study_uid=study_uid, series_uid=series_uid, input_series_uids=[series_uid],
-                  pipeline=PIPELINE, route="test", queue=queue, state="queued")
+                  pipeline=pipeline, route="test", queue=queue, state="queued")
         session.add(job)
         session.flush()
         return job.id
@@ -311,37 +314,73 @@ def test_retry_and_cancel(node, tmp_path, database_url):
 
 
 def test_filesystem_broker_worker_runs_job(tmp_path, database_url, monkeypatch, workers):
-    env = node_env(tmp_path, database_url,
-                   SPINE_NODE_DISPATCH__DESTINATIONS=json.dumps(
-                       [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                         "port": free_port()}]))
-    settings = settings_from(env, monkeypatch)
-    assert settings.broker_url == "filesystem://"
-    db = Database(database_url)
-    study, series, files = ct_series(settings.storage.spool)
-    job_id = add_job(db, study, series)
-    assert send_pending(db, settings) == 1
+    """The embedded set-up end to end: broker without a server, worker, tick, PACS."""
+    pacs = StoreSCP(free_port(), tmp_path / "pacs")
+    try:
+        env = node_env(tmp_path, database_url,
+                       SPINE_NODE_WORKER__MAX_ATTEMPTS="2",
+                       SPINE_NODE_DISPATCH__DESTINATIONS=json.dumps(
+                           [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                             "port": pacs.port}]))
+        settings = settings_from(env, monkeypatch)
+        assert settings.broker_url == "filesystem://"
+        db = Database(database_url)
+        study, series, files = ct_series(settings.storage.spool)
+        good = add_job(db, study, series)
+        missing = add_job(db, study, "1.2.826.0.1.3680043.99.1")  # not in the spool
+        broken = add_job(db, study, series, pipeline=BROKEN)
+        assert send_pending(db, settings) == 3
 
-    worker = workers(env)
-    wait_for(lambda: job_state(db, job_id) in ("succeeded", "failed"), "the job to finish")
-    job = job_row(db, job_id)
-    assert job.state == "succeeded", f"{job.error}\n{worker.output()}"
-    assert job.attempts == 1 and job.backend == "numpy" and job.model_name == PIPELINE
-    assert job.timings and job.timings["total_s"] >= 0
-    check_results_match_pixels(db, job_id, files)
+        worker = workers(env)
+
+        def finished() -> bool:
+            tick(db, settings)  # what the serve loop does: re-send, reconcile, dispatch
+            return all(job_state(db, j) in ("succeeded", "failed")
+                       for j in (good, missing, broken))
+
+        wait_for(finished, "the jobs to finish")
+        job = job_row(db, good)
+        assert job.state == "succeeded", f"{job.error}\n{worker.output()}"
+        assert job.attempts == 1 and job.backend == "numpy" and job.model_name == PIPELINE
+        assert job.timings and job.timings["total_s"] >= 0
+        check_results_match_pixels(db, good, files)
+        # A node error fails the job at once, with the reason.
+        job = job_row(db, missing)
+        assert job.state == "failed" and job.attempts == 1
+        assert "SpoolError" in (job.error or "") and "no instances" in (job.error or "")
+        # A bug is retried, then failed after worker.max_attempts.
+        job = job_row(db, broken)
+        assert job.state == "failed" and job.attempts == 2
+        assert "ZeroDivisionError" in (job.error or "") and "attempt 2 of 2" in (job.error or "")
+
+        # tick() dispatched the results to the PACS.
+        wait_for(lambda: tick(db, settings) and all(
+            d.state == "sent" for d in dispatches(db)), "the results to be sent")
+        sent = dispatches(db)
+        assert len(sent) == len(results_of(db, good)) == 2
+        received = {dcmread(p).SOPInstanceUID for p in pacs.received()}
+        assert received == {r.sop_instance_uid for r in results_of(db, good)}
+
+        # The worker reports itself alive while it runs, to the library and the CLI.
+        status = queue_depths(settings, db)
+        assert len(status.workers) == 1 and status.workers[0].queues == ("cpu",)
+        assert status.depths == {"cpu": 0, "gpu": 0}
+        cli_env = {**os.environ, **env, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+        out = subprocess.run([sys.executable, "-m", "node.cli", "jobs", "queues"], cwd=REPO,
+                             env=cli_env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and status.workers[0].hostname in out.stdout
+        assert "backends found" in worker.output()
+        worker.stop()
+        with db.session() as session:
+            assert session.scalar(select(func.count()).select_from(WorkerHeartbeat)) == 0
+        db.dispose()
+    finally:
+        pacs.stop()
+
+
+def dispatches(db: Database) -> list[Dispatch]:
     with db.session() as session:
-        dispatches = session.scalars(select(Dispatch)).all()
-        assert {d.destination for d in dispatches} == {"pacs"}
-        assert len(dispatches) == len(results_of(db, job_id))
-        # The worker reports itself alive while it runs.
-        assert session.scalar(select(func.count()).select_from(WorkerHeartbeat)) == 1
-    status = queue_depths(settings, db)
-    assert len(status.workers) == 1 and status.workers[0].queues == ("cpu",)
-    assert "backends found" in worker.output()
-    worker.stop()
-    with db.session() as session:
-        assert session.scalar(select(func.count()).select_from(WorkerHeartbeat)) == 0
-    db.dispose()
+        return list(session.scalars(select(Dispatch).order_by(Dispatch.id)).all())
 
 
 def _redis_db_url(number: int) -> str:
