@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from node.audit import Database
 from node.config import Settings, load_settings, redact_url
 from node.errors import NodeError
 
@@ -22,10 +24,17 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="spine-node: a DICOM listener node for spine AI.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+series_app = typer.Typer(help="Series in the spool.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
+routes_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(series_app, name="series")
+app.add_typer(audit_app, name="audit")
+app.add_typer(routes_app, name="routes")
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (scripts, logs) gets wide lines so full UIDs are never cut.
+console = Console(width=None if sys.stdout.isatty() else 250)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
 
 ConfigOption = Annotated[
     Path | None,
@@ -62,21 +71,421 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     console.print(f"database {redact_url(cfg.database_url)} is at revision {revision}")
 
 
+def _database(cfg: Settings):  # type: ignore[no-untyped-def]
+    from node.audit import Database
+
+    db = Database(cfg.database_url)
+    if not db.is_current():
+        err_console.print(
+            f"[red]error:[/red] database {redact_url(cfg.database_url)} has no schema; "
+            "run 'spine-node db upgrade' (or start 'spine-node serve' once)"
+        )
+        raise typer.Exit(2)
+    return db
+
+
+@app.command()
+def serve(
+    migrate: Annotated[bool, typer.Option(help="Apply database migrations at start.")] = True,
+) -> None:
+    """Run the node: DICOM listener, series assembly, routing and housekeeping."""
+    import signal
+    import threading
+
+    from node.audit import Database
+    from node.db_migrate import upgrade
+    from node.logs import configure_logging
+    from node.receive import bind_check
+    from node.service import NodeService
+
+    cfg = settings()
+    configure_logging(cfg.log_level)
+    try:
+        if migrate:
+            upgrade(cfg.database_url)
+        db = Database(cfg.database_url)
+        if not db.is_current():
+            raise NodeError("database has no schema; run 'spine-node db upgrade'")
+    except NodeError:
+        raise
+    except Exception as exc:  # connection refused, bad credentials, ...
+        err_console.print(f"[red]error:[/red] cannot use database {redact_url(cfg.database_url)}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        raise typer.Exit(2) from None
+    try:
+        bind_check(cfg.dicom.host, cfg.dicom.port)
+    except OSError as exc:
+        err_console.print(f"[red]error:[/red] cannot listen on {cfg.dicom.host}:{cfg.dicom.port}: "
+                          f"{exc.strerror}")
+        raise typer.Exit(2) from None
+    service = NodeService(cfg, db)
+    service.start()
+    console.print(
+        f"[bold]spine-node[/bold] listening as [cyan]{cfg.dicom.ae_title}[/cyan] on "
+        f"{cfg.dicom.host}:{service.port}; data in {cfg.storage.data_dir}; "
+        f"database {redact_url(cfg.database_url)}; broker {redact_url(cfg.broker_url)}"
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    console.print("stopping...")
+    service.stop()
+
+
+def _age(value) -> str:  # type: ignore[no-untyped-def]
+    from node.audit import utcnow
+
+    if value is None:
+        return "-"
+    seconds = int((utcnow() - value).total_seconds())
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+@app.command()
+def status() -> None:
+    """Is it up, how full is the spool, what is in flight, jobs by state."""
+    import shutil
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    from rich.table import Table
+    from sqlalchemy import func, select
+
+    from node.audit import Association, Job, Series
+    from node.receive import STATUS_SUCCESS  # noqa: F401  (import check: node importable)
+    from node.spool import Spool
+
+    cfg = settings()
+    db = _database(cfg)
+    ae = AE(ae_title="SPINE_STATUS")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    host = "127.0.0.1" if cfg.dicom.host in ("0.0.0.0", "::") else cfg.dicom.host
+    assoc = ae.associate(host, cfg.dicom.port, ae_title=cfg.dicom.ae_title)
+    up = False
+    if assoc.is_established:
+        rsp = assoc.send_c_echo()
+        up = bool(rsp and rsp.Status == 0)
+        assoc.release()
+    spool = Spool(cfg.storage.spool)
+    usage = shutil.disk_usage(spool.root)
+    table = Table(title="spine-node status", show_header=False)
+    table.add_row("listener", f"[green]up[/green] (C-ECHO ok on {host}:{cfg.dicom.port})" if up
+                  else f"[red]down[/red] (no C-ECHO answer on {host}:{cfg.dicom.port})")
+    table.add_row("spool", f"{spool.size_bytes() / 2**20:.1f} MiB used, "
+                  f"{usage.free / 2**30:.1f} GiB free (floor {cfg.storage.min_free_mb} MiB)")
+    with db.session() as session:
+        by_state = dict(session.execute(select(Series.state, func.count()).group_by(Series.state)).all())
+        jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        last_assoc = session.scalar(select(func.max(Association.started_at)))
+    table.add_row("series", ", ".join(f"{k}: {v}" for k, v in sorted(by_state.items())) or "none")
+    table.add_row("jobs", ", ".join(f"{k}: {v}" for k, v in sorted(jobs.items())) or "none")
+    table.add_row("last association", _age(last_assoc))
+    table.add_row("database", redact_url(cfg.database_url))
+    table.add_row("broker", redact_url(cfg.broker_url))
+    console.print(table)
+    if not up:
+        raise typer.Exit(1)
+
+
+@series_app.command("list")
+def series_list(
+    state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50,
+) -> None:
+    """Series, newest first."""
+    from rich.table import Table
+    from sqlalchemy import select
+
+    from node.audit import Series
+
+    db = _database(settings())
+    query = select(Series).order_by(Series.last_received_at.desc()).limit(limit)
+    if state:
+        query = query.where(Series.state == state)
+    table = Table("series UID", "study UID", "modality", "body part", "view", "instances",
+                  "state", "last instance")
+    for column in table.columns[:2]:
+        column.overflow = "fold"
+    with db.session() as session:
+        for row in session.scalars(query):
+            table.add_row(row.series_uid, row.study_uid, row.modality, row.body_part,
+                          row.view_position, str(row.instance_count),
+                          row.state + (f" ({row.state_reason})" if row.state_reason else ""),
+                          _age(row.last_received_at))
+    console.print(table)
+
+
+@audit_app.command("tail")
+def audit_tail(
+    lines: Annotated[int, typer.Option("-n", help="Number of events.")] = 30,
+    kind: Annotated[str | None, typer.Option(help="Only events whose kind starts with this.")] = None,
+) -> None:
+    """The latest audit events."""
+    from rich.table import Table
+    from sqlalchemy import select
+
+    from node.audit import AuditEvent
+
+    db = _database(settings())
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(lines)
+    if kind:
+        query = query.where(AuditEvent.kind.startswith(kind))
+    table = Table("at", "kind", "message", "series / job")
+    with db.session() as session:
+        rows = list(session.scalars(query))
+    for row in reversed(rows):
+        ref = row.series_uid or (f"job {row.job_id}" if row.job_id else "") or (
+            f"assoc {row.association_id}" if row.association_id else "")
+        table.add_row(row.at.strftime("%Y-%m-%d %H:%M:%S"), row.kind, row.message, ref)
+    console.print(table)
+
+
+@routes_app.command("test")
+def routes_test(
+    path: Annotated[Path, typer.Argument(help="A DICOM file or a folder of them.", exists=True)],
+) -> None:
+    """Show which routes and pipelines the series in PATH would trigger."""
+    from rich.table import Table
+
+    from node.receive import StoreRejected, read_header
+    from node.route import SeriesFacts, plan
+
+    cfg = settings()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    series: dict[str, SeriesFacts] = {}
+    counts: dict[str, int] = {}
+    unreadable = 0
+    for file in files:
+        try:
+            info = read_header(file)
+        except StoreRejected:
+            unreadable += 1
+            continue
+        series.setdefault(info.series_uid, SeriesFacts(
+            info.study_uid, info.series_uid, info.modality, info.body_part,
+            info.view_position, info.sop_class_uid))
+        counts[info.series_uid] = counts.get(info.series_uid, 0) + 1
+    table = Table("series UID", "modality", "body part", "view", "instances", "pipelines (route)")
+    by_study: dict[str, list[SeriesFacts]] = {}
+    for facts in series.values():
+        by_study.setdefault(facts.study_uid, []).append(facts)
+    for study_series in by_study.values():
+        planned = plan(cfg.routes, study_series, study_series)
+        for facts in study_series:
+            hits = [f"{p.pipeline} ({p.route})" for p in planned if facts.series_uid in p.series_uids]
+            table.add_row(facts.series_uid, facts.modality, facts.body_part, facts.view_position,
+                          str(counts[facts.series_uid]),
+                          "\n".join(hits) if hits else "[yellow]none: skipped[/yellow]")
+    console.print(table)
+    if unreadable:
+        err_console.print(f"{unreadable} file(s) were not readable DICOM and were ignored")
+
+
+# -- models: the engines/ model repository ------------------------------------------------
+
+models_app = typer.Typer(help="The model repository (engines/): list, show, validate, import.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+EnginesDirOption = Annotated[
+    Path | None,
+    typer.Option("--engines-dir", help="Model repository (default: worker.engines_dir)."),
+]
+
+
+def _repository(engines_dir: Path | None) -> ModelRepository:
+    from inference.repository import ModelRepository
+
+    return ModelRepository(engines_dir if engines_dir is not None
+                           else settings().worker.engines_dir)
+
+
+def _fail(message: object) -> NoReturn:
+    """Print ``error: message`` (not parsed as markup, not wrapped) and exit 1."""
+    err_console.print(Text.assemble(("error: ", "red"), str(message)), soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _clinical(card: ModelCard) -> str:
+    if card.clinical_use:
+        return "[green]yes[/green]"
+    return "[bold red]NOT FOR CLINICAL USE[/bold red]"
+
+
+def _shapes(specs: Sequence[TensorSpec]) -> str:
+    def dims(shape: Sequence[int]) -> str:
+        return "x".join("?" if d == -1 else str(d) for d in shape)
+
+    return escape(", ".join(f"{s.name} {dims(s.shape)}" for s in specs))
+
+
+@models_app.command("list")
+def models_list(engines_dir: EnginesDirOption = None) -> None:
+    """List the models with their task, tensors, provenance and clinical-use flag."""
+    from rich.table import Table
+
+    from inference.card import ModelCardError
+
+    repo = _repository(engines_dir)
+    table = Table(title=f"models in {repo.root}")
+    for column in ("name", "version", "task", "inputs", "outputs", "trained on",
+                   "clinical use", "files"):
+        table.add_column(column, overflow="fold")
+    for folder in repo.folders():
+        try:
+            card = repo.card(folder.name)
+        except ModelCardError as exc:
+            table.add_row(escape(folder.name), "", "", "", "", "", "",
+                          Text(f"invalid card: {exc}", style="red"))
+            continue
+        files = [f.split(".")[1] for f in ("model.onnx", "model.pt") if (folder / f).is_file()]
+        plans = list((folder / "plans").glob("*.plan"))
+        if plans:
+            files.append(f"{len(plans)} plan(s)")
+        table.add_row(card.name, escape(card.version), card.task, _shapes(card.inputs),
+                      _shapes(card.outputs), escape(card.trained_on), _clinical(card),
+                      ", ".join(files))
+    if not table.rows:
+        console.print(f"no models in {repo.root}")
+        return
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(name: str, engines_dir: EnginesDirOption = None) -> None:
+    """Show one model's card: provenance, intended use, tensors, labels, files."""
+    import json
+
+    from rich.table import Table
+
+    from inference.card import ModelCardError
+    from inference.repository import ModelNotFoundError, file_sha256
+
+    repo = _repository(engines_dir)
+    try:
+        card = repo.card(name)
+    except (ModelNotFoundError, ModelCardError) as exc:
+        _fail(exc)
+    console.print(f"[bold]{card.name}[/bold] version {escape(card.version)} ({card.task})")
+    if card.description:
+        console.print(Text(card.description))
+    console.print(f"clinical use: {_clinical(card)}")
+    console.print(Text(f"intended use: {card.intended_use}"))
+    provenance = Table(title="provenance (weights)", show_header=False)
+    provenance.add_column("field", style="bold")
+    provenance.add_column("value")
+    for key, value in card.weights.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        provenance.add_row(Text(str(key)), Text(text))
+    if card.architecture is not None:
+        provenance.add_row("architecture", Text(json.dumps(card.architecture)))
+    console.print(provenance)
+    tensors = Table(title="tensors")
+    for column in ("kind", "name", "shape", "dtype"):
+        tensors.add_column(column)
+    for kind, specs in (("input", card.inputs), ("output", card.outputs)):
+        for spec in specs:
+            tensors.add_row(kind, Text(spec.name), Text(str(list(spec.shape))), spec.dtype)
+    console.print(tensors)
+    console.print(Text("labels: " + ", ".join(f"{k}={v}"
+                                              for k, v in sorted(card.labels.items()))))
+    if card.preprocessing:
+        console.print(Text(f"preprocessing: {json.dumps(card.preprocessing)}"))
+    files = Table(title=f"files in {card.folder}")
+    files.add_column("file")
+    files.add_column("size")
+    files.add_column("detail")
+    if card.onnx_path.is_file():
+        files.add_row("model.onnx", f"{card.onnx_path.stat().st_size:,}",
+                      f"sha256 {file_sha256(card.onnx_path)}")
+    else:
+        files.add_row("model.onnx", "[red]missing[/red]", "")
+    if card.state_dict_path.is_file():
+        files.add_row("model.pt", f"{card.state_dict_path.stat().st_size:,}",
+                      "torch reference weights")
+    for plan in sorted((card.folder / "plans").glob("*.plan")):
+        sidecar = plan.with_suffix(".json")
+        detail: str | Text = ""
+        if sidecar.is_file():
+            try:
+                info = json.loads(sidecar.read_text(encoding="utf-8"))
+                detail = Text(f"built {info.get('built_at', '?')} on {info.get('gpu', '?')}, "
+                              f"onnx sha256 {str(info.get('onnx_sha256', '?'))[:12]}")
+            except ValueError:
+                detail = "unreadable sidecar"
+        files.add_row(Text(f"plans/{plan.name}"), f"{plan.stat().st_size:,}", detail)
+    console.print(files)
+
+
+@models_app.command("validate")
+def models_validate(
+    name: Annotated[str | None, typer.Argument(help="One model (default: all).")] = None,
+    engines_dir: EnginesDirOption = None,
+) -> None:
+    """Check cards and ONNX graphs agree (names, shapes, dtypes); exit 1 if any fails."""
+    from rich.table import Table
+
+    from inference.repository import ModelNotFoundError
+
+    repo = _repository(engines_dir)
+    try:
+        reports = [repo.validate(name)] if name else repo.validate_all()
+    except ModelNotFoundError as exc:
+        _fail(exc)
+    if not reports:
+        console.print(f"no models in {repo.root}")
+        return
+    table = Table(title=f"validation of {repo.root}")
+    table.add_column("model")
+    table.add_column("result")
+    table.add_column("problems")
+    for report in reports:
+        table.add_row(escape(report.name),
+                      "[green]ok[/green]" if report.ok else "[red]invalid[/red]",
+                      Text("\n".join(report.problems)))
+    console.print(table)
+    if not all(report.ok for report in reports):
+        raise typer.Exit(1)
+
+
+@models_app.command("import")
+def models_import(
+    onnx: Annotated[Path, typer.Argument(help="The ONNX model file.")],
+    card: Annotated[Path, typer.Option("--card", help="The model card (model.yaml).")],
+    state_dict: Annotated[
+        Path | None,
+        typer.Option("--state-dict", help="Torch state dict for the reference backend."),
+    ] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite a model of that name.")]
+    = False,
+    engines_dir: EnginesDirOption = None,
+) -> None:
+    """Validate a card against an ONNX file and copy both into the repository."""
+    from inference.repository import ModelImportError
+
+    repo = _repository(engines_dir)
+    try:
+        imported = repo.import_model(onnx, card, state_dict=state_dict, replace=replace)
+    except ModelImportError as exc:
+        _fail(exc)
+    console.print(Text(f"imported {imported.name} version {imported.version} into "
+                       f"{imported.folder}"), soft_wrap=True)
+    if not imported.clinical_use:
+        console.print("[bold red]NOT FOR CLINICAL USE[/bold red] (clinical_use: false)")
+
+
 # --- worker, jobs, dispatch ---------------------------------------------------------------
 
 jobs_app = typer.Typer(help="Inference jobs: list, inspect, retry, cancel.", no_args_is_help=True)
 dispatch_app = typer.Typer(help="Sending results to destinations.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(dispatch_app, name="dispatch")
-
-
-def _database(cfg: Settings) -> Database:
-    db = Database(cfg.database_url)
-    if not db.is_current():
-        err_console.print("[red]error:[/red] the database has no schema; run "
-                          "`spine-node db upgrade` first")
-        raise typer.Exit(2)
-    return db
 
 
 def _when(value: datetime | None) -> str:
@@ -261,192 +670,6 @@ def dispatch_retry(dispatch_id: int = typer.Argument(..., help="Dispatch id.")) 
 
     row = retry_dispatch(_database(settings()), dispatch_id)
     console.print(f"dispatch {row.id} to {row.destination} is pending again")
-# -- models: the engines/ model repository ------------------------------------------------
-
-models_app = typer.Typer(help="The model repository (engines/): list, show, validate, import.",
-                         no_args_is_help=True)
-app.add_typer(models_app, name="models")
-
-EnginesDirOption = Annotated[
-    Path | None,
-    typer.Option("--engines-dir", help="Model repository (default: worker.engines_dir)."),
-]
-
-
-def _repository(engines_dir: Path | None) -> ModelRepository:
-    from inference.repository import ModelRepository
-
-    return ModelRepository(engines_dir if engines_dir is not None
-                           else settings().worker.engines_dir)
-
-
-def _clinical(card: ModelCard) -> str:
-    if card.clinical_use:
-        return "[green]yes[/green]"
-    return "[bold red]NOT FOR CLINICAL USE[/bold red]"
-
-
-def _shapes(specs: Sequence[TensorSpec]) -> str:
-    def dims(shape: Sequence[int]) -> str:
-        return "x".join("?" if d == -1 else str(d) for d in shape)
-
-    return ", ".join(f"{s.name} {dims(s.shape)}" for s in specs)
-
-
-@models_app.command("list")
-def models_list(engines_dir: EnginesDirOption = None) -> None:
-    """List the models with their task, tensors, provenance and clinical-use flag."""
-    from rich.table import Table
-
-    from inference.card import ModelCardError
-
-    repo = _repository(engines_dir)
-    table = Table(title=f"models in {repo.root}")
-    for column in ("name", "version", "task", "inputs", "outputs", "trained on",
-                   "clinical use", "files"):
-        table.add_column(column, overflow="fold")
-    for folder in repo.folders():
-        try:
-            card = repo.card(folder.name)
-        except ModelCardError as exc:
-            table.add_row(folder.name, "", "", "", "", "", "", f"[red]invalid card: {exc}[/red]")
-            continue
-        files = [f.split(".")[1] for f in ("model.onnx", "model.pt") if (folder / f).is_file()]
-        plans = list((folder / "plans").glob("*.plan"))
-        if plans:
-            files.append(f"{len(plans)} plan(s)")
-        table.add_row(card.name, card.version, card.task, _shapes(card.inputs),
-                      _shapes(card.outputs), card.trained_on, _clinical(card), ", ".join(files))
-    if not table.rows:
-        console.print(f"no models in {repo.root}")
-        return
-    console.print(table)
-
-
-@models_app.command("show")
-def models_show(name: str, engines_dir: EnginesDirOption = None) -> None:
-    """Show one model's card: provenance, intended use, tensors, labels, files."""
-    import json
-
-    from rich.table import Table
-
-    from inference.card import ModelCardError
-    from inference.repository import ModelNotFoundError, file_sha256
-
-    repo = _repository(engines_dir)
-    try:
-        card = repo.card(name)
-    except (ModelNotFoundError, ModelCardError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"[bold]{card.name}[/bold] version {card.version} ({card.task})")
-    if card.description:
-        console.print(card.description)
-    console.print(f"clinical use: {_clinical(card)}")
-    console.print(f"intended use: {card.intended_use}")
-    provenance = Table(title="provenance (weights)", show_header=False)
-    provenance.add_column("field", style="bold")
-    provenance.add_column("value")
-    for key, value in card.weights.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        provenance.add_row(str(key), text)
-    if card.architecture is not None:
-        provenance.add_row("architecture", json.dumps(card.architecture))
-    console.print(provenance)
-    tensors = Table(title="tensors")
-    for column in ("kind", "name", "shape", "dtype"):
-        tensors.add_column(column)
-    for kind, specs in (("input", card.inputs), ("output", card.outputs)):
-        for spec in specs:
-            tensors.add_row(kind, spec.name, str(list(spec.shape)), spec.dtype)
-    console.print(tensors)
-    console.print("labels: " + ", ".join(f"{k}={v}" for k, v in sorted(card.labels.items())))
-    if card.preprocessing:
-        console.print(f"preprocessing: {json.dumps(card.preprocessing)}")
-    files = Table(title=f"files in {card.folder}")
-    files.add_column("file")
-    files.add_column("size")
-    files.add_column("detail")
-    if card.onnx_path.is_file():
-        files.add_row("model.onnx", f"{card.onnx_path.stat().st_size:,}",
-                      f"sha256 {file_sha256(card.onnx_path)}")
-    else:
-        files.add_row("model.onnx", "[red]missing[/red]", "")
-    if card.state_dict_path.is_file():
-        files.add_row("model.pt", f"{card.state_dict_path.stat().st_size:,}",
-                      "torch reference weights")
-    for plan in sorted((card.folder / "plans").glob("*.plan")):
-        sidecar = plan.with_suffix(".json")
-        detail = ""
-        if sidecar.is_file():
-            try:
-                info = json.loads(sidecar.read_text(encoding="utf-8"))
-                detail = (f"built {info.get('built_at', '?')} on {info.get('gpu', '?')}, "
-                          f"onnx sha256 {str(info.get('onnx_sha256', '?'))[:12]}")
-            except ValueError:
-                detail = "[red]unreadable sidecar[/red]"
-        files.add_row(f"plans/{plan.name}", f"{plan.stat().st_size:,}", detail)
-    console.print(files)
-
-
-@models_app.command("validate")
-def models_validate(
-    name: Annotated[str | None, typer.Argument(help="One model (default: all).")] = None,
-    engines_dir: EnginesDirOption = None,
-) -> None:
-    """Check cards and ONNX graphs agree (names, shapes, dtypes); exit 1 if any fails."""
-    from rich.table import Table
-
-    from inference.repository import ModelNotFoundError
-
-    repo = _repository(engines_dir)
-    try:
-        reports = [repo.validate(name)] if name else repo.validate_all()
-    except ModelNotFoundError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    if name and reports[0].card is None and not (repo.root / name).is_dir():
-        err_console.print(f"[red]error:[/red] no model {name!r} in {repo.root}")
-        raise typer.Exit(1)
-    if not reports:
-        console.print(f"no models in {repo.root}")
-        return
-    table = Table(title=f"validation of {repo.root}")
-    table.add_column("model")
-    table.add_column("result")
-    table.add_column("problems")
-    for report in reports:
-        table.add_row(report.name, "[green]ok[/green]" if report.ok else "[red]invalid[/red]",
-                      "\n".join(report.problems))
-    console.print(table)
-    if not all(report.ok for report in reports):
-        raise typer.Exit(1)
-
-
-@models_app.command("import")
-def models_import(
-    onnx: Annotated[Path, typer.Argument(help="The ONNX model file.")],
-    card: Annotated[Path, typer.Option("--card", help="The model card (model.yaml).")],
-    state_dict: Annotated[
-        Path | None,
-        typer.Option("--state-dict", help="Torch state dict for the reference backend."),
-    ] = None,
-    replace: Annotated[bool, typer.Option("--replace", help="Overwrite a model of that name.")]
-    = False,
-    engines_dir: EnginesDirOption = None,
-) -> None:
-    """Validate a card against an ONNX file and copy both into the repository."""
-    from inference.repository import ModelImportError
-
-    repo = _repository(engines_dir)
-    try:
-        imported = repo.import_model(onnx, card, state_dict=state_dict, replace=replace)
-    except ModelImportError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"imported {imported.name} version {imported.version} into {imported.folder}")
-    if not imported.clinical_use:
-        console.print("[bold red]NOT FOR CLINICAL USE[/bold red] (clinical_use: false)")
 
 
 def main() -> None:

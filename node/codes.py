@@ -19,6 +19,10 @@ Segmented Property Category follows DICOM CID 7150; Segmented Property Type come
 the context group of that category (CID 7191 tissue types, CID 7603 vertebrae, CID 217
 visual explanation for the saliency map).
 
+Objects that use a private code declare the scheme in Coding Scheme Identification
+Sequence (0008,0110). Validators that only know the standard's schemes (dciodvfy) still
+warn "Unrecognized defined term" for it; that warning is expected.
+
 Private codes (scheme ``99SPINENODE``, version ``1``):
 
 ===============  ==========================  ==========================================
@@ -33,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from node.errors import ResultsError
@@ -43,6 +48,24 @@ PRIVATE_SCHEME_VERSION = "1"
 
 class UnknownCodeError(ResultsError):
     """A structure or finding key has no coded concept; the message names the key."""
+
+
+def private_scheme_identification() -> Dataset:
+    """An item of Coding Scheme Identification Sequence (0008,0110) for the private scheme."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "spine-node private codes"
+    item.CodingSchemeVersion = PRIVATE_SCHEME_VERSION
+    item.CodingSchemeResponsibleOrganization = "spine-node project"
+    return item
+
+
+def uses_private_scheme(dataset: Dataset) -> bool:
+    """True if any code in ``dataset`` (at any depth) is from the private scheme."""
+    return any(
+        element.keyword == "CodingSchemeDesignator" and element.value == PRIVATE_SCHEME
+        for element in dataset.iterall()
+    )
 
 
 def _sct(value: str, meaning: str) -> CodedConcept:

@@ -228,6 +228,8 @@ class Route(BaseModel):
     # "series": one job per matching series; "study": one job per study, with every
     # matching series of the study as input (e.g. an AP + LAT pair).
     scope: Literal["series", "study"] = "series"
+    # The engine class queue its jobs go to: workers on GPU hosts consume "gpu".
+    queue: Literal["cpu", "gpu"] = "cpu"
 
     @field_validator("pipelines")
     @classmethod

@@ -6,11 +6,11 @@ No Celery, SQLAlchemy or pynetdicom imports here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -18,14 +18,14 @@ class JobState(str, Enum):
     CANCELLED = "cancelled"
 
 
-class SeriesState(str, Enum):
+class SeriesState(StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
     ROUTED = "routed"
     SKIPPED = "skipped"
 
 
-class DispatchState(str, Enum):
+class DispatchState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"

@@ -14,6 +14,10 @@ Objects built here:
 * a Comprehensive 3D SR following TID 1500 Measurement Report, with one measurement group
   per finding (probability as a measurement, present/absent as a qualitative evaluation)
   that references the source images and, when a SEG is given, its segments.
+
+A worker calls ``write_results(encode(findings, sources, options=ResultsOptions.
+from_settings(settings)), settings.storage.results)``; ``sources`` may be read with
+``stop_before_pixels=True``.
 """
 
 from __future__ import annotations
@@ -105,30 +109,33 @@ def result_uid(findings: Findings, kind: str) -> str:
     return derive_uid(*parts)
 
 
+def _all_models(findings: Findings) -> tuple[ModelInfo, ...]:
+    """The model and every further stage model, each once."""
+    return tuple(dict.fromkeys((findings.model, *findings.models)))
+
+
 def _clinical(findings: Findings) -> bool:
-    models = (findings.model, *findings.models)
-    return all(m.clinical_use for m in models)
+    return all(m.clinical_use for m in _all_models(findings))
 
 
 def _description(findings: Findings, what: str) -> str:
-    """Series Description (LO, at most 64 characters)."""
-    text = f"{findings.pipeline} {what}"
-    if not _clinical(findings):
-        text += " (demo, not clinical)"
-    return text[:64]
+    """Series Description (LO, at most 64 characters); the demo note is never cut off."""
+    suffix = "" if _clinical(findings) else " (demo, not clinical)"
+    return f"{findings.pipeline} {what}"[: 64 - len(suffix)] + suffix
 
 
 def _disclaimer(findings: Findings) -> str:
-    models = ", ".join(
-        f"{m.name} {m.version}" + ("" if m.clinical_use else " (demo weights)")
-        for m in (findings.model, *findings.models)
-    )
-    text = f"Produced automatically by spine-node pipeline {findings.pipeline} with {models}."
+    parts = []
+    for model in _all_models(findings):
+        text = f"{model.name} {model.version}"
+        if not model.clinical_use:
+            trained = f", trained on {model.trained_on}" if model.trained_on else ""
+            text += f" (demo weights{trained})"
+        parts.append(text)
+    text = f"Produced automatically by spine-node pipeline {findings.pipeline} with "
+    text += ", ".join(parts) + "."
     if not _clinical(findings):
-        text += (
-            " These weights were trained on synthetic phantoms for demonstration only; "
-            "the results are NOT FOR CLINICAL USE."
-        )
+        text += " The weights are not validated for clinical use: NOT FOR CLINICAL USE."
     return text
 
 
@@ -145,7 +152,7 @@ def _model_parameters(model: ModelInfo) -> dict[str, str]:
 def _seg_algorithm(findings: Findings) -> hd.AlgorithmIdentificationSequence:
     model = findings.model
     params = _model_parameters(model)
-    for index, extra in enumerate(findings.models, start=1):
+    for index, extra in enumerate(_all_models(findings)[1:], start=1):
         params[f"model_{index}"] = f"{extra.name} {extra.version} backend={extra.backend}"
     return hd.AlgorithmIdentificationSequence(
         name=model.name,
@@ -169,6 +176,11 @@ def _sr_algorithm(
         family=codes.ALGORITHM_FAMILY,
         manufacturer="spine-node",
     )
+
+
+def _declare_schemes(dataset: Dataset) -> None:
+    if codes.uses_private_scheme(dataset):
+        dataset.CodingSchemeIdentificationSequence = [codes.private_scheme_identification()]
 
 
 # ---------------------------------------------------------------- sources
@@ -397,6 +409,7 @@ def _segmentation(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultsError(f"cannot build SEG for {findings.pipeline}: {exc}") from exc
+    _declare_schemes(seg)
     if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
         # General Image: Type 2C when there is no patient coordinate system (e.g. CR).
         seg.PatientOrientation = frame_sources[0].get("PatientOrientation", "")
@@ -450,17 +463,12 @@ def build_report(
         ),
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)
-    groups = [
-        _measurement_group(findings, finding, sources, segmentation)
-        for finding in findings.findings
-    ]
     try:
-        report = hd.sr.MeasurementReport(
-            observation_context=context,
-            procedure_reported=codes.procedure_reported(modality),
-            imaging_measurements=groups,
-            referenced_images=_image_library_sources(sources),
-        )
+        groups = [
+            _measurement_group(findings, finding, sources, segmentation)
+            for finding in findings.findings
+        ]
+        report = _measurement_report(context, codes.procedure_reported(modality), groups, sources)
         _add_comment(report, _disclaimer(findings))
         evidence = list(sources) + ([segmentation] if segmentation is not None else [])
         sr = hd.sr.Comprehensive3DSR(
@@ -479,6 +487,7 @@ def build_report(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultsError(f"cannot build SR for {findings.pipeline}: {exc}") from exc
+    _declare_schemes(sr)
     # Equipment the SOP class constructor does not take.
     sr.ManufacturerModelName = options.manufacturer_model_name
     sr.SoftwareVersions = options.software_versions
@@ -492,18 +501,29 @@ def build_report(
     return sr
 
 
-def _image_library_sources(sources: Sequence[Dataset]) -> list[Dataset] | None:
-    """The sources for TID 1600 Image Library, or None where highdicom cannot describe them.
+def _measurement_report(
+    context: hd.sr.ObservationContext,
+    procedure: hd.sr.CodedConcept,
+    groups: list[Any],
+    sources: Sequence[Dataset],
+) -> hd.sr.MeasurementReport:
+    """TID 1500 with a TID 1600 Image Library of the sources where highdicom can build one.
 
-    The library is optional in TID 1500; highdicom needs e.g. Imager Pixel Spacing to
-    describe a projection radiograph, which some CR devices leave out.
+    The library is optional; highdicom needs e.g. Imager Pixel Spacing to describe a
+    projection radiograph, which some CR devices leave out, so it is dropped then.
     """
     try:
-        hd.sr.ImageLibrary(list(sources))
-    except (AttributeError, ValueError, TypeError) as exc:
-        log.debug("no image library in SR: %s", exc)
-        return None
-    return list(sources)
+        return hd.sr.MeasurementReport(
+            observation_context=context,
+            procedure_reported=procedure,
+            imaging_measurements=groups,
+            referenced_images=list(sources),
+        )
+    except AttributeError as exc:
+        log.info("SR without image library: a source lacks %s", exc.name)
+    return hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=procedure, imaging_measurements=groups
+    )
 
 
 def _add_comment(report: hd.sr.MeasurementReport, text: str) -> None:
@@ -612,7 +632,14 @@ def _frame_segment_numbers(segmentation: Dataset) -> list[int]:
 def _segment_reference(
     findings: Findings, segment: tuple[int, str], segmentation: Dataset
 ) -> hd.sr.ReferencedSegment | hd.sr.ReferencedSegmentationFrame | None:
-    """A reference to the segment of ``segment``'s label, or None if it has no pixels."""
+    """A reference to the segment of ``segment``'s label, or None if it has no pixels.
+
+    Built from the SEG's own per-frame Derivation Image references, so the SR names
+    exactly the source images the segment's frames were derived from. highdicom's
+    ``from_segmentation`` helpers are not used: they need per-frame segment numbers
+    (absent from a single-segment SEG) and write attribute pairs that PS3.3 Table 10-3
+    forbids together.
+    """
     label, key = segment
     assert findings.segmentation is not None
     number = segment_numbers(findings.segmentation)[label]
@@ -632,13 +659,50 @@ def _segment_reference(
     ]
     if not frames:
         return None
-    if len(findings.segmentation.source_sop_instance_uids) == 1 and len(frames) == 1:
-        return hd.sr.ReferencedSegmentationFrame.from_segmentation(
-            segmentation, frame_number=frames[0], segment_number=number
+    sources: dict[tuple[str, str], set[int]] = {}
+    for index in frames:
+        item = segmentation.PerFrameFunctionalGroupsSequence[index - 1]
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                frames_of_source = sources.setdefault(
+                    (str(source.ReferencedSOPClassUID), str(source.ReferencedSOPInstanceUID)),
+                    set(),
+                )
+                if "ReferencedFrameNumber" in source:
+                    value = source.ReferencedFrameNumber
+                    frames_of_source.update(
+                        int(v) for v in (value if isinstance(value, list | tuple) else [value])
+                    )
+    source_images = [
+        hd.sr.SourceImageForSegmentation(
+            referenced_sop_class_uid=sop_class,
+            referenced_sop_instance_uid=sop_instance,
+            referenced_frame_numbers=sorted(numbers_) or None,
         )
-    # Without frame numbers: PS3.3 C.10.9 forbids Referenced Segment Number beside
-    # Referenced Frame Number, and the segment number is the reference we mean.
-    return hd.sr.ReferencedSegment.from_segmentation(segmentation, segment_number=number)
+        for (sop_class, sop_instance), numbers_ in sources.items()
+    ]
+    if not source_images:
+        raise ResultsError(
+            f"segmentation {segmentation.SOPInstanceUID} does not name its source images"
+        )
+    if len(findings.segmentation.source_sop_instance_uids) == 1 and len(frames) == 1:
+        # TID 1410 on a single-frame map (a radiograph): the SEG frame implies its segment,
+        # and Table 10-3 allows Referenced Segment Number only where no frame is given.
+        reference = hd.sr.ReferencedSegmentationFrame(
+            sop_class_uid=str(segmentation.SOPClassUID),
+            sop_instance_uid=str(segmentation.SOPInstanceUID),
+            frame_number=frames[0],
+            segment_number=number,
+            source_image=source_images[0],
+        )
+        del reference[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
+        return reference
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(segmentation.SOPClassUID),
+        sop_instance_uid=str(segmentation.SOPInstanceUID),
+        segment_number=number,
+        source_images=source_images,
+    )
 
 
 # ---------------------------------------------------------------- encode and write
@@ -706,7 +770,8 @@ def write_results(datasets: Sequence[Dataset], results_dir: Path | str) -> list[
             except FileNotFoundError:
                 pass
             if isinstance(exc, OSError):
-                raise ResultsError(f"cannot write result {target.name}: {exc.strerror}") from exc
+                reason = exc.strerror or str(exc)
+                raise ResultsError(f"cannot write result {target.name}: {reason}") from exc
             raise
         log.info("wrote result %s", target.name)
         paths.append(target)

@@ -101,6 +101,19 @@ def intra_op_threads(configured: int | None) -> int:
 
 _CASTABLE = {"float32", "float16", "int64", "int32", "uint8", "bool"}
 
+#: How close every backend's outputs must be to the torch reference: (rtol, atol), used
+#: as ``numpy.testing.assert_allclose(out, reference, rtol, atol)`` by the parity tests
+#: and the benchmark. FP16 TensorRT plans round activations to 11-bit mantissas.
+PARITY_TOLERANCE: dict[str, tuple[float, float]] = {
+    "fp32": (1e-4, 1e-4),
+    "fp16": (2e-2, 2e-2),
+}
+
+
+def parity_tolerance(backend: str) -> tuple[float, float]:
+    """``(rtol, atol)`` for outputs of ``backend`` (``"tensorrt-fp16"`` -> the FP16 pair)."""
+    return PARITY_TOLERANCE["fp16" if backend.endswith("fp16") else "fp32"]
+
 
 class Engine(ABC):
     """A loaded model on one backend."""
