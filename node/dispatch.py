@@ -145,8 +145,10 @@ def _association_failure(assoc: Association, destination: Destination) -> str:
         return f"association rejected by {where} ({result}; {source}; {reason})"
     if assoc.is_aborted and assoc.acceptor.primitive is not None:
         return f"association aborted by {where}"
-    # pynetdicom reports a refused or timed-out connection as an abort with no answer.
-    return f"cannot associate with {where} (connection refused, unreachable or timed out)"
+    # pynetdicom reports a refused, closed or timed-out connection as an abort with no
+    # answer from the peer.
+    return (f"cannot associate with {where} (connection refused or closed, unreachable, "
+            "or no answer in time)")
 
 
 def send_batch(destination: Destination, batch: list[_Item],

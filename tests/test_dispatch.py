@@ -157,7 +157,14 @@ def test_rejected_association_counts_attempts_and_stops(tmp_path, database_url):
         rows = _dispatches(db)
         assert passes == 3
         assert all(d.state == "dead" and d.attempts == 3 for d in rows)
-        assert all("rejected" in (d.last_error or "") for d in rows)
+        with db.session() as session:
+            errors = [e.message for e in session.scalars(
+                select(AuditEvent).where(AuditEvent.kind.like("dispatch_%"))).all()]
+        assert len(errors) == 6  # two dispatches, three attempts each
+        # storescp answers A-ASSOCIATE-RJ and closes at once; on a loaded machine the close
+        # can win the race, which is then an attempt without an answer.
+        assert any("rejected" in e for e in errors)
+        assert all("rejected" in e or "cannot associate" in e for e in errors)
         assert scp.received() == []
         db.dispose()
     finally:
