@@ -177,39 +177,51 @@ def worker_id() -> str:
 def send_pending(db: Database, settings: Settings, *, limit: int = 500) -> int:
     """Send a Celery message for every queued job that has none yet; return how many.
 
-    Called after routing commits job rows. A job is marked enqueued only after its
-    message went out; if the broker is unreachable the job stays pending and the next
-    call tries again (a message sent twice is harmless).
+    Called after routing commits job rows. Each job is first marked enqueued (with the
+    task id it will carry) by a compare-and-set, so two callers never send the same job
+    and the row knows its message before any worker can see it; then the message goes
+    out. If the broker is unreachable the mark is undone and the next call tries again.
+    A process that dies between the two leaves a mark without a message, which
+    :func:`reconcile` repairs (a message sent twice is harmless).
     """
     app = celery_app(settings)
     sent = 0
     with db.session() as session:
-        jobs = session.scalars(
-            select(Job)
+        pending = session.execute(
+            select(Job.id, Job.queue)
             .where(Job.state == JobState.QUEUED.value, Job.enqueued_at.is_(None))
             .order_by(Job.id)
             .limit(limit)
         ).all()
-        pending = [(job.id, job.queue) for job in jobs]
     if not pending:
         return 0
     try:
         with app.producer_or_acquire() as producer:
             for job_id, queue_name in pending:
                 task_id = str(uuid.uuid4())
-                # No exchange: Celery then puts the message straight on the named queue,
-                # which needs no binding. Bindings live in broker state that a restarted
-                # Redis has forgotten while this process still believes them declared,
-                # and a message routed through a missing binding is dropped silently.
-                app.send_task(TASK_NAME, kwargs={"job_id": job_id}, queue=queue_name,
-                              task_id=task_id, producer=producer)
                 with db.session() as session:
-                    session.execute(
+                    marked = session.execute(
                         update(Job)
                         .where(Job.id == job_id, Job.state == JobState.QUEUED.value,
                                Job.enqueued_at.is_(None))
                         .values(enqueued_at=utcnow(), task_id=task_id)
                     )
+                if marked.rowcount != 1:  # type: ignore[attr-defined]
+                    continue  # sent by someone else, cancelled or claimed meanwhile
+                try:
+                    # No exchange: Celery then puts the message straight on the named
+                    # queue, which needs no binding. Bindings live in broker state that a
+                    # restarted Redis has forgotten while this process still believes them
+                    # declared, and a message routed through a missing binding is dropped
+                    # silently.
+                    app.send_task(TASK_NAME, kwargs={"job_id": job_id}, queue=queue_name,
+                                  task_id=task_id, producer=producer)
+                except BaseException:
+                    with db.session() as session:
+                        session.execute(update(Job).where(
+                            Job.id == job_id, Job.task_id == task_id,
+                            Job.state == JobState.QUEUED.value).values(enqueued_at=None))
+                    raise
                 sent += 1
     except Exception as exc:  # kombu raises many kinds; the broker is down or refusing
         log.warning("cannot send job messages to broker %s (%d sent): %s",

@@ -487,18 +487,26 @@ def test_redis_restart_loses_messages_and_reconcile_resends(tmp_path, database_u
         server.kill()  # no persistence: the message is gone with it
         assert broker_depths(settings)["cpu"] is None  # unreachable, and says so
         assert reconcile(db, settings).resent == []  # nothing to decide while it is down
+        # A job routed while the broker is down stays unsent, not lost.
+        study2, series2, files2 = ct_series(settings.storage.spool, tag="b")
+        second = add_job(db, study2, series2)
+        assert send_pending(db, settings) == 0
+        assert job_row(db, second).enqueued_at is None
         server.start()
         assert broker_depths(settings)["cpu"] == 0
 
         later = utcnow() + timedelta(seconds=settings.worker.requeue_after_s + 1)
         report = reconcile(db, settings, now=later)
-        assert report.resent == [job_id] and report.sent == 1
+        assert report.resent == [job_id] and report.sent == 2
+        assert broker_depths(settings)["cpu"] == 2
         worker = workers(env)
-        wait_for(lambda: job_state(db, job_id) in ("succeeded", "failed"), "the job to finish")
-        job = job_row(db, job_id)
-        assert job.state == "succeeded", f"{job.error}\n{worker.output()}"
-        assert job.attempts == 1
-        check_results_match_pixels(db, job_id, files)
+        wait_for(lambda: all(job_state(db, j) in ("succeeded", "failed")
+                             for j in (job_id, second)), "the jobs to finish")
+        for each, sources in ((job_id, files), (second, files2)):
+            job = job_row(db, each)
+            assert job.state == "succeeded", f"{job.error}\n{worker.output()}"
+            assert job.attempts == 1
+            check_results_match_pixels(db, each, sources)
         db.dispose()
     finally:
         server.kill()
