@@ -90,11 +90,12 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setti
 class Worker:
     """A ``python -m node.cli worker`` subprocess in its own process group."""
 
-    def __init__(self, env: dict[str, str], log_file: Path) -> None:
+    def __init__(self, env: dict[str, str], log_file: Path, concurrency: int = 1) -> None:
         self.log_file = log_file
         self._log = log_file.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "worker", "--queues", "cpu", "--concurrency", "1"],
+            [sys.executable, "-m", "node.cli", "worker", "--queues", "cpu",
+             "--concurrency", str(concurrency)],
             cwd=REPO, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -120,11 +121,11 @@ class Worker:
 
 
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Worker]]:
+def workers(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
 
-    def start(env: dict[str, str]) -> Worker:
-        worker = Worker(env, tmp_path / f"worker-{len(started)}.log")
+    def start(env: dict[str, str], concurrency: int = 1) -> Worker:
+        worker = Worker(env, tmp_path / f"worker-{len(started)}.log", concurrency)
         started.append(worker)
         return worker
 
@@ -431,6 +432,39 @@ def test_worker_killed_mid_job_is_reconciled(tmp_path, database_url, monkeypatch
         kinds = [e.kind for e in session.scalars(select(AuditEvent)
                                                  .where(AuditEvent.job_id == job_id)).all()]
     assert kinds.count("job_requeued") == 1 and kinds.count("job_succeeded") == 1
+    check_results_match_pixels(db, job_id, files)
+    db.dispose()
+
+
+@pytest.mark.redis
+def test_prefork_child_killed_is_taken_over_at_once(tmp_path, database_url, monkeypatch,
+                                                    workers):
+    """Only the pool child dies: Celery re-queues the message (reject on worker lost) and
+    another child takes the job over at once, since its owner's pid is gone on this host,
+    without waiting for the heartbeat timeout (set far out of reach here)."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = node_env(tmp_path, database_url, _redis_db_url(14),
+                   SPINE_NODE_TEST_GATE_DIR=str(gate),
+                   SPINE_NODE_WORKER__HEARTBEAT_TIMEOUT_S="3600")
+    settings = settings_from(env, monkeypatch)
+    db = Database(database_url)
+    study, series, files = ct_series(settings.storage.spool)
+    job_id = add_job(db, study, series)
+    send_pending(db, settings)
+
+    worker = workers(env, concurrency=2)
+    started = wait_for(lambda: list(gate.glob("started-*")), "the pipeline to start")
+    child = int(started[0].name.removeprefix("started-"))
+    assert job_row(db, job_id).worker.split(":")[1] == str(child)  # type: ignore[union-attr]
+    assert child != worker.proc.pid
+    os.kill(child, signal.SIGKILL)
+    (gate / "open").touch()
+
+    wait_for(lambda: job_state(db, job_id) in ("succeeded", "failed"), "the take-over")
+    job = job_row(db, job_id)
+    assert job.state == "succeeded", f"{job.error}\n{worker.output()}"
+    assert job.attempts == 2 and job.worker.split(":")[1] != str(child)  # type: ignore[union-attr]
     check_results_match_pixels(db, job_id, files)
     db.dispose()
 
