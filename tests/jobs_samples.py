@@ -28,7 +28,9 @@ BONE_HU = 300.0
 
 def ct_series(spool_root: Path, slices: int = 3, tag: str = "a") -> tuple[str, str, list[Path]]:
     """Write a CT series of ``slices`` instances into the spool; return its UIDs and files."""
-    template = dcmread(get_testdata_file("CT_small.dcm"))
+    source = get_testdata_file("CT_small.dcm")
+    assert isinstance(source, str), "pydicom's test file CT_small.dcm is missing"
+    template = dcmread(source)
     study_uid = derive_uid("test-study", tag)
     series_uid = derive_uid("test-series", tag)
     frame_uid = derive_uid("test-frame", tag)
