@@ -51,9 +51,8 @@ class BoneThreshold:
             study_uid=series.study_uid,
             series_uids=(series.series_uid,),
             source_sop_instance_uids=tuple(ds.SOPInstanceUID for ds in datasets),
-            # Series-level: no segment reference (highdicom 0.28 cannot reference the
-            # segment of a one-segment SEG, whose identification is in the shared groups).
-            findings=[Finding(kind="damage", probability=float(mask.mean()), threshold=0.05)],
+            findings=[Finding(kind="damage", probability=float(mask.mean()), threshold=0.05,
+                              segment_label=1)],
             segmentation=LabelMap(labels=mask,
                                   source_sop_instance_uids=tuple(ds.SOPInstanceUID
                                                                  for ds in datasets),

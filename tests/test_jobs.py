@@ -175,6 +175,12 @@ def check_results_match_pixels(db: Database, job_id: int, files: list[Path]) -> 
         np.testing.assert_array_equal(frames[index] > 0, expected[source.ReferencedSOPInstanceUID])
     # Slices with no bone have no frame in a sparse SEG; all others do.
     assert len(frames) == sum(1 for m in expected.values() if m.any())
+    # The SR's finding points at the SEG's bone segment.
+    reports = [r for r in results if r.kind == "SR"]
+    assert len(reports) == 1
+    referenced = {str(e.value) for e in dcmread(reports[0].path).iterall()
+                  if e.keyword == "ReferencedSOPInstanceUID"}
+    assert seg.SOPInstanceUID in referenced
 
 
 # --- DB logic, both engines -------------------------------------------------------------
