@@ -131,8 +131,14 @@ def serve(
         err_console.print(f"[red]error:[/red] cannot listen on {cfg.dicom.host}:{cfg.dicom.port}: "
                           f"{exc.strerror}")
         raise typer.Exit(2) from None
+    from node.service import EmbeddedWorker
+
     service = NodeService(cfg, db)
     service.start()
+    worker = None
+    if cfg.worker.embedded:
+        worker = EmbeddedWorker(str(_State.config) if _State.config else None)
+        worker.start()
     console.print(
         f"[bold]spine-node[/bold] listening as [cyan]{cfg.dicom.ae_title}[/cyan] on "
         f"{cfg.dicom.host}:{service.port}; data in {cfg.storage.data_dir}; "
@@ -143,6 +149,8 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     console.print("stopping...")
+    if worker is not None:
+        worker.stop()
     service.stop()
 
 
@@ -170,7 +178,6 @@ def status() -> None:
     from sqlalchemy import func, select
 
     from node.audit import Association, Job, Series
-    from node.receive import STATUS_SUCCESS  # noqa: F401  (import check: node importable)
     from node.spool import Spool
 
     cfg = settings()
@@ -207,6 +214,15 @@ def status() -> None:
     table.add_row("database", redact_url(cfg.database_url))
     table.add_row("broker", redact_url(cfg.broker_url))
     console.print(table)
+    from node.jobs import queue_depths
+
+    try:
+        queue_status = queue_depths(cfg, db)
+    except Exception as exc:  # a broker that is down must not hide the rest
+        err_console.print(f"[yellow]queues unavailable:[/yellow] {type(exc).__name__}")
+    else:
+        console.print(queues_table(queue_status))
+        console.print(workers_table(queue_status))
     if not up:
         raise typer.Exit(1)
 
