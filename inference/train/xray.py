@@ -1,0 +1,643 @@
+"""Training recipes for the five spine X-ray model families.
+
+Every recipe trains with a fixed seed, shows a progress bar, exports ``model.onnx``
+(``torch.onnx.export(..., dynamo=False)``, dynamic batch) and writes ``model.yaml``
+(:class:`~inference.card.ModelCard`) into ``engines/<model-name>/``. Metrics in the card
+are measured through the exported ONNX graph with ONNX Runtime on held-out data.
+
+Data
+----
+By default a recipe trains on digitally reconstructed radiographs (DRRs) of the
+project's synthetic spine phantoms (:mod:`inference.phantoms`): every phantom gives an AP
+and a LAT view, their structure and tissue masks, and per-vertebra fracture and
+dislocation labels. Metrics come from phantoms drawn with a seed never used in training.
+
+Pass ``data=<root>`` to train on a real dataset laid out like the seed projects'::
+
+    root/train/<class>/*.png|*.jpg|*.dcm        classifiers; <class> is a label key:
+    root/val/<class>/...                         normal, fracture, dislocation (cspine)
+    root/train/<class>/<study>/{AP,LAT}.*        pair classifier: one folder per study
+                                                 with an image whose name starts with
+                                                 "ap" and one starting with "lat"
+                                                 (or DICOM files with ViewPosition);
+                                                 classes normal, damage (or damaged)
+    root/train/images/<name>.png|.jpg|.dcm       segmenters: the image, and either
+    root/train/masks/<name>.png                  a label image (0 background, k = k-th
+                                                 structure in the model's order), or
+    root/train/masks/<structure>/<name>.png      one binary mask per structure key
+    root/val/...                                 the same under val/
+
+Greyscale images are read bone-bright; DICOM files go through the same reader as the
+pipelines (MONOCHROME1 inverted, rescale applied).
+
+Run ``spine-node train xray`` to regenerate all six demo models (minutes on two CPU
+cores), or ``spine-node train <model-name>`` for one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from engines import ENGINES_DIR
+from inference.card import ModelCard
+from inference.models import build
+from inference.pipelines.xray import (
+    AP_STRUCTURES,
+    CSPINE_MODEL,
+    FRACTURE_MODEL,
+    LAT_STRUCTURES,
+    PAIR_MODEL,
+    TISSUE_MODEL,
+    TISSUES,
+    UNET_AP_MODEL,
+    UNET_LAT_MODEL,
+    file_sha256,
+    prepare_radiograph,
+    read_radiograph,
+    resize_bilinear,
+)
+from inference.train import register_recipe
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+INTENDED_USE = ("Demonstration of the spine-node pipeline only: weights trained by the "
+                "project's own code on synthetic phantoms. Not for clinical use; not a "
+                "medical device. Replace with a validated model trained on real data.")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+CLASSIFIER_SIZE = (128, 128)
+SEGMENTER_SIZE = (128, 128)
+
+
+class DatasetError(ValueError):
+    """A training data folder does not follow the documented layout; says what is wrong."""
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass
+class ImageSet:
+    """Prepared images ``(N, 1, H, W)`` in [0, 1] and targets for one split."""
+
+    images: np.ndarray
+    targets: np.ndarray  # class index (N,), or masks (N, K, H, W) / label maps (N, H, W)
+    second: np.ndarray | None = None  # LAT images for the pair classifier
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class Spec:
+    """What one model is: family, labels, input size and how it is trained."""
+
+    name: str
+    architecture: str
+    task: str
+    labels: tuple[str, ...]
+    size: tuple[int, int]
+    description: str
+    architecture_kwargs: dict[str, Any] = field(default_factory=dict)
+    steps: int = 600
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+
+
+SPECS: dict[str, Spec] = {
+    PAIR_MODEL: Spec(PAIR_MODEL, "xray-pair-classifier", "classification", ("normal", "damage"),
+                     CLASSIFIER_SIZE, "Spine radiograph pair (AP + LAT of one study): "
+                     "damaged / normal; two-branch CNN."),
+    FRACTURE_MODEL: Spec(FRACTURE_MODEL, "xray-fracture-mobilenet", "classification",
+                         ("normal", "fracture"), CLASSIFIER_SIZE,
+                         "Spine radiograph fracture / normal; MobileNet-style "
+                         "depthwise-separable CNN."),
+    CSPINE_MODEL: Spec(CSPINE_MODEL, "xray-cspine-classifier", "classification",
+                       ("normal", "fracture", "dislocation"), CLASSIFIER_SIZE,
+                       "Cervical spine lateral radiograph normal / fracture / dislocation "
+                       "with a class-activation saliency map (second output)."),
+    UNET_AP_MODEL: Spec(UNET_AP_MODEL, "xray-spine-unet", "segmentation", AP_STRUCTURES,
+                        SEGMENTER_SIZE, "Spine AP radiograph segmentation, 2D U-Net, "
+                        "one sigmoid channel per structure.",
+                        {"num_structures": len(AP_STRUCTURES), "base": 12, "depth": 3}),
+    UNET_LAT_MODEL: Spec(UNET_LAT_MODEL, "xray-spine-unet", "segmentation", LAT_STRUCTURES,
+                         SEGMENTER_SIZE, "Spine LAT radiograph segmentation, 2D U-Net, "
+                         "one sigmoid channel per structure.",
+                         {"num_structures": len(LAT_STRUCTURES), "base": 12, "depth": 3}),
+    TISSUE_MODEL: Spec(TISSUE_MODEL, "xray-tissue-xnet", "segmentation", TISSUES,
+                       SEGMENTER_SIZE, "Radiograph tissue segmentation (bone, soft tissue, "
+                       "open beam), XNet-style.", {"num_classes": len(TISSUES), "base": 12}),
+}
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """Bone-bright float32 pixels of a PNG/JPEG (greyscale) or DICOM file."""
+    if path.suffix.lower() == ".dcm":
+        return read_radiograph(path).pixels
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode in ("RGB", "RGBA", "P", "LA"):
+            image = image.convert("L")
+        return np.asarray(image, dtype=np.float32)
+
+
+def _read_mask_file(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode in ("RGB", "RGBA", "P", "LA"):
+            image = image.convert("L")
+        return np.asarray(image).astype(np.int64)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    folder = root / split
+    if not folder.is_dir():
+        raise DatasetError(f"{root}: missing '{split}/' folder (expected {split}/<class>/... "
+                           "or {split}/images + {split}/masks)")
+    return folder
+
+
+def _class_index(folder_name: str, labels: Sequence[str]) -> int:
+    key = {"damaged": "damage", "fractured": "fracture"}.get(folder_name.lower(),
+                                                             folder_name.lower())
+    if key not in labels:
+        raise DatasetError(f"class folder {folder_name!r} is not one of {list(labels)}")
+    return labels.index(key)
+
+
+def load_class_folders(root: Path, split: str, spec: Spec) -> ImageSet:
+    """``root/<split>/<class>/*`` images (or, for the pair model, study folders)."""
+    folder = _split_dir(root, split)
+    images: list[np.ndarray] = []
+    seconds: list[np.ndarray] = []
+    targets: list[int] = []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        index = _class_index(class_dir.name, spec.labels)
+        if spec.name == PAIR_MODEL:
+            for study in sorted(p for p in class_dir.iterdir() if p.is_dir()):
+                ap, lat = _pair_files(study)
+                images.append(prepare_radiograph(read_image_file(ap), spec.size))
+                seconds.append(prepare_radiograph(read_image_file(lat), spec.size))
+                targets.append(index)
+        else:
+            for path in _images_in(class_dir):
+                images.append(prepare_radiograph(read_image_file(path), spec.size))
+                targets.append(index)
+    if not images:
+        raise DatasetError(f"{folder}: no images found under <class>/ folders "
+                           f"(classes {list(spec.labels)}, files {IMAGE_SUFFIXES})")
+    return ImageSet(np.stack(images)[:, None], np.asarray(targets, dtype=np.int64),
+                    np.stack(seconds)[:, None] if seconds else None)
+
+
+def _pair_files(study: Path) -> tuple[Path, Path]:
+    found: dict[str, Path] = {}
+    for path in _images_in(study):
+        stem = path.stem.lower()
+        view = "ap" if stem.startswith(("ap", "pa")) else "lat" if stem.startswith("lat") else ""
+        if not view and path.suffix.lower() == ".dcm":
+            position = read_radiograph(path).view_position
+            view = "ap" if position in ("AP", "PA") else "lat" if position in (
+                "LAT", "LL", "RL", "LATERAL") else ""
+        if view:
+            found.setdefault(view, path)
+    if set(found) != {"ap", "lat"}:
+        raise DatasetError(f"study folder {study} needs an AP and a LAT image "
+                           "(names starting with 'ap' and 'lat', or DICOM ViewPosition)")
+    return found["ap"], found["lat"]
+
+
+def load_segmentation_folders(root: Path, split: str, spec: Spec) -> ImageSet:
+    """``root/<split>/images/*`` with ``masks/<name>.png`` or ``masks/<structure>/<name>.png``."""
+    folder = _split_dir(root, split)
+    image_dir, mask_dir = folder / "images", folder / "masks"
+    if not image_dir.is_dir() or not mask_dir.is_dir():
+        raise DatasetError(f"{folder}: segmentation data needs 'images/' and 'masks/' folders")
+    images: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    exclusive = spec.name == TISSUE_MODEL
+    for path in _images_in(image_dir):
+        pixels = read_image_file(path)
+        label_file = mask_dir / f"{path.stem}.png"
+        if label_file.is_file():
+            label = _read_mask_file(label_file)
+            if label.max() > len(spec.labels):
+                raise DatasetError(f"{label_file}: label value {label.max()} > "
+                                   f"{len(spec.labels)} structures {list(spec.labels)}")
+            masks = np.stack([label == k + 1 for k in range(len(spec.labels))])
+        else:
+            per = [mask_dir / name / f"{path.stem}.png" for name in spec.labels]
+            missing = [str(p) for p in per if not p.is_file()]
+            if missing:
+                raise DatasetError(f"no mask for {path.name}: expected {label_file} or "
+                                   f"{', '.join(missing)}")
+            masks = np.stack([_read_mask_file(p) > 0 for p in per])
+        if masks.shape[1:] != pixels.shape:
+            raise DatasetError(f"{path.name}: mask shape {masks.shape[1:]} != image shape "
+                               f"{pixels.shape}")
+        images.append(prepare_radiograph(pixels, spec.size))
+        targets.append(_masks_to_target(masks, spec.size, exclusive))
+    if not images:
+        raise DatasetError(f"{image_dir}: no images ({IMAGE_SUFFIXES})")
+    return ImageSet(np.stack(images)[:, None], np.stack(targets))
+
+
+def _masks_to_target(masks: np.ndarray, size: tuple[int, int], exclusive: bool) -> np.ndarray:
+    """Binary masks ``(K, rows, cols)`` at source size -> training target at model size.
+
+    Exclusive classes become a label map (``-1`` where no class is marked, ignored by the
+    loss); independent structures stay ``(K, H, W)`` float masks.
+    """
+    small = resize_bilinear(masks.astype(np.float32), size)
+    if not exclusive:
+        return (small >= 0.5).astype(np.float32)
+    labels = np.argmax(small, axis=0).astype(np.int64)
+    labels[small.max(axis=0) < 0.5] = -1
+    return labels
+
+
+# --------------------------------------------------------------------------- phantoms
+
+
+@dataclass
+class PhantomViews:
+    """One phantom study as the X-ray recipes use it."""
+
+    ap: np.ndarray
+    lat: np.ndarray
+    ap_masks: np.ndarray   # (3, rows, cols) bool, AP_STRUCTURES order
+    lat_masks: np.ndarray  # (5, rows, cols) bool, LAT_STRUCTURES order
+    ap_tissue: np.ndarray  # (3, rows, cols) bool, TISSUES order
+    lat_tissue: np.ndarray
+    fracture: bool         # any vertebra fractured
+    dislocation: bool      # any vertebra dislocated
+    cspine_fracture: bool  # C1-C7 only
+    cspine_dislocation: bool
+    cspine_lat: np.ndarray | None = None  # LAT of the cervical region (None: use lat)
+
+
+def phantom_views(seed: int) -> PhantomViews:
+    """Render phantom ``seed`` (AP and LAT DRRs, masks, labels)."""
+    from inference import phantoms
+
+    return phantoms_to_views(phantoms, seed)
+
+
+def phantoms_to_views(phantoms: Any, seed: int) -> PhantomViews:  # replaced once the API lands
+    raise NotImplementedError
+
+
+def phantom_sets(spec: Spec, seeds: Sequence[int], progress: Progress | None = None) -> ImageSet:
+    """Prepared images and targets for ``spec`` from the phantoms ``seeds``."""
+    images: list[np.ndarray] = []
+    seconds: list[np.ndarray] = []
+    targets: list[Any] = []
+    task = progress.add_task(f"{spec.name}: phantoms", total=len(seeds)) if progress else None
+    for seed in seeds:
+        views = _cached_views(seed)
+        for image, second, target in _phantom_samples(spec, views):
+            images.append(prepare_radiograph(image, spec.size))
+            if second is not None:
+                seconds.append(prepare_radiograph(second, spec.size))
+            targets.append(target)
+        if progress is not None and task is not None:
+            progress.advance(task)
+    return ImageSet(np.stack(images)[:, None], np.asarray(np.stack(targets)),
+                    np.stack(seconds)[:, None] if seconds else None)
+
+
+_VIEW_CACHE: dict[int, PhantomViews] = {}
+
+
+def _cached_views(seed: int) -> PhantomViews:
+    """Phantoms are shared by all six recipes of one run; render each once."""
+    if seed not in _VIEW_CACHE:
+        _VIEW_CACHE[seed] = phantom_views(seed)
+    return _VIEW_CACHE[seed]
+
+
+def _phantom_samples(spec: Spec, views: PhantomViews
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray | None, Any]]:
+    size = spec.size
+    if spec.name == PAIR_MODEL:
+        yield views.ap, views.lat, int(views.fracture or views.dislocation)
+    elif spec.name == FRACTURE_MODEL:
+        yield views.lat, None, int(views.fracture)
+        yield views.ap, None, int(views.fracture)
+    elif spec.name == CSPINE_MODEL:
+        label = 2 if views.cspine_dislocation else 1 if views.cspine_fracture else 0
+        yield (views.cspine_lat if views.cspine_lat is not None else views.lat), None, label
+    elif spec.name == UNET_AP_MODEL:
+        yield views.ap, None, _masks_to_target(views.ap_masks, size, exclusive=False)
+    elif spec.name == UNET_LAT_MODEL:
+        yield views.lat, None, _masks_to_target(views.lat_masks, size, exclusive=False)
+    elif spec.name == TISSUE_MODEL:
+        yield views.ap, None, _masks_to_target(views.ap_tissue, size, exclusive=True)
+        yield views.lat, None, _masks_to_target(views.lat_tissue, size, exclusive=True)
+    else:
+        raise KeyError(spec.name)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random gamma, contrast and noise per image (geometry untouched, so masks hold)."""
+    n = batch.shape[0]
+    gamma = torch.exp(torch.empty(n, 1, 1, 1).uniform_(-0.4, 0.4, generator=generator))
+    scale = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.1, generator=generator)
+    offset = torch.empty(n, 1, 1, 1).uniform_(-0.05, 0.1, generator=generator)
+    noise = torch.randn(batch.shape, generator=generator) * 0.02
+    return (batch.clamp(0, 1) ** gamma * scale + offset + noise).clamp(0, 1)
+
+
+def _loss(spec: Spec, model: nn.Module, images: torch.Tensor, second: torch.Tensor | None,
+          targets: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
+    if spec.task == "classification":
+        logits = model.logits(images, second) if second is not None else model.logits(images)
+        return F.cross_entropy(logits, targets, weight=class_weights)
+    logits = model.logits(images)
+    if spec.name == TISSUE_MODEL:
+        return F.cross_entropy(logits, targets, ignore_index=-1)
+    # Independent structures: BCE plus soft Dice, so thin structures are not ignored.
+    probabilities = torch.sigmoid(logits)
+    overlap = (probabilities * targets).sum(dim=(0, 2, 3))
+    total = probabilities.sum(dim=(0, 2, 3)) + targets.sum(dim=(0, 2, 3))
+    dice = (2 * overlap + 1) / (total + 1)
+    return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean()
+
+
+def train_model(spec: Spec, train: ImageSet, seed: int, steps: int | None = None,
+                progress: Progress | None = None) -> nn.Module:
+    """Train a fresh ``spec`` model on ``train`` for ``steps`` mini-batches (AdamW, cosine)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build(spec.architecture, **spec.architecture_kwargs)
+    steps = steps or spec.steps
+    optimiser = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec.learning_rate,
+                                                   total_steps=steps, pct_start=0.15)
+    images = torch.from_numpy(train.images)
+    second = torch.from_numpy(train.second) if train.second is not None else None
+    targets = torch.from_numpy(train.targets)
+    class_weights = None
+    if spec.task == "classification":
+        counts = np.bincount(train.targets, minlength=len(spec.labels)).astype(np.float32)
+        class_weights = torch.from_numpy(counts.sum() / (len(counts) * np.maximum(counts, 1)))
+    task = progress.add_task(f"{spec.name}: train", total=steps) if progress else None
+    model.train()
+    for _ in range(steps):
+        index = torch.randint(0, len(train), (min(spec.batch_size, len(train)),),
+                              generator=generator)
+        batch = _augment(images[index], generator)
+        batch_second = _augment(second[index], generator) if second is not None else None
+        loss = _loss(spec, model, batch, batch_second, targets[index], class_weights)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        if progress is not None and task is not None:
+            progress.update(task, advance=1,
+                            description=f"{spec.name}: train loss {loss.item():.3f}")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_onnx(model: nn.Module, spec: Spec, path: Path) -> None:
+    """Export ``model``'s inference graph with a dynamic batch dimension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    input_names = list(model.input_names)
+    output_names = list(model.output_names)
+    example = tuple(torch.zeros(2, 1, *spec.size) for _ in input_names)
+    dynamic = {name: {0: "batch"} for name in input_names + output_names}
+    with torch.no_grad(), warnings.catch_warnings():
+        # dynamo=False is deliberate (stable graphs for ONNX Runtime and TensorRT).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, example, str(path), input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic, opset_version=17,
+                          dynamo=False)
+
+
+def onnx_predict(path: Path, data: ImageSet, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Run an exported model over ``data`` with ONNX Runtime (CPU)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    outputs: dict[str, list[np.ndarray]] = {o.name: [] for o in session.get_outputs()}
+    for start in range(0, len(data), batch_size):
+        feed = {names[0]: data.images[start:start + batch_size]}
+        if len(names) > 1 and data.second is not None:
+            feed[names[1]] = data.second[start:start + batch_size]
+        for name, value in zip(outputs, session.run(list(outputs), feed), strict=True):
+            outputs[name].append(value)
+    return {name: np.concatenate(values) for name, values in outputs.items()}
+
+
+def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with ties averaged)."""
+    positives = positives.astype(bool)
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean arrays (1.0 when both are empty)."""
+    total = int(prediction.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * float((prediction & truth).sum()) / total
+
+
+def evaluate(spec: Spec, onnx_path: Path, data: ImageSet) -> dict[str, float]:
+    """Held-out metrics of the exported model: AUC per class, or Dice per structure."""
+    outputs = onnx_predict(onnx_path, data)
+    probabilities = outputs["probabilities"]
+    metrics: dict[str, float] = {"samples": float(len(data))}
+    if spec.task == "classification":
+        for k, key in enumerate(spec.labels[1:], start=1):
+            metrics[f"auc_{key}"] = roc_auc(probabilities[:, k], data.targets == k)
+        metrics["accuracy"] = float((probabilities.argmax(1) == data.targets).mean())
+        if len(spec.labels) > 2:
+            metrics["auc_abnormal"] = roc_auc(1 - probabilities[:, 0], data.targets > 0)
+        return metrics
+    if spec.name == TISSUE_MODEL:
+        predicted = probabilities.argmax(1)
+        for k, key in enumerate(spec.labels):
+            keep = data.targets >= 0
+            metrics[f"dice_{key}"] = dice((predicted == k) & keep, data.targets == k)
+    else:
+        for k, key in enumerate(spec.labels):
+            metrics[f"dice_{key}"] = dice(probabilities[:, k] >= 0.5, data.targets[:, k] >= 0.5)
+    metrics["dice_mean"] = float(np.mean([v for k, v in metrics.items() if k.startswith("dice_")]))
+    return metrics
+
+
+def write_card(spec: Spec, model: nn.Module, folder: Path, weights: dict[str, Any]) -> ModelCard:
+    """``model.yaml`` describing the exported ``model.onnx`` in ``folder``."""
+    batch = -1
+    inputs = [{"name": name, "shape": [batch, 1, *spec.size], "dtype": "float32"}
+              for name in model.input_names]
+    if spec.task == "classification":
+        outputs = [{"name": "probabilities", "shape": [batch, len(spec.labels)],
+                    "dtype": "float32"}]
+        if "saliency" in model.output_names:
+            outputs.append({"name": "saliency", "shape": [batch, 1, *spec.size],
+                            "dtype": "float32"})
+    else:
+        outputs = [{"name": "probabilities", "shape": [batch, len(spec.labels), *spec.size],
+                    "dtype": "float32"}]
+    card = ModelCard.from_dict({
+        "name": spec.name,
+        "version": VERSION,
+        "task": spec.task,
+        "description": spec.description,
+        "inputs": inputs,
+        "outputs": outputs,
+        "labels": {k: key for k, key in enumerate(spec.labels)},
+        "preprocessing": {
+            "size": list(spec.size),
+            "percentiles": [1.0, 99.0],
+            "range": [0.0, 1.0],
+            "photometric": "bone bright: MONOCHROME1 inverted, modality rescale applied",
+            "resize": "block mean then bilinear (half-pixel centres)",
+            "activation": ("softmax" if spec.task == "classification" or spec.name == TISSUE_MODEL
+                           else "sigmoid per structure"),
+        },
+        "weights": weights,
+        "intended_use": INTENDED_USE,
+        "clinical_use": False,
+    }, folder)
+    card.save(folder)
+    return card
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many phantoms and steps one run uses; the defaults make the demo weights."""
+
+    train_phantoms: int = 160
+    heldout_phantoms: int = 60
+    seed: int = 20260523
+    heldout_seed: int = 90000000
+    steps: int | None = None
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                    "{task.total}"), TimeRemainingColumn(), transient=False)
+
+
+def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None = None,
+                 plan: Plan = Plan(), progress: Progress | None = None) -> ModelCard:
+    """Train, export and evaluate one model; returns its card (written beside the ONNX)."""
+    spec = SPECS[model_name]
+    torch.set_num_threads(1)
+    folder = (out_dir or ENGINES_DIR) / spec.name
+    started = time.monotonic()
+    if data is None:
+        train_seeds = [plan.seed + i for i in range(plan.train_phantoms)]
+        held_seeds = [plan.heldout_seed + i for i in range(plan.heldout_phantoms)]
+        train = phantom_sets(spec, train_seeds, progress)
+        held = phantom_sets(spec, held_seeds, progress)
+        trained_on = (f"synthetic phantoms (spine-node inference.phantoms DRRs, seeds "
+                      f"{train_seeds[0]}-{train_seeds[-1]})")
+        evaluated_on = (f"held-out synthetic phantoms, seeds {held_seeds[0]}-{held_seeds[-1]}")
+    else:
+        load = (load_class_folders if spec.task == "classification"
+                else load_segmentation_folders)
+        train, held = load(data, "train", spec), load(data, "val", spec)
+        trained_on = f"folder dataset {data.name}/train ({len(train)} samples)"
+        evaluated_on = f"folder dataset {data.name}/val"
+    model = train_model(spec, train, plan.seed, plan.steps, progress)
+    onnx_path = folder / "model.onnx"
+    export_onnx(model, spec, onnx_path)
+    metrics = evaluate(spec, onnx_path, held)
+    weights = {
+        "trained_on": trained_on,
+        "recipe": f"spine-node train {spec.name}",
+        "seed": plan.seed,
+        "train_samples": len(train),
+        "steps": plan.steps or spec.steps,
+        "evaluated_on": evaluated_on,
+        "metrics": {key: round(value, 4) for key, value in metrics.items()},
+        "framework": f"torch {torch.__version__.split('+')[0]}",
+        "sha256": file_sha256(onnx_path),
+    }
+    card = write_card(spec, model, folder, weights)
+    logger.info("%s: %s in %.0f s", spec.name, weights["metrics"], time.monotonic() - started)
+    return card
+
+
+def train_all(out_dir: Path | None = None, plan: Plan = Plan(),
+              names: Sequence[str] | None = None) -> list[ModelCard]:
+    """Regenerate the X-ray demo models (all six unless ``names``) on phantoms."""
+    cards = []
+    with _progress() as progress:
+        for name in names or list(SPECS):
+            cards.append(train_recipe(name, out_dir, None, plan, progress))
+    return cards
+
+
+def _recipe(name: str) -> Callable[..., ModelCard]:
+    def run(out_dir: Path | None = None, data: Path | None = None, seed: int | None = None,
+            steps: int | None = None) -> ModelCard:
+        plan = Plan(seed=seed if seed is not None else Plan.seed, steps=steps)
+        with _progress() as progress:
+            return train_recipe(name, out_dir, data, plan, progress)
+
+    run.__doc__ = f"Train {name} ({SPECS[name].description})"
+    return run
+
+
+for _name in SPECS:
+    register_recipe(_name)(_recipe(_name))
+
+
+@register_recipe("xray")
+def train_xray(out_dir: Path | None = None, data: Path | None = None, seed: int | None = None,
+         steps: int | None = None) -> list[ModelCard]:
+    """Regenerate all six X-ray demo models on phantoms."""
+    if data is not None:
+        raise DatasetError("'xray' trains every family on phantoms; pass --data to one family")
+    return train_all(out_dir, Plan(seed=seed if seed is not None else Plan.seed, steps=steps))
+
