@@ -17,6 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 Image = pytest.importorskip("PIL.Image")
 
 from inference.card import ModelCard  # noqa: E402
+from inference.pipelines.xray import LAT_STRUCTURES  # noqa: E402
 from inference.train import get as get_recipe  # noqa: E402
 from inference.train import recipes  # noqa: E402
 from inference.train.xray import (  # noqa: E402
@@ -132,7 +133,7 @@ def _segmentation_layout(root: Path, per_structure: bool, structures: int) -> No
             _write_png(root / split / "images" / f"case{i}.png",
                        np.clip(image, 0, 255).astype(np.uint8))
             if per_structure:
-                for k, name in enumerate(SPECS["xray-spine-unet-lat"].labels[:structures]):
+                for k, name in enumerate(LAT_STRUCTURES[:structures]):
                     _write_png(root / split / "masks" / name / f"case{i}.png",
                                ((label == k + 1) * 255).astype(np.uint8))
             else:
@@ -146,8 +147,9 @@ def test_segmentation_layouts(tmp_path: Path, per_structure: bool) -> None:
     spec = SPECS["xray-spine-unet-lat"]
     data = load_segmentation_folders(root, "train", spec)
     assert data.images.shape == (4, 1, 128, 128)
-    assert data.targets.shape == (4, 5, 128, 128)
-    assert all(data.targets[:, k].sum() > 0 for k in range(5))
+    assert data.targets.shape == (4, 128, 128)
+    assert set(np.unique(data.targets).tolist()) == {0, 1, 2, 3, 4, 5}
+    assert [t.shape for t in data.source_targets] == [(64, 56)] * 4
 
 
 def test_tissue_recipe_on_label_masks(tmp_path: Path) -> None:
@@ -156,6 +158,9 @@ def test_tissue_recipe_on_label_masks(tmp_path: Path) -> None:
     card = train_recipe("xray-tissue-xnet", tmp_path / "out", root, Plan(steps=2))
     assert card.labels == {0: "bone", 1: "soft_tissue", 2: "open_beam"}
     assert card.outputs[0].shape == (-1, 3, 128, 128)
+    # Label 0 in a tissue mask means "not labelled" (tissue classes cover every pixel).
+    data = load_segmentation_folders(root, "train", SPECS["xray-tissue-xnet"])
+    assert data.targets.min() == -1 and data.targets.max() == 2
     assert "dice_bone" in card.weights["metrics"]
 
 

@@ -11,12 +11,12 @@ family                     inputs                              outputs
 :class:`FractureMobileNet` ``image``                           ``probabilities`` (N, 2)
 :class:`CSpineCAMNet`      ``image``                           ``probabilities`` (N, 3),
                                                                ``saliency`` (N, 1, H, W)
-:class:`UNet2D`            ``image``                           ``probabilities`` (N, K, H, W)
+:class:`UNet2D`            ``image``                           ``probabilities`` (N, 1+K, H, W)
 :class:`XNet`              ``image``                           ``probabilities`` (N, K, H, W)
 =========================  ==================================  ==============================
 
 During training call :meth:`logits` (the raw scores a loss wants); ``forward`` is the
-exported inference graph (softmax / sigmoid applied).
+exported inference graph (softmax applied).
 """
 
 from __future__ import annotations
@@ -191,16 +191,16 @@ class CSpineCAMNet(nn.Module):
 
 @register_architecture("xray-spine-unet")
 class UNet2D(nn.Module):
-    """2D U-Net (Ronneberger et al. 2015), small; one sigmoid channel per structure.
+    """2D U-Net (Ronneberger et al. 2015), small; softmax over background + structures.
 
-    Structures may overlap in a projection (the pedicles lie over the vertebral body in
-    AP), so the outputs are independent per-structure probabilities, not a softmax.
+    Channel 0 is background, channel k the k-th structure; where structures overlap in
+    a projection the ground truth keeps the one painted last, so one class per pixel.
     """
 
     input_names = ("image",)
     output_names = ("probabilities",)
 
-    def __init__(self, num_structures: int, base: int = 12, depth: int = 4) -> None:
+    def __init__(self, num_classes: int, base: int = 12, depth: int = 3) -> None:
         super().__init__()
         widths = [base * 2**i for i in range(depth + 1)]
         self.down = nn.ModuleList([double_conv(1, widths[0])])
@@ -211,7 +211,7 @@ class UNet2D(nn.Module):
         )
         self.merge = nn.ModuleList(double_conv(2 * widths[i], widths[i])
                                    for i in reversed(range(depth)))
-        self.out = nn.Conv2d(widths[0], num_structures, 1)
+        self.out = nn.Conv2d(widths[0], num_classes, 1)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -225,7 +225,7 @@ class UNet2D(nn.Module):
         return self.out(x)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(image))
+        return torch.softmax(self.logits(image), dim=1)
 
 
 @register_architecture("xray-tissue-xnet")

@@ -18,7 +18,7 @@ Preprocessing is numpy only (no torch, no scipy) and shared with the training re
 the models see the same pixels in training and in production: modality rescale,
 MONOCHROME1 inverted so bone is bright, a percentile window to [0, 1], then an
 area-then-bilinear resize to the model's input size. Masks and maps are resized back
-(bilinear on probabilities, then thresholded) to each source image's own grid.
+(bilinear on class probabilities, then arg-max) to each source image's own grid.
 """
 
 from __future__ import annotations
@@ -314,30 +314,26 @@ def _require_one_grid(images: Sequence[Radiograph], pipeline: str) -> None:
                             "one label map needs one grid")
 
 
-def _label_map(probabilities: np.ndarray, images: Sequence[Radiograph],
-               structures: Sequence[str], exclusive: bool) -> LabelMap:
-    """Label frames on the source grid from model probabilities ``(N, K, h, w)``.
+def _label_map(probabilities: np.ndarray, images: Sequence[Radiograph], card: Any) -> LabelMap:
+    """Label frames on the source grid from softmax outputs ``(N, C, h, w)``.
 
-    Exclusive (softmax) outputs take the arg-max class; independent (sigmoid) outputs are
-    thresholded at 0.5 and later structures are drawn over earlier ones where they
-    overlap (the pedicles over the vertebral body in AP).
+    The class probabilities are resized to each image's grid and the arg-max taken there,
+    so the boundaries are as fine as the upsampled probabilities allow. A card whose class
+    0 is ``background`` labels structures 1..C-1; otherwise class k becomes label k + 1
+    (every pixel belongs to a structure, as with tissue classes).
     """
+    names = [card.labels[k] for k in sorted(card.labels)]
     full = resize_bilinear(probabilities, images[0].shape)
-    if exclusive:
-        labels = (np.argmax(full, axis=1) + 1).astype(np.uint8)
+    winner = np.argmax(full, axis=1)
+    if names[0] == "background":
+        labels, segments = winner, names[1:]
     else:
-        labels = np.zeros((full.shape[0], *full.shape[2:]), dtype=np.uint8)
-        for k in range(full.shape[1]):
-            labels[full[:, k] >= 0.5] = k + 1
+        labels, segments = winner + 1, names
     return LabelMap(
-        labels=labels,
+        labels=labels.astype(np.uint8),
         source_sop_instance_uids=tuple(image.sop_instance_uid for image in images),
-        segments=tuple(Segment(label=k + 1, name=name) for k, name in enumerate(structures)),
+        segments=tuple(Segment(label=k + 1, name=name) for k, name in enumerate(segments)),
     )
-
-
-def _structures(card: Any) -> tuple[str, ...]:
-    return tuple(card.labels[k] for k in sorted(card.labels))
 
 
 class SpineSegPipeline:
@@ -359,8 +355,7 @@ class SpineSegPipeline:
         engine = models(UNET_AP_MODEL if views == {"AP"} else UNET_LAT_MODEL)
         probabilities = _infer(engine, {"image": _batch(engine, images)})["probabilities"]
         result = _findings(self.name, engine, images)
-        result.segmentation = _label_map(probabilities, images, _structures(_card(engine)),
-                                         exclusive=False)
+        result.segmentation = _label_map(probabilities, images, _card(engine))
         return result
 
 
@@ -375,8 +370,7 @@ class TissueSegPipeline:
         engine = models(TISSUE_MODEL)
         probabilities = _infer(engine, {"image": _batch(engine, images)})["probabilities"]
         result = _findings(self.name, engine, images)
-        result.segmentation = _label_map(probabilities, images, _structures(_card(engine)),
-                                         exclusive=True)
+        result.segmentation = _label_map(probabilities, images, _card(engine))
         return result
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,8 +93,12 @@ class ImageSet:
     """Prepared images ``(N, 1, H, W)`` in [0, 1] and targets for one split."""
 
     images: np.ndarray
-    targets: np.ndarray  # class index (N,), or masks (N, K, H, W) / label maps (N, H, W)
+    #: Classifiers: class index ``(N,)``. Segmenters: class-index maps ``(N, H, W)`` at
+    #: model size (``-1``: not labelled, ignored by the loss).
+    targets: np.ndarray
     second: np.ndarray | None = None  # LAT images for the pair classifier
+    #: Segmenters: class-index maps on each source image's own grid (for metrics).
+    source_targets: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -128,14 +132,16 @@ SPECS: dict[str, Spec] = {
                        ("normal", "fracture", "dislocation"), CLASSIFIER_SIZE,
                        "Cervical spine lateral radiograph normal / fracture / dislocation "
                        "with a class-activation saliency map (second output)."),
-    UNET_AP_MODEL: Spec(UNET_AP_MODEL, "xray-spine-unet", "segmentation", AP_STRUCTURES,
-                        SEGMENTER_SIZE, "Spine AP radiograph segmentation, 2D U-Net, "
-                        "one sigmoid channel per structure.",
-                        {"num_structures": len(AP_STRUCTURES), "base": 12, "depth": 3}),
-    UNET_LAT_MODEL: Spec(UNET_LAT_MODEL, "xray-spine-unet", "segmentation", LAT_STRUCTURES,
-                         SEGMENTER_SIZE, "Spine LAT radiograph segmentation, 2D U-Net, "
-                         "one sigmoid channel per structure.",
-                         {"num_structures": len(LAT_STRUCTURES), "base": 12, "depth": 3}),
+    UNET_AP_MODEL: Spec(UNET_AP_MODEL, "xray-spine-unet", "segmentation",
+                        ("background", *AP_STRUCTURES), SEGMENTER_SIZE,
+                        "Spine AP radiograph segmentation (vertebral body, pedicle, spinous "
+                        "process), 2D U-Net.",
+                        {"num_classes": 1 + len(AP_STRUCTURES), "base": 12, "depth": 3}),
+    UNET_LAT_MODEL: Spec(UNET_LAT_MODEL, "xray-spine-unet", "segmentation",
+                         ("background", *LAT_STRUCTURES), SEGMENTER_SIZE,
+                         "Spine LAT radiograph segmentation (vertebral body, posterior "
+                         "elements, disc, spinal canal, prevertebral soft tissue), 2D U-Net.",
+                         {"num_classes": 1 + len(LAT_STRUCTURES), "base": 12, "depth": 3}),
     TISSUE_MODEL: Spec(TISSUE_MODEL, "xray-tissue-xnet", "segmentation", TISSUES,
                        SEGMENTER_SIZE, "Radiograph tissue segmentation (bone, soft tissue, "
                        "open beam), XNet-style.", {"num_classes": len(TISSUES), "base": 12}),
@@ -234,47 +240,60 @@ def load_segmentation_folders(root: Path, split: str, spec: Spec) -> ImageSet:
     image_dir, mask_dir = folder / "images", folder / "masks"
     if not image_dir.is_dir() or not mask_dir.is_dir():
         raise DatasetError(f"{folder}: segmentation data needs 'images/' and 'masks/' folders")
+    structures = _structure_keys(spec)
     images: list[np.ndarray] = []
-    targets: list[np.ndarray] = []
-    exclusive = spec.name == TISSUE_MODEL
+    sources: list[np.ndarray] = []
     for path in _images_in(image_dir):
         pixels = read_image_file(path)
         label_file = mask_dir / f"{path.stem}.png"
         if label_file.is_file():
             label = _read_mask_file(label_file)
-            if label.max() > len(spec.labels):
+            if label.max() > len(structures):
                 raise DatasetError(f"{label_file}: label value {label.max()} > "
-                                   f"{len(spec.labels)} structures {list(spec.labels)}")
-            masks = np.stack([label == k + 1 for k in range(len(spec.labels))])
+                                   f"{len(structures)} structures {list(structures)}")
         else:
-            per = [mask_dir / name / f"{path.stem}.png" for name in spec.labels]
+            per = [mask_dir / name / f"{path.stem}.png" for name in structures]
             missing = [str(p) for p in per if not p.is_file()]
             if missing:
                 raise DatasetError(f"no mask for {path.name}: expected {label_file} or "
                                    f"{', '.join(missing)}")
-            masks = np.stack([_read_mask_file(p) > 0 for p in per])
-        if masks.shape[1:] != pixels.shape:
-            raise DatasetError(f"{path.name}: mask shape {masks.shape[1:]} != image shape "
+            label = np.zeros(pixels.shape, dtype=np.int64)
+            for k, mask_path in enumerate(per):  # later structures win where masks overlap
+                label[_read_mask_file(mask_path) > 0] = k + 1
+        if label.shape != pixels.shape:
+            raise DatasetError(f"{path.name}: mask shape {label.shape} != image shape "
                                f"{pixels.shape}")
         images.append(prepare_radiograph(pixels, spec.size))
-        targets.append(_masks_to_target(masks, spec.size, exclusive))
+        sources.append(_structure_labels_to_classes(label, spec))
     if not images:
         raise DatasetError(f"{image_dir}: no images ({IMAGE_SUFFIXES})")
-    return ImageSet(np.stack(images)[:, None], np.stack(targets))
+    return _segmentation_set(spec, images, sources)
 
 
-def _masks_to_target(masks: np.ndarray, size: tuple[int, int], exclusive: bool) -> np.ndarray:
-    """Binary masks ``(K, rows, cols)`` at source size -> training target at model size.
+def _structure_keys(spec: Spec) -> tuple[str, ...]:
+    return spec.labels[1:] if spec.labels[0] == "background" else spec.labels
 
-    Exclusive classes become a label map (``-1`` where no class is marked, ignored by the
-    loss); independent structures stay ``(K, H, W)`` float masks.
+
+def _structure_labels_to_classes(label: np.ndarray, spec: Spec) -> np.ndarray:
+    """Structure label values (0 none, k the k-th structure) -> model class indices.
+
+    With a background class they coincide; without one (tissue classes cover every
+    pixel), class = label - 1 and unlabelled pixels become -1 (ignored).
     """
-    small = resize_bilinear(masks.astype(np.float32), size)
-    if not exclusive:
-        return (small >= 0.5).astype(np.float32)
-    labels = np.argmax(small, axis=0).astype(np.int64)
-    labels[small.max(axis=0) < 0.5] = -1
-    return labels
+    label = label.astype(np.int64)
+    return label if spec.labels[0] == "background" else label - 1
+
+
+def resize_class_map(classes: np.ndarray, num_classes: int, size: tuple[int, int]) -> np.ndarray:
+    """Resize a class-index map (``-1`` ignored) by resizing its one-hot planes."""
+    planes = np.stack([classes == k for k in range(-1, num_classes)]).astype(np.float32)
+    return (np.argmax(resize_bilinear(planes, size), axis=0) - 1).astype(np.int64)
+
+
+def _segmentation_set(spec: Spec, images: Sequence[np.ndarray],
+                      sources: Sequence[np.ndarray]) -> ImageSet:
+    targets = np.stack([resize_class_map(c, len(spec.labels), spec.size) for c in sources])
+    return ImageSet(np.stack(images)[:, None], targets, source_targets=list(sources))
 
 
 # --------------------------------------------------------------------------- phantoms
@@ -282,30 +301,51 @@ def _masks_to_target(masks: np.ndarray, size: tuple[int, int], exclusive: bool) 
 
 @dataclass
 class PhantomViews:
-    """One phantom study as the X-ray recipes use it."""
+    """One phantom study as the X-ray recipes use it: DRRs, label maps, findings."""
 
-    ap: np.ndarray
+    ap: np.ndarray          # float32 bone-bright DRR
     lat: np.ndarray
-    ap_masks: np.ndarray   # (3, rows, cols) bool, AP_STRUCTURES order
-    lat_masks: np.ndarray  # (5, rows, cols) bool, LAT_STRUCTURES order
-    ap_tissue: np.ndarray  # (3, rows, cols) bool, TISSUES order
+    ap_structures: np.ndarray   # uint8, 0 none, k = AP_STRUCTURES[k - 1]
+    lat_structures: np.ndarray  # uint8, 0 none, k = LAT_STRUCTURES[k - 1]
+    ap_tissue: np.ndarray       # uint8, k = TISSUES[k - 1] (every pixel labelled)
     lat_tissue: np.ndarray
-    fracture: bool         # any vertebra fractured
-    dislocation: bool      # any vertebra dislocated
-    cspine_fracture: bool  # C1-C7 only
+    fracture: bool          # any vertebra fractured
+    dislocation: bool       # any vertebra dislocated
+    cspine_fracture: bool   # among C1-C7
     cspine_dislocation: bool
-    cspine_lat: np.ndarray | None = None  # LAT of the cervical region (None: use lat)
+
+
+def _relabel(label: np.ndarray, names: Mapping[int, str], order: Sequence[str]) -> np.ndarray:
+    """A phantom label map re-numbered to ``order`` (1-based) by structure key."""
+    out = np.zeros(label.shape, dtype=np.uint8)
+    for value, name in names.items():
+        if name in order:
+            out[label == value] = order.index(name) + 1
+    return out
 
 
 def phantom_views(seed: int) -> PhantomViews:
-    """Render phantom ``seed`` (AP and LAT DRRs, masks, labels)."""
+    """Render cervical phantom ``seed``: AP and LAT DRRs with quantum noise, truth maps."""
     from inference import phantoms
 
-    return phantoms_to_views(phantoms, seed)
-
-
-def phantoms_to_views(phantoms: Any, seed: int) -> PhantomViews:  # replaced once the API lands
-    raise NotImplementedError
+    phantom = phantoms.generate(seed, region="cervical")
+    rng = np.random.default_rng([seed, 7])
+    photons = float(rng.uniform(3e3, 3e4))
+    views = {view: phantom.radiograph(view, photons=photons, rng=rng) for view in ("AP", "LAT")}
+    ap, lat = views["AP"], views["LAT"]
+    if ap.structures is None or lat.structures is None:
+        raise RuntimeError("phantom radiographs came without structure maps")
+    return PhantomViews(
+        ap=ap.image, lat=lat.image,
+        ap_structures=_relabel(ap.structures, ap.structure_names, AP_STRUCTURES),
+        lat_structures=_relabel(lat.structures, lat.structure_names, LAT_STRUCTURES),
+        ap_tissue=_relabel(ap.tissue, ap.tissue_names, TISSUES),
+        lat_tissue=_relabel(lat.tissue, lat.tissue_names, TISSUES),
+        fracture=bool(phantom.fractured),
+        dislocation=bool(phantom.dislocated),
+        cspine_fracture=bool(phantom.fractures(phantoms.CERVICAL).any()),
+        cspine_dislocation=bool(phantom.dislocations(phantoms.CERVICAL).any()),
+    )
 
 
 def phantom_sets(spec: Spec, seeds: Sequence[int], progress: Progress | None = None) -> ImageSet:
@@ -323,7 +363,10 @@ def phantom_sets(spec: Spec, seeds: Sequence[int], progress: Progress | None = N
             targets.append(target)
         if progress is not None and task is not None:
             progress.advance(task)
-    return ImageSet(np.stack(images)[:, None], np.asarray(np.stack(targets)),
+    if spec.task == "segmentation":
+        return _segmentation_set(spec, images,
+                                 [_structure_labels_to_classes(t, spec) for t in targets])
+    return ImageSet(np.stack(images)[:, None], np.asarray(targets, dtype=np.int64),
                     np.stack(seconds)[:, None] if seconds else None)
 
 
@@ -339,7 +382,7 @@ def _cached_views(seed: int) -> PhantomViews:
 
 def _phantom_samples(spec: Spec, views: PhantomViews
                      ) -> Iterator[tuple[np.ndarray, np.ndarray | None, Any]]:
-    size = spec.size
+    """(image, second view or None, target) for ``spec`` from one phantom study."""
     if spec.name == PAIR_MODEL:
         yield views.ap, views.lat, int(views.fracture or views.dislocation)
     elif spec.name == FRACTURE_MODEL:
@@ -347,14 +390,14 @@ def _phantom_samples(spec: Spec, views: PhantomViews
         yield views.ap, None, int(views.fracture)
     elif spec.name == CSPINE_MODEL:
         label = 2 if views.cspine_dislocation else 1 if views.cspine_fracture else 0
-        yield (views.cspine_lat if views.cspine_lat is not None else views.lat), None, label
+        yield views.lat, None, label
     elif spec.name == UNET_AP_MODEL:
-        yield views.ap, None, _masks_to_target(views.ap_masks, size, exclusive=False)
+        yield views.ap, None, views.ap_structures
     elif spec.name == UNET_LAT_MODEL:
-        yield views.lat, None, _masks_to_target(views.lat_masks, size, exclusive=False)
+        yield views.lat, None, views.lat_structures
     elif spec.name == TISSUE_MODEL:
-        yield views.ap, None, _masks_to_target(views.ap_tissue, size, exclusive=True)
-        yield views.lat, None, _masks_to_target(views.lat_tissue, size, exclusive=True)
+        yield views.ap, None, views.ap_tissue
+        yield views.lat, None, views.lat_tissue
     else:
         raise KeyError(spec.name)
 
@@ -378,14 +421,16 @@ def _loss(spec: Spec, model: nn.Module, images: torch.Tensor, second: torch.Tens
         logits = model.logits(images, second) if second is not None else model.logits(images)
         return F.cross_entropy(logits, targets, weight=class_weights)
     logits = model.logits(images)
-    if spec.name == TISSUE_MODEL:
-        return F.cross_entropy(logits, targets, ignore_index=-1)
-    # Independent structures: BCE plus soft Dice, so thin structures are not ignored.
-    probabilities = torch.sigmoid(logits)
-    overlap = (probabilities * targets).sum(dim=(0, 2, 3))
-    total = probabilities.sum(dim=(0, 2, 3)) + targets.sum(dim=(0, 2, 3))
+    loss = F.cross_entropy(logits, targets, ignore_index=-1)
+    # Soft Dice over the labelled pixels, so small structures (pedicles) count as much as
+    # large ones.
+    probabilities = torch.softmax(logits, dim=1)
+    valid = (targets >= 0).unsqueeze(1).float()
+    one_hot = F.one_hot(targets.clamp(min=0), probabilities.shape[1]).permute(0, 3, 1, 2).float()
+    overlap = (probabilities * one_hot * valid).sum(dim=(0, 2, 3))
+    total = ((probabilities + one_hot) * valid).sum(dim=(0, 2, 3))
     dice = (2 * overlap + 1) / (total + 1)
-    return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean()
+    return loss + (1 - dice).mean()
 
 
 def train_model(spec: Spec, train: ImageSet, seed: int, steps: int | None = None,
@@ -486,7 +531,11 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 def evaluate(spec: Spec, onnx_path: Path, data: ImageSet) -> dict[str, float]:
-    """Held-out metrics of the exported model: AUC per class, or Dice per structure."""
+    """Held-out metrics of the exported model: AUC per class, or Dice per structure.
+
+    Dice is measured on each source image's own grid, after the class probabilities are
+    resized back the way the pipelines do it.
+    """
     outputs = onnx_predict(onnx_path, data)
     probabilities = outputs["probabilities"]
     metrics: dict[str, float] = {"samples": float(len(data))}
@@ -497,14 +546,18 @@ def evaluate(spec: Spec, onnx_path: Path, data: ImageSet) -> dict[str, float]:
         if len(spec.labels) > 2:
             metrics["auc_abnormal"] = roc_auc(1 - probabilities[:, 0], data.targets > 0)
         return metrics
-    if spec.name == TISSUE_MODEL:
-        predicted = probabilities.argmax(1)
-        for k, key in enumerate(spec.labels):
-            keep = data.targets >= 0
-            metrics[f"dice_{key}"] = dice((predicted == k) & keep, data.targets == k)
-    else:
-        for k, key in enumerate(spec.labels):
-            metrics[f"dice_{key}"] = dice(probabilities[:, k] >= 0.5, data.targets[:, k] >= 0.5)
+    first = 1 if spec.labels[0] == "background" else 0
+    overlap = np.zeros(len(spec.labels))
+    total = np.zeros(len(spec.labels))
+    for probability, truth in zip(probabilities, data.source_targets, strict=True):
+        predicted = np.argmax(resize_bilinear(probability, truth.shape), axis=0)
+        labelled = truth >= 0
+        for k in range(first, len(spec.labels)):
+            hit, real = (predicted == k) & labelled, truth == k
+            overlap[k] += (hit & real).sum()
+            total[k] += hit.sum() + real.sum()
+    for k in range(first, len(spec.labels)):
+        metrics[f"dice_{spec.labels[k]}"] = float(2 * overlap[k] / total[k]) if total[k] else 1.0
     metrics["dice_mean"] = float(np.mean([v for k, v in metrics.items() if k.startswith("dice_")]))
     return metrics
 
@@ -537,8 +590,7 @@ def write_card(spec: Spec, model: nn.Module, folder: Path, weights: dict[str, An
             "range": [0.0, 1.0],
             "photometric": "bone bright: MONOCHROME1 inverted, modality rescale applied",
             "resize": "block mean then bilinear (half-pixel centres)",
-            "activation": ("softmax" if spec.task == "classification" or spec.name == TISSUE_MODEL
-                           else "sigmoid per structure"),
+            "activation": "softmax",
         },
         "weights": weights,
         "intended_use": INTENDED_USE,
