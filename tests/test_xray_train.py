@@ -18,8 +18,8 @@ Image = pytest.importorskip("PIL.Image")
 
 from inference.card import ModelCard  # noqa: E402
 from inference.pipelines.xray import LAT_STRUCTURES  # noqa: E402
-from inference.train import get as get_recipe  # noqa: E402
-from inference.train import recipes  # noqa: E402
+from inference.train import RECIPES, TrainOptions  # noqa: E402
+from inference.train import run as run_recipe  # noqa: E402
 from inference.train.xray import (  # noqa: E402
     SPECS,
     DatasetError,
@@ -172,9 +172,33 @@ def test_missing_masks_are_reported(tmp_path: Path) -> None:
         load_segmentation_folders(root, "train", SPECS["xray-spine-unet-ap"])
 
 
-def test_recipes_registered() -> None:
-    assert set(recipes()) >= {"xray", *SPECS}
-    assert callable(get_recipe("xray-spine-unet-ap"))
+def test_recipes_registered_and_runnable(tmp_path: Path) -> None:
+    assert set(RECIPES) >= {"xray", *SPECS}
+    rng = np.random.default_rng(3)
+    root = tmp_path / "cspine"
+    for split in ("train", "val"):
+        for label in ("normal", "fracture", "dislocation"):
+            for i in range(3):
+                pixels = _spine_like(rng, label == "fracture")
+                if label == "dislocation":
+                    pixels[:30] = np.roll(pixels[:30], 4, axis=1)
+                _write_png(root / split / label / f"{i}.png", pixels)
+    out = tmp_path / "out"
+    summary = run_recipe("xray-cspine-classifier",
+                         TrainOptions(data=root, out=out,
+                                      epochs=1, threads=1, progress=False))
+    assert summary["cards"] == [str(out / "xray-cspine-classifier" / "model.yaml")]
+    assert "xray-cspine-classifier.auc_dislocation" in summary["metrics"]
+    assert (out / "xray-cspine-classifier" / "model.pt").is_file()
+
+
+def test_quick_phantom_recipe(tmp_path: Path) -> None:
+    summary = run_recipe("xray-spine-unet-lat",
+                         TrainOptions(out=tmp_path, quick=True, threads=1, progress=False))
+    card = ModelCard.load(tmp_path / "xray-spine-unet-lat")
+    assert card.trained_on.startswith("synthetic phantoms (spine-node inference.phantoms DRRs")
+    assert card.labels[0] == "background" and len(card.labels) == 6
+    assert "xray-spine-unet-lat.dice_mean" in summary["metrics"]
 
 
 def test_metric_helpers() -> None:

@@ -1,30 +1,36 @@
-"""Model architectures (torch), registered by family name.
+"""Torch model architectures, registered by name.
 
-Importing this package imports torch; the node never does. ``build(name, **kwargs)``
-makes a fresh (untrained) model of a registered family; families register themselves
-with :func:`register_architecture` when their module is imported.
+A model card's ``architecture`` entry (``{name: ..., kwargs: {...}}``) names one of these;
+the torch reference backend builds it with :func:`architecture` and loads ``model.pt``
+into it. Architecture modules register themselves with :func:`register` and are listed
+in ``_MODULES`` so they are imported on first use.
+
+Importing this package does not import torch; the architecture modules do.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+Factory = Callable[..., "nn.Module"]
+
+_REGISTRY: dict[str, Factory] = {}
 # Modules that register architectures when imported.
 _MODULES: tuple[str, ...] = ("inference.models.xray",)
 
 
-def register_architecture(name: str) -> Callable[[Any], Any]:
-    """Register a model class (or factory) under ``name``."""
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Register a module factory (a class or function returning ``nn.Module``) as ``name``."""
 
-    def decorate(factory: Any) -> Any:
-        if name in _ARCHITECTURES:
+    def decorate(factory: Factory) -> Factory:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"architecture {name!r} registered twice")
-        _ARCHITECTURES[name] = factory
+        _REGISTRY[name] = factory
         return factory
 
     return decorate
@@ -35,17 +41,18 @@ def _load_all() -> None:
         importlib.import_module(module)
 
 
-def architectures() -> list[str]:
+def names() -> list[str]:
+    """Registered architecture names."""
     _load_all()
-    return sorted(_ARCHITECTURES)
+    return sorted(_REGISTRY)
 
 
-def build(name: str, **kwargs: Any) -> nn.Module:
-    """A new model of family ``name``; ``kwargs`` go to its constructor."""
+def architecture(name: str, **kwargs: Any) -> nn.Module:
+    """Build the architecture registered as ``name`` with ``kwargs`` (untrained weights)."""
     _load_all()
     try:
-        factory = _ARCHITECTURES[name]
+        factory = _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown architecture {name!r}; known: "
-                       f"{', '.join(sorted(_ARCHITECTURES)) or 'none'}") from None
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise KeyError(f"unknown architecture {name!r}; known: {known}") from None
     return factory(**kwargs)

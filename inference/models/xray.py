@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.models import register_architecture
+from inference.models import register
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -65,7 +65,7 @@ class _Encoder(nn.Module):
         return self.body(x)
 
 
-@register_architecture("xray-pair-classifier")
+@register("xray-pair-classifier")
 class PairClassifier(nn.Module):
     """Damaged / normal spine from the AP and the LAT view of one study.
 
@@ -112,7 +112,7 @@ class DepthwiseSeparable(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
-@register_architecture("xray-fracture-mobilenet")
+@register("xray-fracture-mobilenet")
 class FractureMobileNet(nn.Module):
     """MobileNet-style fracture / normal classifier (depthwise-separable convolutions).
 
@@ -146,7 +146,7 @@ class FractureMobileNet(nn.Module):
         return torch.softmax(self.logits(image), dim=1)
 
 
-@register_architecture("xray-cspine-classifier")
+@register("xray-cspine-classifier")
 class CSpineCAMNet(nn.Module):
     """Cervical spine normal / fracture / dislocation with a class-activation saliency map.
 
@@ -189,7 +189,7 @@ class CSpineCAMNet(nn.Module):
         return probabilities, saliency / (peak + 1e-6)
 
 
-@register_architecture("xray-spine-unet")
+@register("xray-spine-unet")
 class UNet2D(nn.Module):
     """2D U-Net (Ronneberger et al. 2015), small; softmax over background + structures.
 
@@ -228,7 +228,7 @@ class UNet2D(nn.Module):
         return torch.softmax(self.logits(image), dim=1)
 
 
-@register_architecture("xray-tissue-xnet")
+@register("xray-tissue-xnet")
 class XNet(nn.Module):
     """XNet-style tissue segmenter (Bullock et al. 2019): two encoder-decoder passes.
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from torch import nn
 
 from engines import ENGINES_DIR
 from inference.card import ModelCard
-from inference.models import build
+from inference.models import architecture
 from inference.pipelines.xray import (
     AP_STRUCTURES,
     CSPINE_MODEL,
@@ -68,7 +68,7 @@ from inference.pipelines.xray import (
     read_radiograph,
     resize_bilinear,
 )
-from inference.train import register_recipe
+from inference.train import TrainOptions
 
 logger = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ def train_model(spec: Spec, train: ImageSet, seed: int, steps: int | None = None
     """Train a fresh ``spec`` model on ``train`` for ``steps`` mini-batches (AdamW, cosine)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build(spec.architecture, **spec.architecture_kwargs)
+    model = architecture(spec.architecture, **spec.architecture_kwargs)
     steps = steps or spec.steps
     optimiser = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec.learning_rate,
@@ -595,6 +595,8 @@ def write_card(spec: Spec, model: nn.Module, folder: Path, weights: dict[str, An
         "weights": weights,
         "intended_use": INTENDED_USE,
         "clinical_use": False,
+        # For the torch reference backend (with model.pt beside the ONNX).
+        "architecture": dict(weights["architecture"]),
     }, folder)
     card.save(folder)
     return card
@@ -605,7 +607,10 @@ def write_card(spec: Spec, model: nn.Module, folder: Path, weights: dict[str, An
 
 @dataclass(frozen=True)
 class Plan:
-    """How many phantoms and steps one run uses; the defaults make the demo weights."""
+    """How many phantoms and steps one run uses; the defaults make the demo weights.
+
+    ``steps`` None: the model's default; a negative value ``-e`` means ``e`` epochs.
+    """
 
     train_phantoms: int = 160
     heldout_phantoms: int = 60
@@ -614,16 +619,15 @@ class Plan:
     steps: int | None = None
 
 
-def _progress() -> Progress:
+def _progress(enabled: bool = True) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                    "{task.total}"), TimeRemainingColumn(), transient=False)
+                    "{task.total}"), TimeRemainingColumn(), disable=not enabled)
 
 
 def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None = None,
                  plan: Plan = Plan(), progress: Progress | None = None) -> ModelCard:
     """Train, export and evaluate one model; returns its card (written beside the ONNX)."""
     spec = SPECS[model_name]
-    torch.set_num_threads(1)
     folder = (out_dir or ENGINES_DIR) / spec.name
     started = time.monotonic()
     if data is None:
@@ -640,16 +644,21 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
         train, held = load(data, "train", spec), load(data, "val", spec)
         trained_on = f"folder dataset {data.name}/train ({len(train)} samples)"
         evaluated_on = f"folder dataset {data.name}/val"
-    model = train_model(spec, train, plan.seed, plan.steps, progress)
+    steps = plan.steps or spec.steps
+    if steps < 0:
+        steps = max(1, -steps * len(train) // spec.batch_size)
+    model = train_model(spec, train, plan.seed, steps, progress)
     onnx_path = folder / "model.onnx"
     export_onnx(model, spec, onnx_path)
+    torch.save(model.state_dict(), folder / "model.pt")
     metrics = evaluate(spec, onnx_path, held)
     weights = {
         "trained_on": trained_on,
         "recipe": f"spine-node train {spec.name}",
+        "architecture": {"name": spec.architecture, "kwargs": dict(spec.architecture_kwargs)},
         "seed": plan.seed,
         "train_samples": len(train),
-        "steps": plan.steps or spec.steps,
+        "steps": steps,
         "evaluated_on": evaluated_on,
         "metrics": {key: round(value, 4) for key, value in metrics.items()},
         "framework": f"torch {torch.__version__.split('+')[0]}",
@@ -660,36 +669,57 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
     return card
 
 
-def train_all(out_dir: Path | None = None, plan: Plan = Plan(),
-              names: Sequence[str] | None = None) -> list[ModelCard]:
-    """Regenerate the X-ray demo models (all six unless ``names``) on phantoms."""
-    cards = []
-    with _progress() as progress:
-        for name in names or list(SPECS):
-            cards.append(train_recipe(name, out_dir, None, plan, progress))
-    return cards
+def _plan(options: TrainOptions) -> Plan:
+    plan = Plan(seed=Plan.seed + 10_000 * options.seed)
+    if options.quick:
+        plan = Plan(train_phantoms=8, heldout_phantoms=6, seed=plan.seed, steps=4)
+    if options.epochs is not None:
+        # An epoch here is one pass over the training phantoms' samples.
+        plan = Plan(plan.train_phantoms, plan.heldout_phantoms, plan.seed, plan.heldout_seed,
+                    steps=-options.epochs)
+    return plan
 
 
-def _recipe(name: str) -> Callable[..., ModelCard]:
-    def run(out_dir: Path | None = None, data: Path | None = None, seed: int | None = None,
-            steps: int | None = None) -> ModelCard:
-        plan = Plan(seed=seed if seed is not None else Plan.seed, steps=steps)
-        with _progress() as progress:
-            return train_recipe(name, out_dir, data, plan, progress)
+def _run(names: Sequence[str], options: TrainOptions) -> dict[str, Any]:
+    torch.set_num_threads(max(1, options.threads))
+    plan = _plan(options)
+    started = time.monotonic()
+    cards: list[str] = []
+    metrics: dict[str, float] = {}
+    with _progress(options.progress) as progress:
+        for name in names:
+            card = train_recipe(name, Path(options.out), options.data, plan, progress)
+            cards.append(str(card.folder / "model.yaml"))
+            metrics.update({f"{name}.{k}": v for k, v in card.weights["metrics"].items()})
+    return {"cards": cards, "metrics": metrics, "seconds": round(time.monotonic() - started, 1)}
 
-    run.__doc__ = f"Train {name} ({SPECS[name].description})"
-    return run
+
+def run_all(options: TrainOptions) -> dict[str, Any]:
+    """``spine-node train xray``: all six X-ray demo models on phantoms."""
+    if options.data is not None:
+        raise DatasetError("'xray' trains every family on phantoms; give --data to one family")
+    return _run(list(SPECS), options)
 
 
-for _name in SPECS:
-    register_recipe(_name)(_recipe(_name))
+def run_pair(options: TrainOptions) -> dict[str, Any]:
+    return _run([PAIR_MODEL], options)
 
 
-@register_recipe("xray")
-def train_xray(out_dir: Path | None = None, data: Path | None = None, seed: int | None = None,
-         steps: int | None = None) -> list[ModelCard]:
-    """Regenerate all six X-ray demo models on phantoms."""
-    if data is not None:
-        raise DatasetError("'xray' trains every family on phantoms; pass --data to one family")
-    return train_all(out_dir, Plan(seed=seed if seed is not None else Plan.seed, steps=steps))
+def run_fracture(options: TrainOptions) -> dict[str, Any]:
+    return _run([FRACTURE_MODEL], options)
 
+
+def run_cspine(options: TrainOptions) -> dict[str, Any]:
+    return _run([CSPINE_MODEL], options)
+
+
+def run_unet_ap(options: TrainOptions) -> dict[str, Any]:
+    return _run([UNET_AP_MODEL], options)
+
+
+def run_unet_lat(options: TrainOptions) -> dict[str, Any]:
+    return _run([UNET_LAT_MODEL], options)
+
+
+def run_tissue(options: TrainOptions) -> dict[str, Any]:
+    return _run([TISSUE_MODEL], options)
