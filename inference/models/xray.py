@@ -70,25 +70,36 @@ class PairClassifier(nn.Module):
     """Damaged / normal spine from the AP and the LAT view of one study.
 
     Two separate CNN branches (AP and LAT anatomy differ), each globally pooled; the
-    concatenated features go through a small MLP. Class 0 normal, 1 damage.
+    concatenated features go through a small MLP. Class 0 normal, 1 damage. Each branch
+    also has a 1x1 "lesion map" head used only in training (deep supervision with where
+    the damaged vertebrae project), which the exported graph leaves out.
     """
 
     input_names = ("ap", "lat")
     output_names = ("probabilities",)
 
-    def __init__(self, widths: tuple[int, ...] = (8, 16, 32, 48), num_classes: int = 2) -> None:
+    def __init__(self, widths: tuple[int, ...] = (12, 24, 48), num_classes: int = 2) -> None:
         super().__init__()
         self.ap_branch = _Encoder(widths)
         self.lat_branch = _Encoder(widths)
+        self.ap_lesion = nn.Conv2d(widths[-1], 1, 1)
+        self.lat_lesion = nn.Conv2d(widths[-1], 1, 1)
         features = 2 * 2 * widths[-1]
         self.head = nn.Sequential(
             nn.Linear(features, 32), nn.ReLU(inplace=True), nn.Dropout(0.2),
             nn.Linear(32, num_classes),
         )
 
+    def training_outputs(self, ap: torch.Tensor, lat: torch.Tensor
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Class logits and the per-view lesion-map logits (stride 8)."""
+        ap_features, lat_features = self.ap_branch(ap), self.lat_branch(lat)
+        logits = self.head(torch.cat([_pool_avg_max(ap_features),
+                                      _pool_avg_max(lat_features)], dim=1))
+        return logits, (self.ap_lesion(ap_features), self.lat_lesion(lat_features))
+
     def logits(self, ap: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([_pool_avg_max(self.ap_branch(ap)),
-                                    _pool_avg_max(self.lat_branch(lat))], dim=1))
+        return self.training_outputs(ap, lat)[0]
 
     def forward(self, ap: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(ap, lat), dim=1)
@@ -116,7 +127,8 @@ class DepthwiseSeparable(nn.Module):
 class FractureMobileNet(nn.Module):
     """MobileNet-style fracture / normal classifier (depthwise-separable convolutions).
 
-    Class 0 normal, 1 fracture.
+    Class 0 normal, 1 fracture. A 1x1 lesion-map head on the last features (stride 8)
+    is trained to mark the fractured vertebrae and left out of the exported graph.
     """
 
     input_names = ("image",)
@@ -124,7 +136,7 @@ class FractureMobileNet(nn.Module):
 
     #: (output channels, stride) of each depthwise-separable block after the stem.
     BLOCKS: tuple[tuple[int, int], ...] = ((24, 1), (32, 2), (32, 1), (64, 2), (64, 1),
-                                           (96, 2), (96, 1))
+                                           (96, 1), (96, 1))
 
     def __init__(self, stem: int = 16, num_classes: int = 2) -> None:
         super().__init__()
@@ -136,11 +148,18 @@ class FractureMobileNet(nn.Module):
             layers.append(DepthwiseSeparable(cin, cout, stride))
             cin = cout
         self.features = nn.Sequential(*layers)
+        self.lesion = nn.Conv2d(cin, 1, 1)
         self.dropout = nn.Dropout(0.2)
         self.classifier = nn.Linear(2 * cin, num_classes)
 
+    def training_outputs(self, image: torch.Tensor
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        features = self.features(image)
+        return (self.classifier(self.dropout(_pool_avg_max(features))),
+                (self.lesion(features),))
+
     def logits(self, image: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(_pool_avg_max(self.features(image))))
+        return self.training_outputs(image)[0]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(image), dim=1)
@@ -150,30 +169,38 @@ class FractureMobileNet(nn.Module):
 class CSpineCAMNet(nn.Module):
     """Cervical spine normal / fracture / dislocation with a class-activation saliency map.
 
-    The classifier is a 1x1 convolution over the last feature map, so it yields one class
-    activation map (CAM, Zhou et al. 2016) per class; a class score is the pooled CAM
-    (mean + max, so one abnormal level is not averaged away). The exported graph returns
-    the probabilities and the saliency: the CAMs of the abnormal classes weighted by their
-    probabilities, rectified, upsampled to the input size and scaled to [0, 1] per image.
-    Classes: 0 normal, 1 fracture, 2 dislocation.
+    The classifier is a 1x1 convolution over the last feature map (stride 8), so it
+    yields one class activation map (CAM, Zhou et al. 2016) per class; a class score is
+    the pooled CAM (mean + max, so one abnormal level is not averaged away). In training
+    the abnormal CAMs are also supervised with where the fractured / dislocated vertebrae
+    project. The exported graph returns the probabilities and the saliency: the CAMs of
+    the abnormal classes weighted by their probabilities, rectified, upsampled to the
+    input size and scaled to [0, 1] per image. Classes: 0 normal, 1 fracture,
+    2 dislocation.
     """
 
     input_names = ("image",)
     output_names = ("probabilities", "saliency")
 
-    def __init__(self, widths: tuple[int, ...] = (16, 24, 48, 64), num_classes: int = 3) -> None:
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), num_classes: int = 3) -> None:
         super().__init__()
         self.encoder = _Encoder(widths)
+        self.context = conv_bn_relu(self.encoder.out_channels, self.encoder.out_channels)
         self.dropout = nn.Dropout2d(0.1)
         self.cam_head = nn.Conv2d(self.encoder.out_channels, num_classes, 1)
 
     def class_maps(self, image: torch.Tensor) -> torch.Tensor:
         """Class activation maps ``(N, classes, h, w)`` at feature resolution."""
-        return self.cam_head(self.dropout(self.encoder(image)))
+        return self.cam_head(self.dropout(self.context(self.encoder(image))))
 
     @staticmethod
     def _scores(cams: torch.Tensor) -> torch.Tensor:
         return 0.5 * (cams.mean(dim=(2, 3)) + cams.amax(dim=(2, 3)))
+
+    def training_outputs(self, image: torch.Tensor
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        cams = self.class_maps(image)
+        return self._scores(cams), (cams[:, 1:],)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         return self._scores(self.class_maps(image))

@@ -77,8 +77,10 @@ INTENDED_USE = ("Demonstration of the spine-node pipeline only: weights trained 
                 "project's own code on synthetic phantoms. Not for clinical use; not a "
                 "medical device. Replace with a validated model trained on real data.")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
-CLASSIFIER_SIZE = (128, 128)
-SEGMENTER_SIZE = (128, 128)
+CLASSIFIER_SIZE = (80, 64)
+SEGMENTER_SIZE = (80, 64)
+#: Output stride of the classifiers' lesion-map heads.
+LESION_STRIDE = 8
 
 
 class DatasetError(ValueError):
@@ -99,6 +101,11 @@ class ImageSet:
     second: np.ndarray | None = None  # LAT images for the pair classifier
     #: Segmenters: class-index maps on each source image's own grid (for metrics).
     source_targets: list[np.ndarray] = field(default_factory=list)
+    #: Classifiers on phantoms: where the lesions project, one array per lesion-map output
+    #: of the model ``(N, C, H/8, W/8)`` in [0, 1], and a per-sample weight (0 where the
+    #: lesion has no projected body to point at, e.g. a C1 ring fracture).
+    lesion_maps: tuple[np.ndarray, ...] = ()
+    lesion_weight: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -313,6 +320,13 @@ class PhantomViews:
     dislocation: bool       # any vertebra dislocated
     cspine_fracture: bool   # among C1-C7
     cspine_dislocation: bool
+    #: Where the lesions project: float32 masks of the fractured vertebral bodies and of
+    #: the dislocated joint (the displaced vertebra and the one below), per view.
+    ap_fracture_map: np.ndarray
+    lat_fracture_map: np.ndarray
+    ap_dislocation_map: np.ndarray
+    lat_dislocation_map: np.ndarray
+    lesions_located: bool   # every lesion has projected body pixels
 
 
 def _relabel(label: np.ndarray, names: Mapping[int, str], order: Sequence[str]) -> np.ndarray:
@@ -333,8 +347,14 @@ def phantom_views(seed: int) -> PhantomViews:
     photons = float(rng.uniform(3e3, 3e4))
     views = {view: phantom.radiograph(view, photons=photons, rng=rng) for view in ("AP", "LAT")}
     ap, lat = views["AP"], views["LAT"]
-    if ap.structures is None or lat.structures is None:
-        raise RuntimeError("phantom radiographs came without structure maps")
+    if ap.structures is None or lat.structures is None or ap.levels is None or lat.levels is None:
+        raise RuntimeError("phantom radiographs came without structure or level maps")
+    order = list(phantom.vertebrae)
+    fractured = [v.label for v in order if v.fractured]
+    dislocated = [w.label for i, v in enumerate(order) if v.dislocation
+                  for w in order[i:i + 2]]
+    located = all((ap.levels == label).any() and (lat.levels == label).any()
+                  for label in fractured + dislocated)
     return PhantomViews(
         ap=ap.image, lat=lat.image,
         ap_structures=_relabel(ap.structures, ap.structure_names, AP_STRUCTURES),
@@ -345,6 +365,11 @@ def phantom_views(seed: int) -> PhantomViews:
         dislocation=bool(phantom.dislocated),
         cspine_fracture=bool(phantom.fractures(phantoms.CERVICAL).any()),
         cspine_dislocation=bool(phantom.dislocations(phantoms.CERVICAL).any()),
+        ap_fracture_map=np.isin(ap.levels, fractured).astype(np.float32),
+        lat_fracture_map=np.isin(lat.levels, fractured).astype(np.float32),
+        ap_dislocation_map=np.isin(ap.levels, dislocated).astype(np.float32),
+        lat_dislocation_map=np.isin(lat.levels, dislocated).astype(np.float32),
+        lesions_located=bool(located),
     )
 
 
@@ -353,21 +378,39 @@ def phantom_sets(spec: Spec, seeds: Sequence[int], progress: Progress | None = N
     images: list[np.ndarray] = []
     seconds: list[np.ndarray] = []
     targets: list[Any] = []
+    lesions: list[tuple[np.ndarray, ...]] = []
+    weights: list[float] = []
+    feature_size = (spec.size[0] // LESION_STRIDE, spec.size[1] // LESION_STRIDE)
     task = progress.add_task(f"{spec.name}: phantoms", total=len(seeds)) if progress else None
     for seed in seeds:
         views = _cached_views(seed)
-        for image, second, target in _phantom_samples(spec, views):
-            images.append(prepare_radiograph(image, spec.size))
-            if second is not None:
-                seconds.append(prepare_radiograph(second, spec.size))
-            targets.append(target)
+        for sample in _phantom_samples(spec, views):
+            images.append(prepare_radiograph(sample.image, spec.size))
+            if sample.second is not None:
+                seconds.append(prepare_radiograph(sample.second, spec.size))
+            targets.append(sample.target)
+            if sample.lesions:
+                lesions.append(tuple(resize_bilinear(np.stack(maps), feature_size)
+                                     for maps in sample.lesions))
+                weights.append(1.0 if views.lesions_located else 0.0)
         if progress is not None and task is not None:
             progress.advance(task)
     if spec.task == "segmentation":
         return _segmentation_set(spec, images,
                                  [_structure_labels_to_classes(t, spec) for t in targets])
     return ImageSet(np.stack(images)[:, None], np.asarray(targets, dtype=np.int64),
-                    np.stack(seconds)[:, None] if seconds else None)
+                    np.stack(seconds)[:, None] if seconds else None,
+                    lesion_maps=tuple(np.stack(group) for group in zip(*lesions, strict=True)),
+                    lesion_weight=np.asarray(weights, np.float32) if weights else None)
+
+
+@dataclass
+class _Sample:
+    image: np.ndarray
+    second: np.ndarray | None
+    target: Any
+    #: One tuple of lesion masks (source size) per lesion-map output of the model.
+    lesions: tuple[tuple[np.ndarray, ...], ...] = ()
 
 
 _VIEW_CACHE: dict[int, PhantomViews] = {}
@@ -380,24 +423,27 @@ def _cached_views(seed: int) -> PhantomViews:
     return _VIEW_CACHE[seed]
 
 
-def _phantom_samples(spec: Spec, views: PhantomViews
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray | None, Any]]:
-    """(image, second view or None, target) for ``spec`` from one phantom study."""
+def _phantom_samples(spec: Spec, views: PhantomViews) -> Iterator[_Sample]:
+    """The training samples of ``spec`` in one phantom study."""
     if spec.name == PAIR_MODEL:
-        yield views.ap, views.lat, int(views.fracture or views.dislocation)
+        damage_ap = np.maximum(views.ap_fracture_map, views.ap_dislocation_map)
+        damage_lat = np.maximum(views.lat_fracture_map, views.lat_dislocation_map)
+        yield _Sample(views.ap, views.lat, int(views.fracture or views.dislocation),
+                      ((damage_ap,), (damage_lat,)))
     elif spec.name == FRACTURE_MODEL:
-        yield views.lat, None, int(views.fracture)
-        yield views.ap, None, int(views.fracture)
+        yield _Sample(views.lat, None, int(views.fracture), ((views.lat_fracture_map,),))
+        yield _Sample(views.ap, None, int(views.fracture), ((views.ap_fracture_map,),))
     elif spec.name == CSPINE_MODEL:
         label = 2 if views.cspine_dislocation else 1 if views.cspine_fracture else 0
-        yield views.lat, None, label
+        yield _Sample(views.lat, None, label,
+                      ((views.lat_fracture_map, views.lat_dislocation_map),))
     elif spec.name == UNET_AP_MODEL:
-        yield views.ap, None, views.ap_structures
+        yield _Sample(views.ap, None, views.ap_structures)
     elif spec.name == UNET_LAT_MODEL:
-        yield views.lat, None, views.lat_structures
+        yield _Sample(views.lat, None, views.lat_structures)
     elif spec.name == TISSUE_MODEL:
-        yield views.ap, None, views.ap_tissue
-        yield views.lat, None, views.lat_tissue
+        yield _Sample(views.ap, None, views.ap_tissue)
+        yield _Sample(views.lat, None, views.lat_tissue)
     else:
         raise KeyError(spec.name)
 
@@ -416,10 +462,20 @@ def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _loss(spec: Spec, model: nn.Module, images: torch.Tensor, second: torch.Tensor | None,
-          targets: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
+          targets: torch.Tensor, class_weights: torch.Tensor | None,
+          lesions: Sequence[torch.Tensor] = (), lesion_weight: torch.Tensor | None = None
+          ) -> torch.Tensor:
     if spec.task == "classification":
-        logits = model.logits(images, second) if second is not None else model.logits(images)
-        return F.cross_entropy(logits, targets, weight=class_weights)
+        inputs = (images, second) if second is not None else (images,)
+        logits, maps = model.training_outputs(*inputs)
+        loss = F.cross_entropy(logits, targets, weight=class_weights)
+        if lesions and lesion_weight is not None and lesion_weight.sum() > 0:
+            # Deep supervision: the lesion-map heads learn where the lesions project.
+            for predicted, truth in zip(maps, lesions, strict=True):
+                per_sample = F.binary_cross_entropy_with_logits(
+                    predicted, truth, reduction="none").mean(dim=(1, 2, 3))
+                loss = loss + (per_sample * lesion_weight).sum() / lesion_weight.sum()
+        return loss
     logits = model.logits(images)
     loss = F.cross_entropy(logits, targets, ignore_index=-1)
     # Soft Dice over the labelled pixels, so small structures (pedicles) count as much as
@@ -446,6 +502,9 @@ def train_model(spec: Spec, train: ImageSet, seed: int, steps: int | None = None
     images = torch.from_numpy(train.images)
     second = torch.from_numpy(train.second) if train.second is not None else None
     targets = torch.from_numpy(train.targets)
+    lesions = [torch.from_numpy(maps) for maps in train.lesion_maps]
+    lesion_weight = (torch.from_numpy(train.lesion_weight) if train.lesion_weight is not None
+                     else None)
     class_weights = None
     if spec.task == "classification":
         counts = np.bincount(train.targets, minlength=len(spec.labels)).astype(np.float32)
@@ -457,7 +516,9 @@ def train_model(spec: Spec, train: ImageSet, seed: int, steps: int | None = None
                               generator=generator)
         batch = _augment(images[index], generator)
         batch_second = _augment(second[index], generator) if second is not None else None
-        loss = _loss(spec, model, batch, batch_second, targets[index], class_weights)
+        loss = _loss(spec, model, batch, batch_second, targets[index], class_weights,
+                     [maps[index] for maps in lesions],
+                     lesion_weight[index] if lesion_weight is not None else None)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
