@@ -42,12 +42,6 @@ def double_conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(conv_bn_relu(cin, cout), conv_bn_relu(cout, cout))
 
 
-def _pool_avg_max(features: torch.Tensor) -> torch.Tensor:
-    """Global average and max pooling, concatenated: max keeps a single abnormal vertebra
-    from being averaged away over a whole spine."""
-    return torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
-
-
 class _Encoder(nn.Module):
     """Plain strided CNN: ``widths[i]`` channels after the i-th halving."""
 
@@ -65,14 +59,20 @@ class _Encoder(nn.Module):
         return self.body(x)
 
 
+def _map_scores(maps: torch.Tensor) -> torch.Tensor:
+    """Class scores from class maps: mean + max pooled, so one abnormal level counts."""
+    return 0.5 * (maps.mean(dim=(2, 3)) + maps.amax(dim=(2, 3)))
+
+
 @register("xray-pair-classifier")
 class PairClassifier(nn.Module):
     """Damaged / normal spine from the AP and the LAT view of one study.
 
-    Two separate CNN branches (AP and LAT anatomy differ), each globally pooled; the
-    concatenated features go through a small MLP. Class 0 normal, 1 damage. Each branch
-    also has a 1x1 "lesion map" head used only in training (deep supervision with where
-    the damaged vertebrae project), which the exported graph leaves out.
+    Two separate CNN branches (AP and LAT anatomy differ). Each ends in a 1x1 conv giving
+    per-class evidence maps (stride 8); the study's class scores are the sum of both
+    views' pooled maps, so either view can carry the finding. In training the "damage"
+    maps are also supervised with where the damaged vertebrae project. Class 0 normal,
+    1 damage.
     """
 
     input_names = ("ap", "lat")
@@ -82,21 +82,15 @@ class PairClassifier(nn.Module):
         super().__init__()
         self.ap_branch = _Encoder(widths)
         self.lat_branch = _Encoder(widths)
-        self.ap_lesion = nn.Conv2d(widths[-1], 1, 1)
-        self.lat_lesion = nn.Conv2d(widths[-1], 1, 1)
-        features = 2 * 2 * widths[-1]
-        self.head = nn.Sequential(
-            nn.Linear(features, 32), nn.ReLU(inplace=True), nn.Dropout(0.2),
-            nn.Linear(32, num_classes),
-        )
+        self.ap_maps = nn.Conv2d(widths[-1], num_classes, 1)
+        self.lat_maps = nn.Conv2d(widths[-1], num_classes, 1)
 
     def training_outputs(self, ap: torch.Tensor, lat: torch.Tensor
                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Class logits and the per-view lesion-map logits (stride 8)."""
-        ap_features, lat_features = self.ap_branch(ap), self.lat_branch(lat)
-        logits = self.head(torch.cat([_pool_avg_max(ap_features),
-                                      _pool_avg_max(lat_features)], dim=1))
-        return logits, (self.ap_lesion(ap_features), self.lat_lesion(lat_features))
+        """Class logits and the per-view damage-map logits (stride 8)."""
+        ap_maps = self.ap_maps(self.ap_branch(ap))
+        lat_maps = self.lat_maps(self.lat_branch(lat))
+        return _map_scores(ap_maps) + _map_scores(lat_maps), (ap_maps[:, 1:], lat_maps[:, 1:])
 
     def logits(self, ap: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
         return self.training_outputs(ap, lat)[0]
@@ -127,16 +121,17 @@ class DepthwiseSeparable(nn.Module):
 class FractureMobileNet(nn.Module):
     """MobileNet-style fracture / normal classifier (depthwise-separable convolutions).
 
-    Class 0 normal, 1 fracture. A 1x1 lesion-map head on the last features (stride 8)
-    is trained to mark the fractured vertebrae and left out of the exported graph.
+    Class 0 normal, 1 fracture. The classifier is a 1x1 conv giving class evidence maps
+    on the last features (stride 8), pooled to scores; in training the fracture map is
+    also supervised with where the fractured vertebrae project.
     """
 
     input_names = ("image",)
     output_names = ("probabilities",)
 
     #: (output channels, stride) of each depthwise-separable block after the stem.
-    BLOCKS: tuple[tuple[int, int], ...] = ((24, 1), (32, 2), (32, 1), (64, 2), (64, 1),
-                                           (96, 1), (96, 1))
+    BLOCKS: tuple[tuple[int, int], ...] = ((32, 1), (48, 2), (48, 1), (96, 2), (96, 1),
+                                           (128, 1), (128, 1))
 
     def __init__(self, stem: int = 16, num_classes: int = 2) -> None:
         super().__init__()
@@ -148,15 +143,13 @@ class FractureMobileNet(nn.Module):
             layers.append(DepthwiseSeparable(cin, cout, stride))
             cin = cout
         self.features = nn.Sequential(*layers)
-        self.lesion = nn.Conv2d(cin, 1, 1)
-        self.dropout = nn.Dropout(0.2)
-        self.classifier = nn.Linear(2 * cin, num_classes)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(cin, num_classes, 1)
 
     def training_outputs(self, image: torch.Tensor
                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        features = self.features(image)
-        return (self.classifier(self.dropout(_pool_avg_max(features))),
-                (self.lesion(features),))
+        maps = self.classifier(self.dropout(self.features(image)))
+        return _map_scores(maps), (maps[:, 1:],)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         return self.training_outputs(image)[0]
@@ -193,21 +186,17 @@ class CSpineCAMNet(nn.Module):
         """Class activation maps ``(N, classes, h, w)`` at feature resolution."""
         return self.cam_head(self.dropout(self.context(self.encoder(image))))
 
-    @staticmethod
-    def _scores(cams: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (cams.mean(dim=(2, 3)) + cams.amax(dim=(2, 3)))
-
     def training_outputs(self, image: torch.Tensor
                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         cams = self.class_maps(image)
-        return self._scores(cams), (cams[:, 1:],)
+        return _map_scores(cams), (cams[:, 1:],)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
-        return self._scores(self.class_maps(image))
+        return _map_scores(self.class_maps(image))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cams = self.class_maps(image)
-        probabilities = torch.softmax(self._scores(cams), dim=1)
+        probabilities = torch.softmax(_map_scores(cams), dim=1)
         abnormal = probabilities[:, 1:, None, None] * cams[:, 1:]
         saliency = F.relu(abnormal.sum(dim=1, keepdim=True))
         saliency = F.interpolate(saliency, size=image.shape[2:], mode="bilinear",

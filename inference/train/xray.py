@@ -81,6 +81,8 @@ CLASSIFIER_SIZE = (80, 64)
 SEGMENTER_SIZE = (80, 64)
 #: Output stride of the classifiers' lesion-map heads.
 LESION_STRIDE = 8
+#: Lesions cover a few percent of a map; weigh their pixels up.
+LESION_POS_WEIGHT = 4.0
 
 
 class DatasetError(ValueError):
@@ -122,7 +124,7 @@ class Spec:
     size: tuple[int, int]
     description: str
     architecture_kwargs: dict[str, Any] = field(default_factory=dict)
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 16
     learning_rate: float = 3e-3
 
@@ -143,15 +145,18 @@ SPECS: dict[str, Spec] = {
                         ("background", *AP_STRUCTURES), SEGMENTER_SIZE,
                         "Spine AP radiograph segmentation (vertebral body, pedicle, spinous "
                         "process), 2D U-Net.",
-                        {"num_classes": 1 + len(AP_STRUCTURES), "base": 12, "depth": 3}),
+                        {"num_classes": 1 + len(AP_STRUCTURES), "base": 12, "depth": 3},
+                        steps=300),
     UNET_LAT_MODEL: Spec(UNET_LAT_MODEL, "xray-spine-unet", "segmentation",
                          ("background", *LAT_STRUCTURES), SEGMENTER_SIZE,
                          "Spine LAT radiograph segmentation (vertebral body, posterior "
                          "elements, disc, spinal canal, prevertebral soft tissue), 2D U-Net.",
-                         {"num_classes": 1 + len(LAT_STRUCTURES), "base": 12, "depth": 3}),
+                         {"num_classes": 1 + len(LAT_STRUCTURES), "base": 12, "depth": 3},
+                         steps=300),
     TISSUE_MODEL: Spec(TISSUE_MODEL, "xray-tissue-xnet", "segmentation", TISSUES,
                        SEGMENTER_SIZE, "Radiograph tissue segmentation (bone, soft tissue, "
-                       "open beam), XNet-style.", {"num_classes": len(TISSUES), "base": 12}),
+                       "open beam), XNet-style.", {"num_classes": len(TISSUES), "base": 12},
+                       steps=300),
 }
 
 
@@ -344,7 +349,7 @@ def phantom_views(seed: int) -> PhantomViews:
 
     phantom = phantoms.generate(seed, region="cervical")
     rng = np.random.default_rng([seed, 7])
-    photons = float(rng.uniform(3e3, 3e4))
+    photons = float(rng.uniform(1e4, 1e5))
     views = {view: phantom.radiograph(view, photons=photons, rng=rng) for view in ("AP", "LAT")}
     ap, lat = views["AP"], views["LAT"]
     if ap.structures is None or lat.structures is None or ap.levels is None or lat.levels is None:
@@ -473,7 +478,8 @@ def _loss(spec: Spec, model: nn.Module, images: torch.Tensor, second: torch.Tens
             # Deep supervision: the lesion-map heads learn where the lesions project.
             for predicted, truth in zip(maps, lesions, strict=True):
                 per_sample = F.binary_cross_entropy_with_logits(
-                    predicted, truth, reduction="none").mean(dim=(1, 2, 3))
+                    predicted, truth, reduction="none",
+                    pos_weight=torch.tensor(LESION_POS_WEIGHT)).mean(dim=(1, 2, 3))
                 loss = loss + (per_sample * lesion_weight).sum() / lesion_weight.sum()
         return loss
     logits = model.logits(images)
@@ -673,8 +679,8 @@ class Plan:
     ``steps`` None: the model's default; a negative value ``-e`` means ``e`` epochs.
     """
 
-    train_phantoms: int = 160
-    heldout_phantoms: int = 60
+    train_phantoms: int = 500
+    heldout_phantoms: int = 100
     seed: int = 20260523
     heldout_seed: int = 90000000
     steps: int | None = None
