@@ -32,6 +32,8 @@ from inference.train.xray import (  # noqa: E402
 )
 from tests.xray_dicom import write_test_radiograph  # noqa: E402
 
+torch.set_num_threads(1)  # the recipes' own setting; tests share a small CPU
+
 
 def _spine_like(rng: np.random.Generator, broken: bool, shape: tuple[int, int] = (60, 48)
                 ) -> np.ndarray:
@@ -81,7 +83,7 @@ def test_class_folders_read_png_and_dicom_alike(class_layout: Path) -> None:
 def test_fracture_recipe_on_folder_layout_exports_onnx_and_card(class_layout: Path,
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "engines"
-    card = train_recipe("xray-fracture-mobilenet", out, class_layout, Plan(steps=40))
+    card = train_recipe("xray-fracture-mobilenet", out, class_layout, Plan(steps=10))
     loaded = ModelCard.load(out / "xray-fracture-mobilenet")
     assert loaded == card
     assert loaded.clinical_use is False
@@ -89,8 +91,9 @@ def test_fracture_recipe_on_folder_layout_exports_onnx_and_card(class_layout: Pa
     assert loaded.trained_on.startswith("folder dataset fractures/train")
     assert set(loaded.weights["metrics"]) >= {"auc_fracture", "accuracy"}
     session = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
+    shape = loaded.inputs[0].shape[1:]
     for batch in (1, 3):  # dynamic batch
-        (probabilities,) = session.run(None, {"image": np.zeros((batch, 1, 128, 128), np.float32)})
+        (probabilities,) = session.run(None, {"image": np.zeros((batch, *shape), np.float32)})
         assert probabilities.shape == (batch, 2)
         np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-5)
 
@@ -106,7 +109,7 @@ def test_pair_layout_needs_both_views(tmp_path: Path) -> None:
                 _write_png(folder / "lat.jpg", _spine_like(rng, label == "damaged"))
     spec = SPECS["xray-pair-classifier"]
     data = load_class_folders(root, "train", spec)
-    assert data.second is not None and data.second.shape == data.images.shape == (4, 1, 128, 128)
+    assert data.second is not None and data.second.shape == data.images.shape == (4, 1, *spec.size)
     card = train_recipe("xray-pair-classifier", tmp_path / "out", root, Plan(steps=3))
     assert [t.name for t in card.inputs] == ["ap", "lat"]
     (root / "train" / "normal" / "study0" / "lat.jpg").unlink()
@@ -146,8 +149,8 @@ def test_segmentation_layouts(tmp_path: Path, per_structure: bool) -> None:
     _segmentation_layout(root, per_structure, structures=5)
     spec = SPECS["xray-spine-unet-lat"]
     data = load_segmentation_folders(root, "train", spec)
-    assert data.images.shape == (4, 1, 128, 128)
-    assert data.targets.shape == (4, 128, 128)
+    assert data.images.shape == (4, 1, *spec.size)
+    assert data.targets.shape == (4, *spec.size)
     assert set(np.unique(data.targets).tolist()) == {0, 1, 2, 3, 4, 5}
     assert [t.shape for t in data.source_targets] == [(64, 56)] * 4
 
@@ -157,7 +160,7 @@ def test_tissue_recipe_on_label_masks(tmp_path: Path) -> None:
     _segmentation_layout(root, per_structure=False, structures=3)
     card = train_recipe("xray-tissue-xnet", tmp_path / "out", root, Plan(steps=2))
     assert card.labels == {0: "bone", 1: "soft_tissue", 2: "open_beam"}
-    assert card.outputs[0].shape == (-1, 3, 128, 128)
+    assert card.outputs[0].shape == (-1, 3, *SPECS["xray-tissue-xnet"].size)
     # Label 0 in a tissue mask means "not labelled" (tissue classes cover every pixel).
     data = load_segmentation_folders(root, "train", SPECS["xray-tissue-xnet"])
     assert data.targets.min() == -1 and data.targets.max() == 2
