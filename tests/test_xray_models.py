@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")  # the phantom views come from the training module
 pytest.importorskip("scipy")  # the phantoms need it
 
 from engines import ENGINES_DIR  # noqa: E402
