@@ -141,3 +141,26 @@ def test_tissue_xnet_dice(studies: list[PhantomViews], models: OrtModels) -> Non
     print(f"{name}: Dice {dice} mean {mean:.3f}")
     assert mean >= 0.85
     assert min(dice.values()) >= 0.85
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_matches_the_torch_weights(studies: list[PhantomViews], models: OrtModels,
+                                        name: str) -> None:
+    """The exported graph is the trained model: same outputs as model.pt in torch."""
+    import torch
+
+    from inference.models import architecture
+
+    card = models(name).card
+    module = architecture(card.weights["architecture"]["name"],
+                          **card.weights["architecture"]["kwargs"])
+    module.load_state_dict(torch.load(card.folder / "model.pt", weights_only=True))
+    module.eval()
+    feed = {spec.name: _batch(models, name, [s.lat for s in studies[:4]])
+            for spec in card.inputs}
+    expected = models(name).infer(feed)
+    with torch.no_grad():
+        got = module(*[torch.from_numpy(feed[spec.name]) for spec in card.inputs])
+    got = got if isinstance(got, tuple) else (got,)
+    for spec, value in zip(card.outputs, got, strict=True):
+        np.testing.assert_allclose(value.numpy(), expected[spec.name], atol=1e-4)
