@@ -648,9 +648,8 @@ def limitations_note(spec: Spec, metrics: dict[str, float]) -> str:
         bar = f"Dice {DICE_BAR}"
     if not missed:
         return ""
-    shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(missed.items()))
-    return (f"Below the project's bar ({bar}) on held-out phantoms: {shown}. Do not rely on "
-            "these outputs even for demonstrations of accuracy.")
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(missed.items()))
+    return f"Below the project's bar ({bar}) on held-out phantoms: {shown}."
 
 
 def write_card(spec: Spec, model: nn.Module, folder: Path, weights: dict[str, Any]) -> ModelCard:
