@@ -30,8 +30,9 @@ Pass ``data=<root>`` to train on a real dataset laid out like the seed projects'
 Greyscale images are read bone-bright; DICOM files go through the same reader as the
 pipelines (MONOCHROME1 inverted, rescale applied).
 
-Run ``spine-node train xray`` to regenerate all six demo models (minutes on two CPU
-cores), or ``spine-node train <model-name>`` for one.
+Run ``spine-node train xray --threads 1`` to regenerate all six demo models (about 20
+minutes on a busy two-core CPU, most of it the three segmenters), or
+``spine-node train <model-name>`` for one.
 """
 
 from __future__ import annotations
