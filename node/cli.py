@@ -706,6 +706,54 @@ def dispatch_retry(dispatch_id: int = typer.Argument(..., help="Dispatch id.")) 
     console.print(f"dispatch {row.id} to {row.destination} is pending again")
 
 
+# --------------------------------------------------------------------------- train
+# One command per family in inference.train.RECIPES (torch-free registry); the recipe
+# module, which imports torch, is imported only when the command runs.
+train_app = typer.Typer(help="Train a model family and export it into the model repository.",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _train_command(family: str) -> None:
+    from inference.train import TrainOptions
+
+    def command(
+        data: Annotated[Path | None, typer.Option(
+            "--data", help="Public dataset root in the family's layout (default: phantoms).",
+            exists=True, file_okay=False)] = None,
+        epochs: Annotated[int | None, typer.Option(
+            "--epochs", min=1, help="Passes over the data (default: the recipe's).")] = None,
+        out: Annotated[Path | None, typer.Option(
+            "--out", help="Model repository to write model.yaml + model.onnx into "
+            "(default: the package's engines/).", file_okay=False)] = None,
+        seed: Annotated[int, typer.Option("--seed", min=0, help="Training seed.")] = 0,
+        threads: Annotated[int, typer.Option(
+            "--threads", min=1, help="CPU threads for torch.")] = 2,
+    ) -> None:
+        from inference.train import run
+
+        options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads)
+        if out is not None:
+            options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, out=out)
+        summary = run(family, options)
+        for card in summary.get("cards", []):
+            console.print(f"wrote {card}")
+        for key, value in summary.get("metrics", {}).items():
+            console.print(f"{key}: {value}")
+
+    return command
+
+
+def _register_train_commands() -> None:
+    from inference.train import RECIPES
+
+    for family, recipe in sorted(RECIPES.items()):
+        train_app.command(family, help=recipe.help)(_train_command(family))
+
+
+_register_train_commands()
+
+
 def main() -> None:
     try:
         app()

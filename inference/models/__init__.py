@@ -21,7 +21,7 @@ Factory = Callable[..., "nn.Module"]
 
 _REGISTRY: dict[str, Factory] = {}
 # Modules that register architectures when imported.
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = ("inference.models.ct", "inference.models.xray")
 
 
 def register(name: str) -> Callable[[Factory], Factory]:

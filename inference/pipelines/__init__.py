@@ -28,7 +28,7 @@ class Pipeline(Protocol):
 
 _REGISTRY: dict[str, Callable[[], Pipeline]] = {}
 # Modules that register pipelines when imported.
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = ("inference.pipelines.ct_cspine", "inference.pipelines.xray")
 
 
 def register(name: str) -> Callable[[Callable[[], Pipeline]], Callable[[], Pipeline]]:

@@ -1,0 +1,1176 @@
+"""Synthetic spine phantoms: CT volumes in Hounsfield units, radiographs, DICOM writers.
+
+The project trains its demo weights on these phantoms, because no spine images can be
+shipped. A phantom is drawn from a seed, so every volume, label and DICOM UID is
+reproducible. Anatomy is built from simple solids (elliptic cylinders, capsules,
+ellipsoids) placed along a curved spine and rasterised in each vertebra's own frame:
+
+* vertebral bodies with a cortical shell and a cancellous core, concave end plates;
+* posterior elements: pedicles, laminae, spinous and transverse processes; C1 is a ring
+  (anterior arch, lateral masses, posterior arch) without a body, C2 carries the dens;
+* intervertebral discs, the spinal canal (CSF and cord), prevertebral soft tissue, the
+  airway, neck or trunk soft tissue with a fat layer, air around the patient;
+* variation: size, lordosis/kyphosis curve, small rotations, tissue densities, noise;
+* per-vertebra findings: a fracture (a crack plane through the bone, or a compression
+  wedge with anterior height loss) and a dislocation (translation of a vertebra and every
+  vertebra above it).
+
+Array axes are ``(z, y, x)``: ``z`` runs from head to feet (slice 0 is the most superior),
+``y`` from anterior to posterior and ``x`` from the patient's right to left, so the
+arrays map onto DICOM patient coordinates (LPS) with axial slices of orientation
+``[1, 0, 0, 0, 1, 0]``.
+
+Vertebra labels follow the RSNA 2022 cervical spine segmentations: C1..C7 are 1..7,
+T1..T12 are 8..19 and L1..L5 are 20..24; 0 is everything else.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+log = logging.getLogger(__name__)
+
+LEVELS: tuple[str, ...] = (
+    *(f"C{i}" for i in range(1, 8)),
+    *(f"T{i}" for i in range(1, 13)),
+    *(f"L{i}" for i in range(1, 6)),
+)
+#: Vertebra name -> voxel label (RSNA numbering).
+LEVEL_LABELS: dict[str, int] = {name: i + 1 for i, name in enumerate(LEVELS)}
+CERVICAL: tuple[str, ...] = LEVELS[:7]
+
+REGIONS: dict[str, tuple[str, ...]] = {
+    "cervical": CERVICAL,
+    "thoracic": LEVELS[7:19],
+    "lumbar": LEVELS[19:],
+    "thoracolumbar": LEVELS[16:],  # T10..L5
+    "spine": LEVELS,
+}
+
+#: 3-D structure codes in :attr:`Phantom.structures`.
+STRUCTURES: dict[int, str] = {
+    1: "vertebral_body",
+    2: "pedicle",
+    3: "lamina",
+    4: "spinous_process",
+    5: "transverse_process",
+    6: "intervertebral_disc",
+    7: "spinal_canal",
+    8: "prevertebral_soft_tissue",
+    9: "c1_anterior_arch",
+    10: "dens",
+    11: "c1_lateral_mass",
+    12: "c1_posterior_arch",
+    13: "other_bone",
+}
+_BONE_CODES = (1, 2, 3, 4, 5, 9, 10, 11, 12, 13)
+
+#: Radiograph structure maps: view -> label value -> structure key (encoder keys).
+AP_STRUCTURES: dict[int, str] = {1: "vertebral_body", 2: "pedicle", 3: "spinous_process"}
+LAT_STRUCTURES: dict[int, str] = {
+    1: "vertebral_body",
+    2: "posterior_elements",
+    3: "intervertebral_disc",
+    4: "spinal_canal",
+    5: "prevertebral_soft_tissue",
+}
+TISSUES: dict[int, str] = {1: "bone", 2: "soft_tissue", 3: "open_beam"}
+
+# Which 3-D codes make up each 2-D structure, and the order they are painted in
+# (later wins where projections overlap).
+_AP_SOURCES: tuple[tuple[int, tuple[int, ...]], ...] = (
+    (1, (1, 10)),
+    (3, (4,)),
+    (2, (2,)),
+)
+_LAT_SOURCES: tuple[tuple[int, tuple[int, ...]], ...] = (
+    (5, (8,)),
+    (2, (2, 3, 4, 5, 11, 12)),
+    (4, (7,)),
+    (3, (6,)),
+    (1, (1, 10)),
+)
+
+FRACTURE_KINDS = ("crack", "wedge")
+_CHUNK_VOXELS = 400_000  # local coordinates computed per slab of at most this many voxels
+MU_WATER_PER_MM = 0.02  # linear attenuation of water near 70 keV effective energy
+
+
+# --------------------------------------------------------------------------- anatomy
+
+
+@dataclass(frozen=True)
+class _LevelShape:
+    """Sizes (mm) of one vertebra type; half-widths unless named otherwise."""
+
+    a: float  # body half-width (lateral)
+    b: float  # body half-depth (antero-posterior)
+    h: float  # body height
+    canal_w: float  # canal half-width
+    canal_d: float  # canal half-depth
+    pedicle_len: float
+    lamina_len: float
+    spinous_len: float
+    spinous_drop: float  # how far the spinous tip sits below its base
+    transverse_len: float
+    pedicle_r: float
+    disc: float  # height of the disc below this vertebra
+    prevertebral: float  # prevertebral soft tissue thickness
+
+
+def _interp(lo: float, hi: float, t: float) -> float:
+    return lo + (hi - lo) * t
+
+
+def _level_shape(name: str) -> _LevelShape:
+    kind, number = name[0], int(name[1:])
+    if kind == "C":
+        t = (number - 2) / 5.0 if number >= 2 else 0.0
+        return _LevelShape(
+            a=_interp(8.5, 11.5, t), b=_interp(7.5, 8.5, t), h=16.0 if number == 2 else
+            _interp(12.5, 14.0, t), canal_w=_interp(11.5, 11.0, t), canal_d=7.0,
+            pedicle_len=5.5, lamina_len=9.0, spinous_len=_interp(11.0, 22.0, t) if number > 2
+            else 14.0, spinous_drop=_interp(2.0, 6.0, t), transverse_len=_interp(7.0, 10.0, t),
+            pedicle_r=2.6, disc=_interp(4.5, 5.5, t),
+            prevertebral=4.0 if number <= 4 else _interp(8.0, 13.0, (number - 5) / 2.0),
+        )
+    if kind == "T":
+        t = (number - 1) / 11.0
+        return _LevelShape(
+            a=_interp(12.5, 18.0, t), b=_interp(9.0, 14.5, t), h=_interp(15.5, 22.0, t),
+            canal_w=_interp(8.5, 9.5, t), canal_d=8.0, pedicle_len=_interp(7.0, 9.0, t),
+            lamina_len=11.0, spinous_len=_interp(24.0, 26.0, t),
+            spinous_drop=_interp(14.0, 8.0, t), transverse_len=_interp(20.0, 10.0, t),
+            pedicle_r=_interp(3.0, 4.0, t), disc=_interp(4.5, 7.0, t), prevertebral=6.0,
+        )
+    t = (number - 1) / 4.0
+    return _LevelShape(
+        a=_interp(20.0, 25.0, t), b=_interp(15.5, 17.5, t), h=_interp(24.5, 26.5, t),
+        canal_w=_interp(11.0, 12.5, t), canal_d=9.0, pedicle_len=9.0, lamina_len=12.0,
+        spinous_len=_interp(22.0, 20.0, t), spinous_drop=4.0, transverse_len=_interp(20.0, 24.0, t),
+        pedicle_r=_interp(4.5, 6.5, t), disc=_interp(9.0, 11.0, t), prevertebral=8.0,
+    )
+
+
+@dataclass(frozen=True)
+class Vertebra:
+    """Where one vertebra of a phantom lies and what happened to it."""
+
+    name: str
+    label: int
+    center_mm: tuple[float, float, float]  # (z, y, x) in array millimetres
+    fracture: str | None = None  # None, "crack" or "wedge"
+    dislocation: bool = False  # displaced (with all above it) over the vertebra below
+
+    @property
+    def fractured(self) -> bool:
+        return self.fracture is not None
+
+
+@dataclass
+class Phantom:
+    """A synthetic spine CT volume with its ground truth.
+
+    Attributes
+    ----------
+    hu:
+        ``(z, y, x)`` float32 volume in Hounsfield units.
+    spacing:
+        ``(z, y, x)`` voxel size in millimetres.
+    labels:
+        ``(z, y, x)`` uint8 vertebra labels (:data:`LEVEL_LABELS`), 0 elsewhere.
+    structures:
+        ``(z, y, x)`` uint8 structure codes (:data:`STRUCTURES`), 0 elsewhere.
+    vertebrae:
+        Every vertebra drawn (also partly visible ones), top to bottom.
+    """
+
+    seed: int
+    region: str
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    labels: np.ndarray
+    structures: np.ndarray
+    vertebrae: tuple[Vertebra, ...]
+    body_part: str = "CSPINE"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.hu.shape)  # type: ignore[return-value]
+
+    def vertebra(self, name: str) -> Vertebra:
+        for vertebra in self.vertebrae:
+            if vertebra.name == name:
+                return vertebra
+        raise KeyError(f"phantom has no vertebra {name!r}")
+
+    def fractures(self, names: Sequence[str] = CERVICAL) -> np.ndarray:
+        """0/1 fracture target per vertebra in ``names`` (absent vertebrae count as 0)."""
+        present = {v.name: v for v in self.vertebrae}
+        return np.array([int(n in present and present[n].fractured) for n in names], np.int64)
+
+    def dislocations(self, names: Sequence[str] = CERVICAL) -> np.ndarray:
+        present = {v.name: v for v in self.vertebrae}
+        return np.array([int(n in present and present[n].dislocation) for n in names], np.int64)
+
+    @property
+    def fractured(self) -> bool:
+        return any(v.fractured for v in self.vertebrae)
+
+    @property
+    def dislocated(self) -> bool:
+        return any(v.dislocation for v in self.vertebrae)
+
+    def radiograph(self, view: str, **kwargs: Any) -> Projection:
+        """A DRR of this phantom (``"AP"`` or ``"LAT"``) with its structure masks."""
+        return drr(self.hu, self.spacing, view, structures=self.structures,
+                   labels=self.labels, **kwargs)
+
+
+def _rot_x(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    # Axes are (x, y, z): a rotation in the y-z (sagittal) plane.
+    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+
+
+def _rot_y(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+def _rot_z(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+# Solids: each returns the signed depth inside (mm, > 0 inside) for local points q (N, 3)
+# given as columns u (lateral), v (antero-posterior, + posterior), w (+ inferior).
+
+
+def _capsule(q: np.ndarray, p0: Sequence[float], p1: Sequence[float], r: float) -> np.ndarray:
+    a0, a1, a2 = (float(x) for x in p0)
+    d0, d1, d2 = (float(y) - float(x) for x, y in zip(p0, p1, strict=True))
+    length2 = max(d0 * d0 + d1 * d1 + d2 * d2, 1e-9)
+    du, dv, dw = q[:, 0] - a0, q[:, 1] - a1, q[:, 2] - a2
+    t = np.clip((du * d0 + dv * d1 + dw * d2) / length2, 0.0, 1.0)
+    du -= t * d0
+    dv -= t * d1
+    dw -= t * d2
+    return r - np.sqrt(du * du + dv * dv + dw * dw)
+
+
+def _ellipsoid(q: np.ndarray, c: Sequence[float], semi: Sequence[float]) -> np.ndarray:
+    s = np.asarray(semi, dtype=np.float64)
+    rho = np.sqrt((((q - np.asarray(c)) / s) ** 2).sum(axis=1))
+    return (1.0 - rho) * float(s.min())
+
+
+def _elliptic_cylinder(q: np.ndarray, cu: float, cv: float, au: float, av: float,
+                       w0: float, w1: float) -> np.ndarray:
+    rho = np.sqrt(((q[:, 0] - cu) / au) ** 2 + ((q[:, 1] - cv) / av) ** 2)
+    radial = (1.0 - rho) * min(au, av)
+    vertical = np.minimum(q[:, 2] - w0, w1 - q[:, 2])
+    return np.minimum(radial, vertical)
+
+
+def _body(q: np.ndarray, a: float, b: float, h: float, concavity: float,
+          wedge_loss: float) -> np.ndarray:
+    rho2 = (q[:, 0] / a) ** 2 + (q[:, 1] / b) ** 2
+    radial = (1.0 - np.sqrt(rho2)) * min(a, b)
+    dish = concavity * np.clip(1.0 - rho2, 0.0, 1.0)
+    anterior = np.clip((1.0 - q[:, 1] / b) / 2.0, 0.0, 1.0)
+    top = -h / 2 + dish + wedge_loss * h * anterior
+    bottom = h / 2 - dish
+    return np.minimum(radial, np.minimum(q[:, 2] - top, bottom - q[:, 2]))
+
+
+@dataclass
+class _Placed:
+    name: str
+    label: int
+    shape: _LevelShape
+    center: np.ndarray  # (x, y, z) mm
+    rotation: np.ndarray  # local -> array frame, axes (x, y, z)
+    fracture: str | None = None
+    wedge_loss: float = 0.0
+    crack: tuple[np.ndarray, float, float, float] | None = None  # normal, offset, width, shift
+    dislocation: bool = False
+
+
+def _pick_fractures(rng: np.random.Generator, names: Sequence[str], p_fracture: float,
+                    cervical: bool) -> list[str]:
+    if rng.random() >= p_fracture:
+        return []
+    count = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
+    if cervical:
+        weights = np.array([0.10, 0.25, 0.08, 0.08, 0.12, 0.17, 0.20])
+    else:
+        weights = np.ones(len(names))
+    weights = weights[: len(names)] / weights[: len(names)].sum()
+    chosen = rng.choice(len(names), size=min(count, len(names)), replace=False, p=weights)
+    return [names[int(i)] for i in sorted(chosen)]
+
+
+def generate(
+    seed: int,
+    *,
+    region: str = "cervical",
+    shape: tuple[int, int, int] | None = None,
+    spacing: float | tuple[float, float, float] | None = None,
+    p_fracture: float = 0.5,
+    p_dislocation: float = 0.15,
+    fractures: dict[str, str] | None = None,
+    dislocation: str | None = None,
+    noise_hu: float | None = None,
+) -> Phantom:
+    """Draw a phantom from ``seed``.
+
+    Parameters
+    ----------
+    seed:
+        Everything random (anatomy, pose, findings, noise) is drawn from it.
+    region:
+        ``"cervical"`` (C1..C7, with the skull base above and T1-T2 below, unlabelled
+        context for stage 1 is kept as labels 8-9), ``"thoracic"``, ``"lumbar"``,
+        ``"thoracolumbar"`` (T10..L5) or ``"spine"`` (C1..L5).
+    shape, spacing:
+        Output grid ``(z, y, x)`` and voxel size in mm. Defaults: cervical
+        ``(80, 64, 64)`` at 2 mm; other regions fit the levels at 3 mm. For a clinical
+        grid use e.g. ``shape=(200, 512, 512), spacing=(0.8, 0.3, 0.3)`` (cervical).
+    p_fracture, p_dislocation:
+        Chance that the phantom has at least one fracture / one dislocation.
+    fractures, dislocation:
+        Force findings instead: ``{"C5": "wedge", "C2": "crack"}`` and a level name;
+        give ``fractures={}`` for a phantom without fractures.
+    noise_hu:
+        Standard deviation of the added noise (default: drawn from 8..20 HU).
+    """
+    if region not in REGIONS:
+        raise ValueError(f"unknown region {region!r}; expected one of {sorted(REGIONS)}")
+    rng = np.random.default_rng(seed)
+    cervical = region == "cervical"
+    names = list(REGIONS[region])
+    drawn = list(names)
+    if cervical:
+        drawn += ["T1", "T2"]
+    elif region == "thoracolumbar":
+        drawn = ["T9", *drawn]
+
+    if spacing is None:
+        spacing = 2.0 if cervical else 3.0
+    if isinstance(spacing, (int, float)):
+        spacing = (float(spacing),) * 3
+    sz, sy, sx = (float(s) for s in spacing)
+    if min(sz, sy, sx) <= 0:
+        raise ValueError(f"spacing must be positive, got {spacing}")
+
+    scale = float(rng.uniform(0.9, 1.08))
+    shapes = {n: _level_shape(n) for n in drawn}
+
+    # Lengths along the spine (mm), top to bottom: centre of each vertebra.
+    centres_s: dict[str, float] = {}
+    s = 0.0
+    previous: str | None = None
+    for name in drawn:
+        ls = shapes[name]
+        if name == "C1":
+            s = 5.0
+        elif name == "C2":
+            # The C1 ring (10 mm tall) sits around the dens, above the C2 body.
+            s = centres_s["C1"] + (5.0 + 3.0 + ls.h / 2) * scale
+        elif previous is None:
+            s = ls.h / 2 * scale
+        else:
+            prev = shapes[previous]
+            s = centres_s[previous] + (prev.h / 2 + prev.disc + ls.h / 2) * scale
+        centres_s[name] = s
+        previous = name
+    length = centres_s[drawn[-1]] + shapes[drawn[-1]].h / 2 * scale
+
+    if shape is None:
+        if cervical:
+            shape = (80, 64, 64)
+        else:
+            widest = max(shapes[n].a for n in drawn)
+            nz = int(np.ceil((length + 40.0) / sz))
+            ny = int(np.ceil((7.0 * widest + 60.0) / sy))
+            nx = int(np.ceil((8.0 * widest + 80.0) / sx))
+            shape = (nz, ny, nx)
+    nz, ny, nx = (int(n) for n in shape)
+    extent = np.array([nx * sx, ny * sy, nz * sz])  # (x, y, z) mm
+
+    # Pose: where the spine sits, its curve and small rotations.
+    top_margin = float(rng.uniform(10.0, 16.0)) if cervical else float(rng.uniform(12.0, 25.0))
+    if not cervical and length + 2 * top_margin < extent[2]:
+        top_margin = (extent[2] - length) / 2 + float(rng.uniform(-5, 5))
+    body_y = extent[1] / 2 + (float(rng.uniform(4.0, 10.0)) if cervical else 20.0)
+    centre_x = extent[0] / 2 + float(rng.uniform(-4.0, 4.0))
+    curve = float(rng.uniform(3.0, 10.0))  # lordosis (cervical, lumbar) / kyphosis (thoracic)
+    span = max(length, 1.0)
+    axial = np.deg2rad(rng.uniform(-6.0, 6.0))
+    lateral = np.deg2rad(rng.uniform(-4.0, 4.0))
+    flexion = np.deg2rad(rng.uniform(-5.0, 5.0))
+    r_global = _rot_z(axial) @ _rot_y(lateral) @ _rot_x(flexion)
+    pivot = np.array([centre_x, body_y, top_margin + span / 2])
+
+    def curve_offset(s_mm: float) -> tuple[float, float]:
+        phase = np.pi * s_mm / span
+        sign = -1.0  # lordosis: the middle of the curve bows anteriorly (-y)
+        if not cervical and region != "lumbar":
+            sign = 1.0 if region == "thoracic" else -1.0
+        return sign * curve * np.sin(phase), sign * curve * np.pi / span * np.cos(phase)
+
+    # Findings.
+    if fractures is None:
+        fractured = _pick_fractures(rng, names, p_fracture, cervical)
+        fracture_kind = {}
+        for name in fractured:
+            if name == "C1":
+                fracture_kind[name] = "crack"
+            else:
+                p_wedge = 0.3 if cervical else 0.6
+                fracture_kind[name] = "wedge" if rng.random() < p_wedge else "crack"
+    else:
+        for name, kind in fractures.items():
+            if name not in names or kind not in FRACTURE_KINDS:
+                raise ValueError(f"bad forced fracture {name}={kind}: level in {names}, kind in "
+                                 f"{FRACTURE_KINDS}")
+            if name == "C1" and kind == "wedge":
+                raise ValueError("C1 has no body to wedge; use 'crack'")
+        fracture_kind = dict(fractures)
+    if dislocation is None:
+        candidates = [n for n in names if n != "C1"]
+        dislocated = str(rng.choice(candidates)) if rng.random() < p_dislocation else None
+    else:
+        if dislocation not in names or dislocation == "C1":
+            raise ValueError(f"bad forced dislocation level {dislocation!r}")
+        dislocated = dislocation
+    shift_mm = float(rng.uniform(3.5, 7.0)) if dislocated else 0.0
+
+    placed: list[_Placed] = []
+    for name in drawn:
+        ls = shapes[name]
+        s_mm = centres_s[name]
+        dy, slope = curve_offset(s_mm)
+        tilt = np.arctan(slope) + np.deg2rad(rng.uniform(-2.5, 2.5))
+        jitter = (_rot_z(np.deg2rad(rng.uniform(-2.0, 2.0)))
+                  @ _rot_y(np.deg2rad(rng.uniform(-1.5, 1.5))))
+        local_centre = np.array([0.0, dy, s_mm - span / 2]) + pivot
+        centre = r_global @ (local_centre - pivot) + pivot
+        rotation = r_global @ _rot_x(-tilt) @ jitter
+        size = scale * float(rng.uniform(0.96, 1.04))
+        ls = _LevelShape(**{k: v * size for k, v in ls.__dict__.items()})
+        item = _Placed(name, LEVEL_LABELS[name], ls, centre, rotation)
+        kind = fracture_kind.get(name)
+        if kind == "wedge":
+            item.fracture, item.wedge_loss = "wedge", float(rng.uniform(0.22, 0.45))
+        elif kind == "crack":
+            item.fracture = "crack"
+            if name == "C1":
+                normal = np.array([1.0, rng.uniform(-0.3, 0.3), rng.uniform(-0.2, 0.2)])
+                offset = float(rng.choice([-1, 1]) * rng.uniform(3.0, 8.0))
+            elif name == "C2" and rng.random() < 0.5:
+                normal = np.array([rng.uniform(-0.2, 0.2), rng.uniform(-0.3, 0.3), 1.0])
+                offset = -ls.h / 2 - float(rng.uniform(1.0, 3.0))  # base of the dens
+            else:
+                axis = int(rng.integers(0, 3))
+                normal = rng.uniform(-0.35, 0.35, size=3)
+                normal[axis] = 1.0
+                extent_axis = (ls.a, ls.b, ls.h / 2)[axis]
+                offset = float(rng.uniform(-0.4, 0.4) * extent_axis)
+            normal = normal / np.linalg.norm(normal)
+            item.crack = (normal, offset, float(rng.uniform(2.0, 3.5)),
+                          float(rng.uniform(0.0, 1.5)))
+        placed.append(item)
+
+    if dislocated:
+        index = drawn.index(dislocated)
+        below = placed[index + 1]
+        shift = below.rotation @ np.array([0.0, -shift_mm, 0.0])
+        for item in placed[: index + 1]:
+            item.center = item.center + shift
+        placed[index].dislocation = True
+
+    hu, labels, structures, params = _rasterise(
+        rng, placed, (nz, ny, nx), (sz, sy, sx), cervical, region, body_y, centre_x,
+        top_margin, dislocated, shift_mm,
+    )
+    sigma = float(noise_hu) if noise_hu is not None else float(rng.uniform(8.0, 20.0))
+    blur = [0.6 / s for s in (sz, sy, sx)]
+    hu = ndimage.gaussian_filter(hu, blur, mode="nearest")
+    for k in range(hu.shape[0]):
+        hu[k] += rng.normal(0.0, sigma, size=hu.shape[1:]).astype(np.float32)
+    np.clip(hu, -1024.0, 3071.0, out=hu)
+    params.update(scale=scale, curve_mm=curve, noise_hu=sigma, dislocation_mm=shift_mm,
+                  rotation_deg=[float(np.rad2deg(x)) for x in (axial, lateral, flexion)])
+
+    vertebrae = tuple(
+        Vertebra(
+            name=item.name,
+            label=item.label,
+            center_mm=(float(item.center[2]), float(item.center[1]), float(item.center[0])),
+            fracture=item.fracture,
+            dislocation=item.dislocation,
+        )
+        for item in placed
+        if (labels == item.label).any()
+    )
+    body_parts = {"cervical": "CSPINE", "thoracic": "TSPINE", "lumbar": "LSPINE"}
+    body_part = body_parts.get(region, "SPINE")
+    return Phantom(seed=seed, region=region, hu=hu.astype(np.float32), spacing=(sz, sy, sx),
+                   labels=labels, structures=structures, vertebrae=vertebrae,
+                   body_part=body_part, params=params)
+
+
+_Solid = tuple[int, bool, Callable[[np.ndarray], np.ndarray]]
+
+
+def _parts(item: _Placed) -> list[_Solid]:
+    """Bone solids of one vertebra: (structure code, cut by a crack, depth function)."""
+    ls = item.shape
+    a, b, h = ls.a, ls.b, ls.h
+    pr = ls.pedicle_r
+    ped_x = ls.canal_w + 0.4 * pr
+    ped_end = b + ls.pedicle_len
+    lam_end = ped_end + ls.lamina_len * 0.8
+    lam_r = 0.75 * pr
+
+    def capsule(code: int, cut: bool, p0: Sequence[float], p1: Sequence[float],
+                r: float) -> _Solid:
+        return code, cut, partial(_capsule, p0=p0, p1=p1, r=r)
+
+    parts: list[_Solid] = []
+    if item.name == "C1":
+        front = -b - 3.0
+        parts.append(capsule(9, True, (-7.0, front, 0.0), (7.0, front, 0.0), 2.6))
+        for s in (-1.0, 1.0):
+            parts += [
+                capsule(9, True, (s * 7.0, front, 0), (s * 13.0, -b + 3.0, 0), 2.6),
+                (11, True, partial(_ellipsoid, c=(s * 14.5, 0.5, 0.0), semi=(5.5, 8.0, 5.0))),
+                capsule(12, True, (s * 15.0, 5.0, 0.0), (s * 10.0, b + 15.0, 0.5), 2.8),
+                capsule(12, True, (s * 10.0, b + 15.0, 0.5), (0.0, b + 20.0, 1.0), 2.8),
+                capsule(5, False, (s * 16.0, 0.0, 0.0), (s * 30.0, 1.0, 1.0), 3.0),
+            ]
+        return parts
+
+    parts.append((1, True, partial(_body, a=a, b=b, h=h, concavity=0.9,
+                                   wedge_loss=item.wedge_loss)))
+    if item.name == "C2":
+        parts.append(capsule(10, True, (0.0, -1.5, -h / 2 + 2.0), (0.0, -1.5, -h / 2 - 13.0), 4.8))
+    for s in (-1.0, 1.0):
+        root = (s * 0.75 * a, 0.75 * b, 0.0)
+        parts.append(capsule(2, False, root, (s * ped_x, ped_end, 0.0), pr))
+        for dw in (-0.22 * h, 0.22 * h):
+            lamina = ((s * ped_x, ped_end, dw), (0.0, lam_end, dw + 1.0))
+            parts.append(capsule(3, False, *lamina, lam_r))
+        tip = (s * (ped_x + ls.transverse_len), 0.35 * b, 0.0)
+        parts.append(capsule(5, False, (s * 0.8 * a, 0.2 * b, -0.1 * h), tip, 0.85 * pr))
+    spinous_tip = (0.0, lam_end + ls.spinous_len, ls.spinous_drop)
+    parts.append(capsule(4, False, (0.0, lam_end - 1.0, 0.0), spinous_tip, 0.95 * pr))
+    return parts
+
+
+def _rasterise(
+    rng: np.random.Generator,
+    placed: list[_Placed],
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    cervical: bool,
+    region: str,
+    body_y: float,
+    centre_x: float,
+    top_margin: float,
+    dislocated: str | None,
+    shift_mm: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    nz, ny, nx = shape
+    sz, sy, sx = spacing
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    labels = np.zeros(shape, dtype=np.uint8)
+    structures = np.zeros(shape, dtype=np.uint8)
+
+    cortical = float(rng.uniform(700.0, 1000.0))
+    cancellous = float(rng.uniform(200.0, 300.0))
+    soft = float(rng.uniform(35.0, 50.0))
+    fat = float(rng.uniform(-120.0, -80.0))
+    disc_hu = float(rng.uniform(70.0, 95.0))
+    cortex_mm = float(rng.uniform(1.0, 1.6))
+    haematoma = float(rng.uniform(45.0, 75.0))
+    params: dict[str, Any] = dict(cortical_hu=cortical, cancellous_hu=cancellous, soft_hu=soft,
+                                  fat_hu=fat, disc_hu=disc_hu, cortex_mm=cortex_mm)
+
+    # Body outline: neck or trunk, an ellipse per slice with a fat layer, drawn in the
+    # array frame (it moves little with the small spine rotations).
+    ys = (np.arange(ny) + 0.5) * sy
+    xs = (np.arange(nx) + 0.5) * sx
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    if cervical:
+        semi_x, semi_y = float(rng.uniform(50.0, 58.0)), float(rng.uniform(46.0, 54.0))
+        centre_y = body_y - float(rng.uniform(8.0, 14.0))
+    else:
+        widest = max(p.shape.a for p in placed)
+        semi_x, semi_y = 5.5 * widest + 20, 4.5 * widest + 10
+        centre_y = body_y - 1.2 * widest
+    fat_mm = float(rng.uniform(3.0, 9.0))
+    rho = np.sqrt(((xx - centre_x) / semi_x) ** 2 + ((yy - centre_y) / semi_y) ** 2)
+    inside = rho <= 1.0
+    muscle = rho <= 1.0 - fat_mm / min(semi_x, semi_y)
+    plane = np.where(muscle, soft, np.where(inside, fat, -1000.0)).astype(np.float32)
+    if region in ("thoracic", "spine"):
+        params["lungs"] = True
+    hu[:] = plane[None]
+    if region in ("thoracic", "spine", "thoracolumbar"):
+        # Lungs beside the thoracic spine (down to about T11).
+        thoracic = [p for p in placed if p.name.startswith("T") and int(p.name[1:]) <= 11]
+        if thoracic:
+            z_lo = min(p.center[2] for p in thoracic) - 10.0
+            z_hi = max(p.center[2] for p in thoracic)
+            zs = (np.arange(nz) + 0.5) * sz
+            for side in (-1.0, 1.0):
+                lung = (((xx - (centre_x + side * 0.5 * semi_x)) / (0.38 * semi_x)) ** 2
+                        + ((yy - (centre_y - 0.1 * semi_y)) / (0.7 * semi_y)) ** 2) <= 1.0
+                for k in np.nonzero((zs >= z_lo) & (zs <= z_hi))[0]:
+                    hu[k][lung] = -850.0
+
+    def local_box(item: _Placed, reach: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        corners = np.array([[cx, cy, cz] for cx in (reach[0], reach[1])
+                            for cy in (reach[2], reach[3]) for cz in (reach[4], reach[5])])
+        world = corners @ item.rotation.T + item.center
+        lo, hi = world.min(axis=0), world.max(axis=0)
+        step = np.array([sx, sy, sz])
+        size = np.array([nx, ny, nz])
+        i0 = np.clip(np.floor(lo / step - 0.5).astype(int), 0, size)
+        i1 = np.clip(np.ceil(hi / step + 0.5).astype(int), 0, size)
+        return i0, i1
+
+    boxes = []
+    for item in placed:
+        ls = item.shape
+        reach = np.array([
+            -(ls.canal_w + ls.transverse_len + 12.0), ls.canal_w + ls.transverse_len + 12.0,
+            -ls.b - ls.prevertebral - 16.0,
+            ls.b + ls.pedicle_len + ls.lamina_len + ls.spinous_len + 6.0,
+            -ls.h / 2 - ls.disc - 18.0, ls.h / 2 + ls.disc + ls.spinous_drop + 6.0,
+        ])
+        boxes.append(local_box(item, reach))
+
+    def each_chunk() -> Iterator[tuple[_Placed, tuple[slice, ...], np.ndarray]]:
+        """Every vertebra's bounding box in z slabs of bounded size (clinical grids are big),
+        with the local coordinates of the slab's voxel centres."""
+        for item, (i0, i1) in zip(placed, boxes, strict=True):
+            plane = max(int((i1[1] - i0[1]) * (i1[0] - i0[0])), 1)
+            slab = max(1, _CHUNK_VOXELS // plane)
+            ys = (np.arange(i0[1], i1[1]) + 0.5) * sy
+            xs = (np.arange(i0[0], i1[0]) + 0.5) * sx
+            for z0 in range(int(i0[2]), int(i1[2]), slab):
+                z1 = min(z0 + slab, int(i1[2]))
+                gz, gy, gx = np.meshgrid((np.arange(z0, z1) + 0.5) * sz, ys, xs, indexing="ij")
+                pts = np.stack([gx.ravel(), gy.ravel(), gz.ravel()], axis=1)
+                box = (slice(z0, z1), slice(i0[1], i1[1]), slice(i0[0], i1[0]))
+                yield item, box, ((pts - item.center) @ item.rotation).astype(np.float32)
+
+    # Pass 1: soft structures (canal, prevertebral tissue, airway), then discs.
+    for item, box, q in each_chunk():
+        ls = item.shape
+        sub_hu = hu[box].reshape(-1)
+        sub_st = structures[box].reshape(-1)
+        half = ls.h / 2 + ls.disc / 2 + 0.8
+        if item.name == "C1":
+            half = 7.0
+        canal_v = ls.b + ls.canal_d + 0.5
+        canal = _elliptic_cylinder(q, 0.0, canal_v, ls.canal_w, ls.canal_d, -half, half) > 0
+        cord = _elliptic_cylinder(q, 0.0, canal_v, 0.55 * ls.canal_w, 0.6 * ls.canal_d,
+                                  -half, half) > 0
+        sub_hu[canal] = 15.0
+        sub_hu[cord] = 35.0
+        sub_st[canal] = 7
+        if item.name != "C1":
+            pre = ((np.abs(q[:, 0]) < 0.8 * ls.a) & (q[:, 1] > -ls.b - ls.prevertebral)
+                   & (q[:, 1] < -ls.b + 1.0) & (np.abs(q[:, 2]) <= half))
+            sub_hu[pre] = soft + 5.0
+            sub_st[pre] = 8
+            if cervical:
+                airway_v = -ls.b - ls.prevertebral - 6.0
+                airway = _elliptic_cylinder(q, 0.0, airway_v, 9.0, 6.0, -half, half) > 0
+                sub_hu[airway] = -1000.0
+                sub_st[airway & (sub_st == 8)] = 0
+        hu[box] = sub_hu.reshape(hu[box].shape)
+        structures[box] = sub_st.reshape(structures[box].shape)
+    for item, box, q in each_chunk():
+        ls = item.shape
+        if item.name == "C1" or item is placed[-1]:
+            continue
+        sub_hu = hu[box].reshape(-1)
+        sub_st = structures[box].reshape(-1)
+        depth = _elliptic_cylinder(q, 0.0, 0.0, 0.95 * ls.a, 0.95 * ls.b, ls.h / 2 - 1.5,
+                                   ls.h / 2 + ls.disc + 1.5)
+        disc = depth > 0
+        sub_hu[disc] = np.where(depth[disc] < 1.5, disc_hu + 25.0, disc_hu)
+        sub_st[disc] = 6
+        hu[box] = sub_hu.reshape(hu[box].shape)
+        structures[box] = sub_st.reshape(structures[box].shape)
+
+    # Pass 2: bone, which wins over everything.
+    for item, box, q in each_chunk():
+        parts = _parts(item)
+        depth = np.full(q.shape[0], -np.inf)
+        code = np.zeros(q.shape[0], dtype=np.uint8)
+        q_shifted = q
+        side = np.zeros(q.shape[0], dtype=bool)
+        crack_band = np.zeros(q.shape[0], dtype=bool)
+        if item.crack is not None:
+            normal, offset, width, slide = item.crack
+            signed = q @ normal - offset
+            side = signed > 0
+            crack_band = np.abs(signed) < width / 2
+            tangent = np.cross(normal, [0.0, 0.0, 1.0] if abs(normal[2]) < 0.9 else [1.0, 0.0, 0.0])
+            tangent /= np.linalg.norm(tangent)
+            q_shifted = q - slide * tangent
+        for structure, cuttable, solid in parts:
+            d = solid(q)
+            if cuttable and item.crack is not None:
+                d = np.where(side, solid(q_shifted), d)
+                d = np.where(crack_band, -1.0, d)
+            better = d > depth
+            depth = np.where(better, d, depth)
+            code = np.where(better, structure, code)
+        bone = depth > 0
+        if not bone.any():
+            continue
+        sub_hu = hu[box].reshape(-1)
+        sub_st = structures[box].reshape(-1)
+        sub_lb = labels[box].reshape(-1)
+        core = cancellous
+        value = np.where(depth < cortex_mm, cortical, core)
+        if item.wedge_loss > 0:
+            # Compacted trabecular bone under the depressed end plate.
+            top_third = q[:, 2] < -item.shape.h / 6
+            value = np.where((code == 1) & top_third & (depth >= cortex_mm), core + 150.0, value)
+        sub_hu[bone] = value[bone]
+        if item.crack is not None:
+            # Haematoma and soft tissue fill the fracture gap inside the bone outline.
+            normal, offset, width, _ = item.crack
+            gap = crack_band & (depth <= 0) & (depth > -0.6 * width - 1.0)
+            inside_outline = np.zeros_like(gap)
+            for _code, cuttable, solid in parts:
+                if cuttable:
+                    inside_outline |= solid(q) > 0
+            gap &= inside_outline
+            sub_hu[gap] = haematoma
+            sub_lb[gap] = item.label
+            sub_st[gap] = code[gap] if gap.any() else sub_st[gap]
+        sub_st[bone] = code[bone]
+        sub_lb[bone] = item.label
+        hu[box] = sub_hu.reshape(hu[box].shape)
+        structures[box] = sub_st.reshape(structures[box].shape)
+        labels[box] = sub_lb.reshape(labels[box].shape)
+
+    if cervical:
+        _skull_base_and_mandible(rng, hu, structures, placed[0], spacing, cortical)
+    return hu, labels, structures, params
+
+
+def _skull_base_and_mandible(rng: np.random.Generator, hu: np.ndarray, structures: np.ndarray,
+                             atlas: _Placed, spacing: tuple[float, float, float],
+                             cortical: float) -> None:
+    """Unlabelled bone around the upper cervical spine: occiput above C1, the mandible."""
+    nz, ny, nx = hu.shape
+    sz, sy, sx = spacing
+    cx, cy, cz = atlas.center
+    yy, xx = np.meshgrid((np.arange(ny) + 0.5) * sy, (np.arange(nx) + 0.5) * sx, indexing="ij")
+    bottom = cz - float(rng.uniform(8.5, 11.0))
+    mandible_z = cz + float(rng.uniform(18.0, 26.0))
+    # Occipital bone: a plate sloping up posteriorly, with the foramen magnum.
+    behind = np.clip(yy - cy, 0, None)
+    outline = ((xx - cx) / 45.0) ** 2 + ((yy - cy - 10.0) / 40.0) ** 2 <= 1.0
+    outline &= ((xx - cx) / 15.0) ** 2 + ((yy - cy - 6.0) / 17.0) ** 2 > 1.0
+    # Mandible: a U-shaped bar in front of C2-C3.
+    arc = np.sqrt(((xx - cx) / 38.0) ** 2 + ((yy - (cy - 12.0)) / 42.0) ** 2)
+    bar = (np.abs(arc - 1.0) < 0.09) & (yy < cy - 12.0)
+    for k in range(nz):
+        z = (k + 0.5) * sz
+        plate = outline & (z <= bottom - 0.15 * behind) & (z >= bottom - 6.0 - 0.25 * behind)
+        mandible = bar if abs(z - mandible_z) < 6.0 else None
+        for mask, value in ((plate, cortical - 100.0), (mandible, cortical)):
+            if mask is None or not mask.any():
+                continue
+            free = mask & ((structures[k] == 0) | (structures[k] == 8))
+            hu[k][free] = value
+            structures[k][free] = 13
+
+
+# ------------------------------------------------------------------------ radiographs
+
+
+@dataclass
+class Projection:
+    """A digitally reconstructed radiograph and its 2-D ground truth.
+
+    Attributes
+    ----------
+    image:
+        Float32 in [0, 1], bone bright (log of the attenuation, scaled).
+    line_integral:
+        The attenuation line integral (dimensionless) per pixel.
+    pixel_spacing:
+        ``(row, column)`` spacing in mm.
+    view:
+        ``"AP"`` or ``"LAT"``.
+    structures, structure_names:
+        Label map of the view's structures (:data:`AP_STRUCTURES` or
+        :data:`LAT_STRUCTURES`); 0 is background. ``None`` without 3-D structures.
+    tissue, tissue_names:
+        Label map 1 bone / 2 soft_tissue / 3 open_beam (every pixel has one).
+    levels:
+        Projected vertebral bodies labelled with their level (:data:`LEVEL_LABELS`).
+    """
+
+    image: np.ndarray
+    line_integral: np.ndarray
+    pixel_spacing: tuple[float, float]
+    view: str
+    structures: np.ndarray | None
+    structure_names: dict[int, str]
+    tissue: np.ndarray
+    tissue_names: dict[int, str]
+    levels: np.ndarray | None = None
+
+    def masks(self) -> dict[str, np.ndarray]:
+        """Boolean mask per structure key and tissue key."""
+        out: dict[str, np.ndarray] = {}
+        if self.structures is not None:
+            names = self.structure_names.items()
+            out.update({name: self.structures == value for value, name in names})
+        out.update({name: self.tissue == value for value, name in self.tissue_names.items()})
+        return out
+
+
+_VIEW_AXIS = {"AP": 1, "PA": 1, "LAT": 2, "LL": 2, "RL": 2}
+
+
+def drr(
+    volume_hu: np.ndarray,
+    spacing: Sequence[float],
+    axis: str | int = "AP",
+    *,
+    structures: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    photons: float | None = None,
+    rng: np.random.Generator | None = None,
+    max_integral: float = 4.0,
+) -> Projection:
+    """Project a ``(z, y, x)`` HU volume into a radiograph (parallel beam).
+
+    Parameters
+    ----------
+    volume_hu, spacing:
+        The volume and its ``(z, y, x)`` voxel size in mm.
+    axis:
+        ``"AP"`` (integrate along y; image rows = z, columns = x, patient right on the
+        left) or ``"LAT"`` (integrate along x; columns = y, anterior on the left), or the
+        array axis 1 or 2.
+    structures, labels:
+        Optional 3-D structure codes and vertebra labels, projected into the view's
+        label maps.
+    photons:
+        Unattenuated photon count per pixel for quantum noise; ``None``: no noise.
+    max_integral:
+        Line integral mapped to 1.0 in :attr:`Projection.image`.
+    """
+    if isinstance(axis, str):
+        view = axis.upper()
+        if view not in _VIEW_AXIS:
+            raise ValueError(f"unknown view {axis!r}; expected AP or LAT")
+        view = "AP" if _VIEW_AXIS[view] == 1 else "LAT"
+        along = _VIEW_AXIS[view]
+    else:
+        if axis not in (1, 2):
+            raise ValueError(f"axis must be 1 (AP) or 2 (LAT), got {axis}")
+        along = int(axis)
+        view = "AP" if along == 1 else "LAT"
+    sz, sy, sx = (float(s) for s in spacing)
+    step = sy if along == 1 else sx
+    mu = np.clip(MU_WATER_PER_MM * (1.0 + volume_hu.astype(np.float64) / 1000.0), 0.0, None)
+    integral = mu.sum(axis=along) * step
+    if photons is not None:
+        rng = rng or np.random.default_rng(0)
+        counts = rng.poisson(photons * np.exp(-integral)).astype(np.float64)
+        integral = -np.log(np.maximum(counts, 0.5) / photons)
+    image = np.clip(integral / max_integral, 0.0, 1.0).astype(np.float32)
+    pixel_spacing = (sz, sx if along == 1 else sy)
+
+    body = (volume_hu > -500).any(axis=along)
+    struct_map: np.ndarray | None = None
+    level_map: np.ndarray | None = None
+    names = AP_STRUCTURES if view == "AP" else LAT_STRUCTURES
+    if structures is not None:
+        bone = np.isin(structures, _BONE_CODES).any(axis=along)
+        struct_map = np.zeros(image.shape, dtype=np.uint8)
+        for value, codes in (_AP_SOURCES if view == "AP" else _LAT_SOURCES):
+            struct_map[np.isin(structures, codes).any(axis=along)] = value
+        if labels is not None:
+            in_body = np.where(np.isin(structures, (1, 10)), labels, 0)
+            level_map = in_body.max(axis=along).astype(np.uint8)
+    else:
+        bone = (volume_hu > 300).any(axis=along)
+    tissue = np.full(image.shape, 3, dtype=np.uint8)
+    tissue[body] = 2
+    tissue[bone] = 1
+    return Projection(image=image, line_integral=integral.astype(np.float32),
+                      pixel_spacing=pixel_spacing, view=view, structures=struct_map,
+                      structure_names=dict(names), tissue=tissue, tissue_names=dict(TISSUES),
+                      levels=level_map)
+
+
+# ---------------------------------------------------------------------------- DICOM
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+_IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1440.1"  # informational only
+_FIXED_DATE = _dt.date(2024, 1, 15)
+# DICOM CID 4010 (DX View), SNOMED CT.
+_VIEW_CODES = {
+    "AP": ("399348003", "antero-posterior"),
+    "PA": ("272479007", "postero-anterior"),
+    "LL": ("399173006", "left lateral"),
+    "RL": ("399198007", "right lateral"),
+}
+
+
+def _uid(*parts: object) -> str:
+    from node.uids import derive_uid
+
+    return derive_uid("spine-node-phantom", *(str(p) for p in parts))
+
+
+def _base_dataset(sop_class: str, sop_instance: str, *, seed: int, patient_name: str | None,
+                  patient_id: str | None, study_uid: str, series_uid: str, modality: str,
+                  series_number: int, series_description: str, body_part: str) -> Any:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = _IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "SPINE_NODE"
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance
+    day = _FIXED_DATE + _dt.timedelta(days=seed % 365)
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = day.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = "101500"
+    ds.AccessionNumber = f"PH{seed % 10**10:010d}"
+    ds.Modality = modality
+    ds.Manufacturer = "spine-node phantoms"
+    ds.ManufacturerModelName = "synthetic"
+    ds.InstitutionName = "spine-node"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "Synthetic spine phantom (not a patient)"
+    ds.SeriesDescription = series_description
+    ds.PatientName = patient_name or f"PHANTOM^{seed}"
+    ds.PatientID = patient_id or f"PHANTOM-{seed}"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = body_part
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = f"{seed % 10**8}"
+    ds.SeriesNumber = series_number
+    ds.DeviceSerialNumber = "0"
+    ds.SoftwareVersions = "spine-node"
+    return ds
+
+
+def write_ct_series(
+    phantom: Phantom,
+    folder: Path | str,
+    *,
+    patient_name: str | None = None,
+    patient_id: str | None = None,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    series_number: int = 1,
+    body_part: str | None = None,
+    origin_mm: tuple[float, float, float] | None = None,
+) -> list[Path]:
+    """Write ``phantom`` as a CT Image Storage series, one file per slice.
+
+    Slice ``k`` of the phantom (head first) gets ``ImagePositionPatient`` z =
+    ``origin_z - k * spacing_z`` and ``InstanceNumber`` ``k + 1``. UIDs are derived from
+    the seed, so the same phantom always gets the same UIDs. Returns the paths, in slice
+    order.
+    """
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    seed = phantom.seed
+    study_uid = study_uid or _uid(seed, "study")
+    series_uid = series_uid or _uid(seed, "ct-series", series_number)
+    frame_uid = _uid(seed, "frame-of-reference")
+    sz, sy, sx = phantom.spacing
+    nz, ny, nx = phantom.shape
+    if origin_mm is None:
+        origin_mm = (-(nx - 1) * sx / 2, -(ny - 1) * sy / 2, 0.0)
+    x0, y0, z0 = origin_mm
+    stored = np.clip(np.rint(phantom.hu) + 1024, 0, 4095).astype(np.uint16)
+    paths: list[Path] = []
+    for k in range(nz):
+        sop_uid = _uid(seed, "ct-slice", series_number, k)
+        ds = _base_dataset(CT_IMAGE_STORAGE, sop_uid, seed=seed, patient_name=patient_name,
+                           patient_id=patient_id, study_uid=study_uid, series_uid=series_uid,
+                           modality="CT", series_number=series_number,
+                           series_description=f"Phantom CT {phantom.region}",
+                           body_part=body_part or phantom.body_part)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.PatientPosition = "HFS"
+        ds.InstanceNumber = k + 1
+        ds.AcquisitionNumber = 1
+        ds.ImagePositionPatient = [f"{x0:.4f}", f"{y0:.4f}", f"{z0 - k * sz:.4f}"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceLocation = f"{z0 - k * sz:.4f}"
+        ds.PixelSpacing = [f"{sy:.6g}", f"{sx:.6g}"]
+        ds.SliceThickness = f"{sz:.6g}"
+        ds.KVP = "120"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = ny, nx
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.WindowCenter = "500"
+        ds.WindowWidth = "2000"
+        ds.ConvolutionKernel = "BONE"
+        ds.PixelData = stored[k].tobytes()
+        path = folder / f"{sop_uid}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        paths.append(path)
+    log.debug("wrote phantom CT series %s (%d slices)", series_uid, nz)
+    return paths
+
+
+def write_radiograph(
+    image: np.ndarray | Projection,
+    folder: Path | str,
+    view: str = "AP",
+    modality: str = "DX",
+    *,
+    seed: int = 0,
+    pixel_spacing: tuple[float, float] | None = None,
+    patient_name: str | None = None,
+    patient_id: str | None = None,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    series_number: int | None = None,
+    body_part: str = "CSPINE",
+) -> Path:
+    """Write one radiograph as DX (For Presentation) or CR and return the file path.
+
+    ``image`` is a float array in [0, 1] (bone bright) or a :class:`Projection`; it is
+    stored as 12-bit MONOCHROME2. UIDs derive from ``seed``, ``view`` and ``modality``.
+    """
+    if isinstance(image, Projection):
+        pixel_spacing = pixel_spacing or image.pixel_spacing
+        view = image.view
+        pixels = image.image
+    else:
+        pixels = np.asarray(image, dtype=np.float32)
+    view = view.upper()
+    modality = modality.upper()
+    if view not in ("AP", "LAT", "PA", "LL", "RL"):
+        raise ValueError(f"view {view!r}: expected AP or LAT")
+    if modality not in ("DX", "CR"):
+        raise ValueError(f"modality {modality!r}: expected DX or CR")
+    if pixels.ndim != 2:
+        raise ValueError(f"radiograph must be 2-D, got shape {pixels.shape}")
+    pixel_spacing = pixel_spacing or (0.2, 0.2)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    view_position = "LL" if view == "LAT" else view
+    series_number = series_number or (2 if view_position == "AP" else 3)
+    study_uid = study_uid or _uid(seed, "study")
+    series_uid = series_uid or _uid(seed, modality, view_position, "series", series_number)
+    sop_uid = _uid(seed, modality, view_position, "image", series_number)
+    sop_class = DX_PRESENTATION_STORAGE if modality == "DX" else CR_IMAGE_STORAGE
+    ds = _base_dataset(sop_class, sop_uid, seed=seed, patient_name=patient_name,
+                       patient_id=patient_id, study_uid=study_uid, series_uid=series_uid,
+                       modality=modality, series_number=series_number,
+                       series_description=f"Phantom {modality} {view_position}",
+                       body_part=body_part)
+    stored = np.clip(np.rint(np.clip(pixels, 0.0, 1.0) * 4095.0), 0, 4095).astype(np.uint16)
+    rows, cols = stored.shape
+    ds.InstanceNumber = 1
+    ds.ViewPosition = view_position
+    ds.PatientOrientation = ["L", "F"] if view_position in ("AP", "PA") else ["P", "F"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.KVP = "80"
+    ds.ImagerPixelSpacing = [f"{pixel_spacing[0]:.6g}", f"{pixel_spacing[1]:.6g}"]
+    ds.WindowCenter = "2048"
+    ds.WindowWidth = "4096"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    if modality == "DX":
+        ds.ImageType = ["DERIVED", "PRIMARY"]
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.PixelIntensityRelationship = "LOG"
+        ds.PixelIntensityRelationshipSign = -1
+        ds.RescaleIntercept = "0"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "US"
+        ds.PresentationLUTShape = "IDENTITY"
+        ds.ImageLaterality = "U"
+        ds.DetectorType = "DIRECT"
+        ds.PixelSpacing = ds.ImagerPixelSpacing
+        ds.PixelSpacingCalibrationType = "GEOMETRY"
+        ds.PixelSpacingCalibrationDescription = "projection geometry of the synthetic phantom"
+        from pydicom.dataset import Dataset
+
+        region = Dataset()
+        if body_part == "CSPINE":
+            region.CodeValue, region.CodeMeaning = "122494005", "Cervical spine"
+        else:
+            region.CodeValue, region.CodeMeaning = "421060004", "Spine"
+        region.CodingSchemeDesignator = "SCT"
+        ds.AnatomicRegionSequence = [region]
+        ds.PositionerType = ""
+        view_code = Dataset()
+        view_code.CodeValue, view_code.CodeMeaning = _VIEW_CODES[view_position]
+        view_code.CodingSchemeDesignator = "SCT"
+        view_code.ViewModifierCodeSequence = []
+        ds.ViewCodeSequence = [view_code]
+        ds.AcquisitionContextSequence = []
+    else:
+        ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.PixelData = stored.tobytes()
+    path = folder / f"{sop_uid}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -1,0 +1,149 @@
+"""Synthetic phantoms: anatomy labels, HU ranges, DRRs and DICOM round trips."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from inference import phantoms
+from tests.peers import tool
+
+
+@pytest.fixture(scope="module")
+def phantom() -> phantoms.Phantom:
+    return phantoms.generate(11, fractures={"C5": "wedge", "C2": "crack"}, dislocation="C4")
+
+
+def test_same_seed_same_phantom() -> None:
+    a, b = phantoms.generate(3), phantoms.generate(3)
+    assert np.array_equal(a.hu, b.hu) and np.array_equal(a.labels, b.labels)
+    assert a.vertebrae == b.vertebrae
+    assert not np.array_equal(a.hu, phantoms.generate(4).hu)
+
+
+def test_labels_and_hounsfield_ranges(phantom: phantoms.Phantom) -> None:
+    assert phantom.shape == (80, 64, 64) and phantom.spacing == (2.0, 2.0, 2.0)
+    present = set(np.unique(phantom.labels).tolist())
+    assert set(range(1, 8)) <= present  # C1..C7
+    params = phantom.params
+    assert 700 <= params["cortical_hu"] <= 1000 and 200 <= params["cancellous_hu"] <= 300
+    hu, st = phantom.hu, phantom.structures
+    assert hu.min() >= -1024 and hu.max() <= 3071
+    assert np.median(hu[:, :2, :2]) < -900  # air in the corner
+    for code, low, high in ((7, -20, 60), (6, 50, 130), (8, 20, 80)):
+        # Interior voxels of soft structures (away from bone, blurred edges included).
+        assert low <= np.median(hu[st == code]) <= high, phantoms.STRUCTURES[code]
+    body_voxels = hu[st == 1]
+    assert np.percentile(body_voxels, 95) > 600  # cortical shell
+    assert 150 < np.percentile(body_voxels, 5) < 450  # cancellous core
+    # C1 has no body; C2 carries the dens.
+    assert not ((phantom.labels == 1) & (st == 1)).any()
+    assert ((phantom.labels == 2) & (st == 10)).any()
+    for code in (2, 3, 4, 5):
+        assert (st == code).any(), phantoms.STRUCTURES[code]
+
+
+def test_findings_are_labelled(phantom: phantoms.Phantom) -> None:
+    assert phantom.fractures().tolist() == [0, 1, 0, 0, 1, 0, 0]
+    assert phantom.dislocations().tolist() == [0, 0, 0, 1, 0, 0, 0]
+    assert phantom.vertebra("C5").fracture == "wedge" and phantom.vertebra("C2").fracture == "crack"
+    intact = phantoms.generate(11, fractures={}, dislocation=None, p_dislocation=0.0)
+    assert not intact.fractured and not intact.dislocated
+    # The wedge removes bone from the C5 body.
+    c5 = lambda p: ((p.labels == 5) & (p.structures == 1)).sum()  # noqa: E731
+    assert c5(phantom) < c5(intact) * 0.95
+
+
+def test_random_findings_rates() -> None:
+    drawn = [phantoms.generate(seed) for seed in range(100, 124)]
+    assert 4 <= sum(p.fractured for p in drawn) <= 20
+    with pytest.raises(ValueError, match="C1 has no body"):
+        phantoms.generate(1, fractures={"C1": "wedge"})
+
+
+def test_thoracolumbar_region() -> None:
+    lumbar = phantoms.generate(5, region="lumbar")
+    assert set(np.unique(lumbar.labels)) - {0} == {20, 21, 22, 23, 24}
+    assert lumbar.body_part == "LSPINE"
+    assert lumbar.hu[lumbar.structures == 1].mean() > 250
+
+
+def test_drr_views_and_masks(phantom: phantoms.Phantom) -> None:
+    ap = phantom.radiograph("AP")
+    lat = phantoms.drr(phantom.hu, phantom.spacing, "LAT", structures=phantom.structures,
+                       labels=phantom.labels)
+    nz, ny, nx = phantom.shape
+    assert ap.image.shape == (nz, nx) and lat.image.shape == (nz, ny)
+    assert ap.image.dtype == np.float32 and 0 <= ap.image.min() and ap.image.max() <= 1
+    assert ap.structure_names == {1: "vertebral_body", 2: "pedicle", 3: "spinous_process"}
+    assert lat.structure_names == {1: "vertebral_body", 2: "posterior_elements",
+                                   3: "intervertebral_disc", 4: "spinal_canal",
+                                   5: "prevertebral_soft_tissue"}
+    assert ap.structures is not None and lat.structures is not None
+    assert set(np.unique(ap.structures)) == {0, 1, 2, 3}
+    assert set(np.unique(lat.structures)) == {0, 1, 2, 3, 4, 5}
+    for view in (ap, lat):
+        assert set(np.unique(view.tissue)) == {1, 2, 3}
+        masks = view.masks()
+        assert {"bone", "soft_tissue", "open_beam"} <= set(masks)
+        # Bone attenuates more than soft tissue, open beam least.
+        assert (view.line_integral[masks["bone"]].mean()
+                > view.line_integral[masks["soft_tissue"]].mean()
+                > view.line_integral[masks["open_beam"]].mean())
+        assert view.levels is not None and set(range(2, 8)) <= set(np.unique(view.levels))
+    noisy = phantom.radiograph("AP", photons=1e4, rng=np.random.default_rng(0))
+    assert not np.array_equal(noisy.image, ap.image)
+
+
+def test_ct_series_round_trip(phantom: phantoms.Phantom, tmp_path: Path) -> None:
+    paths = phantoms.write_ct_series(phantom, tmp_path / "ct")
+    assert len(paths) == phantom.shape[0]
+    datasets = [pydicom.dcmread(p) for p in paths]
+    first = datasets[0]
+    assert first.SOPClassUID == phantoms.CT_IMAGE_STORAGE and first.Modality == "CT"
+    assert first.BodyPartExamined == "CSPINE" and str(first.PatientName).startswith("PHANTOM^")
+    assert len({ds.SeriesInstanceUID for ds in datasets}) == 1
+    assert len({ds.SOPInstanceUID for ds in datasets}) == len(paths)
+    assert [float(ds.PixelSpacing[0]) for ds in datasets[:1]] == [2.0]
+    z = [float(ds.ImagePositionPatient[2]) for ds in datasets]
+    assert np.allclose(np.diff(z), -phantom.spacing[0])
+    volume = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                       for ds in datasets])
+    assert np.abs(volume - np.clip(np.rint(phantom.hu), -1024, 3071)).max() == 0
+    again = phantoms.write_ct_series(phantom, tmp_path / "again")
+    assert [p.name for p in again] == [p.name for p in paths]  # UIDs derive from the seed
+
+
+def test_radiograph_round_trip(phantom: phantoms.Phantom, tmp_path: Path) -> None:
+    lat = phantom.radiograph("LAT")
+    for modality, sop_class in (("DX", phantoms.DX_PRESENTATION_STORAGE),
+                                ("CR", phantoms.CR_IMAGE_STORAGE)):
+        path = phantoms.write_radiograph(lat, tmp_path / modality, modality=modality,
+                                         seed=phantom.seed)
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == sop_class and ds.Modality == modality
+        assert ds.ViewPosition == "LL" and ds.BodyPartExamined == "CSPINE"
+        assert ds.pixel_array.shape == lat.image.shape
+        assert np.abs(ds.pixel_array / 4095.0 - lat.image).max() <= 0.5 / 4095 + 1e-6
+
+
+@pytest.mark.parametrize("modality", ["CT", "DX", "CR"])
+def test_dciodvfy_accepts_objects(phantom: phantoms.Phantom, tmp_path: Path, modality: str) -> None:
+    dciodvfy = tool("dciodvfy", "dicom3tools")
+    if modality == "CT":
+        path = phantoms.write_ct_series(phantom, tmp_path)[40]
+    else:
+        path = phantoms.write_radiograph(phantom.radiograph("AP"), tmp_path, modality=modality,
+                                         seed=phantom.seed)
+    result = subprocess.run([dciodvfy, "-new", str(path)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    report = result.stdout + result.stderr
+    errors = [line for line in report.splitlines() if line.startswith("Error")]
+    warnings = [line for line in report.splitlines() if line.startswith("Warning")
+                and "Value dubious" not in line]
+    assert not errors, report
+    assert not warnings, report

@@ -1,0 +1,213 @@
+"""X-ray training recipes on the documented folder layouts (a tiny layout the test writes).
+
+These check the data loading, training loop, ONNX export and model card, not accuracy:
+accuracy on held-out phantoms is tested in ``test_xray_models.py`` against the committed
+demo weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+Image = pytest.importorskip("PIL.Image")
+
+from inference.card import ModelCard  # noqa: E402
+from inference.pipelines.xray import LAT_STRUCTURES  # noqa: E402
+from inference.train import RECIPES, TrainOptions  # noqa: E402
+from inference.train import run as run_recipe  # noqa: E402
+from inference.train.xray import (  # noqa: E402
+    SPECS,
+    DatasetError,
+    Plan,
+    dice,
+    load_class_folders,
+    load_segmentation_folders,
+    roc_auc,
+    train_recipe,
+)
+from tests.xray_dicom import write_test_radiograph  # noqa: E402
+
+torch.set_num_threads(1)  # the recipes' own setting; tests share a small CPU
+
+
+def _spine_like(rng: np.random.Generator, broken: bool, shape: tuple[int, int] = (60, 48)
+                ) -> np.ndarray:
+    """A column of bright blocks; ``broken`` squashes one of them."""
+    image = rng.normal(40, 5, shape)
+    top = 4
+    for level in range(5):
+        height = 4 if broken and level == 2 else 9
+        image[top:top + height, 18:30] = 200
+        top += height + 3
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture()
+def class_layout(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fractures"
+    for split, count in (("train", 6), ("val", 3)):
+        for label in ("normal", "fracture"):
+            for i in range(count):
+                pixels = _spine_like(rng, label == "fracture")
+                if i == 0:  # one DICOM per class, stored MONOCHROME1 like many CR plates
+                    path = root / split / label / f"{i}.dcm"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_test_radiograph(path, 255 - pixels, photometric="MONOCHROME1")
+                else:
+                    _write_png(root / split / label / f"{i}.png", pixels)
+    return root
+
+
+def test_class_folders_read_png_and_dicom_alike(class_layout: Path) -> None:
+    spec = SPECS["xray-fracture-mobilenet"]
+    data = load_class_folders(class_layout, "train", spec)
+    assert data.images.shape == (12, 1, *spec.size)
+    assert sorted(np.bincount(data.targets).tolist()) == [6, 6]
+    # The MONOCHROME1 DICOM is inverted on read: bone bright like the PNGs.
+    dicom_image, png_image = data.images[0, 0], data.images[1, 0]
+    assert dicom_image[spec.size[0] // 2, spec.size[1] // 2] > 0.8
+    assert abs(float(dicom_image.mean()) - float(png_image.mean())) < 0.1
+
+
+def test_fracture_recipe_on_folder_layout_exports_onnx_and_card(class_layout: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "engines"
+    card = train_recipe("xray-fracture-mobilenet", out, class_layout, Plan(steps=10))
+    loaded = ModelCard.load(out / "xray-fracture-mobilenet")
+    assert loaded == card
+    assert loaded.clinical_use is False
+    assert "not for clinical use" in loaded.intended_use.lower()
+    assert loaded.trained_on.startswith("folder dataset fractures/train")
+    assert set(loaded.weights["metrics"]) >= {"auc_fracture", "accuracy"}
+    session = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
+    shape = loaded.inputs[0].shape[1:]
+    for batch in (1, 3):  # dynamic batch
+        (probabilities,) = session.run(None, {"image": np.zeros((batch, *shape), np.float32)})
+        assert probabilities.shape == (batch, 2)
+        np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-5)
+
+
+def test_pair_layout_needs_both_views(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    root = tmp_path / "pairs"
+    for split in ("train", "val"):
+        for label in ("normal", "damaged"):
+            for study in range(2):
+                folder = root / split / label / f"study{study}"
+                _write_png(folder / "AP.png", _spine_like(rng, label == "damaged"))
+                _write_png(folder / "lat.jpg", _spine_like(rng, label == "damaged"))
+    spec = SPECS["xray-pair-classifier"]
+    data = load_class_folders(root, "train", spec)
+    assert data.second is not None and data.second.shape == data.images.shape == (4, 1, *spec.size)
+    card = train_recipe("xray-pair-classifier", tmp_path / "out", root, Plan(steps=3))
+    assert [t.name for t in card.inputs] == ["ap", "lat"]
+    (root / "train" / "normal" / "study0" / "lat.jpg").unlink()
+    with pytest.raises(DatasetError, match="needs an AP and a LAT image"):
+        load_class_folders(root, "train", spec)
+
+
+def test_unknown_class_folder_is_named(class_layout: Path) -> None:
+    (class_layout / "train" / "broken").mkdir()
+    with pytest.raises(DatasetError, match="'broken'"):
+        load_class_folders(class_layout, "train", SPECS["xray-fracture-mobilenet"])
+
+
+def _segmentation_layout(root: Path, per_structure: bool, structures: int) -> None:
+    rng = np.random.default_rng(2)
+    for split, count in (("train", 4), ("val", 2)):
+        for i in range(count):
+            image = rng.normal(30, 4, (64, 56))
+            label = np.zeros((64, 56), np.uint8)
+            for k in range(structures):
+                top = 4 + 12 * k + i
+                label[top:top + 9, 10 + 3 * k:40] = k + 1
+                image[label == k + 1] = 80 + 40 * k
+            _write_png(root / split / "images" / f"case{i}.png",
+                       np.clip(image, 0, 255).astype(np.uint8))
+            if per_structure:
+                for k, name in enumerate(LAT_STRUCTURES[:structures]):
+                    _write_png(root / split / "masks" / name / f"case{i}.png",
+                               ((label == k + 1) * 255).astype(np.uint8))
+            else:
+                _write_png(root / split / "masks" / f"case{i}.png", label)
+
+
+@pytest.mark.parametrize("per_structure", [False, True])
+def test_segmentation_layouts(tmp_path: Path, per_structure: bool) -> None:
+    root = tmp_path / "seg"
+    _segmentation_layout(root, per_structure, structures=5)
+    spec = SPECS["xray-spine-unet-lat"]
+    data = load_segmentation_folders(root, "train", spec)
+    assert data.images.shape == (4, 1, *spec.size)
+    assert data.targets.shape == (4, *spec.size)
+    assert set(np.unique(data.targets).tolist()) == {0, 1, 2, 3, 4, 5}
+    assert [t.shape for t in data.source_targets] == [(64, 56)] * 4
+
+
+def test_tissue_recipe_on_label_masks(tmp_path: Path) -> None:
+    root = tmp_path / "tissue"
+    _segmentation_layout(root, per_structure=False, structures=3)
+    card = train_recipe("xray-tissue-xnet", tmp_path / "out", root, Plan(steps=2))
+    assert card.labels == {0: "bone", 1: "soft_tissue", 2: "open_beam"}
+    assert card.outputs[0].shape == (-1, 3, *SPECS["xray-tissue-xnet"].size)
+    # Label 0 in a tissue mask means "not labelled" (tissue classes cover every pixel).
+    data = load_segmentation_folders(root, "train", SPECS["xray-tissue-xnet"])
+    assert data.targets.min() == -1 and data.targets.max() == 2
+    assert "dice_bone" in card.weights["metrics"]
+
+
+def test_missing_masks_are_reported(tmp_path: Path) -> None:
+    root = tmp_path / "seg"
+    _segmentation_layout(root, per_structure=False, structures=3)
+    (root / "train" / "masks" / "case1.png").unlink()
+    with pytest.raises(DatasetError, match="no mask for case1.png"):
+        load_segmentation_folders(root, "train", SPECS["xray-spine-unet-ap"])
+
+
+def test_recipes_registered_and_runnable(tmp_path: Path) -> None:
+    assert set(RECIPES) >= {"xray", *SPECS}
+    rng = np.random.default_rng(3)
+    root = tmp_path / "cspine"
+    for split in ("train", "val"):
+        for label in ("normal", "fracture", "dislocation"):
+            for i in range(3):
+                pixels = _spine_like(rng, label == "fracture")
+                if label == "dislocation":
+                    pixels[:30] = np.roll(pixels[:30], 4, axis=1)
+                _write_png(root / split / label / f"{i}.png", pixels)
+    out = tmp_path / "out"
+    summary = run_recipe("xray-cspine-classifier",
+                         TrainOptions(data=root, out=out,
+                                      epochs=1, threads=1, progress=False))
+    assert summary["cards"] == [str(out / "xray-cspine-classifier" / "model.yaml")]
+    assert "xray-cspine-classifier.auc_dislocation" in summary["metrics"]
+    assert (out / "xray-cspine-classifier" / "model.pt").is_file()
+
+
+def test_quick_phantom_recipe(tmp_path: Path) -> None:
+    summary = run_recipe("xray-spine-unet-lat",
+                         TrainOptions(out=tmp_path, quick=True, threads=1, progress=False))
+    card = ModelCard.load(tmp_path / "xray-spine-unet-lat")
+    assert card.trained_on.startswith("synthetic phantoms (spine-node inference.phantoms DRRs")
+    assert card.labels[0] == "background" and len(card.labels) == 6
+    assert "xray-spine-unet-lat.dice_mean" in summary["metrics"]
+
+
+def test_metric_helpers() -> None:
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert roc_auc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    assert dice(a, a) == 1.0
+    assert dice(a, ~a) == 0.0
