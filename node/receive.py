@@ -79,6 +79,8 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_INVALID_UID = 0xC220
 STATUS_INSTANCE_UID_MISMATCH = 0xC221
 
+_RECV_CHUNK = 1 << 20
+
 _HEADER_TAGS = (
     "SOPClassUID",
     "SOPInstanceUID",
@@ -142,19 +144,22 @@ class _FastSocket(AssociationSocket):
     """pynetdicom's socket, reading a PDU with a few large ``recv_into`` calls.
 
     The stock ``recv`` reads 4 KiB per call and grows a bytearray; for a 512x512 CT slice
-    that is over a hundred Python-level calls per instance on the receive hot path.
+    that is over a hundred Python-level calls per instance on the receive hot path. The
+    buffer grows as data arrives (never allocated from the length a peer claims).
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        buffer = bytearray()
         nr_read = 0
         while nr_read < nr_bytes:
-            count = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if nr_read == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - nr_read, max(_RECV_CHUNK, nr_read))))
+            with memoryview(buffer) as view:
+                count = sock.recv_into(view[nr_read:])
             if not count:  # connection closed: return what we have, as the stock recv does
-                del view
-                return buffer[:nr_read]
+                del buffer[nr_read:]
+                return buffer
             nr_read += count
         return buffer
 
