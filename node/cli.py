@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -21,8 +22,9 @@ app.add_typer(series_app, name="series")
 app.add_typer(audit_app, name="audit")
 app.add_typer(routes_app, name="routes")
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (scripts, logs) gets wide lines so full UIDs are never cut.
+console = Console(width=None if sys.stdout.isatty() else 250)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
 
 ConfigOption = Annotated[
     Path | None,
@@ -215,6 +217,8 @@ def series_list(
         query = query.where(Series.state == state)
     table = Table("series UID", "study UID", "modality", "body part", "view", "instances",
                   "state", "last instance")
+    for column in table.columns[:2]:
+        column.overflow = "fold"
     with db.session() as session:
         for row in session.scalars(query):
             table.add_row(row.series_uid, row.study_uid, row.modality, row.body_part,
