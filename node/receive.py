@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -40,7 +40,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 from node import metrics
 from node.assemble import InstanceInfo, SeriesTracker
@@ -48,6 +48,7 @@ from node.audit import Association, Database, record_event, utcnow
 from node.config import Settings, TLSSettings
 from node.errors import InvalidUIDError, OutOfSpaceError, SpoolError
 from node.spool import Spool
+from node.transport import FastRequestHandler
 from node.uids import validate_uid
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,6 @@ STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_INVALID_UID = 0xC220
 STATUS_INSTANCE_UID_MISMATCH = 0xC221
-
-_RECV_CHUNK = 1 << 20
 
 _HEADER_TAGS = (
     "SOPClassUID",
@@ -138,37 +137,6 @@ class _AssocStats:
     received: int = 0
     failed: int = 0
     bytes: int = 0
-
-
-class _FastSocket(AssociationSocket):
-    """pynetdicom's socket, reading a PDU with a few large ``recv_into`` calls.
-
-    The stock ``recv`` reads 4 KiB per call and grows a bytearray; for a 512x512 CT slice
-    that is over a hundred Python-level calls per instance on the receive hot path. The
-    buffer grows as data arrives (never allocated from the length a peer claims).
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        sock = cast(socket.socket, self.socket)
-        buffer = bytearray()
-        nr_read = 0
-        while nr_read < nr_bytes:
-            if nr_read == len(buffer):
-                buffer.extend(bytes(min(nr_bytes - nr_read, max(_RECV_CHUNK, nr_read))))
-            with memoryview(buffer) as view:
-                count = sock.recv_into(view[nr_read:])
-            if not count:  # connection closed: return what we have, as the stock recv does
-                del buffer[nr_read:]
-                return buffer
-            nr_read += count
-        return buffer
-
-
-class _FastRequestHandler(RequestHandler):
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        assoc.dul.socket.__class__ = _FastSocket
-        return assoc
 
 
 class _FilteringServer(ThreadedAssociationServer):
@@ -279,7 +247,7 @@ class Receiver:
             ssl_context=ssl_context,
             evt_handlers=self.handlers(),
             server_class=_FilteringServer,
-            request_handler=_FastRequestHandler,
+            request_handler=FastRequestHandler,
         )
         server.node_receiver = self
         thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)

@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.receive import _FastSocket
+from node.transport import FastSocket
 from node.uids import derive_uid
 from tests.dicom_factory import real_ct
 from tests.nodeproc import NodeProcess, wait_for
@@ -88,7 +88,7 @@ def test_200mb_multiframe_is_received_intact_without_holding_it_in_memory(tmp_pa
 @pytest.mark.parametrize("pieces", [[b"a" * 10], [b"ab", b"cdefgh", b"ij"], [b"x" * 3_000_000]])
 def test_fast_socket_reads_exactly_what_was_asked(pieces):
     left, right = socket.socketpair()
-    sock = _FastSocket.__new__(_FastSocket)
+    sock = FastSocket.__new__(FastSocket)
     sock.socket = left
     payload = b"".join(pieces)
 
