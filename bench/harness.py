@@ -187,13 +187,18 @@ def node_serve(data_dir: Path, *, args: Sequence[str] = (), env: dict[str, str] 
 
 
 @contextmanager
-def dcmtk_storescp(out_dir: Path) -> Iterator[Served]:
-    """DCMTK storescp with Nagle off (TCP_NODELAY=1), writing every instance to ``out_dir``."""
+def dcmtk_storescp(out_dir: Path, fork: bool = False) -> Iterator[Served]:
+    """DCMTK storescp with Nagle off (TCP_NODELAY=1), writing every instance to ``out_dir``.
+
+    ``fork``: one child process per association (``--fork``), storescp's way of serving
+    several associations at once; without it, associations are served one after another.
+    """
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     port = free_port()
     proc = subprocess.Popen(
-        [dcmtk("storescp"), "-aet", "STORESCP", "-od", str(out_dir), "+xa", "-pm", str(port)],
+        [dcmtk("storescp"), "-aet", "STORESCP", "-od", str(out_dir), "+xa", *(["--fork"] if fork else []),
+         "-pm", str(port)],
         env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, proc)

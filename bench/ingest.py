@@ -5,11 +5,12 @@ little endian, about 0.5 MB each) are pushed with DCMTK storescu:
 
 * over one association to ``spine-node serve`` and to ``storescp`` (Nagle off), alternating
   which goes first in each round;
-* over ``--parallel`` associations (one storescu process each) to ``serve --processes N``.
+* over ``--parallel`` associations (one storescu process each) to
+  ``serve --processes N`` for each N given, and to ``storescp --fork``.
 
 Run from the repository root::
 
-    python -m bench.ingest --instances 500 --rounds 3 --parallel 4 --processes 2
+    python -m bench.ingest --instances 500 --rounds 3 --parallel 4 --processes 1 2 4
 
 Figures (medians over the rounds) go to bench/RESULTS.md, section "Ingest".
 """
@@ -38,7 +39,7 @@ def _count(folder: Path) -> int:
 
 
 def run_node(work: Path, folders: list[Path], processes: int, expected: int) -> float:
-    args = ["--processes", str(processes)] if processes > 1 else []
+    args = ["--processes", str(processes)]
     with node_serve(work / "node", args=args) as node:
         seconds = push(folders, node.port, "SPINE_NODE")
     stored = _count(work / "node" / "spool")
@@ -48,7 +49,7 @@ def run_node(work: Path, folders: list[Path], processes: int, expected: int) -> 
 
 
 def run_storescp(work: Path, folders: list[Path], expected: int) -> float:
-    with dcmtk_storescp(work / "storescp") as scp:
+    with dcmtk_storescp(work / "storescp", fork=len(folders) > 1) as scp:
         seconds = push(folders, scp.port, "STORESCP")
     stored = sum(1 for p in (work / "storescp").iterdir() if p.is_file())
     if stored != expected:
@@ -60,8 +61,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--parallel", type=int, default=4, help="associations in the parallel run")
-    parser.add_argument("--processes", type=int, default=2, help="serve --processes for the parallel run")
+    parser.add_argument("--parallel", type=int, default=4, help="associations in the parallel runs")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4],
+                        help="serve --processes values for the parallel runs")
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     opts = parser.parse_args()
@@ -72,60 +74,63 @@ def main() -> None:
         size_mb = sum(p.stat().st_size for p in files) / 1e6
         single = split_into(files, 1, work / "data" / "single")
         parallel = split_into(files, opts.parallel, work / "data" / "parallel")
-        node1: list[float] = []
-        scp1: list[float] = []
-        nodep: list[float] = []
-        scpp: list[float] = []
+        runs: dict[str, list[float]] = {"node1": [], "scp1": [], "scpp": []}
+        for processes in opts.processes:
+            runs[f"nodep{processes}"] = []
         for round_ in range(opts.rounds):
-            order = ["node", "scp"] if round_ % 2 == 0 else ["scp", "node"]
-            for who in order:
-                if who == "node":
-                    node1.append(run_node(work, single, 1, opts.instances))
+            # Alternate the order within each round so drift in machine load hits both sides.
+            order = ["node1", "scp1", *[f"nodep{p}" for p in opts.processes], "scpp"]
+            if round_ % 2:
+                order.reverse()
+            for key in order:
+                if key == "node1":
+                    seconds = run_node(work, single, 1, opts.instances)
+                elif key == "scp1":
+                    seconds = run_storescp(work, single, opts.instances)
+                elif key == "scpp":
+                    seconds = run_storescp(work, parallel, opts.instances)
                 else:
-                    scp1.append(run_storescp(work, single, opts.instances))
-            nodep.append(run_node(work, parallel, opts.processes, opts.instances))
-            scpp.append(run_storescp(work, parallel, opts.instances))
-            print(f"round {round_ + 1}: node 1 assoc {opts.instances / node1[-1]:.0f}/s, "
-                  f"storescp 1 assoc {opts.instances / scp1[-1]:.0f}/s, "
-                  f"node {opts.parallel} assoc x {opts.processes} proc {opts.instances / nodep[-1]:.0f}/s, "
-                  f"storescp {opts.parallel} assoc {opts.instances / scpp[-1]:.0f}/s", flush=True)
+                    seconds = run_node(work, parallel, int(key[5:]), opts.instances)
+                runs[key].append(seconds)
+            print(f"round {round_ + 1}: " + ", ".join(f"{k} {opts.instances / v[-1]:.0f}/s" for k, v in runs.items()),
+                  flush=True)
 
-        def rate(seconds: list[float]) -> float:
-            return opts.instances / median(seconds)
+        def rate(key: str) -> float:
+            return opts.instances / median(runs[key])
 
-        def all_rates(seconds: list[float]) -> str:
-            return ", ".join(f"{opts.instances / s:.0f}" for s in seconds)
+        def each(key: str) -> str:
+            return ", ".join(f"{opts.instances / s:.0f}" for s in runs[key])
 
-        r_node1, r_scp1, r_nodep, r_scpp = rate(node1), rate(scp1), rate(nodep), rate(scpp)
-        table = "\n".join([
-            "| receiver | associations | instances/s (median) | MB/s | each round |",
-            "| --- | --- | --- | --- | --- |",
-            f"| spine-node serve | 1 | {r_node1:.0f} | {r_node1 * size_mb / opts.instances:.0f} | {all_rates(node1)} |",
-            f"| DCMTK storescp (TCP_NODELAY=1) | 1 | {r_scp1:.0f} | {r_scp1 * size_mb / opts.instances:.0f} "
-            f"| {all_rates(scp1)} |",
-            f"| spine-node serve --processes {opts.processes} | {opts.parallel} | {r_nodep:.0f} "
-            f"| {r_nodep * size_mb / opts.instances:.0f} | {all_rates(nodep)} |",
-            f"| DCMTK storescp (TCP_NODELAY=1) | {opts.parallel} | {r_scpp:.0f} "
-            f"| {r_scpp * size_mb / opts.instances:.0f} | {all_rates(scpp)} |",
-        ])
-        summary = (
-            f"- node / storescp, one association: **{r_node1 / r_scp1:.2f}x** (target >= 1.2x)\n"
-            f"- node with {opts.parallel} associations and {opts.processes} receive processes / node with one "
-            f"association: **{r_nodep / r_node1:.2f}x** (target >= 3x)\n"
-        )
+        per_mb = size_mb / opts.instances
+        lines = ["| receiver | associations | instances/s (median) | MB/s | each round |",
+                 "| --- | --- | --- | --- | --- |",
+                 f"| spine-node serve | 1 | {rate('node1'):.0f} | {rate('node1') * per_mb:.0f} | {each('node1')} |",
+                 f"| DCMTK storescp (TCP_NODELAY=1) | 1 | {rate('scp1'):.0f} | {rate('scp1') * per_mb:.0f} "
+                 f"| {each('scp1')} |"]
+        for processes in opts.processes:
+            key = f"nodep{processes}"
+            lines.append(f"| spine-node serve --processes {processes} | {opts.parallel} | {rate(key):.0f} "
+                         f"| {rate(key) * per_mb:.0f} | {each(key)} |")
+        lines.append(f"| DCMTK storescp --fork (TCP_NODELAY=1) | {opts.parallel} | {rate('scpp'):.0f} "
+                     f"| {rate('scpp') * per_mb:.0f} | {each('scpp')} |")
+        table = "\n".join(lines)
+        summary = f"- node / storescp, one association: **{rate('node1') / rate('scp1'):.2f}x** (target >= 1.2x)\n"
+        for processes in opts.processes:
+            summary += (f"- node, {opts.parallel} associations, {processes} receive process(es) / node, one "
+                        f"association: **{rate(f'nodep{processes}') / rate('node1'):.2f}x** (target >= 3x)\n")
         print(table)
         print(summary)
         if not opts.no_write:
             write_section("Ingest", (
                 f"Command: `python -m bench.ingest --instances {opts.instances} --rounds {opts.rounds} "
-                f"--parallel {opts.parallel} --processes {opts.processes}`\n\n"
+                f"--parallel {opts.parallel} --processes {' '.join(map(str, opts.processes))}`\n\n"
                 f"Machine: {machine()}.\n\n"
                 f"{opts.instances} instances of a real 512x512 CT slice (pydicom-data `693_UNCR.dcm`, "
-                f"explicit VR little endian, {size_mb / opts.instances:.2f} MB each), pushed with DCMTK "
-                "`storescu` (`TCP_NODELAY=1`), timed from the first storescu start to the last storescu "
-                "exit; the node answers each C-STORE only after the file is fsynced and renamed into the "
-                "spool, storescp (`-od DIR +xa`) does not fsync. Node and storescp alternate within each "
-                f"round; medians of {opts.rounds} rounds.\n\n{table}\n\n{summary}"))
+                f"explicit VR little endian, {per_mb:.2f} MB each), pushed with DCMTK `storescu` "
+                "(`TCP_NODELAY=1`), timed from the first storescu start to the last storescu exit. The node "
+                "answers each C-STORE only after the file is fsynced and renamed into the spool; storescp "
+                "(`-od DIR +xa`) does not fsync. Each run starts a fresh receiver; the order of the runs is "
+                f"reversed every other round; medians of {opts.rounds} rounds.\n\n{table}\n\n{summary}"))
     finally:
         if opts.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

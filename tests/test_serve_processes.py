@@ -94,3 +94,41 @@ def test_study_over_parallel_associations_to_multiprocess_serve(tmp_path, databa
     # Stopping serve stops its receive processes: nothing listens on the port any more.
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", node.port)) != 0
+
+
+def receive_children(parent_pid: int) -> set[int]:
+    """Pids of the receive processes of a serve (its spawned children, not the resource tracker)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent_pid and b"spawn_main" in cmdline:
+            children.add(int(stat.parent.name))
+    return children
+
+
+def test_a_killed_receive_process_is_replaced(tmp_path):
+    import signal
+
+    study = write_study(tmp_path / "in", seed="replaced", series=1, per_series=5)
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    with NodeProcess(tmp_path / "node", url, args=("--processes", "2")) as node:
+        assert node.proc is not None
+        first = wait_for(lambda: len(receive_children(node.proc.pid)) == 2 and receive_children(node.proc.pid))
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        second = wait_for(lambda: (kids := receive_children(node.proc.pid)) and len(kids) == 2
+                          and victim not in kids and kids, timeout=30)
+        assert len(second & first) == 1
+        push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "SPINE_NODE", "+sd",
+                               "127.0.0.1", str(node.port), str(tmp_path / "in")],
+                              capture_output=True, text=True, timeout=120)
+        assert push.returncode == 0, push.stderr
+        (series_uid, files), = study.items()
+        rows = wait_for(lambda: [r for r in _rows(url, Series) if r.instance_count == len(files)], timeout=30)
+        assert rows[0].series_uid == series_uid
+        assert "restarting" in node.log()
+    assert not receive_children(node.proc.pid)
