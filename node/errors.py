@@ -33,6 +33,10 @@ class PipelineError(NodeError):
     """A pipeline could not turn its input into findings (bad input, model failure)."""
 
 
+class ResultsError(NodeError):
+    """Findings could not be encoded as DICOM (SEG, SR) or written to the results folder."""
+
+
 class DispatchError(NodeError):
     """A result could not be sent to a destination."""
 
