@@ -65,8 +65,10 @@ def machine() -> str:
         mem_gb = int(re.findall(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[0]) / 2**20
     except (OSError, IndexError):
         pass
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     return (f"{os.cpu_count()} CPU cores ({cpu}), {mem_gb:.0f} GiB RAM, no GPU, "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
+            f"load average {load} (1, 5, 15 min) when the figures were written")
 
 
 # -- test data ---------------------------------------------------------------------------
@@ -142,6 +144,21 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
             proc.wait()
 
 
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live children, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command: state, ppid, ... utime is field 14 and stime 15 of the full line.
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 @dataclass
 class Served:
     port: int
@@ -149,10 +166,11 @@ class Served:
     data_dir: Path
 
 
-def node_env(data_dir: Path, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+def node_env(data_dir: Path, port: int, extra: dict[str, str] | None = None,
+             repo: Path = REPO) -> dict[str, str]:
     return {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(repo),
         "SPINE_NODE_DICOM__HOST": "127.0.0.1",
         "SPINE_NODE_DICOM__PORT": str(port),
         "SPINE_NODE_STORAGE__DATA_DIR": str(data_dir),
@@ -169,15 +187,18 @@ def node_env(data_dir: Path, port: int, extra: dict[str, str] | None = None) -> 
 
 @contextmanager
 def node_serve(data_dir: Path, *, args: Sequence[str] = (), env: dict[str, str] | None = None,
-               fresh: bool = True) -> Iterator[Served]:
-    """A real ``spine-node serve`` (``python -m node.cli serve``) on a free port."""
+               fresh: bool = True, repo: Path = REPO) -> Iterator[Served]:
+    """A real ``spine-node serve`` (``python -m node.cli serve``) on a free port.
+
+    ``repo``: the checkout to run (another revision, for before/after comparisons).
+    """
     if fresh:
         shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = (data_dir / "serve.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", *args], cwd=REPO,
-                            env=node_env(data_dir, port, env), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", *args], cwd=repo,
+                            env=node_env(data_dir, port, env, repo), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_listening(port, proc)
         yield Served(port, proc, data_dir)

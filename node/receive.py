@@ -148,7 +148,7 @@ class _FilteringServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         # pynetdicom's server_bind sets only SO_REUSEADDR and ignores allow_reuse_port.
-        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
