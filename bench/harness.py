@@ -255,14 +255,18 @@ def median(values: Sequence[float]) -> float:
 
 
 def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section ``## name`` of bench/RESULTS.md."""
-    text = RESULTS.read_text() if RESULTS.exists() else (
-        "# Benchmark results\n\nWritten by the scripts in bench/; each section says how it was made.\n")
-    header = f"## {name}\n"
-    section = header + "\n" + body.strip() + "\n"
-    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text).rstrip() + "\n"
+    """Replace (or append) this benchmark's section of bench/RESULTS.md, between markers.
+
+    Other benchmarks' sections (each between its own ``<!-- ...: begin/end -->`` markers)
+    and hand-written text are kept as they are.
+    """
+    begin, end = f"<!-- bench {name}: begin -->", f"<!-- bench {name}: end -->"
+    section = f"{begin}\n## {name}\n\n{body.strip()}\n{end}\n"
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
     else:
-        text = text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text)
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text, encoding="utf-8")

@@ -43,14 +43,30 @@ class ModelCard:
     intended_use: str
     clinical_use: bool = False
     folder: Path = field(default=Path("."), compare=False)
+    # Torch architecture for the reference backend: {"name": registered name, "kwargs": {...}}
+    # (see inference.models.architecture); None when the model ships ONNX only.
+    architecture: dict[str, Any] | None = None
 
     @property
     def onnx_path(self) -> Path:
         return self.folder / "model.onnx"
 
     @property
+    def state_dict_path(self) -> Path:
+        """Torch weights for the reference backend (optional)."""
+        return self.folder / "model.pt"
+
+    @property
     def trained_on(self) -> str:
         return str(self.weights.get("trained_on", ""))
+
+    def input(self, name: str | None = None) -> TensorSpec:
+        """The input called ``name`` (default: the only input)."""
+        return _pick(self.inputs, name, "input", self.name)
+
+    def output(self, name: str | None = None) -> TensorSpec:
+        """The output called ``name`` (default: the only output)."""
+        return _pick(self.outputs, name, "output", self.name)
 
     @classmethod
     def from_dict(cls, data: Any, folder: Path = Path(".")) -> ModelCard:
@@ -93,6 +109,9 @@ class ModelCard:
                 if dtype not in DTYPES:
                     raise ModelCardError(f"{where}: {key}[{i}].dtype {dtype!r} not one of {DTYPES}")
                 specs.append(TensorSpec(str(item["name"]), tuple(shape), dtype))
+            names = [spec.name for spec in specs]
+            if len(set(names)) != len(names):
+                raise ModelCardError(f"{where}: '{key}' has duplicate tensor names {names}")
             return tuple(specs)
 
         labels_raw = need("labels", dict)
@@ -106,6 +125,7 @@ class ModelCard:
         clinical = data.get("clinical_use", False)
         if not isinstance(clinical, bool):
             raise ModelCardError(f"{where}: clinical_use must be true or false")
+        architecture = _architecture(data.get("architecture"), where)
         return cls(
             name=name,
             version=version,
@@ -119,6 +139,7 @@ class ModelCard:
             intended_use=need("intended_use", str),
             clinical_use=clinical,
             folder=folder,
+            architecture=architecture,
         )
 
     @classmethod
@@ -139,13 +160,14 @@ class ModelCard:
             "version": self.version,
             "task": self.task,
             "description": self.description,
-            "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.inputs],
-            "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.outputs],
+            "inputs": [_spec_dict(t) for t in self.inputs],
+            "outputs": [_spec_dict(t) for t in self.outputs],
             "labels": dict(self.labels),
             "preprocessing": self.preprocessing,
             "weights": self.weights,
             "intended_use": self.intended_use,
             "clinical_use": self.clinical_use,
+            **({"architecture": self.architecture} if self.architecture is not None else {}),
         }
 
     def save(self, folder: Path | str) -> Path:
@@ -154,3 +176,45 @@ class ModelCard:
         path = folder / "model.yaml"
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
         return path
+
+
+def _spec_dict(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype}
+
+
+def _pick(
+    specs: tuple[TensorSpec, ...], name: str | None, kind: str, model: str
+) -> TensorSpec:
+    if name is None:
+        if len(specs) != 1:
+            raise ModelCardError(f"model {model!r} has {len(specs)} {kind}s "
+                                 f"({', '.join(s.name for s in specs)}); name one")
+        return specs[0]
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise ModelCardError(f"model {model!r} has no {kind} {name!r}; "
+                         f"it has {', '.join(s.name for s in specs)}")
+
+
+def _architecture(value: Any, where: str) -> dict[str, Any] | None:
+    """``architecture: unet3d`` or ``{name: unet3d, kwargs: {...}}`` -> normalised dict."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ModelCardError(f"{where}: field 'architecture' must be a name or a mapping "
+                             f"with 'name' and 'kwargs', got {type(value).__name__}")
+    name = value.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ModelCardError(f"{where}: architecture.name must be a registered architecture "
+                             f"name (lower-case letters, digits, - _), got {name!r}")
+    kwargs = value.get("kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ModelCardError(f"{where}: architecture.kwargs must map argument names to values")
+    extra = set(value) - {"name", "kwargs"}
+    if extra:
+        raise ModelCardError(f"{where}: architecture has unknown keys {sorted(extra)}; "
+                             "expected 'name' and 'kwargs'")
+    return {"name": name, "kwargs": dict(kwargs)}
