@@ -91,6 +91,8 @@ def write_ct_series(folder: Path, count: int, seed: str, *, start: int = 0) -> l
     template = real_ct_512()
     study_uid = derive_uid("bench-study", seed)
     series_uid = derive_uid(study_uid, "series")
+    # The source file has no Frame of Reference; a CT series needs one (SEG results refer to it).
+    template.FrameOfReferenceUID = derive_uid(study_uid, "frame-of-reference")
     x, y, z = (float(v) for v in template.ImagePositionPatient)
     paths = []
     for index in range(start, start + count):
@@ -235,7 +237,7 @@ def push(folders: Sequence[Path], port: int, called_ae: str, timeout: float = 60
     """
     env = {**os.environ, "TCP_NODELAY": "1"}
     start = time.perf_counter()
-    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "BENCH", "-aec", called_ae, "+sd",
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "BENCH", "-aec", called_ae, "+sd", "+r",
                                "127.0.0.1", str(port), str(folder)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for folder in folders]
