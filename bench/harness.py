@@ -71,6 +71,36 @@ def machine() -> str:
             f"load average {load} (1, 5, 15 min) when the figures were written")
 
 
+def _spin(iterations: int) -> float:
+    start = time.perf_counter()
+    total = 0
+    for value in range(iterations):
+        total += value * value
+    return time.perf_counter() - start
+
+
+def cpu_scaling(processes: int = 2, iterations: int = 3_000_000, repeats: int = 3) -> float:
+    """How much more CPU-bound work ``processes`` busy processes get done than one, now.
+
+    2.0 means two free cores. On a shared machine (and with the kernel's autogroup
+    scheduling, which shares CPU per session, not per process) it can be far lower; the
+    benchmarks print it so parallel figures can be read against it.
+    """
+    import multiprocessing
+
+    ratios = []
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pool.map(_spin, [iterations])
+            one = time.perf_counter() - start
+            start = time.perf_counter()
+            pool.map(_spin, [iterations] * processes, chunksize=1)
+            many = time.perf_counter() - start
+            ratios.append(processes * one / many)
+    return statistics.median(ratios)
+
+
 # -- test data ---------------------------------------------------------------------------
 def real_ct_512() -> Dataset:
     """A real 512x512 16-bit CT slice shipped with pydicom-data (693_UNCR.dcm), uncompressed."""

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bench.harness import (
     REPO,
+    cpu_scaling,
     dcmtk_storescp,
     machine,
     median,
@@ -86,6 +87,8 @@ def main() -> None:
         size_mb = sum(p.stat().st_size for p in files) / 1e6
         single = split_into(files, 1, work / "data" / "single")
         parallel = split_into(files, opts.parallel, work / "data" / "parallel")
+        scaling = [cpu_scaling(2)]
+        print(f"CPU calibration: 2 busy processes do {scaling[0]:.2f}x the work of one", flush=True)
         runs: dict[str, list[float]] = {"node1": [], "scp1": [], "scpp": []}
         if opts.compare_with:
             runs["base1"] = []
@@ -113,6 +116,8 @@ def main() -> None:
                 cpu.setdefault(key, []).append(cpu_s)
             print(f"round {round_ + 1}: " + ", ".join(f"{k} {opts.instances / v[-1]:.0f}/s" for k, v in runs.items()),
                   flush=True)
+
+        scaling.append(cpu_scaling(2))
 
         def rate(key: str) -> float:
             return opts.instances / median(runs[key])
@@ -147,6 +152,8 @@ def main() -> None:
         for processes in opts.processes:
             summary += (f"- node, {opts.parallel} associations, {processes} receive process(es) / node, one "
                         f"association: **{rate(f'nodep{processes}') / rate('node1'):.2f}x** (target >= 3x)\n")
+        summary += (f"- CPU calibration in the same session: 2 busy processes did {scaling[0]:.2f}x (before) and "
+                    f"{scaling[1]:.2f}x (after) the work of one (2.0x = two free cores)\n")
         print(table)
         print(summary)
         if not opts.no_write:
