@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -84,14 +85,34 @@ class SeriesTracker:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        self.flush()
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - the files are safe in the spool
+            log.warning("series counts of %d series not written at stop (%s); they are rebuilt from "
+                        "the spool at the next start", self.pending_series, type(exc).__name__)
 
     def _run(self) -> None:
+        failing_since: float | None = None
         while not self._stop.wait(self.flush_interval_s):
             try:
                 self.flush()
-            except Exception:
-                log.exception("series flush failed; will retry")
+            except Exception as exc:  # noqa: BLE001 - counts stay in memory; retried next time
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("cannot write series counts to the database (%s: %s); keeping them in "
+                                "memory and retrying every %.1fs", type(exc).__name__,
+                                str(exc).splitlines()[0][:200] if str(exc) else "", self.flush_interval_s)
+                continue
+            if failing_since is not None:
+                log.warning("database reachable again after %.0fs; series counts written",
+                            time.monotonic() - failing_since)
+                failing_since = None
+
+    @property
+    def pending_series(self) -> int:
+        """Series with counts not yet written to the database."""
+        with self._lock:
+            return len(self._pending)
 
     def flush(self) -> int:
         """Write pending counts; returns the number of series written."""

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from inference.card import ModelCard, TensorSpec
     from inference.repository import ModelRepository
 
-app = typer.Typer(help="spine-node: a DICOM listener node for spine AI.", no_args_is_help=True)
+# Never show local variables in tracebacks: they hold settings with database passwords.
+app = typer.Typer(help="spine-node: a DICOM listener node for spine AI.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 series_app = typer.Typer(help="Series in the spool.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
@@ -64,7 +66,12 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     from node.db_migrate import upgrade
 
     cfg = settings()
-    upgrade(cfg.database_url, revision)
+    try:
+        upgrade(cfg.database_url, revision)
+    except Exception as exc:  # connection refused, bad credentials, unknown revision, ...
+        err_console.print(f"[red]error:[/red] cannot migrate database {redact_url(cfg.database_url)}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        raise typer.Exit(2) from None
     console.print(f"database {redact_url(cfg.database_url)} is at revision {revision}")
 
 
@@ -72,7 +79,13 @@ def _database(cfg: Settings):  # type: ignore[no-untyped-def]
     from node.audit import Database
 
     db = Database(cfg.database_url)
-    if not db.is_current():
+    try:
+        current = db.is_current()
+    except Exception as exc:  # connection refused, bad credentials, ...
+        err_console.print(f"[red]error:[/red] cannot use database {redact_url(cfg.database_url)}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        raise typer.Exit(2) from None
+    if not current:
         err_console.print(
             f"[red]error:[/red] database {redact_url(cfg.database_url)} has no schema; "
             "run 'spine-node db upgrade' (or start 'spine-node serve' once)"
@@ -180,7 +193,12 @@ def status() -> None:
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 5
     host = "127.0.0.1" if cfg.dicom.host in ("0.0.0.0", "::") else cfg.dicom.host
-    assoc = ae.associate(host, cfg.dicom.port, ae_title=cfg.dicom.ae_title)
+    tls_args = None
+    if cfg.dicom.tls.enabled:
+        from node.receive import probe_ssl_context
+
+        tls_args = (probe_ssl_context(cfg.dicom.tls), None)
+    assoc = ae.associate(host, cfg.dicom.port, ae_title=cfg.dicom.ae_title, tls_args=tls_args)
     up = False
     if assoc.is_established:
         rsp = assoc.send_c_echo()

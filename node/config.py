@@ -143,6 +143,11 @@ class StorageSettings(BaseModel):
     results_dir: Path | None = None
     # Receive answers 0xA700 (out of resources) below this much free space.
     min_free_mb: int = 512
+    # Retention (both off by default): delete routed or skipped series whose jobs are all
+    # finished once they are older than retention_days, and, oldest first, whenever the
+    # spool volume has less than emergency_free_mb free. Every deletion is audited.
+    retention_days: float = 0.0
+    emergency_free_mb: int = 0
 
     @model_validator(mode="after")
     def _derive(self) -> StorageSettings:
@@ -152,6 +157,13 @@ class StorageSettings(BaseModel):
             self.results_dir = self.data_dir / "results"
         if self.min_free_mb < 0:
             raise ValueError(f"storage.min_free_mb must be >= 0, got {self.min_free_mb}")
+        if self.retention_days < 0 or self.emergency_free_mb < 0:
+            raise ValueError("storage.retention_days and storage.emergency_free_mb must be >= 0")
+        if self.emergency_free_mb and self.emergency_free_mb <= self.min_free_mb:
+            raise ValueError(
+                f"storage.emergency_free_mb ({self.emergency_free_mb}) must be above storage.min_free_mb "
+                f"({self.min_free_mb}), so old series are cleaned before receive refuses instances"
+            )
         return self
 
     @property

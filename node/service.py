@@ -32,6 +32,7 @@ from node.audit import Database
 from node.config import Settings
 from node.errors import NodeError
 from node.receive import Receiver
+from node.retention import RetentionCleaner
 from node.route import route_study
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class NodeService:
         self.assembler = Assembler(self.db, settings.assembly, on_complete=self._route)
         self.tick_hooks = list(tick_hooks or [])
         self.metrics_server: Any = None
+        cleaner = RetentionCleaner(settings.storage)
+        if cleaner.enabled:
+            self.tick_hooks.append(cleaner)
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
 

@@ -96,6 +96,67 @@ class Spool:
             raise SpoolError(f"cannot move instance into spool: {exc.strerror}") from exc
         return target
 
+    def adopt_instance(self, study_uid: str, series_uid: str, sop_uid: str, temp_file: Path) -> tuple[Path, bool]:
+        """Like :meth:`adopt`; also says whether an instance of that UID was replaced.
+
+        New instances are hard-linked into place, which fails if the name exists: the
+        check and the placing are one step, so the same instance racing in on two
+        associations (or two receive processes) is counted once.
+        """
+        target = self.instance_path(study_uid, series_uid, sop_uid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            try:
+                os.link(temp_file, target)
+            except FileExistsError:
+                os.replace(temp_file, target)
+                return target, True
+            _unlink_quietly(str(temp_file))
+            return target, False
+        except OSError as exc:
+            raise SpoolError(f"cannot move instance into spool: {exc.strerror}") from exc
+
+    @property
+    def trash(self) -> Path:
+        """Where series wait to be deleted (same volume, skipped by :meth:`iter_series`)."""
+        return self.root / ".trash"
+
+    def discard_series(self, study_uid: str, series_uid: str) -> Path | None:
+        """Move a series folder out of the spool in one rename; returns its new place.
+
+        The rename is atomic, so a reader (or a crash) sees the series either whole in
+        the spool or gone; :meth:`empty_trash` deletes the files afterwards.
+        """
+        folder = self.series_dir(study_uid, series_uid)
+        if not folder.is_dir():
+            return None
+        self.trash.mkdir(parents=True, exist_ok=True)
+        target = Path(tempfile.mkdtemp(prefix=f"{series_uid}-", dir=self.trash))
+        try:
+            os.replace(folder, target / series_uid)
+        except OSError as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            raise SpoolError(f"cannot remove series {series_uid} from the spool: {exc.strerror}") from exc
+        try:
+            folder.parent.rmdir()  # the study folder, if that was its last series
+        except OSError:
+            pass
+        return target / series_uid
+
+    def restore_series(self, study_uid: str, series_uid: str, discarded: Path) -> None:
+        """Undo :meth:`discard_series`, keeping any instance received since."""
+        folder = self.series_dir(study_uid, series_uid)
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in discarded.iterdir():
+            if not (folder / item.name).exists():
+                os.replace(item, folder / item.name)
+        shutil.rmtree(discarded.parent, ignore_errors=True)
+
+    def empty_trash(self) -> None:
+        if self.trash.is_dir():
+            for item in self.trash.iterdir():
+                shutil.rmtree(item, ignore_errors=True)
+
     def iter_series(self) -> Iterator[tuple[str, str, Path]]:
         """Every (study UID, series UID, folder) in the spool."""
         if not self.root.is_dir():

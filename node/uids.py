@@ -34,11 +34,34 @@ def validate_uid(value: object, what: str = "UID") -> str:
     """
     if is_valid_uid(value):
         return str(value)
-    shown = repr(value)[:40]
     raise InvalidUIDError(
-        f"invalid {what} {shown}: expected digits and dots, no leading zeros, at most "
+        f"invalid {what} {_describe(value)}: expected digits and dots, no leading zeros, at most "
         f"{UID_MAX_LEN} characters"
     )
+
+
+def _describe(value: object) -> str:
+    """Say what is wrong with a bad UID without echoing it, unless it is only digits and dots.
+
+    A hostile or broken peer controls the value, and a device that builds UIDs from an
+    accession number or patient ID would put that into the log.
+    """
+    if not isinstance(value, str):
+        return f"(a {type(value).__name__}, not text)"
+    if not value:
+        return "(empty)"
+    if re.fullmatch(r"[0-9.]{1,80}", value):
+        return repr(value)
+    kinds = []
+    if "/" in value or ".." in value:
+        kinds.append("path characters")
+    if "\\" in value:
+        kinds.append("several values")
+    if any(ch.isalpha() for ch in value):
+        kinds.append("letters")
+    if any(not (ch.isalnum() or ch in "./\\") for ch in value):
+        kinds.append("other characters")
+    return f"({len(value)} characters, with {' and '.join(kinds) or 'misplaced dots'})"
 
 
 def derive_uid(*parts: str) -> str:

@@ -1,0 +1,262 @@
+"""Faults: a full disk, retention, and a database that is missing or goes away.
+
+The disk tests mount a small tmpfs for the spool (needs root; skipped with the reason
+otherwise), so "full" is a real full volume, not a simulated one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import create_engine, select, update
+from sqlalchemy.orm import Session
+
+from node.audit import AuditEvent, Job, Series
+from tests.dicom_factory import write_study
+from tests.nodeproc import REPO, NodeProcess, wait_for
+from tests.peers import dcmtk, free_port, postgres_database, postgres_url
+from tests.scu import association, echo_ok, store
+
+MiB = 1 << 20
+
+
+@pytest.fixture()
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for a real full disk needs root")
+    mount_point = tmp_path / "volume"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def _fill(volume: Path, leave_free: int) -> Path:
+    """Write a filler file so that about ``leave_free`` bytes stay free."""
+    filler = volume / "filler.bin"
+    free = os.statvfs(volume).f_bavail * os.statvfs(volume).f_frsize
+    with filler.open("ab") as out:
+        remaining = free - leave_free
+        while remaining > 0:
+            chunk = min(remaining, MiB)
+            out.write(b"\0" * chunk)
+            remaining -= chunk
+    return filler
+
+
+def _rows(url: str, model):  # type: ignore[no-untyped-def]
+    engine = create_engine(url)
+    try:
+        with Session(engine) as session:
+            return list(session.scalars(select(model)))
+    finally:
+        engine.dispose()
+
+
+def _instance_files(tmp_path: Path, seed: str, count: int = 4) -> dict[str, list[Path]]:
+    return write_study(tmp_path / seed, seed=seed, series=2, per_series=count // 2)
+
+
+def _node(tmp_path: Path, volume: Path, **env: str) -> NodeProcess:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    return NodeProcess(tmp_path / "node", url, env={
+        "SPINE_NODE_STORAGE__SPOOL_DIR": str(volume / "spool"), **env})
+
+
+def test_disk_below_floor_answers_out_of_resources_then_resumes(tmp_path: Path, small_volume: Path) -> None:
+    files = [p for paths in _instance_files(tmp_path, "floor").values() for p in paths]
+    with _node(tmp_path, small_volume, SPINE_NODE_STORAGE__MIN_FREE_MB="4") as node:
+        with association(node.port) as assoc:
+            assert store(assoc, files[0]) == 0
+            filler = _fill(small_volume, 3 * MiB)
+            time.sleep(0.7)  # the free-space check is cached for half a second
+            assert store(assoc, files[1]) == 0xA700
+            assert store(assoc, files[1]) == 0xA700
+            filler.unlink()
+            assert store(assoc, files[1]) == 0
+            assert store(assoc, files[2]) == 0
+        spool = small_volume / "spool"
+        stored = {p.name for p in spool.rglob("*.dcm")}
+        assert stored == {f"{dcmread(f).SOPInstanceUID}.dcm" for f in files[:3]}
+        assert not any((spool / ".incoming").iterdir())
+        refused = [e for e in _rows(node.database_url, AuditEvent) if e.kind == "instance.refused"]
+        assert len(refused) == 2 and all(e.details["status"] == "0xA700" for e in refused)
+
+
+def test_disk_actually_full_mid_write_is_a_status_not_a_crash(tmp_path: Path, small_volume: Path) -> None:
+    """No floor: the volume fills up while the data set is being written."""
+    files = [p for paths in _instance_files(tmp_path, "enospc").values() for p in paths]
+    with _node(tmp_path, small_volume, SPINE_NODE_STORAGE__MIN_FREE_MB="0") as node:
+        with association(node.port) as assoc:
+            assert store(assoc, files[0]) == 0
+            filler = _fill(small_volume, 8 * 1024)
+            status = store(assoc, files[1])
+            assert status == 0xA700, hex(status)
+            assert assoc.is_established
+        assert echo_ok(node.port)
+        filler.unlink()
+        spool = small_volume / "spool"
+        wait_for(lambda: not any((spool / ".incoming").iterdir()), timeout=30)
+        with association(node.port) as assoc:
+            assert store(assoc, files[1]) == 0
+            assert store(assoc, files[2]) == 0
+        assert len(list(spool.rglob("*.dcm"))) == 3
+        assert node.proc is not None and node.proc.poll() is None
+
+
+def _wait_states(url: str, expected: dict[str, str], timeout: float = 60) -> dict[str, Series]:
+    def done():  # type: ignore[no-untyped-def]
+        rows = {r.series_uid: r for r in _rows(url, Series)}
+        return all(uid in rows and rows[uid].state == state for uid, state in expected.items()) and rows
+    return wait_for(done, timeout=timeout)
+
+
+def test_emergency_cleaning_deletes_oldest_finished_series_only(tmp_path: Path, small_volume: Path) -> None:
+    study = _instance_files(tmp_path, "retention", count=8)
+    spine, chest = list(study)
+    with _node(tmp_path, small_volume, SPINE_NODE_STORAGE__MIN_FREE_MB="2",
+               SPINE_NODE_STORAGE__EMERGENCY_FREE_MB="8") as node:
+        push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1", str(node.port),
+                               str(tmp_path / "retention")], capture_output=True, text=True, timeout=120)
+        assert push.returncode == 0, push.stderr
+        _wait_states(node.database_url, {spine: "routed", chest: "skipped"})
+        spool = small_volume / "spool"
+        study_uid = dcmread(study[spine][0]).StudyInstanceUID
+        _fill(small_volume, 6 * MiB)
+        # The skipped series goes; the routed one stays while its job is queued.
+        wait_for(lambda: not (spool / study_uid / chest).exists(), timeout=30)
+        time.sleep(1.5)
+        assert (spool / study_uid / spine).is_dir()
+        engine = create_engine(node.database_url)
+        with engine.begin() as conn:  # the worker finished the job
+            conn.execute(update(Job).where(Job.series_uid == spine).values(state="succeeded"))
+        engine.dispose()
+        wait_for(lambda: not (spool / study_uid).exists(), timeout=30)
+        purged = [e for e in _rows(node.database_url, AuditEvent) if e.kind == "series.purged"]
+        assert [e.series_uid for e in purged] == [chest, spine]
+        assert all("below 8 MiB free" in e.message and e.details["instances"] == 4 for e in purged)
+        assert {r.series_uid for r in _rows(node.database_url, Series)} == set()
+        assert [j.state for j in _rows(node.database_url, Job)] == ["succeeded"]
+        # Still above the receive floor: the study can be sent again, and counts start afresh.
+        again = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1", str(node.port),
+                                str(tmp_path / "retention")], capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        rows = _wait_states(node.database_url, {spine: "routed"})
+        assert rows[spine].instance_count == 4
+
+
+def test_age_retention_deletes_old_series(tmp_path: Path) -> None:
+    study = _instance_files(tmp_path, "aged", count=4)
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    # 0.00003 days is about 2.6 seconds.
+    env = {"SPINE_NODE_STORAGE__RETENTION_DAYS": "0.00003"}
+    with NodeProcess(tmp_path / "node", url, env=env) as node:
+        push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1", str(node.port),
+                               str(tmp_path / "aged")], capture_output=True, text=True, timeout=120)
+        assert push.returncode == 0, push.stderr
+        chest = list(study)[1]
+        wait_for(lambda: [e for e in _rows(url, AuditEvent) if e.kind == "series.purged"
+                          and e.series_uid == chest], timeout=60)
+        purged = [e for e in _rows(url, AuditEvent) if e.kind == "series.purged"]
+        assert [e.series_uid for e in purged] == [chest]  # the spine series has a queued job
+        assert "older than 3e-05 days" in purged[0].message
+        assert not (node.data_dir / "spool" / purged[0].study_uid / chest).exists()
+
+
+# -- the database -------------------------------------------------------------------------
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_database_unreachable_at_start_exits_2_without_the_password(tmp_path: Path) -> None:
+    closed = free_port()
+    url = f"postgresql+psycopg2://spine:S3cretPassw0rd@127.0.0.1:{closed}/spine"
+    node = NodeProcess(tmp_path / "node", url)
+    for command in (("serve",), ("status",), ("series", "list"), ("audit", "tail"), ("db", "upgrade")):
+        done = _cli(node.env, *command)
+        output = done.stdout + done.stderr
+        assert done.returncode == 2, (command, output)
+        assert "cannot" in output and "database" in output and "127.0.0.1" in output, output
+        assert "S3cretPassw0rd" not in output and "Traceback" not in output, output
+        assert "spine:***@" in output.replace("\n", ""), output
+
+
+def test_database_outage_during_run_loses_no_instance(tmp_path: Path) -> None:
+    """PostgreSQL refuses connections for a while; receive goes on and counts catch up."""
+    from node.db_migrate import upgrade
+
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    study = _instance_files(tmp_path, "outage", count=8)
+    with postgres_database() as url:
+        upgrade(url)
+        name = url.rsplit("/", 1)[1]
+        admin = sqlalchemy.create_engine(postgres_url(), isolation_level="AUTOCOMMIT")
+
+        def connections(allowed: bool) -> None:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+                if not allowed:
+                    conn.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                         f"WHERE datname = '{name}'")
+        try:
+            with NodeProcess(tmp_path / "node", url) as node:
+                assert echo_ok(node.port)
+                connections(False)
+                try:
+                    push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1",
+                                           str(node.port), str(tmp_path / "outage")],
+                                          capture_output=True, text=True, timeout=120)
+                    assert push.returncode == 0, push.stderr
+                    assert echo_ok(node.port)
+                    time.sleep(2)  # several flush attempts fail meanwhile
+                    spool = node.data_dir / "spool"
+                    assert len(list(spool.rglob("*.dcm"))) == 8
+                finally:
+                    connections(True)
+                rows = _wait_states(url, {uid: state for uid, state in zip(study, ("routed", "skipped"), strict=True)})
+                assert [rows[uid].instance_count for uid in study] == [4, 4]
+                assert "cannot write series counts" in node.log()
+                assert "database reachable again" in node.log()
+        finally:
+            admin.dispose()
+
+
+
+def test_sqlite_locked_for_a_while_loses_no_instance(tmp_path: Path) -> None:
+    """Another process holds the SQLite write lock for seconds while a study arrives."""
+    import sqlite3
+
+    study = _instance_files(tmp_path, "locked", count=8)
+    db_path = tmp_path / "node.db"
+    with NodeProcess(tmp_path / "node", f"sqlite:///{db_path}") as node:
+        assert echo_ok(node.port)
+        lock = sqlite3.connect(db_path, timeout=5, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            push = subprocess.Popen([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1", str(node.port),
+                                     str(tmp_path / "locked")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            time.sleep(5)
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
+        _out, err = push.communicate(timeout=120)
+        assert push.returncode == 0, err
+        rows = _wait_states(node.database_url, dict(zip(study, ("routed", "skipped"), strict=True)))
+        assert [rows[uid].instance_count for uid in study] == [4, 4]
+        assert len(list((node.data_dir / "spool").rglob("*.dcm"))) == 8

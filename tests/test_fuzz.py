@@ -1,0 +1,200 @@
+"""Property-based fuzzing of the code that sees peer-controlled values first.
+
+Header parsing runs on mutated bytes of real DICOM files; routing on arbitrary header
+values and rules; UID validation on arbitrary text. The properties: only the documented
+exception type comes out, and nothing a peer sends can make a path leave the spool.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
+
+from node.config import Route, RouteMatch
+from node.errors import InvalidUIDError
+from node.receive import StoreRejected, check_structure, read_header
+from node.route import SeriesFacts, matches, plan
+from node.spool import Spool
+from node.uids import is_valid_uid, validate_uid
+
+# Fixtures here are module-scoped and read-only, so reusing them across examples is fine.
+FUZZ = settings(max_examples=200, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _as_file_format(name: str) -> tuple[bytes, str]:
+    path = get_testdata_file(name)
+    assert path is not None
+    ds = dcmread(path)
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), str(ds.file_meta.TransferSyntaxUID)
+
+
+@pytest.fixture(scope="module")
+def seeds() -> list[tuple[bytes, str]]:
+    """Real files in the encodings the node accepts: explicit, implicit, encapsulated, deflated."""
+    files = [_as_file_format(name) for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm",
+                                                 "SC_rgb_jpeg_dcmtk.dcm", "image_dfl.dcm")]
+    syntaxes = {syntax for _data, syntax in files}
+    assert {ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
+            DeflatedExplicitVRLittleEndian} <= syntaxes
+    return files
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as folder:
+        yield Path(folder)
+
+
+mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 1 << 20), st.integers(0, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 1 << 20), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, 1 << 20), st.binary(min_size=1, max_size=16)),
+    st.tuples(st.just("length"), st.integers(0, 1 << 20),
+              st.sampled_from([0xFFFFFFFF, 0x7FFFFFF0, 0xFFFFFFFE, 0, 1, 0x10000])),
+)
+
+
+def _mutate(data: bytes, ops: list[tuple[str, int, object]]) -> bytes:
+    buffer = bytearray(data)
+    for kind, where, arg in ops:
+        if not buffer:
+            break
+        at = where % len(buffer)
+        if kind == "flip":
+            buffer[at] = int(arg)  # type: ignore[call-overload]
+        elif kind == "truncate":
+            del buffer[at:]
+        elif kind == "insert":
+            buffer[at:at] = arg  # type: ignore[assignment]
+        else:
+            buffer[at:at + 4] = struct.pack("<L", int(arg))  # type: ignore[call-overload]
+    return bytes(buffer)
+
+
+@FUZZ
+@given(seed=st.integers(0, 4), ops=st.lists(mutation, min_size=1, max_size=6),
+       syntax_from_seed=st.booleans())
+def test_header_parsing_of_mutated_files(seeds: list[tuple[bytes, str]], scratch: Path, seed: int,
+                                         ops: list[tuple[str, int, object]], syntax_from_seed: bool) -> None:
+    data, syntax = seeds[seed]
+    path = scratch / "mutant.dcm"
+    path.write_bytes(_mutate(data, ops))
+    spool = Spool(scratch / "spool")
+    try:
+        check_structure(path, syntax if syntax_from_seed else ImplicitVRLittleEndian)
+    except StoreRejected as exc:
+        assert exc.status == 0xC210
+    try:
+        info = read_header(path)
+    except StoreRejected as exc:
+        assert exc.status in (0xC210, 0xC220)
+        return
+    for uid in (info.study_uid, info.series_uid, info.sop_instance_uid, info.sop_class_uid):
+        assert is_valid_uid(uid)
+    target = spool.instance_path(info.study_uid, info.series_uid, info.sop_instance_uid)
+    assert target.resolve().is_relative_to(spool.root.resolve())
+    assert len(target.relative_to(spool.root).parts) == 3
+
+
+@FUZZ
+@given(value=st.one_of(st.text(max_size=80), st.from_regex(r"[0-9./\\]{0,70}", fullmatch=True),
+                       st.none(), st.integers(), st.binary(max_size=20)))
+def test_validate_uid_accepts_only_path_safe_uids(value: object) -> None:
+    try:
+        uid = validate_uid(value, "UID")
+    except InvalidUIDError as exc:
+        # The message may show a bad value only when it is digits and dots.
+        assert not isinstance(value, str) or value == "" or repr(value) not in str(exc) or \
+            set(value) <= set("0123456789.")
+        return
+    assert uid == value and is_valid_uid(uid)
+    assert set(uid) <= set("0123456789.") and uid not in (".", "..") and ".." not in uid
+    root = Path("/spool-root")
+    assert os.path.normpath(root / uid / uid / f"{uid}.dcm").startswith("/spool-root/")
+
+
+header_text = st.text(alphabet=st.characters(codec="latin-1"), max_size=24)
+pattern = st.one_of(st.text(alphabet="*?[]!^-\\AB CDLPRSTX01", max_size=8), header_text)
+uid_text = st.from_regex(r"1\.2\.(0|[1-9][0-9]{0,5})(\.(0|[1-9][0-9]{0,5})){0,4}", fullmatch=True)
+facts = st.builds(SeriesFacts, study_uid=uid_text, series_uid=uid_text, modality=header_text,
+                  body_part=header_text, view_position=header_text,
+                  sop_class_uid=st.one_of(uid_text, header_text))
+route_match = st.builds(RouteMatch, modality=st.lists(pattern, max_size=3),
+                        body_part=st.lists(pattern, max_size=3),
+                        view_position=st.lists(pattern, max_size=3),
+                        sop_class_uid=st.lists(uid_text, max_size=2))
+route = st.builds(Route, name=st.text(min_size=1, max_size=12), match=route_match,
+                  pipelines=st.lists(st.from_regex(r"[a-z0-9][a-z0-9_-]{0,10}", fullmatch=True),
+                                     min_size=1, max_size=3),
+                  scope=st.sampled_from(["series", "study"]), queue=st.sampled_from(["cpu", "gpu"]))
+
+
+@FUZZ
+@given(routes=st.lists(route, max_size=4), completed=st.lists(facts, max_size=4),
+       others=st.lists(facts, max_size=3))
+def test_routing_of_arbitrary_headers_and_rules(routes: list[Route], completed: list[SeriesFacts],
+                                                others: list[SeriesFacts]) -> None:
+    study = completed + others
+    jobs = plan(routes, completed, study)
+    known = {f.series_uid for f in study}
+    pipelines = {p for r in routes for p in r.pipelines}
+    keys = [(job.key_series_uid, job.pipeline) for job in jobs]
+    assert len(keys) == len(set(keys)), "a (series, pipeline) job is planned twice"
+    for job in jobs:
+        assert job.pipeline in pipelines and set(job.series_uids) <= known and job.series_uids
+    for item in completed:
+        for rule in routes:
+            assert isinstance(matches(rule.match, item), bool)
+    # An empty rule matches everything; a rule with a criterion never matches a series
+    # whose value satisfies none of its patterns.
+    for item in completed:
+        assert matches(RouteMatch(), item)
+
+
+def test_structure_check_passes_every_readable_real_file(scratch: Path) -> None:
+    """No false alarms: pydicom's and pydicom-data's files all pass, pixel data found right."""
+    import warnings
+
+    from pydicom.data import get_testdata_files
+    from pydicom.uid import UID
+
+    checked = 0
+    for name in sorted(set(get_testdata_files("*.dcm"))):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = dcmread(name)
+                syntax = UID(ds.file_meta.TransferSyntaxUID)
+                if not syntax.is_little_endian or os.path.getsize(name) > 20 << 20:
+                    continue
+                out = scratch / "real.dcm"
+                ds.save_as(out, enforce_file_format=True)
+        except Exception:  # noqa: BLE001 - pydicom's deliberately broken samples
+            continue
+        has_pixels = check_structure(out, syntax)
+        if syntax.is_deflated:  # inflated and bounded, but not walked
+            assert has_pixels is None, name
+            checked += 1
+            continue
+        assert has_pixels == any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)), name
+        checked += 1
+    assert checked > 50
