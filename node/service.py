@@ -66,22 +66,36 @@ class NodeService:
         repaired = recover_from_spool(self.db, self.settings.storage.spool)
         if repaired:
             log.info("recovered %d series from the spool", repaired)
-        if self.receiver is not None:
-            self.receiver.start()
-        else:
-            if self.settings.dicom.port == 0:
-                # Children must share one port: pick it here.
-                self.settings = self.settings.model_copy(deep=True)
-                self.settings.dicom.port = _free_port(self.settings.dicom.host)
-            clean_incoming(self.settings.storage.spool)
-            self.receive_processes = ReceiveProcesses(self.settings, self.processes)
-            self.receive_processes.start()
+        # Metrics first: once the DICOM port answers, the endpoint does too.
         if self.settings.metrics_port is not None:
             self.metrics_server = metrics.start_metrics_server(
                 self.settings.metrics_port, self.settings.dicom.host, self.db)
+        try:
+            self._start_receive()
+        except BaseException:
+            self._stop_metrics()
+            raise
         self._stop.clear()
         self._loop = threading.Thread(target=self._run, name="node-loop", daemon=True)
         self._loop.start()
+
+    def _start_receive(self) -> None:
+        if self.receiver is not None:
+            self.receiver.start()
+            return
+        if self.settings.dicom.port == 0:
+            # Children must share one port: pick it here.
+            self.settings = self.settings.model_copy(deep=True)
+            self.settings.dicom.port = _free_port(self.settings.dicom.host)
+        clean_incoming(self.settings.storage.spool)
+        self.receive_processes = ReceiveProcesses(self.settings, self.processes)
+        self.receive_processes.start()
+
+    def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
 
     @property
     def port(self) -> int:
@@ -124,10 +138,7 @@ class NodeService:
             self.receiver.stop()
         if self.receive_processes is not None:
             self.receive_processes.stop()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-            self.metrics_server.server_close()
-            self.metrics_server = None
+        self._stop_metrics()
         self.db.dispose()
 
     def wait(self) -> None:
@@ -149,6 +160,9 @@ class ReceiveProcesses:
         self._ctx = multiprocessing.get_context("spawn")
         self._stop = self._ctx.Event()
         self._procs: list[BaseProcess | None] = [None] * count
+        # Each child's "listening" event; kept referenced, because a collected Event
+        # unlinks its semaphore, which a child still starting then cannot open.
+        self._readies: list[ProcessEvent | None] = [None] * count
 
     def start(self) -> None:
         readies = [self._spawn(index) for index in range(self.count)]
@@ -171,6 +185,7 @@ class ReceiveProcesses:
                                  args=(self.settings, index, ready, self._stop), daemon=True)
         proc.start()
         self._procs[index] = proc
+        self._readies[index] = ready
         return ready
 
     @property

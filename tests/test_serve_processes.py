@@ -117,11 +117,16 @@ def test_a_killed_receive_process_is_replaced(tmp_path):
     url = f"sqlite:///{tmp_path / 'node.db'}"
     with NodeProcess(tmp_path / "node", url, args=("--processes", "2")) as node:
         assert node.proc is not None
+        wait_for(lambda: "(2 receive processes)" in node.log())  # start-up is over
         first = wait_for(lambda: len(receive_children(node.proc.pid)) == 2 and receive_children(node.proc.pid))
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
-        second = wait_for(lambda: (kids := receive_children(node.proc.pid)) and len(kids) == 2
-                          and victim not in kids and kids, timeout=30)
+        try:
+            second = wait_for(lambda: (kids := receive_children(node.proc.pid)) and len(kids) == 2
+                              and victim not in kids and kids, timeout=60)
+        except AssertionError:
+            raise AssertionError(f"no replacement for {victim}: {receive_children(node.proc.pid)}\n"
+                                 f"{node.log()[-3000:]}") from None
         assert len(second & first) == 1
         push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "SPINE_NODE", "+sd",
                                "127.0.0.1", str(node.port), str(tmp_path / "in")],
