@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 from rich.text import Text
 
 from node.config import Settings, load_settings, redact_url
@@ -18,6 +20,7 @@ from node.errors import NodeError
 if TYPE_CHECKING:
     from inference.card import ModelCard, TensorSpec
     from inference.repository import ModelRepository
+    from node.jobs import QueueStatus
 
 # Never show local variables in tracebacks: they hold settings with database passwords.
 app = typer.Typer(help="spine-node: a DICOM listener node for spine AI.", no_args_is_help=True,
@@ -142,8 +145,14 @@ def serve(
         err_console.print(f"[red]error:[/red] cannot listen on {cfg.dicom.host}:{cfg.dicom.port}: "
                           f"{exc.strerror}")
         raise typer.Exit(2) from None
+    from node.service import EmbeddedWorker
+
     service = NodeService(cfg, db)
     service.start()
+    worker = None
+    if cfg.worker.embedded:
+        worker = EmbeddedWorker(str(_State.config) if _State.config else None)
+        worker.start()
     console.print(
         f"[bold]spine-node[/bold] listening as [cyan]{cfg.dicom.ae_title}[/cyan] on "
         f"{cfg.dicom.host}:{service.port}"
@@ -157,6 +166,8 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     console.print("stopping...")
+    if worker is not None:
+        worker.stop()
     service.stop()
 
 
@@ -184,7 +195,6 @@ def status() -> None:
     from sqlalchemy import func, select
 
     from node.audit import Association, Job, Series
-    from node.receive import STATUS_SUCCESS  # noqa: F401  (import check: node importable)
     from node.spool import Spool
 
     cfg = settings()
@@ -221,6 +231,15 @@ def status() -> None:
     table.add_row("database", redact_url(cfg.database_url))
     table.add_row("broker", redact_url(cfg.broker_url))
     console.print(table)
+    from node.jobs import queue_depths
+
+    try:
+        queue_status = queue_depths(cfg, db)
+    except Exception as exc:  # a broker that is down must not hide the rest
+        err_console.print(f"[yellow]queues unavailable:[/yellow] {type(exc).__name__}")
+    else:
+        console.print(queues_table(queue_status))
+        console.print(workers_table(queue_status))
     if not up:
         raise typer.Exit(1)
 
@@ -510,6 +529,198 @@ def models_import(
                        f"{imported.folder}"), soft_wrap=True)
     if not imported.clinical_use:
         console.print("[bold red]NOT FOR CLINICAL USE[/bold red] (clinical_use: false)")
+
+
+# --- worker, jobs, dispatch ---------------------------------------------------------------
+
+jobs_app = typer.Typer(help="Inference jobs: list, inspect, retry, cancel.", no_args_is_help=True)
+dispatch_app = typer.Typer(help="Sending results to destinations.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(dispatch_app, name="dispatch")
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+@app.command("worker")
+def worker_command(
+    queues: Annotated[str | None, typer.Option(
+        "--queues", "-Q", help="Comma-separated queues (default: worker.queues).")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        "--concurrency", "-n", min=1, help="Jobs at once (default: worker.concurrency).")] = None,
+) -> None:
+    """Run a Celery worker that executes inference jobs."""
+    from node.logs import configure_logging
+    from node.worker import available_backends, describe_backends, run_worker
+
+    cfg = settings()
+    configure_logging(cfg.log_level)
+    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else cfg.worker.queues
+    backends = available_backends(cfg.worker.backends)
+    console.print(f"worker: queues {', '.join(names)}; broker {redact_url(cfg.broker_url)}; "
+                  f"backends found: {', '.join(describe_backends(backends)) or 'none'}")
+    run_worker(cfg, names, concurrency or cfg.worker.concurrency, cfg.log_level.upper())
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: Annotated[str | None, typer.Option("--state", "-s", help="Only this state.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N jobs.")] = 50,
+) -> None:
+    """List jobs, newest first."""
+    from sqlalchemy import select
+
+    from node.audit import Job
+    from node.domain import JobState
+
+    states = [s.value for s in JobState]
+    if state is not None and state not in states:
+        err_console.print(f"[red]error:[/red] unknown state {state!r}; expected one of "
+                          f"{', '.join(states)}")
+        raise typer.Exit(2)
+    db = _database(settings())
+    with db.session() as session:
+        query = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(Job.state == state)
+        rows = session.scalars(query).all()
+    table = Table("id", "state", "pipeline", "queue", "attempts", "series", "created",
+                  "finished", "error")
+    for job in rows:
+        table.add_row(str(job.id), job.state, job.pipeline, job.queue, str(job.attempts),
+                      job.series_uid, _when(job.created_at), _when(job.finished_at),
+                      (job.error or "")[:60])
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int = typer.Argument(..., help="Job id.")) -> None:
+    """Show one job with its results and their dispatches."""
+    from sqlalchemy import select
+
+    from node.audit import Dispatch, Job, Result
+
+    db = _database(settings())
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            err_console.print(f"[red]error:[/red] job {job_id} does not exist")
+            raise typer.Exit(1)
+        results = session.scalars(select(Result).where(Result.job_id == job_id)
+                                  .order_by(Result.id)).all()
+        dispatches = session.scalars(select(Dispatch).where(
+            Dispatch.result_id.in_([r.id for r in results])).order_by(Dispatch.id)).all()
+    table = Table("field", "value", show_header=False)
+    for name in ("id", "state", "pipeline", "route", "queue", "attempts", "study_uid",
+                 "series_uid", "input_series_uids", "worker", "backend", "model_name",
+                 "model_version", "task_id", "created_at", "enqueued_at", "started_at",
+                 "heartbeat_at", "finished_at", "timings", "error"):
+        value = getattr(job, name)
+        text = _when(value) if isinstance(value, datetime) else "-" if value is None else str(value)
+        table.add_row(name, text)
+    console.print(table)
+    if results:
+        out = Table("result", "kind", "SOP instance UID", "dispatches")
+        for result in results:
+            sends = ", ".join(f"{d.destination}:{d.state}" for d in dispatches
+                              if d.result_id == result.id)
+            out.add_row(str(result.id), result.kind, result.sop_instance_uid, sends or "-")
+        console.print(out)
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: int = typer.Argument(..., help="Job id.")) -> None:
+    """Put a failed, cancelled or stuck job back on its queue."""
+    from node.jobs import retry_job
+
+    cfg = settings()
+    job = retry_job(_database(cfg), cfg, job_id)
+    console.print(f"job {job.id} re-queued on {job.queue}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int = typer.Argument(..., help="Job id.")) -> None:
+    """Cancel a queued or running job."""
+    from node.jobs import cancel_job
+
+    job = cancel_job(_database(settings()), job_id)
+    console.print(f"job {job.id} cancelled")
+
+
+@jobs_app.command("queues")
+def jobs_queues() -> None:
+    """Queue depths and live workers."""
+    from node.jobs import queue_depths
+
+    cfg = settings()
+    status = queue_depths(cfg, _database(cfg))
+    console.print(queues_table(status))
+    console.print(workers_table(status))
+
+
+def queues_table(status: QueueStatus) -> Table:
+    """Messages on the broker and queued/running jobs in SQL, per queue."""
+    table = Table("queue", "broker messages", "queued jobs", "running jobs", title="queues")
+    for queue in status.queued:
+        depth = status.depths.get(queue)
+        table.add_row(queue, "?" if depth is None else str(depth), str(status.queued[queue]),
+                      str(status.running.get(queue, 0)))
+    return table
+
+
+def workers_table(status: QueueStatus) -> Table:
+    """Live workers from their liveness rows."""
+    table = Table("worker", "queues", "backends", "pid", "started", "last seen",
+                  title="live workers")
+    for w in status.workers:
+        table.add_row(w.hostname, ",".join(w.queues), ",".join(w.backends), str(w.pid),
+                      _when(w.started_at), _when(w.last_seen))
+    if not status.workers:
+        table.add_row("none", "", "", "", "", "")
+    return table
+
+
+@dispatch_app.command("list")
+def dispatch_list(
+    state: Annotated[str | None, typer.Option("--state", "-s", help="Only this state.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N.")] = 50,
+) -> None:
+    """List dispatches, newest first."""
+    from sqlalchemy import select
+
+    from node.audit import Dispatch, Result
+    from node.domain import DispatchState
+
+    states = [s.value for s in DispatchState]
+    if state is not None and state not in states:
+        err_console.print(f"[red]error:[/red] unknown state {state!r}; expected one of "
+                          f"{', '.join(states)}")
+        raise typer.Exit(2)
+    db = _database(settings())
+    with db.session() as session:
+        query = (select(Dispatch, Result).join(Result, Result.id == Dispatch.result_id)
+                 .order_by(Dispatch.id.desc()).limit(limit))
+        if state is not None:
+            query = query.where(Dispatch.state == state)
+        rows = session.execute(query).all()
+    table = Table("id", "state", "destination", "attempts", "job", "kind", "next attempt",
+                  "sent", "last error")
+    for dispatch, result in rows:
+        table.add_row(str(dispatch.id), dispatch.state, dispatch.destination,
+                      str(dispatch.attempts), str(result.job_id), result.kind,
+                      _when(dispatch.next_attempt_at) if dispatch.state == "pending" else "-",
+                      _when(dispatch.sent_at), (dispatch.last_error or "")[:60])
+    console.print(table)
+
+
+@dispatch_app.command("retry")
+def dispatch_retry(dispatch_id: int = typer.Argument(..., help="Dispatch id.")) -> None:
+    """Bring a dead dispatch back to pending (sent on the next tick)."""
+    from node.dispatch import retry_dispatch
+
+    row = retry_dispatch(_database(settings()), dispatch_id)
+    console.print(f"dispatch {row.id} to {row.destination} is pending again")
 
 
 def main() -> None:

@@ -310,6 +310,37 @@ class WorkerSettings(BaseModel):
     # A queued job whose message is older than this with no worker on it is re-sent.
     requeue_after_s: float = 120.0
     max_attempts: int = 3
+    # Extra modules imported by workers so their pipelines register (site plug-ins, tests).
+    pipeline_modules: list[str] = Field(default_factory=list)
+
+    @field_validator("queues")
+    @classmethod
+    def _queues(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not re.match(r"^[a-z0-9][a-z0-9_-]{0,31}$", value):
+                raise ValueError(f"invalid queue name {value!r}: lower-case, digits, - _")
+        if not values:
+            raise ValueError("worker.queues needs at least one queue")
+        return values
+
+    @field_validator("pipeline_modules")
+    @classmethod
+    def _modules(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$", value):
+                raise ValueError(f"invalid module name {value!r} in worker.pipeline_modules")
+        return values
+
+    @model_validator(mode="after")
+    def _limits(self) -> WorkerSettings:
+        if self.concurrency < 1:
+            raise ValueError(f"worker.concurrency must be >= 1, got {self.concurrency}")
+        if self.max_attempts < 1:
+            raise ValueError(f"worker.max_attempts must be >= 1, got {self.max_attempts}")
+        for name in ("heartbeat_timeout_s", "requeue_after_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"worker.{name} must be > 0, got {getattr(self, name)}")
+        return self
 
 
 class DispatchSettings(BaseModel):
@@ -320,6 +351,19 @@ class DispatchSettings(BaseModel):
     backoff_initial_s: float = 5.0
     backoff_max_s: float = 600.0
     calling_ae_title: str = "SPINE_NODE"
+
+    _calling = field_validator("calling_ae_title")(lambda cls, v: validate_ae_title(v))
+
+    @model_validator(mode="after")
+    def _limits(self) -> DispatchSettings:
+        if self.max_attempts < 1:
+            raise ValueError(f"dispatch.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.backoff_initial_s < 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                "dispatch backoff must satisfy 0 <= backoff_initial_s <= backoff_max_s, got "
+                f"{self.backoff_initial_s} and {self.backoff_max_s}"
+            )
+        return self
 
 
 class Settings(BaseSettings):

@@ -16,6 +16,8 @@ import multiprocessing
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -51,7 +53,12 @@ class NodeService:
         self.receiver: Receiver | None = Receiver(settings, self.db) if self.processes == 1 else None
         self.receive_processes: ReceiveProcesses | None = None
         self.assembler = Assembler(self.db, settings.assembly, on_complete=self._route)
-        self.tick_hooks = list(tick_hooks or [])
+        if tick_hooks is None:
+            from node.jobs import tick as jobs_tick
+
+            # Send queue messages for new jobs, reconcile lost ones, dispatch results.
+            tick_hooks = [jobs_tick]
+        self.tick_hooks = list(tick_hooks)
         self.metrics_server: Any = None
         cleaner = RetentionCleaner(settings.storage)
         if cleaner.enabled:
@@ -143,6 +150,56 @@ class NodeService:
 
     def wait(self) -> None:
         self._stop.wait()
+
+
+class EmbeddedWorker:
+    """A local ``spine-node worker`` child process, restarted if it dies.
+
+    The single-machine default: ``serve`` runs one worker beside itself so that nothing
+    else has to be started. Many machines: set ``worker.embedded = false`` and run
+    ``spine-node worker`` on the worker hosts.
+    """
+
+    def __init__(self, config_file: str | None = None, restart_delay_s: float = 5.0) -> None:
+        self.config_file = config_file
+        self.restart_delay_s = restart_delay_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _spawn(self) -> None:
+        args = [sys.executable, "-m", "node.cli"]
+        if self.config_file:
+            args += ["--config", self.config_file]
+        self.proc = subprocess.Popen([*args, "worker"], env=os.environ.copy())
+        log.info("embedded worker started (pid %d)", self.proc.pid)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread = threading.Thread(target=self._supervise, name="embedded-worker", daemon=True)
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(1.0):
+            if self.proc is not None and self.proc.poll() is not None:
+                log.warning("embedded worker exited with %s; restarting in %.0fs",
+                            self.proc.returncode, self.restart_delay_s)
+                if self._stop.wait(self.restart_delay_s):
+                    return
+                self._spawn()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            deadline = time.monotonic() + timeout
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
 
 
 class ReceiveProcesses:

@@ -1,0 +1,256 @@
+"""The worker side of a job: spool series in, pipeline, result objects out.
+
+:func:`execute` is the domain code the ``run_job`` task calls once it owns a job: it
+builds :class:`~node.domain.SeriesRef` objects from the spool, runs the pipeline with an
+:class:`EngineProvider`, encodes the findings with :mod:`node.results` and writes the
+objects under ``storage.results``. :func:`run_worker` starts a Celery worker with the
+node's configuration and keeps its liveness row fresh.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+
+from inference import pipelines
+from inference.findings import Findings
+from inference.runtime import EngineProvider
+from node import results
+from node.audit import Database, Series
+from node.config import Settings
+from node.domain import SeriesRef
+from node.errors import NodeError, PipelineError, SpoolError
+from node.jobs import Claim, Outcome, ResultFile, WorkerLiveness, celery_app, queue_names
+from node.spool import Spool
+from node.uids import validate_uid
+
+log = logging.getLogger(__name__)
+
+_SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+_PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+_SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
+# --- engines -----------------------------------------------------------------------------
+
+
+_BACKEND_PACKAGES = {"tensorrt": "tensorrt", "onnxruntime": "onnxruntime", "torch": "torch"}
+
+
+def available_backends(preferred: Sequence[str]) -> list[str]:
+    """The backends of ``preferred`` whose package is installed here, in preference order.
+
+    Names may pin a variant (``onnxruntime-cpu``); detection only looks for the package,
+    so it never imports torch into the node. Whether a backend really runs a model (a
+    GPU for TensorRT) is decided when the engine loads.
+    """
+    return [name for name in preferred
+            if (package := _BACKEND_PACKAGES.get(name.partition("-")[0])) is not None
+            and importlib.util.find_spec(package) is not None]
+
+
+def describe_backends(backends: Sequence[str]) -> list[str]:
+    """Human-readable backend list for the worker banner (execution providers included)."""
+    described = []
+    for name in backends:
+        if name.startswith("onnxruntime"):
+            import onnxruntime
+
+            providers = ", ".join(p.removesuffix("ExecutionProvider")
+                                  for p in onnxruntime.get_available_providers())
+            described.append(f"{name} ({providers})")
+        else:
+            described.append(name)
+    return described
+
+
+_PROVIDERS: dict[tuple[str, tuple[str, ...]], EngineProvider] = {}
+
+
+def engine_provider(settings: Settings) -> EngineProvider:
+    """This process's engine provider (engines stay loaded between jobs)."""
+    key = (str(settings.worker.engines_dir), tuple(settings.worker.backends))
+    provider = _PROVIDERS.get(key)
+    if provider is None:
+        provider = _PROVIDERS[key] = EngineProvider.from_settings(settings)
+    return provider
+
+
+def import_pipeline_modules(settings: Settings) -> None:
+    """Import the modules in ``worker.pipeline_modules`` so their pipelines register."""
+    for module in settings.worker.pipeline_modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise PipelineError(f"cannot import pipeline module {module!r}: {exc}") from exc
+
+
+# --- inputs and outputs ------------------------------------------------------------------
+
+
+def series_refs(claim: Claim, settings: Settings, db: Database) -> list[SeriesRef]:
+    """The job's input series as spool references, each checked to hold instances."""
+    spool = Spool(settings.storage.spool)
+    with db.session() as session:
+        rows = {row.series_uid: row for row in session.scalars(
+            select(Series).where(Series.series_uid.in_(claim.input_series_uids)))}
+    refs = []
+    for uid in claim.input_series_uids:
+        row = rows.get(uid)
+        study = row.study_uid if row is not None else claim.study_uid
+        folder = spool.series_dir(validate_uid(study, "Study Instance UID"),
+                                  validate_uid(uid, "Series Instance UID"))
+        files = sorted(folder.glob("*.dcm"))
+        if not files:
+            raise SpoolError(f"series {uid} has no instances in the spool ({folder})")
+        if row is not None:
+            ref = SeriesRef(study, uid, folder, row.modality, row.body_part, row.view_position,
+                            row.sop_class_uid, len(files))
+        else:
+            header = _read(files[0], headers_only=True)
+            ref = SeriesRef(study, uid, folder, str(header.get("Modality", "")),
+                            str(header.get("BodyPartExamined", "")),
+                            str(header.get("ViewPosition", "")),
+                            str(header.get("SOPClassUID", "")), len(files))
+        refs.append(ref)
+    return refs
+
+
+def _read(path: Path, headers_only: bool = False) -> Dataset:
+    try:
+        return dcmread(path, stop_before_pixels=headers_only)
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        raise SpoolError(f"cannot read spooled instance {path.name}: {exc}") from exc
+
+
+def encode_results(findings: Findings, inputs: Sequence[SeriesRef],
+                   settings: Settings) -> list[Dataset]:
+    """Turn ``findings`` into DICOM objects (SEG, SR) with :mod:`node.results`."""
+    sources = [_read(path) for ref in inputs for path in ref.files()]
+    return results.encode(findings, sources,
+                          options=results.ResultsOptions.from_settings(settings))
+
+
+def result_kind(sop_class_uid: str) -> str:
+    if sop_class_uid == _SEG:
+        return "SEG"
+    if sop_class_uid.startswith(_SR_PREFIX):
+        return "SR"
+    if sop_class_uid == _PARAMETRIC_MAP:
+        return "PMAP"
+    return "OTHER"
+
+
+def write_results(datasets: Sequence[Dataset], results_dir: Path) -> list[ResultFile]:
+    """Write each object under ``results_dir`` atomically; describe what was written."""
+    paths = results.write_results(datasets, results_dir)
+    return [
+        ResultFile(result_kind(str(ds.SOPClassUID)), str(ds.SOPClassUID),
+                   str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), path)
+        for ds, path in zip(datasets, paths, strict=True)
+    ]
+
+
+def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
+    """Run the claimed job's pipeline and write its result objects; return the outcome.
+
+    Raises :class:`NodeError` subclasses for failures that are the input's or the
+    model's (the job fails with that reason); anything else is a bug.
+    """
+    started = time.perf_counter()
+    import_pipeline_modules(settings)
+    try:
+        pipeline = pipelines.get(claim.pipeline)
+    except KeyError as exc:
+        raise PipelineError(str(exc.args[0])) from None
+    inputs = series_refs(claim, settings, db)
+    loaded = time.perf_counter()
+    provider = engine_provider(settings)
+    findings = pipeline.run(inputs, provider)
+    ran = time.perf_counter()
+    if not isinstance(findings, Findings):
+        raise PipelineError(f"pipeline {claim.pipeline!r} returned {type(findings).__name__}, "
+                            "expected Findings")
+    datasets = encode_results(findings, inputs, settings)
+    written = write_results(datasets, settings.storage.results)
+    done = time.perf_counter()
+    backend = findings.model.backend or ",".join(sorted(set(provider.loaded().values())))
+    return Outcome(
+        results=written,
+        backend=backend[:32] or None,
+        model_name=findings.model.name[:64] or None,
+        model_version=findings.model.version[:32] or None,
+        timings={
+            "inputs_s": round(loaded - started, 4),
+            "pipeline_s": round(ran - loaded, 4),
+            "encode_s": round(done - ran, 4),
+            "total_s": round(done - started, 4),
+        },
+    )
+
+
+# --- the worker process ------------------------------------------------------------------
+
+
+def run_worker(settings: Settings, queues: Sequence[str], concurrency: int,
+               loglevel: str = "INFO") -> None:
+    """Run a Celery worker for ``queues`` until it is stopped (blocks).
+
+    One process (``solo`` pool) when ``concurrency`` is 1, else a prefork pool, or a
+    threads pool on the filesystem broker (billiard's prefork pool hangs at exit with
+    kombu's filesystem transport). The worker's liveness row is kept fresh while it runs
+    and removed when it stops.
+    """
+    from celery import signals
+
+    unknown = [q for q in queues if q not in queue_names(settings)]
+    if unknown:
+        raise NodeError(f"unknown queue(s) {unknown}; known: {queue_names(settings)}")
+    # highdicom logs every module it copies at INFO: one line per attribute group per job.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    import_pipeline_modules(settings)
+    app = celery_app(settings)
+    db = app.database()
+    if not db.is_current():
+        raise NodeError("the database has no schema; run `spine-node db upgrade` first")
+    hostname = f"spine-{os.getpid()}@{socket.gethostname()}"
+    backends = available_backends(settings.worker.backends)
+    liveness = WorkerLiveness(db, hostname, queues, backends)
+
+    def _ready(**_: Any) -> None:
+        liveness.start()
+
+    def _shutdown(**_: Any) -> None:
+        liveness.stop()
+
+    signals.worker_ready.connect(_ready, weak=False)
+    signals.worker_shutdown.connect(_shutdown, weak=False)
+    if concurrency == 1:
+        pool = "solo"
+    elif settings.broker_url.startswith("filesystem://"):
+        pool = "threads"
+    else:
+        pool = "prefork"
+    argv = [
+        "worker",
+        f"--queues={','.join(queues)}",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        f"--hostname={hostname}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    app.worker_main(argv)
