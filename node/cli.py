@@ -100,10 +100,25 @@ def _database(cfg: Settings):  # type: ignore[no-untyped-def]
 @app.command()
 def serve(
     migrate: Annotated[bool, typer.Option(help="Apply database migrations at start.")] = True,
+    processes: Annotated[int | None, typer.Option(
+        "--processes", min=1, max=64,
+        help="Receive processes sharing the DICOM port (default: dicom.processes).")] = None,
 ) -> None:
     """Run the node: DICOM listener, series assembly, routing and housekeeping."""
+    import os
     import signal
     import threading
+
+    cfg = settings()
+    if processes is not None:
+        cfg.dicom.processes = processes
+    # Metrics from every receive process are summed through files in this folder; it must
+    # be set before prometheus_client is first imported (node.metrics, via node.service).
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(cfg.storage.data_dir / "metrics"))
+    Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+    from node.metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
 
     from node.audit import Database
     from node.db_migrate import upgrade
@@ -111,7 +126,6 @@ def serve(
     from node.receive import bind_check
     from node.service import NodeService
 
-    cfg = settings()
     configure_logging(cfg.log_level)
     try:
         if migrate:
@@ -141,7 +155,10 @@ def serve(
         worker.start()
     console.print(
         f"[bold]spine-node[/bold] listening as [cyan]{cfg.dicom.ae_title}[/cyan] on "
-        f"{cfg.dicom.host}:{service.port}; data in {cfg.storage.data_dir}; "
+        f"{cfg.dicom.host}:{service.port}"
+        + (f" ({cfg.dicom.processes} receive processes)" if cfg.dicom.processes > 1 else "")
+        + (f"; metrics on port {service.metrics_port}" if service.metrics_port is not None else "")
+        + f"; data in {cfg.storage.data_dir}; "
         f"database {redact_url(cfg.database_url)}; broker {redact_url(cfg.broker_url)}"
     )
     stop = threading.Event()

@@ -78,6 +78,9 @@ class DicomSettings(BaseModel):
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
     allowed_hosts: list[str] = Field(default_factory=list)
     max_associations: int = 16
+    # Receive processes sharing the port (SO_REUSEPORT); the kernel spreads associations
+    # over them. Each has its own GIL, so parallel associations use several cores.
+    processes: int = 1
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
@@ -108,6 +111,13 @@ class DicomSettings(BaseModel):
     def _max_assoc(cls, value: int) -> int:
         if not 1 <= value <= 1000:
             raise ValueError(f"max_associations {value} out of range 1-1000")
+        return value
+
+    @field_validator("processes")
+    @classmethod
+    def _processes(cls, value: int) -> int:
+        if not 1 <= value <= 64:
+            raise ValueError(f"processes {value} out of range 1-64")
         return value
 
     def host_allowed(self, address: str) -> bool:

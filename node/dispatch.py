@@ -24,6 +24,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from sqlalchemy import select, update
 
+from node import metrics
 from node.audit import Database, Dispatch, Result, record_event, utcnow
 from node.config import Destination, Settings
 from node.domain import DispatchState
@@ -251,6 +252,7 @@ def _record(db: Database, settings: Settings, destination: str, batch: list[_Ite
                 continue  # cancelled or retried by an admin meanwhile
             bucket.append(item.dispatch_id)
             if not outcome.ok:
+                metrics.observe_dispatch_failure(destination)
                 log.warning("dispatch %d: %s", item.dispatch_id, message)
             record_event(session, kind, message, series_uid=item.series_uid, job_id=item.job_id,
                          details=details)

@@ -1,25 +1,38 @@
 """The ``serve`` process: receive, assemble and route, plus the housekeeping loop.
 
 One service owns the loop that completes series, routes them, sends queue messages,
-reconciles lost jobs and dispatches results; receive runs on pynetdicom's threads.
+reconciles lost jobs and dispatches results. Receive runs on pynetdicom's threads, either
+in this process (``dicom.processes = 1``) or in N child processes that each bind the same
+port with ``SO_REUSEPORT`` (the kernel spreads associations over them, and each has its
+own interpreter lock). Children only receive: each counts its instances into SQL through
+its own :class:`~node.assemble.SeriesTracker`; only this process assembles, routes and runs
+the hooks.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as ProcessEvent
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from node import metrics
 from node.assemble import Assembler, CompletedStudy, recover_from_spool
 from node.audit import Database
 from node.config import Settings
+from node.errors import NodeError
 from node.receive import Receiver
 from node.retention import RetentionCleaner
 from node.route import route_study
@@ -30,13 +43,15 @@ TickHook = Callable[[Database, Settings], Any]
 
 
 class NodeService:
-    """Everything ``spine-node serve`` runs in-process."""
+    """Everything ``spine-node serve`` runs (in-process, plus receive children if configured)."""
 
     def __init__(self, settings: Settings, db: Database | None = None,
                  tick_hooks: list[TickHook] | None = None) -> None:
         self.settings = settings
         self.db = db or Database(settings.database_url)
-        self.receiver = Receiver(settings, self.db)
+        self.processes = settings.dicom.processes
+        self.receiver: Receiver | None = Receiver(settings, self.db) if self.processes == 1 else None
+        self.receive_processes: ReceiveProcesses | None = None
         self.assembler = Assembler(self.db, settings.assembly, on_complete=self._route)
         if tick_hooks is None:
             from node.jobs import tick as jobs_tick
@@ -44,6 +59,7 @@ class NodeService:
             # Send queue messages for new jobs, reconcile lost ones, dispatch results.
             tick_hooks = [jobs_tick]
         self.tick_hooks = list(tick_hooks)
+        self.metrics_server: Any = None
         cleaner = RetentionCleaner(settings.storage)
         if cleaner.enabled:
             self.tick_hooks.append(cleaner)
@@ -57,19 +73,58 @@ class NodeService:
         repaired = recover_from_spool(self.db, self.settings.storage.spool)
         if repaired:
             log.info("recovered %d series from the spool", repaired)
-        self.receiver.start()
+        # Metrics first: once the DICOM port answers, the endpoint does too.
+        if self.settings.metrics_port is not None:
+            self.metrics_server = metrics.start_metrics_server(
+                self.settings.metrics_port, self.settings.dicom.host, self.db)
+        try:
+            self._start_receive()
+        except BaseException:
+            self._stop_metrics()
+            raise
         self._stop.clear()
         self._loop = threading.Thread(target=self._run, name="node-loop", daemon=True)
         self._loop.start()
 
+    def _start_receive(self) -> None:
+        if self.receiver is not None:
+            self.receiver.start()
+            return
+        if self.settings.dicom.port == 0:
+            # Children must share one port: pick it here.
+            self.settings = self.settings.model_copy(deep=True)
+            self.settings.dicom.port = _free_port(self.settings.dicom.host)
+        clean_incoming(self.settings.storage.spool)
+        self.receive_processes = ReceiveProcesses(self.settings, self.processes)
+        self.receive_processes.start()
+
+    def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
+
     @property
     def port(self) -> int:
-        return self.receiver.port
+        if self.receiver is not None:
+            return self.receiver.port
+        return self.settings.dicom.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        if self.metrics_server is None:
+            return None
+        return int(self.metrics_server.server_address[1])
 
     def tick(self) -> None:
         """One pass of housekeeping: complete and route, then the hooks (jobs, dispatch)."""
-        self.receiver.tracker.flush()
-        self.assembler.poll()
+        if self.receiver is not None:
+            self.receiver.tracker.flush()
+        if self.receive_processes is not None:
+            self.receive_processes.supervise()
+        for completed in self.assembler.poll():
+            metrics.SERIES_COMPLETED.labels(forced=str(completed.forced).lower()).inc(
+                len(completed.series_uids))
         for hook in self.tick_hooks:
             hook(self.db, self.settings)
 
@@ -86,7 +141,11 @@ class NodeService:
         self._stop.set()
         if self._loop is not None:
             self._loop.join(timeout=30)
-        self.receiver.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
+        if self.receive_processes is not None:
+            self.receive_processes.stop()
+        self._stop_metrics()
         self.db.dispose()
 
     def wait(self) -> None:
@@ -141,3 +200,116 @@ class EmbeddedWorker:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class ReceiveProcesses:
+    """``count`` child processes, each running a :class:`Receiver` on the shared port.
+
+    Children are started with ``spawn`` (no inherited threads or database connections) and
+    restarted by :meth:`supervise` if one dies. A child exits by itself when its parent is
+    gone, so a killed ``serve`` never leaves a receiver holding the port.
+    """
+
+    def __init__(self, settings: Settings, count: int, start_timeout_s: float = 60.0) -> None:
+        self.settings = settings
+        self.count = count
+        self.start_timeout_s = start_timeout_s
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stop = self._ctx.Event()
+        self._procs: list[BaseProcess | None] = [None] * count
+        # Each child's "listening" event; kept referenced, because a collected Event
+        # unlinks its semaphore, which a child still starting then cannot open.
+        self._readies: list[ProcessEvent | None] = [None] * count
+
+    def start(self) -> None:
+        readies = [self._spawn(index) for index in range(self.count)]
+        deadline = time.monotonic() + self.start_timeout_s
+        for index, ready in enumerate(readies):
+            while not ready.wait(0.2):
+                proc = self._procs[index]
+                if proc is not None and not proc.is_alive():
+                    self.stop()
+                    raise NodeError(f"receive process {index} exited with {proc.exitcode} at start; see its log")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise NodeError(f"receive process {index} did not listen within {self.start_timeout_s}s")
+        log.info("%d receive processes listening on %s:%d", self.count, self.settings.dicom.host,
+                 self.settings.dicom.port)
+
+    def _spawn(self, index: int) -> ProcessEvent:
+        ready = self._ctx.Event()
+        proc = self._ctx.Process(target=_receive_process_main, name=f"spine-node-receive-{index}",
+                                 args=(self.settings, index, ready, self._stop), daemon=True)
+        proc.start()
+        self._procs[index] = proc
+        self._readies[index] = ready
+        return ready
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None and p.pid is not None]
+
+    def supervise(self) -> None:
+        """Restart any child that died (crash, OOM kill); called from the serve loop."""
+        if self._stop.is_set():
+            return
+        for index, proc in enumerate(self._procs):
+            if proc is not None and not proc.is_alive():
+                log.warning("receive process %d (pid %s) exited with %s; restarting", index, proc.pid,
+                            proc.exitcode)
+                proc.close()
+                self._spawn(index)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        for proc in self._procs:
+            if proc is None:
+                continue
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("receive process pid %s did not stop in time; terminating", proc.pid)
+                proc.terminate()
+                proc.join(5)
+
+
+def _receive_process_main(settings: Settings, index: int, ready: ProcessEvent, stop: ProcessEvent) -> None:
+    """Body of one receive child: receive until the parent says stop or goes away."""
+    from node.logs import configure_logging
+
+    parent = os.getppid()
+    local_stop = threading.Event()
+    # Ctrl-C reaches the whole process group: the parent coordinates the shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: local_stop.set())
+    configure_logging(settings.log_level)
+    db = Database(settings.database_url)
+    receiver = Receiver(settings, db)
+    receiver.start(clean_incoming=False)
+    ready.set()
+    log.debug("receive process %d (pid %d) listening", index, os.getpid())
+    try:
+        while not local_stop.is_set() and not stop.wait(0.5):
+            if os.getppid() != parent:
+                log.warning("receive process %d: parent exited; stopping", index)
+                break
+    finally:
+        receiver.stop()
+        db.dispose()
+
+
+def clean_incoming(spool_root: Path) -> None:
+    """Remove partial temp files left by a crash (they were never acknowledged)."""
+    incoming = Path(spool_root) / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    for leftover in incoming.glob("*"):
+        try:
+            leftover.unlink()
+        except OSError:
+            pass
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from inference import pipelines
 from inference.findings import Findings
 from inference.runtime import EngineProvider
-from node import results
+from node import metrics, results
 from node.audit import Database, Series
 from node.config import Settings
 from node.domain import SeriesRef
@@ -186,6 +186,7 @@ def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
     written = write_results(datasets, settings.storage.results)
     done = time.perf_counter()
     backend = findings.model.backend or ",".join(sorted(set(provider.loaded().values())))
+    metrics.observe_inference(findings.model.name or claim.pipeline, backend or "unknown", ran - loaded)
     return Outcome(
         results=written,
         backend=backend[:32] or None,

@@ -1,0 +1,179 @@
+"""Ingest benchmark: C-STORE throughput of ``spine-node serve`` against DCMTK storescp.
+
+The same 512x512 CT instances (a real slice from pydicom-data with fresh UIDs, explicit VR
+little endian, about 0.5 MB each) are pushed with DCMTK storescu:
+
+* over one association to ``spine-node serve`` and to ``storescp`` (Nagle off), alternating
+  which goes first in each round;
+* over ``--parallel`` associations (one storescu process each) to
+  ``serve --processes N`` for each N given, and to ``storescp --fork``;
+* with ``--compare-with DIR``, also over one association to the ``serve`` of another
+  checkout (before/after a change), in the same alternation.
+
+Run from the repository root::
+
+    python -m bench.ingest --instances 500 --rounds 3 --parallel 4 --processes 1 2 4
+    git archive --prefix=spine-base/ <revision> | tar -x -C /tmp
+    python -m bench.ingest --processes 2 --compare-with /tmp/spine-base
+
+Figures (medians over the rounds) go to bench/RESULTS.md, section "Ingest".
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from bench.harness import (
+    REPO,
+    cpu_scaling,
+    dcmtk_storescp,
+    machine,
+    median,
+    node_serve,
+    process_tree_cpu_s,
+    push,
+    split_into,
+    write_ct_series,
+    write_section,
+)
+
+
+def _count(folder: Path) -> int:
+    return sum(1 for _ in folder.rglob("*.dcm"))
+
+
+def run_node(work: Path, folders: list[Path], processes: int, expected: int,
+             repo: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the serve process tree) for one push to a fresh serve."""
+    args = ["--processes", str(processes)] if repo is None else []
+    with node_serve(work / "node", args=args, repo=repo or REPO) as node:
+        cpu_before = process_tree_cpu_s(node.proc.pid)
+        seconds = push(folders, node.port, "SPINE_NODE")
+        cpu = process_tree_cpu_s(node.proc.pid) - cpu_before
+    stored = _count(work / "node" / "spool")
+    if stored != expected:
+        raise RuntimeError(f"node stored {stored} instances, expected {expected}")
+    return seconds, cpu
+
+
+def run_storescp(work: Path, folders: list[Path], expected: int) -> float:
+    with dcmtk_storescp(work / "storescp", fork=len(folders) > 1) as scp:
+        seconds = push(folders, scp.port, "STORESCP")
+    stored = sum(1 for p in (work / "storescp").iterdir() if p.is_file())
+    if stored != expected:
+        raise RuntimeError(f"storescp stored {stored} instances, expected {expected}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instances", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=4, help="associations in the parallel runs")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4],
+                        help="serve --processes values for the parallel runs")
+    parser.add_argument("--compare-with", type=Path, default=None,
+                        help="another checkout whose serve also runs over one association")
+    parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    opts = parser.parse_args()
+
+    work = Path(opts.work_dir or tempfile.mkdtemp(prefix="spine-bench-ingest-"))
+    try:
+        files = write_ct_series(work / "data" / "all", opts.instances, "ingest")
+        size_mb = sum(p.stat().st_size for p in files) / 1e6
+        single = split_into(files, 1, work / "data" / "single")
+        parallel = split_into(files, opts.parallel, work / "data" / "parallel")
+        scaling = [cpu_scaling(2)]
+        print(f"CPU calibration: 2 busy processes do {scaling[0]:.2f}x the work of one", flush=True)
+        runs: dict[str, list[float]] = {"node1": [], "scp1": [], "scpp": []}
+        if opts.compare_with:
+            runs["base1"] = []
+        cpu: dict[str, list[float]] = {}
+        for processes in opts.processes:
+            runs[f"nodep{processes}"] = []
+        for round_ in range(opts.rounds):
+            # Alternate the order within each round so drift in machine load hits both sides.
+            order = ["node1", *(["base1"] if opts.compare_with else []), "scp1",
+                     *[f"nodep{p}" for p in opts.processes], "scpp"]
+            if round_ % 2:
+                order.reverse()
+            for key in order:
+                if key == "node1":
+                    seconds, cpu_s = run_node(work, single, 1, opts.instances)
+                elif key == "base1":
+                    seconds, cpu_s = run_node(work, single, 1, opts.instances, repo=opts.compare_with)
+                elif key == "scp1":
+                    seconds, cpu_s = run_storescp(work, single, opts.instances), float("nan")
+                elif key == "scpp":
+                    seconds, cpu_s = run_storescp(work, parallel, opts.instances), float("nan")
+                else:
+                    seconds, cpu_s = run_node(work, parallel, int(key[5:]), opts.instances)
+                runs[key].append(seconds)
+                cpu.setdefault(key, []).append(cpu_s)
+            print(f"round {round_ + 1}: " + ", ".join(f"{k} {opts.instances / v[-1]:.0f}/s" for k, v in runs.items()),
+                  flush=True)
+
+        scaling.append(cpu_scaling(2))
+
+        def rate(key: str) -> float:
+            return opts.instances / median(runs[key])
+
+        def each(key: str) -> str:
+            return ", ".join(f"{opts.instances / s:.0f}" for s in runs[key])
+
+        def cpu_ms(key: str) -> str:
+            value = median(cpu[key]) / opts.instances * 1e3
+            return "-" if value != value else f"{value:.1f}"
+
+        per_mb = size_mb / opts.instances
+        lines = ["| receiver | associations | instances/s (median) | MB/s | each round | receiver CPU ms/instance |",
+                 "| --- | --- | --- | --- | --- | --- |",
+                 f"| spine-node serve | 1 | {rate('node1'):.0f} | {rate('node1') * per_mb:.0f} | {each('node1')} "
+                 f"| {cpu_ms('node1')} |",
+                 f"| DCMTK storescp (TCP_NODELAY=1) | 1 | {rate('scp1'):.0f} | {rate('scp1') * per_mb:.0f} "
+                 f"| {each('scp1')} | - |"]
+        if opts.compare_with:
+            lines.insert(3, f"| spine-node serve, other checkout ({opts.compare_with.name}) | 1 | {rate('base1'):.0f} "
+                            f"| {rate('base1') * per_mb:.0f} | {each('base1')} | {cpu_ms('base1')} |")
+        for processes in opts.processes:
+            key = f"nodep{processes}"
+            lines.append(f"| spine-node serve --processes {processes} | {opts.parallel} | {rate(key):.0f} "
+                         f"| {rate(key) * per_mb:.0f} | {each(key)} | {cpu_ms(key)} |")
+        lines.append(f"| DCMTK storescp --fork (TCP_NODELAY=1) | {opts.parallel} | {rate('scpp'):.0f} "
+                     f"| {rate('scpp') * per_mb:.0f} | {each('scpp')} | - |")
+        table = "\n".join(lines)
+        summary = f"- node / storescp, one association: **{rate('node1') / rate('scp1'):.2f}x** (target >= 1.2x)\n"
+        if opts.compare_with:
+            summary += (f"- node / other checkout, one association: **{rate('node1') / rate('base1'):.2f}x**\n")
+        for processes in opts.processes:
+            summary += (f"- node, {opts.parallel} associations, {processes} receive process(es) / node, one "
+                        f"association: **{rate(f'nodep{processes}') / rate('node1'):.2f}x** (target >= 3x)\n")
+        summary += (f"- CPU calibration in the same session: 2 busy processes did {scaling[0]:.2f}x (before) and "
+                    f"{scaling[1]:.2f}x (after) the work of one (2.0x = two free cores)\n")
+        print(table)
+        print(summary)
+        if not opts.no_write:
+            write_section("Ingest", (
+                f"Command: `python -m bench.ingest --instances {opts.instances} --rounds {opts.rounds} "
+                f"--parallel {opts.parallel} --processes {' '.join(map(str, opts.processes))}"
+                + (f" --compare-with {opts.compare_with}" if opts.compare_with else "") + "`\n\n"
+                f"Machine: {machine()}.\n\n"
+                f"{opts.instances} instances of a real 512x512 CT slice (pydicom-data `693_UNCR.dcm`, "
+                f"explicit VR little endian, {per_mb:.2f} MB each), pushed with DCMTK `storescu` "
+                "(`TCP_NODELAY=1`), timed from the first storescu start to the last storescu exit. The node "
+                "answers each C-STORE only after the file is fsynced and renamed into the spool; storescp "
+                "(`-od DIR +xa`) does not fsync. Receiver CPU is user + system time of the serve process and "
+                "its receive processes during the push (from /proc), per instance. Each run starts a fresh "
+                "receiver; the order of the runs is "
+                f"reversed every other round; medians of {opts.rounds} rounds.\n\n{table}\n\n{summary}"))
+    finally:
+        if opts.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

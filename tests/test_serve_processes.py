@@ -1,0 +1,139 @@
+"""Several receive processes on one port: a study over parallel associations arrives whole."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from node.audit import Association, Job, Series
+from tests.dicom_factory import write_study
+from tests.nodeproc import NodeProcess, wait_for
+from tests.peers import dcmtk, free_port
+
+
+def _rows(url: str, model):  # type: ignore[no-untyped-def]
+    engine = create_engine(url)
+    try:
+        with Session(engine) as session:
+            return list(session.scalars(select(model)))
+    finally:
+        engine.dispose()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus endpoint, keyed by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def split_round_robin(files: list[Path], parts: int, root: Path) -> list[Path]:
+    folders = [root / f"assoc{i}" for i in range(parts)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    for index, path in enumerate(files):
+        os.link(path, folders[index % parts] / path.name)
+    return folders
+
+
+def test_study_over_parallel_associations_to_multiprocess_serve(tmp_path, database_url):
+    study = write_study(tmp_path / "in", seed="parallel", series=3, per_series=12)
+    files = sorted(p for paths in study.values() for p in paths)
+    folders = split_round_robin(files, 4, tmp_path / "split")
+    metrics_port = free_port()
+    env = {"SPINE_NODE_METRICS_PORT": str(metrics_port)}
+    with NodeProcess(tmp_path / "node", database_url, env=env, args=("--processes", "3")) as node:
+        assert "(3 receive processes)" in wait_for(lambda: "receive processes" in node.log() and node.log())
+        pushes = [subprocess.Popen([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "SPINE_NODE", "+sd",
+                                    "127.0.0.1", str(node.port), str(folder)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for folder in folders]
+        for push in pushes:
+            _out, err = push.communicate(timeout=120)
+            assert push.returncode == 0, err
+
+        def settled():  # type: ignore[no-untyped-def]
+            rows = _rows(database_url, Series)
+            return len(rows) == 3 and all(r.state in ("routed", "skipped") for r in rows) and rows
+        rows = {r.series_uid: r for r in wait_for(settled, timeout=90)}
+        spool = node.data_dir / "spool"
+        for series_uid, series_files in study.items():
+            assert rows[series_uid].instance_count == len(series_files) == 12
+            assert len(list((spool / rows[series_uid].study_uid / series_uid).glob("*.dcm"))) == 12
+        assert not list((spool / ".incoming").iterdir())
+
+        def released():  # type: ignore[no-untyped-def]
+            done = [a for a in _rows(database_url, Association) if a.state == "released"]
+            return len(done) == 4 and done
+        assocs = wait_for(released, timeout=60)
+        assert sorted(a.instances_received for a in assocs) == [9, 9, 9, 9]
+        jobs = _rows(database_url, Job)
+        assert len(jobs) == 1 and jobs[0].state == "queued"
+
+        # Counters from every receive process are summed by the parent's endpoint.
+        samples = scrape(metrics_port)
+        assert samples[("spine_node_instances_received_total", ())] == 36
+        assert samples[("spine_node_received_bytes_total", ())] == sum(r.bytes_received for r in rows.values())
+        assert samples[("spine_node_associations_total", (("outcome", "accepted"),))] == 4
+        completed = sum(v for (name, _labels), v in samples.items() if name == "spine_node_series_completed_total")
+        assert completed == 3
+        assert samples[("spine_node_jobs", (("state", "queued"),))] == 1
+        assert samples[("spine_node_series", (("state", "routed"),))] == 1
+        assert samples[("spine_node_series", (("state", "skipped"),))] == 2
+    # Stopping serve stops its receive processes: nothing listens on the port any more.
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", node.port)) != 0
+
+
+def receive_children(parent_pid: int) -> set[int]:
+    """Pids of the receive processes of a serve (its spawned children, not the resource tracker)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent_pid and b"spawn_main" in cmdline:
+            children.add(int(stat.parent.name))
+    return children
+
+
+def test_a_killed_receive_process_is_replaced(tmp_path):
+    import signal
+
+    study = write_study(tmp_path / "in", seed="replaced", series=1, per_series=5)
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    with NodeProcess(tmp_path / "node", url, args=("--processes", "2")) as node:
+        assert node.proc is not None
+        wait_for(lambda: "(2 receive processes)" in node.log())  # start-up is over
+        first = wait_for(lambda: len(receive_children(node.proc.pid)) == 2 and receive_children(node.proc.pid))
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        try:
+            second = wait_for(lambda: (kids := receive_children(node.proc.pid)) and len(kids) == 2
+                              and victim not in kids and kids, timeout=60)
+        except AssertionError:
+            raise AssertionError(f"no replacement for {victim}: {receive_children(node.proc.pid)}\n"
+                                 f"{node.log()[-3000:]}") from None
+        assert len(second & first) == 1
+        push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "SPINE_NODE", "+sd",
+                               "127.0.0.1", str(node.port), str(tmp_path / "in")],
+                              capture_output=True, text=True, timeout=120)
+        assert push.returncode == 0, push.stderr
+        (series_uid, files), = study.items()
+        rows = wait_for(lambda: [r for r in _rows(url, Series) if r.instance_count == len(files)], timeout=30)
+        assert rows[0].series_uid == series_uid
+        assert "restarting" in node.log()
+    assert not receive_children(node.proc.pid)
