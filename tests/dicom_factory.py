@@ -11,6 +11,27 @@ from pydicom.dataset import Dataset
 from node.uids import derive_uid
 
 
+def local_test_files() -> list[Path]:
+    """Every DICOM sample on disk: pydicom's own and pydicom-data's, never downloaded.
+
+    (``get_testdata_files`` would try to download samples whose hash it does not know,
+    which hangs on a machine without internet.)
+    """
+    from importlib import metadata
+
+    import pydicom.data
+
+    roots = [Path(pydicom.data.__file__).parent / "test_files"]
+    try:
+        dist = metadata.distribution("pydicom-data")
+        roots += [Path(str(dist.locate_file(f))) for f in (dist.files or [])
+                  if str(f).endswith("data_store/__init__.py")]
+        roots = [r.parent / "data" if r.name == "__init__.py" else r for r in roots]
+    except metadata.PackageNotFoundError:
+        pass
+    return sorted({p for root in roots if root.is_dir() for p in root.rglob("*.dcm")})
+
+
 def real_ct() -> Dataset:
     """A real 128x128 CT slice (pydicom's CT_small.dcm)."""
     path = get_testdata_file("CT_small.dcm")
