@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from engines import ENGINES_DIR
 from node.errors import ConfigError
 from node.uids import is_valid_uid
 
@@ -304,7 +305,8 @@ class WorkerSettings(BaseModel):
     queues: list[str] = Field(default_factory=lambda: ["cpu"])
     # Preferred engine order; the first one the worker can run is used.
     backends: list[str] = Field(default_factory=lambda: ["tensorrt", "onnxruntime", "torch"])
-    engines_dir: Path = Path("engines")
+    # The model repository; default: the engines/ folder installed with the package.
+    engines_dir: Path = Field(default_factory=lambda: ENGINES_DIR)
     # A running job whose heartbeat is older than this is considered lost and re-queued.
     heartbeat_timeout_s: float = 60.0
     # A queued job whose message is older than this with no worker on it is re-sent.
