@@ -92,8 +92,8 @@ class FractureNet25D(nn.Module):
     """Per-vertebra fracture classifier over 2.5-D crops with a sequence model.
 
     Input ``(B, 7, D, H, W)``: one crop per vertebra C1..C7 (zeros where a vertebra was
-    not found), ``D`` a multiple of ``group``. Output ``(B, 8)`` logits: C1..C7, then the
-    patient.
+    not found), ``D`` a multiple of ``group``. Output ``(B, 8)`` probabilities: C1..C7,
+    then the patient (:meth:`logits` before the sigmoid).
     """
 
     def __init__(self, slices: int = 15, group: int = 3,
@@ -115,6 +115,11 @@ class FractureNet25D(nn.Module):
         self.patient_head = nn.Linear(2 * 2 * hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(B, 8)``: C1..C7 fractured, then the patient."""
+        return torch.sigmoid(self.logits(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 8)`` (training uses these with a logistic loss)."""
         batch, vertebrae, depth, height, width = x.shape
         slabs = depth // self.group
         images = x.reshape(-1, self.group, height, width)  # (B*V*S, group, H, W)
@@ -128,14 +133,3 @@ class FractureNet25D(nn.Module):
         per_vertebra = self.vertebra_head(torch.cat([vertebra, context], dim=2)).squeeze(2)
         patient = self.patient_head(torch.cat([context.mean(dim=1), context.amax(dim=1)], dim=1))
         return torch.cat([per_vertebra, patient], dim=1)
-
-
-class ProbabilityHead(nn.Module):
-    """Export wrapper: sigmoid over a classifier's logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(x))

@@ -42,7 +42,7 @@ SEGMENTATION_PREPROCESSING: dict[str, Any] = {
     "spacing_mm": [2.0, 2.0, 2.0],
     "hu_window": [-1000.0, 2000.0],
     "hu_scale": 1000.0,
-    "pad_multiple": 8,
+    "pad_multiple": 16,
     "axes": "z head-to-feet, y anterior-to-posterior, x right-to-left",
 }
 FRACTURE_PREPROCESSING: dict[str, Any] = {
@@ -373,6 +373,6 @@ class CervicalSpineCtFracture:
                 labels=frames.astype(np.uint8),
                 source_sop_instance_uids=volume.sop_instance_uids,
                 segments=tuple(Segment(label, LEVELS[label - 1]) for label in found),
-            ),
+            ) if found else None,
             models=(seg_info, fracture_info),
         )

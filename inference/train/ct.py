@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
+import multiprocessing
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,6 @@ from torch.nn import functional as F
 from inference import phantoms
 from inference.card import ModelCard, TensorSpec
 from inference.models import architecture
-from inference.models.ct import ProbabilityHead
 from inference.pipelines.ct_cspine import (
     FRACTURE_MODEL,
     FRACTURE_PREPROCESSING,
@@ -64,7 +66,7 @@ from inference.train import TrainOptions
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-SEG_ARCH = ("cspine-ct-unet3d", {"widths": [16, 32, 64], "stem": 6})
+SEG_ARCH = ("cspine-ct-unet3d", {"widths": [16, 32, 64, 64], "stem": 6})
 FRACTURE_ARCH = ("cspine-ct-fracture-2.5d",
                  {"slices": 15, "group": 3, "widths": [12, 24, 32, 48], "hidden": 32})
 #: Phantom seeds: training, and held out for the card's metrics. Tests use other seeds.
@@ -94,10 +96,10 @@ class Budget:
     """How much data and how many passes each stage gets."""
 
     seg_cases: int = 48
-    seg_epochs: int = 10
-    seg_batch: int = 2
-    seg_crop: tuple[int, int, int] = (64, 48, 48)
-    fracture_cases: int = 480
+    seg_epochs: int = 8
+    seg_batch: int = 1
+    seg_crop: tuple[int, int, int] = (80, 48, 48)
+    fracture_cases: int = 400
     fracture_epochs: int = 6
     fracture_batch: int = 8
     validation_cases: int = 48
@@ -303,9 +305,16 @@ def train_segmentation(cases: Sequence[CtCase], budget: Budget, seed: int,
     model = architecture(name, **kwargs).to(memory_format=torch.channels_last_3d)
     multiple = model.multiple  # type: ignore[attr-defined]
     steps = max(1, budget.seg_epochs * len(usable) // budget.seg_batch)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps,
-                                                   pct_start=0.15)
+    with torch.no_grad():
+        # Start from "everything is background" (about 98 % of voxels), so the first
+        # steps go into finding vertebrae rather than learning the class prior.
+        last = model.full[-1]  # type: ignore[index]
+        last.bias.zero_()
+        last.bias[0] = 3.0
+    class_weights = torch.tensor([1.0] + [3.0] * len(LEVELS))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=5e-3, total_steps=steps,
+                                                   pct_start=0.1)
     model.train()
     with _progress(progress) as bar:
         task = bar.add_task("stage 1: vertebra segmentation", total=steps, status="")
@@ -315,7 +324,7 @@ def train_segmentation(cases: Sequence[CtCase], budget: Budget, seed: int,
             x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None])
             y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64))
             logits = model(x.contiguous(memory_format=torch.channels_last_3d))
-            loss = F.cross_entropy(logits, y) + _soft_dice_loss(logits, y)
+            loss = F.cross_entropy(logits, y, weight=class_weights) + _soft_dice_loss(logits, y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -331,8 +340,9 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     low = float(SEGMENTATION_PREPROCESSING["hu_window"][0]) / float(
         SEGMENTATION_PREPROCESSING["hu_scale"])
     padded, unpad = pad_to_multiple(image, int(SEGMENTATION_PREPROCESSING["pad_multiple"]), low)
+    x = torch.from_numpy(padded)[None, None]
     with torch.inference_mode():
-        logits = model(torch.from_numpy(padded)[None, None])
+        logits = model(x)
     return clean_labels(logits[0].argmax(0).numpy().astype(np.uint8)[unpad])
 
 
@@ -408,7 +418,7 @@ def train_fracture(samples: Sequence[tuple[np.ndarray, np.ndarray]], budget: Bud
             crops = crops * rng.uniform(0.93, 1.07) + rng.normal(0.0, 0.03)
             x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
             y = torch.from_numpy(targets_all[chosen].astype(np.float32))
-            logits = model(x)
+            logits = model.logits(x)  # type: ignore[operator]
             loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -433,7 +443,7 @@ def evaluate(seg_model: torch.nn.Module, fracture_model: torch.nn.Module,
             dice.append(dice_per_level(predicted, case.labels))
         with torch.inference_mode():
             crops = torch.from_numpy(case_crops(case, predicted))[None]
-            probabilities = torch.sigmoid(fracture_model(crops))[0].numpy()
+            probabilities = fracture_model(crops)[0].numpy()
         vertebra_scores += probabilities[: len(LEVELS)].tolist()
         vertebra_truth += case.fractures.tolist()
         patient_scores.append(float(probabilities[len(LEVELS)]))
@@ -462,12 +472,15 @@ def export_segmentation(model: torch.nn.Module, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     dummy = torch.zeros(1, 1, 32, 32, 32)
+    model = model.to(memory_format=torch.contiguous_format)
     torch.onnx.export(
-        model.to(memory_format=torch.contiguous_format), (dummy,), str(path), dynamo=False,
+        model, (dummy,), str(path), dynamo=False,
         input_names=["ct"], output_names=["logits"], opset_version=17,
         dynamic_axes={"ct": {0: "batch", 2: "depth", 3: "height", 4: "width"},
                       "logits": {0: "batch", 2: "depth", 3: "height", 4: "width"}},
     )
+    # The state dict serves the torch reference backend (architecture in the card).
+    torch.save(model.state_dict(), folder / "model.pt")
     return path
 
 
@@ -479,7 +492,8 @@ def export_fracture(model: torch.nn.Module, folder: Path) -> Path:
         # The GRUs start from zero states made inside the graph, so any batch size works
         # (tested), whatever the exporter's generic warning about batch sizes says.
         warnings.filterwarnings("ignore", message=".*batch_size other than 1.*")
-        _export_onnx(ProbabilityHead(model).eval(), dummy, path)
+        _export_onnx(model.eval(), dummy, path)
+    torch.save(model.state_dict(), folder / "model.pt")
     return path
 
 
@@ -565,6 +579,23 @@ def _rsna_cases(root: Path, progress: bool) -> list[CtCase]:
     return cases
 
 
+def _hold_out(cases: Sequence[CtCase],
+              rng: np.random.Generator) -> tuple[list[CtCase], list[CtCase]]:
+    """About 10 % of the segmented and of the unsegmented studies held out for the card's
+    metrics, never every segmented study (stage 1 needs them)."""
+    held: list[CtCase] = []
+    kept: list[CtCase] = []
+    for group in ([c for c in cases if c.labels is not None],
+                  [c for c in cases if c.labels is None]):
+        order = rng.permutation(len(group))
+        count = len(group) // 10
+        if group and group[0].labels is None:
+            count = max(1, count)
+        held += [group[i] for i in order[:count]]
+        kept += [group[i] for i in order[count:]]
+    return held, kept
+
+
 def _fracture_samples(cases: Sequence[CtCase], seg_model: torch.nn.Module | None,
                       rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for case in cases:
@@ -573,6 +604,27 @@ def _fracture_samples(cases: Sequence[CtCase], seg_model: torch.nn.Module | None
             assert seg_model is not None
             labels = predict_labels(seg_model, case.image)
         yield case_crops(case, labels, rng=rng), _targets(case)
+
+
+def _phantom_fracture_samples(seeds: Sequence[int],
+                              seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for phantom_seed in seeds:
+        # More fractured phantoms than the 50 % of the validation set: more positives.
+        case = phantom_case(phantom_seed, p_fracture=0.7)
+        assert case.labels is not None
+        samples.append((case_crops(case, case.labels, rng=rng), _targets(case)))
+    return samples
+
+
+def _phantom_fracture_job(seeds: Sequence[int], budget: Budget, seed: int) -> bytes:
+    """Stage 2 on phantoms in a worker process; returns the trained state dict."""
+    torch.set_num_threads(1)
+    model = train_fracture(_phantom_fracture_samples(seeds, seed), budget, seed, progress=False)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
 
 
 def run(options: TrainOptions) -> dict[str, Any]:
@@ -599,24 +651,34 @@ def run(options: TrainOptions) -> dict[str, Any]:
                         f"{validation_seeds.stop - 1})")
     else:
         cases = _rsna_cases(options.data, options.progress)
-        order = rng.permutation(len(cases))
-        held = max(1, len(cases) // 10)
-        validation = [cases[i] for i in order[:held]]
-        seg_cases = [cases[i] for i in order[held:]]
+        validation, seg_cases = _hold_out(cases, rng)
         trained_on = f"RSNA 2022 Cervical Spine Fracture Detection ({len(seg_cases)} studies)"
-        validated_on = f"RSNA 2022, {held} held-out studies"
-    seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress)
-    seg_seconds = time.monotonic() - started
-
-    if options.data is None:
-        samples = []
-        for seed in fracture_seeds:
-            case = phantom_case(seed, p_fracture=0.7)
-            assert case.labels is not None
-            samples.append((case_crops(case, case.labels, rng=rng), _targets(case)))
+        validated_on = f"RSNA 2022, {len(validation)} held-out studies"
+    parallel = options.data is None and options.threads >= 2
+    if parallel:
+        # Stage 2 trains on phantom crops around the true masks, so it need not wait for
+        # stage 1: run it in a second process with one thread.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            job = pool.submit(_phantom_fracture_job, list(fracture_seeds), budget,
+                              options.seed + 1)
+            torch.set_num_threads(max(1, options.threads))
+            seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress)
+            seg_seconds = time.monotonic() - started
+            state = job.result()
+        name, kwargs = FRACTURE_ARCH
+        fracture_model = architecture(name, **kwargs)
+        fracture_model.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
+        fracture_model.eval()
+        torch.set_num_threads(max(1, options.threads))
     else:
-        samples = list(_fracture_samples(seg_cases, seg_model, rng))
-    fracture_model = train_fracture(samples, budget, options.seed + 1, options.progress)
+        seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress)
+        seg_seconds = time.monotonic() - started
+        if options.data is None:
+            samples = _phantom_fracture_samples(list(fracture_seeds), options.seed + 1)
+        else:
+            samples = list(_fracture_samples(seg_cases, seg_model, rng))
+        fracture_model = train_fracture(samples, budget, options.seed + 1, options.progress)
     train_seconds = time.monotonic() - started
     metrics = evaluate(seg_model, fracture_model, validation)
 
