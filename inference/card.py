@@ -12,6 +12,8 @@ import yaml
 TASKS = ("classification", "segmentation", "detection", "regression")
 DTYPES = ("float32", "float16", "int64", "int32", "uint8", "bool")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Architecture names may carry a version-like dot ("...-2.5d").
+_ARCH_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
 class ModelCardError(ValueError):
@@ -207,9 +209,9 @@ def _architecture(value: Any, where: str) -> dict[str, Any] | None:
         raise ModelCardError(f"{where}: field 'architecture' must be a name or a mapping "
                              f"with 'name' and 'kwargs', got {type(value).__name__}")
     name = value.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _ARCH_RE.match(name):
         raise ModelCardError(f"{where}: architecture.name must be a registered architecture "
-                             f"name (lower-case letters, digits, - _), got {name!r}")
+                             f"name (lower-case letters, digits, - _ .), got {name!r}")
     kwargs = value.get("kwargs") or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ModelCardError(f"{where}: architecture.kwargs must map argument names to values")
