@@ -92,3 +92,16 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.2):  # type: ig
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def table_rows(url: str, model):  # type: ignore[no-untyped-def]
+    """Every row of ``model``'s table in the database at ``url`` (a fresh engine per call)."""
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import Session
+
+    engine = create_engine(url)
+    try:
+        with Session(engine) as session:
+            return list(session.scalars(select(model)))
+    finally:
+        engine.dispose()

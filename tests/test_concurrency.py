@@ -8,27 +8,16 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session
 
 from node.audit import Association, Series
 from tests.dicom_factory import dataset_bytes, write_study
-from tests.nodeproc import NodeProcess, wait_for
+from tests.nodeproc import NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk
 from tests.scu import association, store
 
 PEERS = 8
 SERIES = 2
 PER_SERIES = 5
-
-
-def _rows(url: str, model):  # type: ignore[no-untyped-def]
-    engine = create_engine(url)
-    try:
-        with Session(engine) as session:
-            return list(session.scalars(select(model)))
-    finally:
-        engine.dispose()
 
 
 def _studies(tmp_path: Path) -> list[dict[str, list[Path]]]:
@@ -85,7 +74,7 @@ def _check(node: NodeProcess, studies: list[dict[str, list[Path]]]) -> None:
     assert len(list(spool.rglob("*.dcm"))) == expected == PEERS * SERIES * PER_SERIES
 
     def all_counted():  # type: ignore[no-untyped-def]
-        rows = _rows(node.database_url, Series)
+        rows = table_rows(node.database_url, Series)
         return len(rows) == PEERS * SERIES and all(r.state in ("routed", "skipped") for r in rows) and rows
     rows = {r.series_uid: r for r in wait_for(all_counted, timeout=120)}
     for study in studies:
@@ -98,7 +87,7 @@ def _check(node: NodeProcess, studies: list[dict[str, list[Path]]]) -> None:
                 for p in (spool / row.study_uid / series_uid).iterdir())
 
     def released():  # type: ignore[no-untyped-def]
-        assocs = [a for a in _rows(node.database_url, Association) if a.calling_ae_title.startswith("PEER")]
+        assocs = [a for a in table_rows(node.database_url, Association) if a.calling_ae_title.startswith("PEER")]
         return len(assocs) == PEERS and all(a.state == "released" for a in assocs) and assocs
     assocs = wait_for(released, timeout=60)
     assert sorted(a.instances_received for a in assocs) == [SERIES * PER_SERIES] * PEERS
@@ -132,7 +121,7 @@ def test_same_study_from_four_peers_at_once_is_counted_once(tmp_path: Path) -> N
         assert statuses == [[0] * SERIES * PER_SERIES] * 4
 
         def counted():  # type: ignore[no-untyped-def]
-            rows = _rows(url, Series)
+            rows = table_rows(url, Series)
             return len(rows) == SERIES and all(r.state in ("routed", "skipped") for r in rows) and rows
         assert [r.instance_count for r in wait_for(counted, timeout=120)] == [PER_SERIES] * SERIES
         assert len(list((node.data_dir / "spool").rglob("*.dcm"))) == SERIES * PER_SERIES

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import create_engine, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import create_engine, update
 
 from node.audit import AuditEvent, Job, Series
 from tests.dicom_factory import write_study
-from tests.nodeproc import REPO, NodeProcess, wait_for
+from tests.nodeproc import REPO, NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk, free_port, postgres_database, postgres_url
 from tests.scu import association, echo_ok, store
 
@@ -57,15 +56,6 @@ def _fill(volume: Path, leave_free: int) -> Path:
     return filler
 
 
-def _rows(url: str, model):  # type: ignore[no-untyped-def]
-    engine = create_engine(url)
-    try:
-        with Session(engine) as session:
-            return list(session.scalars(select(model)))
-    finally:
-        engine.dispose()
-
-
 def _instance_files(tmp_path: Path, seed: str, count: int = 4) -> dict[str, list[Path]]:
     return write_study(tmp_path / seed, seed=seed, series=2, per_series=count // 2)
 
@@ -92,7 +82,7 @@ def test_disk_below_floor_answers_out_of_resources_then_resumes(tmp_path: Path, 
         stored = {p.name for p in spool.rglob("*.dcm")}
         assert stored == {f"{dcmread(f).SOPInstanceUID}.dcm" for f in files[:3]}
         assert not any((spool / ".incoming").iterdir())
-        refused = [e for e in _rows(node.database_url, AuditEvent) if e.kind == "instance.refused"]
+        refused = [e for e in table_rows(node.database_url, AuditEvent) if e.kind == "instance.refused"]
         assert len(refused) == 2 and all(e.details["status"] == "0xA700" for e in refused)
 
 
@@ -119,7 +109,7 @@ def test_disk_actually_full_mid_write_is_a_status_not_a_crash(tmp_path: Path, sm
 
 def _wait_states(url: str, expected: dict[str, str], timeout: float = 60) -> dict[str, Series]:
     def done():  # type: ignore[no-untyped-def]
-        rows = {r.series_uid: r for r in _rows(url, Series)}
+        rows = {r.series_uid: r for r in table_rows(url, Series)}
         return all(uid in rows and rows[uid].state == state for uid, state in expected.items()) and rows
     return wait_for(done, timeout=timeout)
 
@@ -145,11 +135,11 @@ def test_emergency_cleaning_deletes_oldest_finished_series_only(tmp_path: Path, 
             conn.execute(update(Job).where(Job.series_uid == spine).values(state="succeeded"))
         engine.dispose()
         wait_for(lambda: not (spool / study_uid).exists(), timeout=30)
-        purged = [e for e in _rows(node.database_url, AuditEvent) if e.kind == "series.purged"]
+        purged = [e for e in table_rows(node.database_url, AuditEvent) if e.kind == "series.purged"]
         assert [e.series_uid for e in purged] == [chest, spine]
         assert all("below 8 MiB free" in e.message and e.details["instances"] == 4 for e in purged)
-        assert {r.series_uid for r in _rows(node.database_url, Series)} == set()
-        assert [j.state for j in _rows(node.database_url, Job)] == ["succeeded"]
+        assert {r.series_uid for r in table_rows(node.database_url, Series)} == set()
+        assert [j.state for j in table_rows(node.database_url, Job)] == ["succeeded"]
         # Still above the receive floor: the study can be sent again, and counts start afresh.
         again = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1", str(node.port),
                                 str(tmp_path / "retention")], capture_output=True, text=True, timeout=120)
@@ -168,9 +158,9 @@ def test_age_retention_deletes_old_series(tmp_path: Path) -> None:
                                str(tmp_path / "aged")], capture_output=True, text=True, timeout=120)
         assert push.returncode == 0, push.stderr
         chest = list(study)[1]
-        wait_for(lambda: [e for e in _rows(url, AuditEvent) if e.kind == "series.purged"
+        wait_for(lambda: [e for e in table_rows(url, AuditEvent) if e.kind == "series.purged"
                           and e.series_uid == chest], timeout=60)
-        purged = [e for e in _rows(url, AuditEvent) if e.kind == "series.purged"]
+        purged = [e for e in table_rows(url, AuditEvent) if e.kind == "series.purged"]
         assert [e.series_uid for e in purged] == [chest]  # the spine series has a queued job
         assert "older than 3e-05 days" in purged[0].message
         assert not (node.data_dir / "spool" / purged[0].study_uid / chest).exists()

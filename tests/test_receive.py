@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import subprocess
 
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session
-
 from node.audit import Association, AuditEvent, Job, Series
 from tests.dicom_factory import dataset_bytes, write_study
-from tests.nodeproc import NodeProcess, wait_for
+from tests.nodeproc import NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk
-
-
-def _rows(url: str, model):  # type: ignore[no-untyped-def]
-    engine = create_engine(url)
-    try:
-        with Session(engine) as session:
-            return list(session.scalars(select(model)))
-    finally:
-        engine.dispose()
 
 
 def test_storescu_study_arrives_byte_identical_and_is_routed(tmp_path, database_url):
@@ -45,7 +33,7 @@ def test_storescu_study_arrives_byte_identical_and_is_routed(tmp_path, database_
                 assert dcmread(stored).SOPInstanceUID == ds.SOPInstanceUID
 
         def routed():  # type: ignore[no-untyped-def]
-            rows = _rows(database_url, Series)
+            rows = table_rows(database_url, Series)
             return len(rows) == 2 and all(r.state in ("routed", "skipped") for r in rows) and rows
         rows = {r.series_uid: r for r in wait_for(routed, timeout=60)}
         uids = list(study)
@@ -53,16 +41,16 @@ def test_storescu_study_arrives_byte_identical_and_is_routed(tmp_path, database_
         assert rows[uids[1]].state == "skipped"  # a chest CT matches no spine route
         assert rows[uids[0]].calling_ae_title == "MODALITY"
 
-        jobs = _rows(database_url, Job)
+        jobs = table_rows(database_url, Job)
         assert [(j.series_uid, j.pipeline, j.state) for j in jobs] == [
             (uids[0], "ct-cspine-fracture", "queued")]
 
         def released():  # type: ignore[no-untyped-def]
-            return [a for a in _rows(database_url, Association) if a.state == "released"]
+            return [a for a in table_rows(database_url, Association) if a.state == "released"]
         assocs = wait_for(lambda: len(released()) >= 2 and released())
         store_assoc = max(assocs, key=lambda a: a.instances_received)
         assert store_assoc.instances_received == 8 and store_assoc.calling_ae_title == "MODALITY"
-        kinds = {e.kind for e in _rows(database_url, AuditEvent)}
+        kinds = {e.kind for e in table_rows(database_url, AuditEvent)}
         assert {"series.complete", "series.skipped", "job.created"} <= kinds
 
         # Re-sending the same instances replaces them: counts do not double.
@@ -86,7 +74,7 @@ def test_unknown_calling_ae_is_rejected(tmp_path):
                               "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0
         assert "Rejected" in bad.stderr or "rejected" in bad.stderr.lower()
-        rejected = wait_for(lambda: [a for a in _rows(url, Association) if a.state == "rejected"])
+        rejected = wait_for(lambda: [a for a in table_rows(url, Association) if a.state == "rejected"])
         assert rejected[0].calling_ae_title == "INTRUDER"
         assert rejected[0].reason == "calling AE title not allowed"
 
@@ -98,6 +86,6 @@ def test_host_not_on_allowlist_is_refused(tmp_path):
         bad = subprocess.run([dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "SPINE_NODE",
                               "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0
-        rejected = wait_for(lambda: [a for a in _rows(url, Association) if a.state == "rejected"])
+        rejected = wait_for(lambda: [a for a in table_rows(url, Association) if a.state == "rejected"])
         assert rejected[0].reason == "host not allowed" and rejected[0].peer_host == "127.0.0.1"
         assert node.proc is not None and node.proc.poll() is None, "node keeps running"

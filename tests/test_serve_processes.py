@@ -9,22 +9,11 @@ import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session
 
 from node.audit import Association, Job, Series
 from tests.dicom_factory import write_study
-from tests.nodeproc import NodeProcess, wait_for
+from tests.nodeproc import NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk, free_port
-
-
-def _rows(url: str, model):  # type: ignore[no-untyped-def]
-    engine = create_engine(url)
-    try:
-        with Session(engine) as session:
-            return list(session.scalars(select(model)))
-    finally:
-        engine.dispose()
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -64,7 +53,7 @@ def test_study_over_parallel_associations_to_multiprocess_serve(tmp_path, databa
             assert push.returncode == 0, err
 
         def settled():  # type: ignore[no-untyped-def]
-            rows = _rows(database_url, Series)
+            rows = table_rows(database_url, Series)
             return len(rows) == 3 and all(r.state in ("routed", "skipped") for r in rows) and rows
         rows = {r.series_uid: r for r in wait_for(settled, timeout=90)}
         spool = node.data_dir / "spool"
@@ -74,11 +63,11 @@ def test_study_over_parallel_associations_to_multiprocess_serve(tmp_path, databa
         assert not list((spool / ".incoming").iterdir())
 
         def released():  # type: ignore[no-untyped-def]
-            done = [a for a in _rows(database_url, Association) if a.state == "released"]
+            done = [a for a in table_rows(database_url, Association) if a.state == "released"]
             return len(done) == 4 and done
         assocs = wait_for(released, timeout=60)
         assert sorted(a.instances_received for a in assocs) == [9, 9, 9, 9]
-        jobs = _rows(database_url, Job)
+        jobs = table_rows(database_url, Job)
         assert len(jobs) == 1 and jobs[0].state == "queued"
 
         # Counters from every receive process are summed by the parent's endpoint.
@@ -133,7 +122,7 @@ def test_a_killed_receive_process_is_replaced(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert push.returncode == 0, push.stderr
         (series_uid, files), = study.items()
-        rows = wait_for(lambda: [r for r in _rows(url, Series) if r.instance_count == len(files)], timeout=30)
+        rows = wait_for(lambda: [r for r in table_rows(url, Series) if r.instance_count == len(files)], timeout=30)
         assert rows[0].series_uid == series_uid
         assert "restarting" in node.log()
     assert not receive_children(node.proc.pid)

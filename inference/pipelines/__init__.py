@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from inference.findings import Findings
+from inference.findings import Findings, ModelInfo
 from node.domain import SeriesRef
+from node.errors import PipelineError
 
 
 class ModelProvider(Protocol):
@@ -59,3 +60,24 @@ def get(name: str) -> Pipeline:
         return _REGISTRY[name]()
     except KeyError:
         raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(sorted(_REGISTRY)) or 'none'}") from None
+
+
+def engine_card(engine: Any) -> Any:
+    """The model card of an engine a ModelProvider returned."""
+    card = getattr(engine, "card", None)
+    if card is None:
+        raise PipelineError(f"engine {engine!r} has no model card")
+    return card
+
+
+def model_info(engine: Any) -> ModelInfo:
+    """Which model, version, backend and weights produced a result."""
+    card = engine_card(engine)
+    return ModelInfo(
+        name=card.name,
+        version=str(card.version),
+        backend=str(getattr(engine, "backend", "")),
+        weights=str(card.weights.get("sha256", "")),
+        trained_on=card.trained_on,
+        clinical_use=bool(card.clinical_use),
+    )

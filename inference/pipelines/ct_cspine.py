@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from inference.findings import Finding, Findings, LabelMap, ModelInfo, Segment
-from inference.pipelines import ModelProvider, register
+from inference.findings import Finding, Findings, LabelMap, Segment
+from inference.pipelines import ModelProvider, engine_card, model_info, register
 from node.domain import SeriesRef
 from node.errors import PipelineError
 
@@ -276,25 +276,6 @@ def clean_labels(labels: np.ndarray, keep_fraction: float = 0.1) -> np.ndarray:
 # ----------------------------------------------------------------------- pipeline
 
 
-def _card_of(engine: object) -> Any:
-    card = getattr(engine, "card", None)
-    if card is None:
-        raise PipelineError(f"{PIPELINE_NAME}: engine {engine!r} has no model card")
-    return card
-
-
-def _model_info(engine: object) -> ModelInfo:
-    card = _card_of(engine)
-    return ModelInfo(
-        name=card.name,
-        version=str(card.version),
-        backend=str(getattr(engine, "backend", "")),
-        weights=str(card.weights.get("sha256", "")),
-        trained_on=card.trained_on,
-        clinical_use=bool(card.clinical_use),
-    )
-
-
 def _single_output(outputs: dict[str, np.ndarray], card: Any) -> np.ndarray:
     name = card.outputs[0].name
     if name not in outputs:
@@ -305,7 +286,7 @@ def _single_output(outputs: dict[str, np.ndarray], card: Any) -> np.ndarray:
 def segment(engine: object,
             volume: CtVolume) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """Stage 1: returns (labels on the model grid, normalised model-grid image, spacing)."""
-    card = _card_of(engine)
+    card = engine_card(engine)
     pre = {**SEGMENTATION_PREPROCESSING, **card.preprocessing}
     spacing = tuple(float(s) for s in pre["spacing_mm"])
     image = normalise(resample(volume.hu, volume.spacing, spacing), pre)
@@ -320,7 +301,7 @@ def segment(engine: object,
 def classify(engine: object, image: np.ndarray,
              labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2: returns (probabilities C1..C7 then patient, vertebra present flags)."""
-    card = _card_of(engine)
+    card = engine_card(engine)
     pre = {**FRACTURE_PREPROCESSING, **card.preprocessing}
     spacing = np.asarray(pre.get("spacing_mm", SEGMENTATION_PREPROCESSING["spacing_mm"]), float)
     crops, present = vertebra_crops(
@@ -361,7 +342,7 @@ class CervicalSpineCtFracture:
             for label in found
         ]
         findings.append(Finding(kind="fracture", probability=float(probabilities[len(LEVELS)])))
-        seg_info, fracture_info = _model_info(segmenter), _model_info(classifier)
+        seg_info, fracture_info = model_info(segmenter), model_info(classifier)
         return Findings(
             pipeline=PIPELINE_NAME,
             model=fracture_info,

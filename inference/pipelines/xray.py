@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from inference.findings import Finding, Findings, LabelMap, ModelInfo, ProbabilityMap, Segment
-from inference.pipelines import ModelProvider, register
+from inference.findings import Finding, Findings, LabelMap, ProbabilityMap, Segment
+from inference.pipelines import ModelProvider, engine_card, model_info, register
 from node.domain import SeriesRef
 from node.errors import PipelineError
 
@@ -187,26 +187,6 @@ def view_of(image: Radiograph, fallback: str = "") -> str:
 # --------------------------------------------------------------------------- models
 
 
-def _card(engine: Any) -> Any:
-    card = getattr(engine, "card", None)
-    if card is None:
-        raise PipelineError(f"engine {engine!r} has no model card")
-    return card
-
-
-def model_info(engine: Any) -> ModelInfo:
-    """Which model, version, backend and weights produced a result."""
-    card = _card(engine)
-    return ModelInfo(
-        name=card.name,
-        version=str(card.version),
-        backend=str(getattr(engine, "backend", "")),
-        weights=str(card.weights.get("sha256", "")),
-        trained_on=card.trained_on,
-        clinical_use=bool(card.clinical_use),
-    )
-
-
 def _input_size(card: Any) -> tuple[int, int]:
     size = card.preprocessing.get("size")
     if not (isinstance(size, list | tuple) and len(size) == 2):
@@ -220,7 +200,7 @@ def _percentiles(card: Any) -> tuple[float, float]:
 
 
 def _batch(engine: Any, images: Sequence[Radiograph]) -> np.ndarray:
-    card = _card(engine)
+    card = engine_card(engine)
     size, percentiles = _input_size(card), _percentiles(card)
     return np.stack([prepare_radiograph(image.pixels, size, percentiles)[None]
                      for image in images]).astype(np.float32)
@@ -232,7 +212,7 @@ def _infer(engine: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     except PipelineError:
         raise
     except Exception as exc:  # a backend failure becomes a pipeline error with its reason
-        raise PipelineError(f"model {_card(engine).name} failed: {exc}") from exc
+        raise PipelineError(f"model {engine_card(engine).name} failed: {exc}") from exc
 
 
 def _class_index(card: Any, key: str) -> int:
@@ -273,7 +253,7 @@ class FracturePipeline:
     def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings:
         images = read_series(_only_series(inputs, self.name))
         engine = models(FRACTURE_MODEL)
-        card = _card(engine)
+        card = engine_card(engine)
         probabilities = _infer(engine, {"image": _batch(engine, images)})["probabilities"]
         fracture = float(probabilities[:, _class_index(card, "fracture")].max())
         result = _findings(self.name, engine, images)
@@ -291,7 +271,7 @@ class CSpineClassifyPipeline:
         images = read_series(_only_series(inputs, self.name))
         _require_one_grid(images, self.name)
         engine = models(CSPINE_MODEL)
-        card = _card(engine)
+        card = engine_card(engine)
         outputs = _infer(engine, {"image": _batch(engine, images)})
         probabilities, saliency = outputs["probabilities"], outputs["saliency"]
         result = _findings(self.name, engine, images)
@@ -355,7 +335,7 @@ class SpineSegPipeline:
         engine = models(UNET_AP_MODEL if views == {"AP"} else UNET_LAT_MODEL)
         probabilities = _infer(engine, {"image": _batch(engine, images)})["probabilities"]
         result = _findings(self.name, engine, images)
-        result.segmentation = _label_map(probabilities, images, _card(engine))
+        result.segmentation = _label_map(probabilities, images, engine_card(engine))
         return result
 
 
@@ -370,7 +350,7 @@ class TissueSegPipeline:
         engine = models(TISSUE_MODEL)
         probabilities = _infer(engine, {"image": _batch(engine, images)})["probabilities"]
         result = _findings(self.name, engine, images)
-        result.segmentation = _label_map(probabilities, images, _card(engine))
+        result.segmentation = _label_map(probabilities, images, engine_card(engine))
         return result
 
 
@@ -393,7 +373,7 @@ class PairClassifyPipeline:
                 f"image (ViewPosition AP/PA and LAT/LL/RL needed) among {len(inputs)} series")
         ap, lat = by_view["AP"], by_view["LAT"]
         engine = models(PAIR_MODEL)
-        card = _card(engine)
+        card = engine_card(engine)
         outputs = _infer(engine, {"ap": _batch(engine, [ap]), "lat": _batch(engine, [lat])})
         damage = float(outputs["probabilities"][0, _class_index(card, "damage")])
         result = _findings(self.name, engine, [ap, lat])
