@@ -221,7 +221,8 @@ def test_database_outage_during_run_loses_no_instance(tmp_path: Path) -> None:
                 rows = _wait_states(url, {uid: state for uid, state in zip(study, ("routed", "skipped"), strict=True)})
                 assert [rows[uid].instance_count for uid in study] == [4, 4]
                 assert "cannot write series counts" in node.log()
-                assert "database reachable again" in node.log()
+                # Said by the tracker's own flush thread, asynchronously: give it a moment.
+                wait_for(lambda: "database reachable again" in node.log(), timeout=30)
         finally:
             admin.dispose()
 
