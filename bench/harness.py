@@ -286,19 +286,23 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) this benchmark's section of bench/RESULTS.md, between markers.
+def replace_section(path: Path, begin: str, end: str, section: str) -> None:
+    """Replace the text between ``begin`` and ``end`` in ``path`` with ``section`` (or append it).
 
-    Other benchmarks' sections (each between its own ``<!-- ...: begin/end -->`` markers)
-    and hand-written text are kept as they are.
+    ``section`` carries its own markers. Other benchmarks' sections and hand-written text
+    are kept as they are.
     """
-    begin, end = f"<!-- bench {name}: begin -->", f"<!-- bench {name}: end -->"
-    section = f"{begin}\n## {name}\n\n{body.strip()}\n{end}\n"
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text, encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) this benchmark's section of bench/RESULTS.md, between markers."""
+    begin, end = f"<!-- bench {name}: begin -->", f"<!-- bench {name}: end -->"
+    replace_section(RESULTS, begin, end, f"{begin}\n## {name}\n\n{body.strip()}\n{end}\n")

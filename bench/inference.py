@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.harness import replace_section
 from inference.card import ModelCard, TensorSpec
 from inference.repository import ModelRepository
 from inference.runtime.base import (
@@ -329,18 +330,6 @@ def render(results: list[Measurement], command: str, facts: list[tuple[str, str]
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path``, keeping any other benchmarks' text."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def _set_torch_threads(threads: int) -> None:
     try:
         import torch
@@ -396,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         " " + shlex.join(sys.argv[1:] if argv is None else argv)
         if (sys.argv[1:] if argv is None else argv) else "")
     section = render(results, command, machine_facts(), args.seconds, args.note)
-    write_section(args.output, section)
+    replace_section(args.output, BEGIN, END, section)
     print(section)
     return 0
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from bench.harness import replace_section
 from node.audit import Database, Job, WorkerHeartbeat
 from node.config import load_settings, redact_url
 from node.db_migrate import upgrade
@@ -189,17 +190,6 @@ def _table(rows: list[dict[str, object]], command: str, note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(section: str) -> None:
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker", action="append", default=None,
@@ -217,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     section = _table(rows, command.strip(), args.note)
     print(section)
     if not args.no_write:
-        _write(section)
+        replace_section(RESULTS, BEGIN, END, section)
 
 
 if __name__ == "__main__":
