@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -169,6 +170,15 @@ def serve(
     if worker is not None:
         worker.stop()
     service.stop()
+
+
+def _check_state(state: str | None, states: type[StrEnum]) -> None:
+    """Exit 2 naming the choices if ``state`` is not one of ``states``."""
+    values = [s.value for s in states]
+    if state is not None and state not in values:
+        err_console.print(f"[red]error:[/red] unknown state {state!r}; expected one of "
+                          f"{', '.join(values)}")
+        raise typer.Exit(2)
 
 
 def _age(value) -> str:  # type: ignore[no-untyped-def]
@@ -574,11 +584,7 @@ def jobs_list(
     from node.audit import Job
     from node.domain import JobState
 
-    states = [s.value for s in JobState]
-    if state is not None and state not in states:
-        err_console.print(f"[red]error:[/red] unknown state {state!r}; expected one of "
-                          f"{', '.join(states)}")
-        raise typer.Exit(2)
+    _check_state(state, JobState)
     db = _database(settings())
     with db.session() as session:
         query = select(Job).order_by(Job.id.desc()).limit(limit)
@@ -692,11 +698,7 @@ def dispatch_list(
     from node.audit import Dispatch, Result
     from node.domain import DispatchState
 
-    states = [s.value for s in DispatchState]
-    if state is not None and state not in states:
-        err_console.print(f"[red]error:[/red] unknown state {state!r}; expected one of "
-                          f"{', '.join(states)}")
-        raise typer.Exit(2)
+    _check_state(state, DispatchState)
     db = _database(settings())
     with db.session() as session:
         query = (select(Dispatch, Result).join(Result, Result.id == Dispatch.result_id)

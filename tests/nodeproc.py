@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -38,6 +39,15 @@ class NodeProcess:
         }
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def with_worker_dispatching_to(self, ae_title: str, port: int) -> NodeProcess:
+        """Run the embedded worker and send results to one destination (call before start)."""
+        self.env.update({
+            "SPINE_NODE_WORKER__EMBEDDED": "true",
+            "SPINE_NODE_DISPATCH__DESTINATIONS": json.dumps([{
+                "name": "pacs", "ae_title": ae_title, "host": "127.0.0.1", "port": port}]),
+        })
+        return self
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "node.cli", *args], cwd=REPO, env=self.env,

@@ -26,14 +26,11 @@ def test_orthanc_study_comes_back_with_seg_and_sr(tmp_path):
     study = write_study(tmp_path / "in", series=1, per_series=4)
     node = NodeProcess(tmp_path / "node", url)
     with Orthanc(tmp_path / "orthanc", {"node": ("SPINE_NODE", "127.0.0.1", node.port)}) as pacs:
+        node.with_worker_dispatching_to(pacs.ae_title, pacs.dicom_port)
         node.env.update({
-            "SPINE_NODE_WORKER__EMBEDDED": "true",
             "SPINE_NODE_WORKER__PIPELINE_MODULES": '["tests.pipelines_for_tests"]',
             "SPINE_NODE_ROUTES": json.dumps([{"name": "ct", "match": {"modality": ["CT"]},
                                               "pipelines": ["test-bone-threshold"]}]),
-            "SPINE_NODE_DISPATCH__DESTINATIONS": json.dumps([{
-                "name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
-                "port": pacs.dicom_port}]),
         })
         with node:
             for files in study.values():

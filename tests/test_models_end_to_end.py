@@ -7,7 +7,6 @@ objects; model quality is measured in tests/test_xray_models.py.
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import numpy as np
@@ -36,12 +35,7 @@ def test_xray_study_gets_every_pipeline_and_results_reach_the_pacs(tmp_path):
     url = f"sqlite:///{tmp_path / 'node.db'}"
     node = NodeProcess(tmp_path / "node", url)
     with Orthanc(tmp_path / "orthanc") as pacs:
-        node.env.update({
-            "SPINE_NODE_WORKER__EMBEDDED": "true",
-            "SPINE_NODE_DISPATCH__DESTINATIONS": json.dumps([{
-                "name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
-                "port": pacs.dicom_port}]),
-        })
+        node.with_worker_dispatching_to(pacs.ae_title, pacs.dicom_port)
         with node:
             push = subprocess.run([dcmtk("storescu"), "-aet", "XRAY01", "-aec", "SPINE_NODE", "+sd",
                                    "+r", "127.0.0.1", str(node.port), str(tmp_path / "in")],
@@ -83,12 +77,7 @@ def test_cervical_ct_two_stage_pipeline_end_to_end(tmp_path):
     url = f"sqlite:///{tmp_path / 'node.db'}"
     node = NodeProcess(tmp_path / "node", url)
     with Orthanc(tmp_path / "orthanc") as pacs:
-        node.env.update({
-            "SPINE_NODE_WORKER__EMBEDDED": "true",
-            "SPINE_NODE_DISPATCH__DESTINATIONS": json.dumps([{
-                "name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
-                "port": pacs.dicom_port}]),
-        })
+        node.with_worker_dispatching_to(pacs.ae_title, pacs.dicom_port)
         with node:
             push = subprocess.run([dcmtk("storescu"), "-aet", "CT01", "-aec", "SPINE_NODE", "+sd",
                                    "127.0.0.1", str(node.port), str(tmp_path / "in")],
