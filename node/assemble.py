@@ -228,10 +228,10 @@ class Assembler:
                 due.append(row.series_uid)
         if not due:
             return None
-        completed = CompletedStudy(study_uid, tuple(sorted(due)), forced)
+        completed_uids: list[str] = []
         with self.db.session() as session:
             # Guard on state and last_received_at: an instance that arrived since we
-            # looked keeps its series receiving.
+            # looked keeps its series receiving (it completes after its own quiet period).
             for row in rows:
                 if row.series_uid not in due:
                     continue
@@ -243,14 +243,18 @@ class Assembler:
                     .values(state=SeriesState.COMPLETE.value, completed_at=now)
                 )
                 if result.rowcount:  # type: ignore[attr-defined]
+                    completed_uids.append(row.series_uid)
                     record_event(session, "series.complete",
                                  "forced after timeout" if forced else "quiet period passed",
                                  study_uid=study_uid, series_uid=row.series_uid,
                                  details={"instances": row.instance_count})
+            if not completed_uids:
+                return None
             session.flush()
+            completed = CompletedStudy(study_uid, tuple(sorted(completed_uids)), forced)
             if self.on_complete is not None:
                 self.on_complete(session, completed)
-        log.info("study %s: %d series complete%s", study_uid, len(due), " (forced)" if forced else "")
+        log.info("study %s: %d series complete%s", study_uid, len(completed_uids), " (forced)" if forced else "")
         return completed
 
 

@@ -64,6 +64,35 @@ def test_forced_completion_after_timeout(database_url):
     db.dispose()
 
 
+def test_series_that_received_an_instance_meanwhile_is_not_reported_complete(database_url):
+    """The guarded update loses for a series that got an instance after poll read it:
+    that series stays receiving and is neither routed nor counted as complete."""
+    db = Database(database_url)
+    tracker = SeriesTracker(db)
+    routed: list[tuple[str, ...]] = []
+    assembler = Assembler(db, AssemblySettings(quiet_period_s=1, study_quiet_period_s=1, force_complete_s=3600),
+                          on_complete=lambda _session, done: routed.append(done.series_uids))
+    tracker.add(info("4.1", "4.1.1", "4.1.1.1"), 10)
+    tracker.add(info("4.1", "4.1.2", "4.1.2.1"), 10)
+    tracker.flush()
+    with db.session() as session:
+        rows = list(session.scalars(select(Series).order_by(Series.series_uid)))
+        session.expunge_all()
+    # A receive process counts one more instance of 4.1.2 after the rows were read.
+    tracker.add(info("4.1", "4.1.2", "4.1.2.2"), 10)
+    tracker.flush()
+    now = utcnow() + timedelta(seconds=5)
+    done = assembler._complete_study("4.1", rows, now, timedelta(seconds=1), timedelta(seconds=1),
+                                     timedelta(hours=1))
+    assert done is not None and done.series_uids == ("4.1.1",)
+    assert routed == [("4.1.1",)]
+    assert states(db) == {"4.1.1": "complete", "4.1.2": "receiving"}
+    # Nothing left to complete from the stale view: no empty study is reported.
+    assert assembler._complete_study("4.1", rows[1:], now, timedelta(seconds=1), timedelta(seconds=1),
+                                     timedelta(hours=1)) is None
+    db.dispose()
+
+
 def test_tracker_counts_and_replacements(database_url):
     db = Database(database_url)
     tracker = SeriesTracker(db)

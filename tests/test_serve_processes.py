@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.audit import Association, Job, Series
+from node.audit import Association, AuditEvent, Job, Series
 from tests.dicom_factory import write_study
 from tests.nodeproc import NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk, free_port
@@ -41,7 +41,10 @@ def test_study_over_parallel_associations_to_multiprocess_serve(tmp_path, databa
     files = sorted(p for paths in study.values() for p in paths)
     folders = split_round_robin(files, 4, tmp_path / "split")
     metrics_port = free_port()
-    env = {"SPINE_NODE_METRICS_PORT": str(metrics_port)}
+    # A quiet period long enough that a slow machine starting four storescu processes does
+    # not complete the study between two of them (it would be completed, then received again).
+    env = {"SPINE_NODE_METRICS_PORT": str(metrics_port),
+           "SPINE_NODE_ASSEMBLY__QUIET_PERIOD_S": "4", "SPINE_NODE_ASSEMBLY__STUDY_QUIET_PERIOD_S": "4"}
     with NodeProcess(tmp_path / "node", database_url, env=env, args=("--processes", "3")) as node:
         # The banner comes after the service's own "3 receive processes listening" line.
         wait_for(lambda: "(3 receive processes)" in node.log())
@@ -77,7 +80,8 @@ def test_study_over_parallel_associations_to_multiprocess_serve(tmp_path, databa
         assert samples[("spine_node_received_bytes_total", ())] == sum(r.bytes_received for r in rows.values())
         assert samples[("spine_node_associations_total", (("outcome", "accepted"),))] == 4
         completed = sum(v for (name, _labels), v in samples.items() if name == "spine_node_series_completed_total")
-        assert completed == 3
+        completions = [e for e in table_rows(database_url, AuditEvent) if e.kind == "series.complete"]
+        assert completed == len(completions) == 3, [(e.at, e.series_uid) for e in completions]
         assert samples[("spine_node_jobs", (("state", "queued"),))] == 1
         assert samples[("spine_node_series", (("state", "routed"),))] == 1
         assert samples[("spine_node_series", (("state", "skipped"),))] == 2
