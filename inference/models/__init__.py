@@ -10,49 +10,21 @@ Importing this package does not import torch; the architecture modules do.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from inference.registry import Registry
 
 if TYPE_CHECKING:
     from torch import nn
 
 Factory = Callable[..., "nn.Module"]
 
-_REGISTRY: dict[str, Factory] = {}
-# Modules that register architectures when imported.
-_MODULES: tuple[str, ...] = ("inference.models.ct", "inference.models.xray")
-
-
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Register a module factory (a class or function returning ``nn.Module``) as ``name``."""
-
-    def decorate(factory: Factory) -> Factory:
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"architecture {name!r} registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
-
-
-def _load_all() -> None:
-    for module in _MODULES:
-        importlib.import_module(module)
-
-
-def names() -> list[str]:
-    """Registered architecture names."""
-    _load_all()
-    return sorted(_REGISTRY)
+_ARCHITECTURES: Registry[Factory] = Registry("architecture", ("inference.models.ct", "inference.models.xray"))
+register = _ARCHITECTURES.register
+names = _ARCHITECTURES.names
 
 
 def architecture(name: str, **kwargs: Any) -> nn.Module:
     """Build the architecture registered as ``name`` with ``kwargs`` (untrained weights)."""
-    _load_all()
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise KeyError(f"unknown architecture {name!r}; known: {known}") from None
-    return factory(**kwargs)
+    return _ARCHITECTURES.factory(name)(**kwargs)

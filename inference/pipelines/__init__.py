@@ -6,11 +6,11 @@ with :func:`register`. Pipelines never import Celery or pynetdicom.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from inference.findings import Findings, ModelInfo
+from inference.registry import Registry
 from node.domain import SeriesRef
 from node.errors import PipelineError
 
@@ -27,39 +27,15 @@ class Pipeline(Protocol):
     def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings: ...
 
 
-_REGISTRY: dict[str, Callable[[], Pipeline]] = {}
-# Modules that register pipelines when imported.
-_MODULES: tuple[str, ...] = ("inference.pipelines.ct_cspine", "inference.pipelines.xray")
-
-
-def register(name: str) -> Callable[[Callable[[], Pipeline]], Callable[[], Pipeline]]:
-    """Register a pipeline factory under ``name``."""
-
-    def decorate(factory: Callable[[], Pipeline]) -> Callable[[], Pipeline]:
-        if name in _REGISTRY:
-            raise ValueError(f"pipeline {name!r} registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
-
-
-def _load_all() -> None:
-    for module in _MODULES:
-        importlib.import_module(module)
-
-
-def names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+_PIPELINES: Registry[Callable[[], Pipeline]] = Registry(
+    "pipeline", ("inference.pipelines.ct_cspine", "inference.pipelines.xray"))
+register = _PIPELINES.register
+names = _PIPELINES.names
 
 
 def get(name: str) -> Pipeline:
-    _load_all()
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(sorted(_REGISTRY)) or 'none'}") from None
+    """A new instance of the pipeline registered as ``name``."""
+    return _PIPELINES.factory(name)()
 
 
 def engine_card(engine: Any) -> Any:
