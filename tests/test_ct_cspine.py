@@ -289,3 +289,48 @@ def test_pipeline_rejects_bad_series(engines: dict[str, OnnxCpuEngine], tmp_path
     ref = SeriesRef(study_uid="1.2", series_uid="1.2.3", path=tmp_path / "few")
     with pytest.raises(PipelineError, match="at least 8"):
         ct_cspine.CervicalSpineCtFracture().run([ref], lambda name: engines[name])
+
+
+def test_pipeline_on_a_real_ct_that_is_not_a_cervical_spine(engines: dict[str, OnnxCpuEngine],
+                                                          tmp_path: Path) -> None:
+    """A real 512x512 CT slice (pydicom-data) stacked 60 times: whatever stage 1 finds, every
+    label left in the label map has its segment, so the SEG can be encoded (a bug seen in
+    bench.scaleout: small components of levels stage 2 did not keep stayed in the map)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from inference import pipelines
+    from node import results
+    from node.uids import derive_uid
+
+    source = get_testdata_file("693_UNCR.dcm")
+    if source is None:
+        pytest.skip("pydicom-data is not installed (the dev extra installs it)")
+    ds = pydicom.dcmread(source)
+    if ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
+        ds.decompress()
+    study, series = derive_uid("not-a-cspine", "study"), derive_uid("not-a-cspine", "series")
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.FrameOfReferenceUID = derive_uid(study, "frame")
+    ds.BodyPartExamined = "CSPINE"
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for index in range(60):
+        ds.SOPInstanceUID = derive_uid(series, str(index))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = index + 1
+        ds.ImagePositionPatient = [x, y, z + index]
+        ds.save_as(folder / f"{index:03d}.dcm", enforce_file_format=True)
+    ref = SeriesRef(study_uid=study, series_uid=series, path=folder, modality="CT", body_part="CSPINE",
+                    instance_count=60)
+    findings = pipelines.get("ct-cspine-fracture").run([ref], lambda name: engines[name])
+    seg = findings.segmentation
+    if seg is not None:
+        assert set(np.unique(seg.labels)) - {0} == {s.label for s in seg.segments}
+    assert {f.segment_label for f in findings.findings if f.site} == ({s.label for s in seg.segments}
+                                                                       if seg else set())
+    sources = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+    encoded = results.encode(findings, sources)
+    assert encoded  # a SEG (if anything was found) and an SR

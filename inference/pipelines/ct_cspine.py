@@ -333,6 +333,9 @@ class CervicalSpineCtFracture:
         source_labels = labels_to_source(labels, model_spacing, volume.spacing, volume.hu.shape)
         frames = volume.to_source_frames(source_labels)
         found = [i + 1 for i in range(len(LEVELS)) if present[i] and (frames == i + 1).any()]
+        # A level stage 2 did not keep (too few voxels for a crop) leaves the label map too:
+        # every label in the SEG has a segment and a finding.
+        frames = np.where(np.isin(frames, found), frames, 0)
         missing = [LEVELS[i] for i in range(len(LEVELS)) if i + 1 not in found]
         if missing:
             log.info("series %s: no %s found by stage 1", volume.series_uid, ",".join(missing))
