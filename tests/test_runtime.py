@@ -355,6 +355,17 @@ def test_provider_from_settings(engines_dir: Path) -> None:
     provider = EngineProvider.from_settings(settings)
     assert provider("cls2d").backend == "torch-cpu"
     assert provider("seg3d-onnx-only").backend == "onnxruntime-cpu"
+    assert provider.options.threads is None  # all cores of the host
+
+
+def test_engine_threads_setting_caps_onnxruntime_threads(engines_dir: Path) -> None:
+    from node.config import load_settings
+
+    settings = load_settings(worker={"engines_dir": str(engines_dir), "backends": ["onnxruntime-cpu"],
+                                     "engine_threads": 1})
+    engine = EngineProvider.from_settings(settings)("seg3d-onnx-only")
+    session = engine._session  # type: ignore[attr-defined]
+    assert session.get_session_options().intra_op_num_threads == 1
 
 
 def test_engine_checks_inputs_against_card(engines_dir: Path) -> None:

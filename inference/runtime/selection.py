@@ -156,7 +156,9 @@ class EngineProvider:
 
     @classmethod
     def from_settings(cls, settings: Any, options: EngineOptions | None = None) -> EngineProvider:
-        """From ``Settings.worker`` (``engines_dir`` and ``backends``)."""
+        """From ``Settings.worker`` (``engines_dir``, ``backends`` and ``engine_threads``)."""
+        if options is None:
+            options = EngineOptions(threads=getattr(settings.worker, "engine_threads", None))
         return cls(settings.worker.engines_dir, settings.worker.backends, options)
 
     def __call__(self, model_name: str) -> Engine:
