@@ -149,6 +149,11 @@ class StorageSettings(BaseModel):
     # spool volume has less than emergency_free_mb free. Every deletion is audited.
     retention_days: float = 0.0
     emergency_free_mb: int = 0
+    # true: every received file is on disk (fdatasync) before its C-STORE is answered, so
+    # an answered instance survives a power cut. false: answered once the operating system
+    # has it, which survives a crash of the node but not of the machine (what DCMTK storescp
+    # and Orthanc do by default); much faster where syncing is slow (bench/RESULTS.md).
+    sync_before_answer: bool = True
 
     @model_validator(mode="after")
     def _derive(self) -> StorageSettings:
@@ -314,6 +319,9 @@ class WorkerSettings(BaseModel):
     max_attempts: int = 3
     # Extra modules imported by workers so their pipelines register (site plug-ins, tests).
     pipeline_modules: list[str] = Field(default_factory=list)
+    # Intra-op CPU threads per engine (ONNX Runtime, torch); unset: all cores of the host.
+    # Set it when several workers share one host, so they do not oversubscribe its cores.
+    engine_threads: int | None = Field(default=None, ge=1, le=256)
 
     @field_validator("queues")
     @classmethod

@@ -1,15 +1,15 @@
-"""Receive: the C-STORE / C-ECHO SCP.
+"""Receive: what the C-STORE / C-ECHO SCP does with what arrives.
 
-Fast and dumb (DESIGN decision 2): pynetdicom streams each dataset to a temporary file
-on the spool volume (``STORE_RECV_CHUNKED_DATASET``), the handler reads only the header
-(never pixel data), validates the UIDs, fsyncs and renames the file into
-``spool/<study>/<series>/<sop>.dcm``, and only then answers. Counts are kept in memory
-and flushed to SQL in batches by :class:`node.assemble.SeriesTracker`.
+Fast and dumb (DESIGN decision 2): :mod:`node.scp` streams each data set into a temporary
+file on the spool volume; :meth:`Receiver.store` walks the element headers once (never
+decoding pixel data) to check the structure and pick out the identifying UIDs, validates
+them, syncs the file to disk and links it into ``spool/<study>/<series>/<sop>.dcm``, and
+only then is the C-STORE answered. Counts are kept in memory and flushed to SQL in batches
+by :class:`node.assemble.SeriesTracker`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import mmap
@@ -18,8 +18,6 @@ import shutil
 import socket
 import ssl
 import struct
-import tempfile
-import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -44,18 +42,15 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from node import metrics
 from node.assemble import InstanceInfo, SeriesTracker
 from node.audit import Association, Database, record_event, utcnow
 from node.config import Settings, TLSSettings
 from node.errors import InvalidUIDError, OutOfSpaceError, SpoolError
+from node.scp import AssociationInfo, DicomServer, IncomingFile, supported_contexts
 from node.spool import Spool
-from node.transport import FastRequestHandler
 from node.uids import is_valid_uid, validate_uid
 
 log = logging.getLogger(__name__)
@@ -96,6 +91,15 @@ _HEADER_TAGS = (
     "BodyPartExamined",
     "ViewPosition",
 )
+_HEADER_TAG_NUMBERS = {
+    (0x0008, 0x0016): "SOPClassUID",
+    (0x0008, 0x0018): "SOPInstanceUID",
+    (0x0020, 0x000D): "StudyInstanceUID",
+    (0x0020, 0x000E): "SeriesInstanceUID",
+    (0x0008, 0x0060): "Modality",
+    (0x0018, 0x0015): "BodyPartExamined",
+    (0x0018, 0x5101): "ViewPosition",
+}
 
 
 class StoreRejected(Exception):
@@ -120,6 +124,11 @@ def read_header(path: Path) -> InstanceInfo:
         values = {keyword: _text(ds, keyword) for keyword in _HEADER_TAGS}
     except Exception as exc:  # noqa: BLE001 - hostile bytes can break the parser in any way
         raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from None
+    return instance_info(values)
+
+
+def instance_info(values: dict[str, str]) -> InstanceInfo:
+    """Validate the identifying values of an instance (keyword -> text) into an InstanceInfo."""
     try:
         study = validate_uid(values["StudyInstanceUID"], "Study Instance UID")
         series = validate_uid(values["SeriesInstanceUID"], "Series Instance UID")
@@ -146,8 +155,38 @@ def _text(ds: Any, keyword: str) -> str:
         value = value.decode("ascii", "replace")
     elif isinstance(value, MultiValue):
         value = "\\".join(str(v) for v in value)
+    return _clean(str(value))
+
+
+def _clean(value: str) -> str:
     # Strip the NUL padding some devices put in UIDs and any stray control characters.
-    return "".join(ch for ch in str(value) if ch >= " ").strip()
+    return "".join(ch for ch in value if ch >= " ").strip()
+
+
+def inspect_dataset(data: Any, start: int, transfer_syntax: str) -> tuple[bool, InstanceInfo] | None:
+    """Structure check and identifying header of a received file held in memory, in one walk.
+
+    ``data`` is the whole file (preamble, meta, data set), the data set starting at
+    ``start``. Gives what :func:`check_structure` and :func:`read_header` give together,
+    without pydicom; ``None`` where only those can judge (deflated or big-endian syntaxes).
+    Raises :class:`StoreRejected` like they do.
+    """
+    syntax = UID(transfer_syntax)
+    if not syntax.is_little_endian or syntax == DeflatedExplicitVRLittleEndian:
+        return None
+    try:
+        if data[start:start + 2] == b"\x02\x00":
+            raise _Malformed("data set carries File Meta Information (group 0002) elements")
+        walker = _StructureWalker(data, start)
+        tags = walker.dataset(syntax.is_implicit_VR, 0, in_item=False)
+    except _Malformed as exc:
+        raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"malformed data set: {exc}") from None
+    except (ValueError, struct.error) as exc:
+        raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from None
+    values = dict.fromkeys(_HEADER_TAGS, "")
+    for tag, (position, length) in walker.captured.items():
+        values[_HEADER_TAG_NUMBERS[tag]] = _clean(bytes(data[position:position + length]).decode("ascii", "replace"))
+    return bool(tags & _PIXEL_TAGS), instance_info(values)
 
 
 # -- structure check --------------------------------------------------------------------
@@ -178,6 +217,8 @@ class _StructureWalker:
         self.data = data  # bytes or an mmap of the file
         self.pos = start
         self.end = len(data)
+        # (position, length) of the top-level identifying elements (see header_values).
+        self.captured: dict[tuple[int, int], tuple[int, int]] = {}
 
     def _unpack(self, fmt: str, size: int) -> tuple[Any, ...]:
         if self.pos + size > self.end:
@@ -233,6 +274,8 @@ class _StructureWalker:
                 if length > end - pos:
                     raise _Malformed(f"element ({group:04X},{element:04X}) claims {length} bytes at byte "
                                      f"{pos} but only {end - pos} remain")
+                if depth == 0 and tag in _HEADER_TAG_NUMBERS:
+                    self.captured[tag] = (pos, length)
                 self.pos = pos + length
             elif tag in _PIXEL_TAGS and vr in (b"OB", b"OW"):
                 self._fragments()
@@ -340,102 +383,12 @@ def needs_pixel_data(sop_class_uid: str) -> bool:
     return "Image Storage" in UID(sop_class_uid).name
 
 
-class _IncomingFile:
-    """Where pynetdicom streams one received data set: a temp file in the spool volume.
-
-    Stands in for the ``NamedTemporaryFile`` pynetdicom opens per C-STORE request. A full
-    disk while writing (ENOSPC, EDQUOT) does not raise into pynetdicom's network thread,
-    which would kill the association without an answer: the file is emptied, later
-    fragments are dropped, and the C-STORE handler answers 0xA700 instead.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        fd, name = tempfile.mkstemp(prefix="", suffix=".dcm", dir=folder)
-        self._fp = os.fdopen(fd, "wb")
-        self.name = name
-        self.out_of_space = False
-
-    @property
-    def file(self) -> _IncomingFile:
-        """pynetdicom flushes through ``.file`` (the NamedTemporaryFile wrapper API)."""
-        return self
-
-    def write(self, data: bytes) -> int:
-        if self.out_of_space:
-            return len(data)
-        try:
-            return self._fp.write(data)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            self.out_of_space = True
-            with contextlib.suppress(OSError, ValueError):
-                self._fp.truncate(0)
-            return len(data)
-
-    def flush(self) -> None:
-        if self.out_of_space:
-            return
-        try:
-            self._fp.flush()
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            self.out_of_space = True
-            with contextlib.suppress(OSError, ValueError):
-                self._fp.truncate(0)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._fp.close()
-
-
-class _IncomingFiles:
-    """The factory pynetdicom calls instead of ``NamedTemporaryFile``; tracks open files."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._open: dict[str, _IncomingFile] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _IncomingFile:
-        incoming = _IncomingFile(self.folder)
-        with self._lock:
-            self._open[incoming.name] = incoming
-        return incoming
-
-    def pop(self, name: str) -> _IncomingFile | None:
-        with self._lock:
-            return self._open.pop(str(name), None)
-
-
 @dataclass
 class _AssocStats:
     row_id: int | None
     received: int = 0
     failed: int = 0
     bytes: int = 0
-
-
-class _FilteringServer(ThreadedAssociationServer):
-    """The threaded server, with the host allowlist checked before any PDU is read."""
-
-    node_receiver: Receiver
-    # Several receive processes may share one port (SO_REUSEPORT), see `serve --processes`.
-    allow_reuse_port = True
-
-    def server_bind(self) -> None:
-        # pynetdicom's server_bind sets only SO_REUSEADDR and ignores allow_reuse_port.
-        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
-        if self.node_receiver.settings.dicom.host_allowed(host):
-            return True
-        self.node_receiver.record_refused_host(host, int(client_address[1]))
-        return False
 
 
 def make_ssl_context(tls: TLSSettings, server_side: bool) -> ssl.SSLContext:
@@ -469,7 +422,11 @@ def probe_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
 
 
 class Receiver:
-    """The SCP: owns the AE, the spool and the in-memory series tracker."""
+    """The SCP's node side: the spool, the series tracker and the audit rows.
+
+    The wire protocol lives in :mod:`node.scp`; it calls :meth:`store` for each received
+    data set and the ``association_*`` methods as associations come and go.
+    """
 
     def __init__(self, settings: Settings, db: Database, tracker: SeriesTracker | None = None) -> None:
         self.settings = settings
@@ -478,80 +435,30 @@ class Receiver:
         self.tracker = tracker or SeriesTracker(db)
         self.incoming_dir = self.spool.root / ".incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
-        self.incoming_files = _IncomingFiles(self.incoming_dir)
-        self._assocs: dict[int, _AssocStats] = {}
-        self._lock = threading.Lock()
         self._free_checked_at = 0.0
         self._free_ok = True
         self._audit_warned_at = -1e9
-        self.server: _FilteringServer | None = None
-        self.ae = self._make_ae()
+        self.server: DicomServer | None = None
 
     # -- set-up -----------------------------------------------------------------------
-    def _make_ae(self) -> AE:
-        cfg = self.settings.dicom
-        ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations
-        ae.acse_timeout = cfg.acse_timeout_s
-        ae.dimse_timeout = cfg.dimse_timeout_s
-        ae.network_timeout = cfg.network_timeout_s
-        ae.maximum_pdu_size = 0  # no limit on what we receive
-        if cfg.allowed_calling_ae_titles:
-            ae.require_calling_aet = list(cfg.allowed_calling_ae_titles)
-        ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
-        return ae
-
-    def handlers(self) -> list[Any]:
-        return [
-            (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_C_ECHO, self.handle_echo),
-            (evt.EVT_ACCEPTED, self.handle_accepted),
-            (evt.EVT_REJECTED, self.handle_rejected),
-            (evt.EVT_RELEASED, self.handle_ended),
-            (evt.EVT_ABORTED, self.handle_ended),
-            (evt.EVT_CONN_CLOSE, self.handle_ended),
-        ]
-
-    def start(self, clean_incoming: bool = True) -> _FilteringServer:
+    def start(self, clean_incoming: bool = True) -> DicomServer:
         """Start listening (non-blocking); returns the server.
 
         ``clean_incoming=False`` when several receive processes share the spool: the
         parent cleans once before starting them, so no process deletes another's
         in-flight temporary file.
         """
-        # pynetdicom streams each data set to a NamedTemporaryFile: open it on the spool
-        # volume instead (the final rename is then atomic and cheap), and make a full disk
-        # a status rather than an exception in its network thread.
-        dimse_messages.NamedTemporaryFile = self.incoming_files  # type: ignore[assignment]
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        # Never decode and log dataset contents (PHI) on errors.
-        _config.LOG_RESPONSE_IDENTIFIERS = False
-        _config.LOG_REQUEST_IDENTIFIERS = False
-        # Receive validates what it uses itself; pydicom's value warnings and pynetdicom's
-        # UID conformance messages would echo peer-controlled values into the log.
+        # Receive validates what it uses itself; pydicom's value warnings would echo
+        # peer-controlled values into the log.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-        logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
-        # pynetdicom's standard handlers format every PDU and DIMSE message for DEBUG logs,
-        # whether or not DEBUG is enabled: keep them only when it is.
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
-            _config.LOG_HANDLER_LEVEL = "none"
         if clean_incoming:
             self._clean_incoming()
         cfg = self.settings.dicom
         ssl_context = make_ssl_context(cfg.tls, server_side=True) if cfg.tls.enabled else None
-        server = self.ae.make_server(
-            (cfg.host, cfg.port),
-            ssl_context=ssl_context,
-            evt_handlers=self.handlers(),
-            server_class=_FilteringServer,
-            request_handler=FastRequestHandler,
-        )
-        server.node_receiver = self
-        thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
-        thread.start()
-        self.ae._servers.append(server)
+        storage = [str(context.abstract_syntax) for context in AllStoragePresentationContexts]
+        server = DicomServer(self, cfg.host, cfg.port, supported_contexts(storage, TRANSFER_SYNTAXES),
+                             ssl_context=ssl_context)
+        server.start()
         self.server = server
         self.tracker.start()
         log.info("listening as %s on %s:%d%s", cfg.ae_title, cfg.host, self.port,
@@ -567,7 +474,6 @@ class Receiver:
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
-            self.server.server_close()
             self.server = None
         self.tracker.stop()
 
@@ -588,53 +494,36 @@ class Receiver:
             log.warning("database unavailable, %s not recorded (receive continues): %s",
                         what, type(exc).__name__)
 
-    def handle_accepted(self, event: Any) -> None:
-        assoc = event.assoc
+    @staticmethod
+    def _association_row(peer: AssociationInfo, **state: Any) -> Association:
+        return Association(calling_ae_title=peer.calling_ae_title, called_ae_title=peer.called_ae_title,
+                           peer_host=peer.peer_host[:64], peer_port=peer.peer_port, **state)
+
+    def association_accepted(self, peer: AssociationInfo) -> _AssocStats:
         row_id: int | None = None
         try:
             with self.db.session() as session:
-                row = Association(
-                    calling_ae_title=assoc.requestor.ae_title.strip()[:16],
-                    called_ae_title=assoc.acceptor.ae_title.strip()[:16],
-                    peer_host=str(assoc.requestor.address)[:64],
-                    peer_port=int(assoc.requestor.port or 0),
-                    state="accepted",
-                )
+                row = self._association_row(peer, state="accepted")
                 session.add(row)
                 session.flush()
                 row_id = row.id
         except Exception as exc:  # noqa: BLE001 - the association proceeds without its row
             self._audit_failed("association", exc)
-        with self._lock:
-            self._assocs[id(assoc)] = _AssocStats(row_id)
         metrics.ASSOCIATIONS.labels(outcome="accepted").inc()
+        return _AssocStats(row_id)
 
-    def handle_rejected(self, event: Any) -> None:
+    def association_rejected(self, peer: AssociationInfo, reason: str) -> None:
         try:
-            self._record_rejected(event.assoc)
+            with self.db.session() as session:
+                row = self._association_row(peer, state="rejected", reason=reason, ended_at=utcnow())
+                session.add(row)
+                session.flush()
+                record_event(session, "association.rejected", reason, association_id=row.id,
+                             details={"calling_ae_title": peer.calling_ae_title, "peer": row.peer_host})
         except Exception as exc:  # noqa: BLE001
             self._audit_failed("rejected association", exc)
-
-    def _record_rejected(self, assoc: Any) -> None:
-        calling = assoc.requestor.ae_title.strip()[:16]
-        with self.db.session() as session:
-            row = Association(
-                calling_ae_title=calling,
-                called_ae_title=assoc.acceptor.ae_title.strip()[:16],
-                peer_host=str(assoc.requestor.address)[:64],
-                peer_port=int(assoc.requestor.port or 0),
-                state="rejected",
-                reason="calling AE title not allowed"
-                if not self.settings.dicom.calling_ae_allowed(calling)
-                else "association limit reached",
-                ended_at=utcnow(),
-            )
-            session.add(row)
-            session.flush()
-            record_event(session, "association.rejected", row.reason or "", association_id=row.id,
-                         details={"calling_ae_title": calling, "peer": row.peer_host})
         metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
-        log.warning("rejected association from %s@%s", calling, assoc.requestor.address)
+        log.warning("rejected association from %s@%s: %s", peer.calling_ae_title, peer.peer_host, reason)
 
     def record_refused_host(self, host: str, port: int) -> None:
         try:
@@ -651,17 +540,8 @@ class Receiver:
         metrics.ASSOCIATIONS.labels(outcome="host_refused").inc()
         log.warning("refused connection from %s (host not allowed)", host)
 
-    def handle_ended(self, event: Any) -> None:
-        self._discard_partial(event.assoc)
-        with self._lock:
-            stats = self._assocs.pop(id(event.assoc), None)
-        if stats is None:
-            return
-        # The first of these events decides: a release comes before the connection closes,
-        # so a close seen first means the peer dropped the connection without releasing.
-        name = event.event.name
-        state = "released" if name == "EVT_RELEASED" else "aborted"
-        reason = "peer or network aborted" if name == "EVT_ABORTED" else "connection closed without release"
+    def association_ended(self, stats: _AssocStats, state: str, reason: str) -> None:
+        """``state`` is "released" or "aborted" (then ``reason`` says how)."""
         try:
             self._record_ended(stats, state, reason)
         except Exception as exc:  # noqa: BLE001
@@ -689,24 +569,6 @@ class Receiver:
                                  association_id=row.id,
                                  details={"instances_received": stats.received})
 
-    def _discard_partial(self, assoc: Any) -> None:
-        """Delete the temp file of a data set cut off by an abort or a dropped connection.
-
-        pynetdicom removes the file after the C-STORE handler ran, but not when the
-        association ends before the last fragment arrived.
-        """
-        message = getattr(getattr(assoc, "dimse", None), "message", None)
-        partial = getattr(message, "_data_set_file", None)
-        if partial is None:
-            return
-        self.incoming_files.pop(partial.name)
-        try:
-            partial.close()
-            os.unlink(partial.name)
-            log.info("discarded a partial data set from an interrupted association")
-        except OSError:
-            pass
-
     def sweep_incoming(self, max_age_s: float | None = None) -> int:
         """Remove temp files no live transfer can still be writing; return how many."""
         cfg = self.settings.dicom
@@ -722,10 +584,7 @@ class Receiver:
                 pass
         return removed
 
-    # -- DIMSE ------------------------------------------------------------------------
-    def handle_echo(self, event: Any) -> int:
-        return STATUS_SUCCESS
-
+    # -- C-STORE ----------------------------------------------------------------------
     def _space_ok(self) -> bool:
         # A good answer is cached for half a second; a bad one is checked again each
         # time, so receive resumes as soon as space returns.
@@ -736,60 +595,74 @@ class Receiver:
             self._free_checked_at = now
         return self._free_ok
 
-    def handle_store(self, event: Any) -> int:
-        """Validate, write atomically, record, answer."""
-        stats = self._assocs.get(id(event.assoc))
+    def store(self, stats: _AssocStats | None, incoming: IncomingFile, request_sop_class: str,
+              request_sop_instance: str, transfer_syntax: str, calling_ae_title: str) -> tuple[int, str]:
+        """Validate, make durable, place into the spool, count: (status, reason) for the answer.
+
+        The request UIDs are '' where the peer sent none or invalid ones. The temporary
+        file is either placed into the spool or deleted, never left behind.
+        """
+        temp_path = Path(incoming.name)
+        placed = False
         try:
-            temp_path = Path(event.dataset_path)
-        except (TypeError, AttributeError):
-            return self._refuse(event, stats, STATUS_CANNOT_UNDERSTAND, "C-STORE request without a data set")
-        incoming = self.incoming_files.pop(str(temp_path))
-        try:
-            if incoming is not None and incoming.out_of_space:
+            data = incoming.finish()
+            if incoming.out_of_space:
                 self._free_ok = False
                 raise StoreRejected(STATUS_OUT_OF_RESOURCES, "spool volume full while receiving")
             if not self._space_ok():
                 raise StoreRejected(STATUS_OUT_OF_RESOURCES, "spool below free-space floor")
             # Structure first: a truncated data set is "cannot understand", even where
             # the cut also took the UIDs with it.
-            has_pixels = check_structure(temp_path, str(event.context.transfer_syntax))
-            info = read_header(temp_path)
+            inspected = inspect_dataset(data, incoming.meta_length, transfer_syntax) if data is not None else None
+            if inspected is not None:
+                has_pixels: bool | None
+                has_pixels, info = inspected
+            else:
+                has_pixels = check_structure(temp_path, transfer_syntax)
+                info = read_header(temp_path)
             if has_pixels is False and needs_pixel_data(info.sop_class_uid):
                 raise StoreRejected(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                     "image storage instance has no Pixel Data")
-            requested_sop = str(event.request.AffectedSOPInstanceUID or "")
-            if requested_sop != info.sop_instance_uid:
+            if request_sop_instance != info.sop_instance_uid:
                 raise StoreRejected(STATUS_INSTANCE_UID_MISMATCH,
                                     "SOP Instance UID in dataset differs from the request")
-            if str(event.request.AffectedSOPClassUID or "") != info.sop_class_uid:
+            if request_sop_class != info.sop_class_uid:
                 raise StoreRejected(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                     "SOP Class UID in dataset differs from the request")
-            size = temp_path.stat().st_size
-            _fsync_path(temp_path)
+            size = incoming.size
+            if self.settings.storage.sync_before_answer:
+                incoming.sync()
+            incoming.close()
             _target, replaced = self.spool.adopt_instance(info.study_uid, info.series_uid,
                                                           info.sop_instance_uid, temp_path)
+            placed = True
         except StoreRejected as exc:
-            return self._refuse(event, stats, exc.status, exc.reason)
+            return self.refuse(stats, exc.status, exc.reason, request_sop_instance)
         except OutOfSpaceError as exc:
-            return self._refuse(event, stats, STATUS_OUT_OF_RESOURCES, str(exc))
+            return self.refuse(stats, STATUS_OUT_OF_RESOURCES, str(exc), request_sop_instance)
         except (SpoolError, OSError) as exc:
-            return self._refuse(event, stats, STATUS_SPOOL_WRITE_FAILED,
-                                f"spool write failed: {type(exc).__name__}")
-        calling = event.assoc.requestor.ae_title.strip()[:16]
-        self.tracker.add(info, size, calling_ae_title=calling, replaced=replaced)
+            if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                self._free_ok = False
+                return self.refuse(stats, STATUS_OUT_OF_RESOURCES, "spool volume full", request_sop_instance)
+            return self.refuse(stats, STATUS_SPOOL_WRITE_FAILED, f"spool write failed: {type(exc).__name__}",
+                               request_sop_instance)
+        finally:
+            if not placed:
+                incoming.discard()
+        self.tracker.add(info, size, calling_ae_title=calling_ae_title, replaced=replaced)
         if stats is not None:
             stats.received += 1
             stats.bytes += size
         metrics.INSTANCES_RECEIVED.inc()
         metrics.BYTES_RECEIVED.inc(size)
-        return STATUS_SUCCESS
+        return STATUS_SUCCESS, ""
 
-    def _refuse(self, event: Any, stats: _AssocStats | None, status: int, reason: str) -> int:
+    def refuse(self, stats: _AssocStats | None, status: int, reason: str, sop_instance: str) -> tuple[int, str]:
+        """Count, log and audit a refused instance; (status, reason) for the answer."""
         if stats is not None:
             stats.failed += 1
         metrics.INSTANCES_REFUSED.labels(status=f"0x{status:04X}").inc()
-        sop = str(event.request.AffectedSOPInstanceUID or "")
-        sop = sop if is_valid_uid(sop) else "(invalid UID)"
+        sop = sop_instance if is_valid_uid(sop_instance) else "(invalid UID)"
         log.warning("refused instance %s: 0x%04X %s", sop, status, reason)
         try:
             with self.db.session() as session:
@@ -798,15 +671,7 @@ class Receiver:
                              details={"status": f"0x{status:04X}", "sop_instance_uid": sop})
         except Exception as exc:  # noqa: BLE001 - the answer matters more than the audit row
             self._audit_failed("refused instance", exc)
-        return status
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return status, reason
 
 
 def bind_check(host: str, port: int) -> None:

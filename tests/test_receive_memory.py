@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.transport import FastSocket
 from node.uids import derive_uid
 from tests.dicom_factory import real_ct
 from tests.nodeproc import NodeProcess, wait_for
@@ -83,28 +79,3 @@ def test_200mb_multiframe_is_received_intact_without_holding_it_in_memory(tmp_pa
     assert after < size, (after, size)
     assert _pixel_digest(stored) == _pixel_digest(source)
     assert dcmread(stored, stop_before_pixels=True).NumberOfFrames == 400
-
-
-@pytest.mark.parametrize("pieces", [[b"a" * 10], [b"ab", b"cdefgh", b"ij"], [b"x" * 3_000_000]])
-def test_fast_socket_reads_exactly_what_was_asked(pieces):
-    left, right = socket.socketpair()
-    sock = FastSocket.__new__(FastSocket)
-    sock.socket = left
-    payload = b"".join(pieces)
-
-    def send() -> None:
-        for piece in pieces:
-            right.sendall(piece)
-        right.sendall(b"tail")
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    try:
-        assert bytes(sock.recv(len(payload))) == payload
-        assert bytes(sock.recv(4)) == b"tail"
-    finally:
-        sender.join(10)
-        right.close()
-    # The peer went away mid-PDU: what arrived is returned, as pynetdicom's own recv does.
-    assert sock.recv(10) == bytearray()
-    left.close()

@@ -1,0 +1,246 @@
+"""The node's own upper layer (node.scp): its codecs, its reader, and a live receiver in process.
+
+Everything here is also exercised end to end by DCMTK and pynetdicom peers in
+test_receive.py, test_hostile.py, test_concurrency.py and test_security.py; these tests
+pin the parts a well-behaved peer never reaches.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.dimse_messages import C_FIND_RQ
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import decode, encode
+
+from node.audit import Association, AuditEvent, Database
+from node.config import load_settings
+from node.db_migrate import upgrade
+from node.receive import Receiver
+from node.scp import (
+    IMPLEMENTATION_CLASS_UID,
+    PeerGone,
+    _Reader,
+    decode_command,
+    file_meta,
+    response_command,
+)
+from node.uids import derive_uid
+from tests.dicom_factory import real_ct
+from tests.nodeproc import table_rows, wait_for
+from tests.scu import (
+    CT_IMAGE_STORAGE,
+    _recv_exact,
+    pdata_pdu,
+    raw_associate,
+    raw_store,
+    read_status,
+    release,
+    store_command,
+)
+
+# -- codecs ---------------------------------------------------------------------------------
+
+def test_response_command_is_a_dimse_command_set_pydicom_reads() -> None:
+    sop = derive_uid("scp-test", "instance")
+    raw = response_command(0x8001, 7, 0xC210, CT_IMAGE_STORAGE, sop, "malformed data set: \x00bad\x7f" + "x" * 80)
+    ds = decode(BytesIO(raw), True, True)
+    assert ds.CommandGroupLength == len(raw) - 12
+    assert (ds.CommandField, ds.MessageIDBeingRespondedTo, ds.Status) == (0x8001, 7, 0xC210)
+    assert ds.CommandDataSetType == 0x0101
+    assert (ds.AffectedSOPClassUID, ds.AffectedSOPInstanceUID) == (CT_IMAGE_STORAGE, sop)
+    assert ds.ErrorComment == "malformed data set: bad" + "x" * 41  # printable ASCII, 64 at most
+    ok = decode(BytesIO(response_command(0x8030, 1, 0x0000, comment="ignored")), True, True)
+    assert ok.Status == 0 and "ErrorComment" not in ok and "AffectedSOPInstanceUID" not in ok
+
+
+def test_decode_command_reads_what_pynetdicom_encodes() -> None:
+    sop = derive_uid("scp-test", "decode")
+    values = decode_command(store_command(CT_IMAGE_STORAGE, sop, message_id=513))
+    assert struct.unpack("<H", values[0x0100])[0] == 0x0001
+    assert struct.unpack("<H", values[0x0110])[0] == 513
+    assert values[0x1000].rstrip(b"\0").decode() == sop
+
+
+def test_file_meta_makes_a_file_pydicom_reads(tmp_path: Path) -> None:
+    ds = real_ct()
+    data = encode(ds, False, True)
+    assert data is not None
+    path = tmp_path / "x.dcm"
+    path.write_bytes(file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "MOD\\ALITY\x00") + data)
+    back = dcmread(path)
+    meta = back.file_meta
+    assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.SourceApplicationEntityTitle == "MODALITY"
+    assert back.SOPInstanceUID == ds.SOPInstanceUID and back.pixel_array.shape == (ds.Rows, ds.Columns)
+
+
+@pytest.mark.parametrize("pieces", [[b"a" * 10], [b"ab", b"cdefgh", b"ij"], [b"x" * 3_000_000]])
+def test_reader_passes_exactly_what_was_asked(pieces: list[bytes]) -> None:
+    left, right = socket.socketpair()
+    reader = _Reader(left, size=1 << 16)  # smaller than the 3 MB piece: streamed through
+    payload = b"".join(pieces)
+
+    def send() -> None:
+        for piece in pieces:
+            right.sendall(piece)
+        right.sendall(b"tail")
+        right.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        got = bytearray()
+        reader.stream(len(payload), got.extend)
+        assert bytes(got) == payload
+        assert reader.read(4) == b"tail"
+        with pytest.raises(PeerGone):  # the peer went away: an end, never a short read
+            reader.read(1)
+    finally:
+        sender.join(10)
+        left.close()
+
+
+# -- a live receiver in this process ----------------------------------------------------------
+
+@pytest.fixture
+def live(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Receiver]:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    options = getattr(request, "param", {})
+    settings = load_settings(
+        dicom={"host": "127.0.0.1", "port": 0, **options.get("dicom", {})},
+        storage={"data_dir": tmp_path / "node", "min_free_mb": 0, **options.get("storage", {})},
+        database_url=url,
+    )
+    receiver = Receiver(settings, Database(url))
+    receiver.start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+def _ct(tag: str) -> tuple[str, bytes, Path]:
+    ds = real_ct()
+    ds.StudyInstanceUID = derive_uid("scp-test", tag, "study")
+    ds.SeriesInstanceUID = derive_uid("scp-test", tag, "series")
+    ds.SOPInstanceUID = derive_uid("scp-test", tag)
+    data = encode(ds, False, True)
+    assert data is not None
+    return ds.SOPInstanceUID, data, Path(ds.StudyInstanceUID) / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+
+
+def _find_command() -> bytes:
+    """A C-FIND-RQ command set (pynetdicom's encoder) that says no data set follows."""
+    primitive = C_FIND()
+    primitive.MessageID = 2
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    primitive.Priority = 0
+    primitive.Identifier = BytesIO(b"")
+    message = C_FIND_RQ()
+    message.primitive_to_message(primitive)
+    message.command_set.CommandDataSetType = 0x0101
+    encoded = encode(message.command_set, True, True)
+    assert encoded is not None
+    return encoded
+
+
+def _abort_reason(sock: socket.socket) -> int:
+    header = _recv_exact(sock, 6)
+    assert header[0] == 0x07, f"expected an A-ABORT, got PDU type 0x{header[0]:02X}"
+    body = _recv_exact(sock, struct.unpack(">L", header[2:])[0])
+    return body[3]
+
+
+def test_store_then_unsupported_command_then_store_on_one_association(live: Receiver) -> None:
+    sock = raw_associate(live.port)
+    try:
+        first, data, where = _ct("first")
+        assert raw_store(sock, CT_IMAGE_STORAGE, first, data) == 0x0000
+        # A C-FIND-RQ (no data set) on the storage context: "unrecognized operation", and
+        # the association goes on.
+        sock.sendall(pdata_pdu(1, _find_command(), command=True, last=True))
+        assert read_status(sock) == 0x0211
+        second, data2, where2 = _ct("second")
+        assert raw_store(sock, CT_IMAGE_STORAGE, second, data2, message_id=3, fragment=100_000) == 0x0000
+    finally:
+        release(sock)
+    assert (live.spool.root / where).read_bytes().endswith(data)
+    assert (live.spool.root / where2).read_bytes().endswith(data2)
+    rows = wait_for(lambda: [a for a in table_rows(live.db.url, Association) if a.state == "released"])
+    assert rows[0].instances_received == 2 and rows[0].calling_ae_title == "RAWPEER"
+
+
+@pytest.mark.parametrize("breach", ["data before command", "unaccepted context", "unknown PDU type"])
+def test_protocol_breaches_are_aborted_and_leave_nothing(live: Receiver, breach: str) -> None:
+    sop, data, where = _ct(breach)
+    sock = raw_associate(live.port)
+    try:
+        if breach == "data before command":
+            sock.sendall(pdata_pdu(1, data[:1000], command=False, last=False))
+        elif breach == "unaccepted context":
+            sock.sendall(pdata_pdu(1, store_command(CT_IMAGE_STORAGE, sop), command=True, last=True))
+            sock.sendall(pdata_pdu(1, data[:1000], command=False, last=False))
+            sock.sendall(pdata_pdu(3, data[1000:2000], command=False, last=True))
+        else:
+            sock.sendall(struct.pack(">BBL", 0x09, 0, 4) + bytes(4))
+        reason = _abort_reason(sock)
+    finally:
+        sock.close()
+    assert reason in (0x01, 0x02, 0x06)
+    wait_for(lambda: not any((live.spool.root / ".incoming").iterdir()))
+    assert not (live.spool.root / where).exists()
+    aborted = wait_for(lambda: [e for e in table_rows(live.db.url, AuditEvent) if e.kind == "association.aborted"])
+    assert aborted[0].message == "peer or network aborted"
+    with raw_associate(live.port) as again:  # and the node goes on accepting
+        assert raw_store(again, CT_IMAGE_STORAGE, sop, data) == 0x0000
+
+
+@pytest.mark.parametrize("live", [{"dicom": {"max_associations": 2}}], indirect=True)
+def test_association_over_the_limit_is_rejected_transiently(live: Receiver) -> None:
+    held = [raw_associate(live.port), raw_associate(live.port)]
+    try:
+        with pytest.raises(ConnectionError, match="PDU type 0x03"):
+            raw_associate(live.port)
+    finally:
+        for sock in held:
+            release(sock)
+    rejected = wait_for(lambda: [a for a in table_rows(live.db.url, Association) if a.state == "rejected"])
+    assert rejected[0].reason == "association limit reached"
+    # The slots are given back when associations end.
+    sock = raw_associate(live.port)
+    release(sock)
+
+
+@pytest.mark.parametrize("live", [{"storage": {"sync_before_answer": True}},
+                                  {"storage": {"sync_before_answer": False}}], indirect=True)
+def test_sync_before_answer_decides_whether_the_file_is_synced(live: Receiver,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    sop, data, where = _ct("sync")
+    sock = raw_associate(live.port)
+    try:
+        assert raw_store(sock, CT_IMAGE_STORAGE, sop, data) == 0x0000
+    finally:
+        release(sock)
+    assert (live.spool.root / where).read_bytes().endswith(data)
+    assert len(synced) == (1 if live.settings.storage.sync_before_answer else 0)
