@@ -284,12 +284,16 @@ def _elliptic_cylinder(q: np.ndarray, cu: float, cv: float, au: float, av: float
 
 
 def _body(q: np.ndarray, a: float, b: float, h: float, concavity: float,
-          wedge_loss: float) -> np.ndarray:
+          wedge_loss: float, crush: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Vertebral body; the top end plate sinks by ``wedge_loss * h`` at the front, and by
+    ``crush`` = (everywhere, extra at the centre) fractions of ``h`` in a compression."""
     rho2 = (q[:, 0] / a) ** 2 + (q[:, 1] / b) ** 2
     radial = (1.0 - np.sqrt(rho2)) * min(a, b)
     dish = concavity * np.clip(1.0 - rho2, 0.0, 1.0)
     anterior = np.clip((1.0 - q[:, 1] / b) / 2.0, 0.0, 1.0)
     top = -h / 2 + dish + wedge_loss * h * anterior
+    if crush != (0.0, 0.0):
+        top = top + h * (crush[0] + crush[1] * np.clip(1.0 - rho2, 0.0, 1.0))
     bottom = h / 2 - dish
     return np.minimum(radial, np.minimum(q[:, 2] - top, bottom - q[:, 2]))
 
@@ -303,12 +307,15 @@ class _Placed:
     rotation: np.ndarray  # local -> array frame, axes (x, y, z)
     fracture: str | None = None
     wedge_loss: float = 0.0
+    crush: tuple[float, float] = (0.0, 0.0)  # see _body
     crack: tuple[np.ndarray, float, float, float] | None = None  # normal, offset, width, shift
+    #: Unit direction of the crack's shift (in the crack plane); None: the default tangent.
+    slide_direction: np.ndarray | None = None
     dislocation: bool = False
 
 
 def _pick_fractures(rng: np.random.Generator, names: Sequence[str], p_fracture: float,
-                    cervical: bool) -> list[str]:
+                    cervical: bool, skip: Sequence[str] = ()) -> list[str]:
     if rng.random() >= p_fracture:
         return []
     count = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
@@ -316,7 +323,10 @@ def _pick_fractures(rng: np.random.Generator, names: Sequence[str], p_fracture: 
         weights = np.array([0.10, 0.25, 0.08, 0.08, 0.12, 0.17, 0.20])
     else:
         weights = np.ones(len(names))
-    weights = weights[: len(names)] / weights[: len(names)].sum()
+    weights = weights[: len(names)].copy()
+    weights[[i for i, name in enumerate(names) if name in skip]] = 0.0
+    weights = weights / weights.sum()
+    count = min(count, int((weights > 0).sum()))
     chosen = rng.choice(len(names), size=min(count, len(names)), replace=False, p=weights)
     return [names[int(i)] for i in sorted(chosen)]
 
@@ -332,6 +342,7 @@ def generate(
     fractures: dict[str, str] | None = None,
     dislocation: str | None = None,
     noise_hu: float | None = None,
+    radiographic_findings: bool = False,
 ) -> Phantom:
     """Draw a phantom from ``seed``.
 
@@ -354,6 +365,16 @@ def generate(
         give ``fractures={}`` for a phantom without fractures.
     noise_hu:
         Standard deviation of the added noise (default: drawn from 8..20 HU).
+    radiographic_findings:
+        Draw only findings that a plain radiograph shows, as in X-ray datasets whose
+        labels were read from the radiographs: no C1 ring fractures (mostly occult on
+        plain films); compressions that lose 25-50 % of the body height at the front
+        and at the centre; cracks as displaced, nearly transverse fracture lines through
+        a C2-C7 body (a 2.5-4 mm gap and a 1.5-3 mm step-off, sharp on the AP and the
+        LAT view); dislocations of 4-8 mm anterior and 1-3 mm lateral translation. The
+        default draws the CT cohort: cracks in every orientation, milder anterior wedges
+        and C1 ring fractures, many of them invisible on a radiograph. The same seed
+        gives a different phantom in each cohort.
     """
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}; expected one of {sorted(REGIONS)}")
@@ -432,13 +453,14 @@ def generate(
 
     # Findings.
     if fractures is None:
-        fractured = _pick_fractures(rng, names, p_fracture, cervical)
+        fractured = _pick_fractures(rng, names, p_fracture, cervical,
+                                    skip=("C1",) if radiographic_findings else ())
         fracture_kind = {}
         for name in fractured:
             if name == "C1":
                 fracture_kind[name] = "crack"
             else:
-                p_wedge = 0.3 if cervical else 0.6
+                p_wedge = 0.5 if radiographic_findings else 0.3 if cervical else 0.6
                 fracture_kind[name] = "wedge" if rng.random() < p_wedge else "crack"
     else:
         for name, kind in fractures.items():
@@ -455,7 +477,12 @@ def generate(
         if dislocation not in names or dislocation == "C1":
             raise ValueError(f"bad forced dislocation level {dislocation!r}")
         dislocated = dislocation
-    shift_mm = float(rng.uniform(3.5, 7.0)) if dislocated else 0.0
+    shift_mm = lateral_mm = 0.0
+    if dislocated and radiographic_findings:
+        shift_mm = float(rng.uniform(4.0, 8.0))
+        lateral_mm = float(rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 3.0))
+    elif dislocated:
+        shift_mm = float(rng.uniform(3.5, 7.0))
 
     placed: list[_Placed] = []
     for name in drawn:
@@ -472,8 +499,28 @@ def generate(
         ls = _LevelShape(**{k: v * size for k, v in ls.__dict__.items()})
         item = _Placed(name, LEVEL_LABELS[name], ls, centre, rotation)
         kind = fracture_kind.get(name)
-        if kind == "wedge":
+        if kind == "wedge" and radiographic_findings:
+            # Compression: the top end plate sinks everywhere, more at the centre and most
+            # at the front (25-50 % of the height there), so the AP view shows it too.
+            everywhere = float(rng.uniform(0.05, 0.15))
+            item.fracture, item.wedge_loss = "wedge", float(rng.uniform(0.20, 0.35))
+            item.crush = (everywhere, float(rng.uniform(0.10, 0.20)))
+        elif kind == "wedge":
             item.fracture, item.wedge_loss = "wedge", float(rng.uniform(0.22, 0.45))
+        elif kind == "crack" and radiographic_findings and name != "C1":
+            # A displaced, nearly transverse fracture line through the body: the plane
+            # holds both beam directions (x for LAT, y for AP) within 7 degrees.
+            item.fracture = "crack"
+            normal = np.array([rng.uniform(-0.12, 0.12), rng.uniform(-0.12, 0.12), 1.0])
+            normal = normal / np.linalg.norm(normal)
+            offset = float(rng.uniform(-0.3, 0.3) * ls.h / 2)
+            item.crack = (normal, offset, float(rng.uniform(2.5, 4.0)),
+                          float(rng.uniform(1.5, 3.0)))
+            first = np.cross(normal, [1.0, 0.0, 0.0])
+            first /= np.linalg.norm(first)
+            angle = float(rng.uniform(0.0, 2.0 * np.pi))
+            item.slide_direction = (np.cos(angle) * first
+                                    + np.sin(angle) * np.cross(normal, first))
         elif kind == "crack":
             item.fracture = "crack"
             if name == "C1":
@@ -496,7 +543,7 @@ def generate(
     if dislocated:
         index = drawn.index(dislocated)
         below = placed[index + 1]
-        shift = below.rotation @ np.array([0.0, -shift_mm, 0.0])
+        shift = below.rotation @ np.array([lateral_mm, -shift_mm, 0.0])
         for item in placed[: index + 1]:
             item.center = item.center + shift
         placed[index].dislocation = True
@@ -512,6 +559,7 @@ def generate(
         hu[k] += rng.normal(0.0, sigma, size=hu.shape[1:]).astype(np.float32)
     np.clip(hu, -1024.0, 3071.0, out=hu)
     params.update(scale=scale, curve_mm=curve, noise_hu=sigma, dislocation_mm=shift_mm,
+                  dislocation_lateral_mm=lateral_mm, radiographic_findings=radiographic_findings,
                   rotation_deg=[float(np.rad2deg(x)) for x in (axial, lateral, flexion)])
 
     vertebrae = tuple(
@@ -564,7 +612,7 @@ def _parts(item: _Placed) -> list[_Solid]:
         return parts
 
     parts.append((1, True, partial(_body, a=a, b=b, h=h, concavity=0.9,
-                                   wedge_loss=item.wedge_loss)))
+                                   wedge_loss=item.wedge_loss, crush=item.crush)))
     if item.name == "C2":
         parts.append(capsule(10, True, (0.0, -1.5, -h / 2 + 2.0), (0.0, -1.5, -h / 2 - 13.0), 4.8))
     for s in (-1.0, 1.0):
@@ -674,10 +722,16 @@ def _rasterise(
             xs = (np.arange(i0[0], i1[0]) + 0.5) * sx
             for z0 in range(int(i0[2]), int(i1[2]), slab):
                 z1 = min(z0 + slab, int(i1[2]))
-                gz, gy, gx = np.meshgrid((np.arange(z0, z1) + 0.5) * sz, ys, xs, indexing="ij")
-                pts = np.stack([gx.ravel(), gy.ravel(), gz.ravel()], axis=1)
+                # local = (point - centre) @ rotation, summed per axis without a meshgrid.
+                zs = (np.arange(z0, z1) + 0.5) * sz
+                dx, dy, dz = xs - item.center[0], ys - item.center[1], zs - item.center[2]
+                r = item.rotation
+                q = np.empty((z1 - z0, len(ys), len(xs), 3), dtype=np.float32)
+                for j in range(3):
+                    q[..., j] = ((dx[None, None, :] * r[0, j] + dy[None, :, None] * r[1, j])
+                                 + dz[:, None, None] * r[2, j])
                 box = (slice(z0, z1), slice(i0[1], i1[1]), slice(i0[0], i1[0]))
-                yield item, box, ((pts - item.center) @ item.rotation).astype(np.float32)
+                yield item, box, q.reshape(-1, 3)
 
     # Pass 1: soft structures (canal, prevertebral tissue, airway), then discs.
     for item, box, q in each_chunk():
@@ -733,8 +787,12 @@ def _rasterise(
             signed = q @ normal - offset
             side = signed > 0
             crack_band = np.abs(signed) < width / 2
-            tangent = np.cross(normal, [0.0, 0.0, 1.0] if abs(normal[2]) < 0.9 else [1.0, 0.0, 0.0])
-            tangent /= np.linalg.norm(tangent)
+            if item.slide_direction is not None:
+                tangent = item.slide_direction
+            else:
+                tangent = np.cross(normal, [0.0, 0.0, 1.0] if abs(normal[2]) < 0.9
+                                   else [1.0, 0.0, 0.0])
+                tangent /= np.linalg.norm(tangent)
             q_shifted = q - slide * tangent
         for structure, cuttable, solid in parts:
             d = solid(q)

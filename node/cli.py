@@ -747,7 +747,8 @@ def _train_command(family: str) -> None:
             "(default: the package's engines/).", file_okay=False)] = None,
         seed: Annotated[int, typer.Option("--seed", min=0, help="Training seed.")] = 0,
         threads: Annotated[int, typer.Option(
-            "--threads", min=1, help="CPU threads for torch.")] = 2,
+            "--threads", min=1, help="CPU threads for torch; also the processes that "
+            "render phantoms.")] = 2,
     ) -> None:
         from inference.train import run
 

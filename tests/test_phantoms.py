@@ -65,6 +65,43 @@ def test_random_findings_rates() -> None:
         phantoms.generate(1, fractures={"C1": "wedge"})
 
 
+def test_radiographic_findings() -> None:
+    """The X-ray classifiers' cohort: findings a radiograph shows, never at C1."""
+    assert np.array_equal(phantoms.generate(7).hu,
+                          phantoms.generate(7, radiographic_findings=False).hu)
+    drawn = [phantoms.generate(seed, radiographic_findings=True) for seed in range(400, 440)]
+    fractured = [v for p in drawn for v in p.vertebrae if v.fractured]
+    assert 10 <= sum(p.fractured for p in drawn) <= 30
+    assert {v.fracture for v in fractured} == {"wedge", "crack"}
+    assert "C1" not in {v.name for v in fractured}
+    for p in drawn:
+        if p.dislocated:
+            assert 4.0 <= p.params["dislocation_mm"] <= 8.0
+            assert 1.0 <= abs(p.params["dislocation_lateral_mm"]) <= 3.0
+    # A compression loses much more of the body than the CT cohort's anterior wedge.
+    def c5_body(**findings: object) -> int:
+        p = phantoms.generate(11, p_dislocation=0.0, **findings)  # type: ignore[arg-type]
+        return int(((p.labels == 5) & (p.structures == 1)).sum())
+
+    intact = c5_body(fractures={})
+    ct_wedge = c5_body(fractures={"C5": "wedge"})
+    compression = c5_body(fractures={"C5": "wedge"}, radiographic_findings=True)
+    assert compression < 0.85 * intact and compression < ct_wedge
+    # A crack is a thin, nearly transverse gap right across the body (so that both the AP
+    # and the LAT beam run along it), filled with haematoma.
+    p = phantoms.generate(12, p_dislocation=0.0, radiographic_findings=True,
+                          fractures={"C4": "crack"}, shape=(160, 128, 128), spacing=1.0)
+    gap = np.argwhere((p.labels == 4) & (p.structures == 1) & (p.hu < 140))
+    body = np.argwhere((p.labels == 4) & (p.structures == 1))
+    assert len(gap) > 100
+    z, y, x = gap.T
+    assert np.ptp(y) > 0.7 * np.ptp(body[:, 1]) and np.ptp(x) > 0.7 * np.ptp(body[:, 2])
+    tilt = np.linalg.lstsq(np.c_[y, x, np.ones_like(y)], z, rcond=None)
+    assert np.abs(tilt[0][:2]).max() < 0.35  # transverse, give or take the lordosis
+    residual = z - np.c_[y, x, np.ones_like(y)] @ tilt[0]
+    assert residual.std() < 2.0
+
+
 def test_thoracolumbar_region() -> None:
     lumbar = phantoms.generate(5, region="lumbar")
     assert set(np.unique(lumbar.labels)) - {0} == {20, 21, 22, 23, 24}

@@ -59,6 +59,46 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
             "ap": _series(root / "ap"), "lat": _series(root / "lat"), "root": root}
 
 
+@pytest.fixture(scope="module")
+def cohort_studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, SeriesRef]]:
+    """Held-out studies like the classifiers' training phantoms (1 mm, findings that show
+    on a radiograph), each written as a DX AP and a CR LAT image: no finding, a C5
+    compression with a C3 crack, a C4 dislocation."""
+    root = tmp_path_factory.mktemp("xray-cohort")
+    cases = {"normal": {"fractures": {}, "p_dislocation": 0.0},
+             "fracture": {"fractures": {"C5": "wedge", "C3": "crack"}, "p_dislocation": 0.0},
+             "dislocation": {"fractures": {}, "dislocation": "C4"}}
+    studies: dict[str, dict[str, SeriesRef]] = {}
+    for offset, (case, findings) in enumerate(cases.items()):
+        seed = SEED + 10 + offset
+        phantom = phantoms.generate(seed, shape=(160, 128, 128), spacing=1.0,
+                                    radiographic_findings=True, **findings)
+        studies[case] = {}
+        for view, modality in (("AP", "DX"), ("LAT", "CR")):
+            image = phantom.radiograph(view, photons=3e4, rng=np.random.default_rng(seed))
+            phantoms.write_radiograph(image, root / case / view, view=view, modality=modality,
+                                      seed=seed)
+            studies[case][view] = _series(root / case / view)
+    return studies
+
+
+def test_classifier_pipelines_tell_findings_from_a_normal_study(cohort_studies: dict,
+                                                                models: OrtModels) -> None:
+    def probability(pipeline: str, case: str, kind: str, views: tuple[str, ...]) -> float:
+        series = [cohort_studies[case][view] for view in views]
+        result = get_pipeline(pipeline).run(series, models)
+        return {f.kind: f.probability for f in result.findings}[kind]
+
+    for view in ("AP", "LAT"):
+        fracture = probability("xray-fracture", "fracture", "fracture", (view,))
+        assert fracture > probability("xray-fracture", "normal", "fracture", (view,)), view
+    for case, kind in (("fracture", "fracture"), ("dislocation", "dislocation")):
+        assert (probability("xray-cspine-classify", case, kind, ("LAT",))
+                > probability("xray-cspine-classify", "normal", kind, ("LAT",))), case
+        assert (probability("xray-pair-classify", case, "damage", ("AP", "LAT"))
+                > probability("xray-pair-classify", "normal", "damage", ("AP", "LAT"))), case
+
+
 def _dice(predicted: np.ndarray, truth: np.ndarray) -> float:
     total = int(predicted.sum()) + int(truth.sum())
     return 1.0 if total == 0 else 2 * float((predicted & truth).sum()) / total

@@ -24,10 +24,13 @@ from inference.train.xray import (  # noqa: E402
     SPECS,
     DatasetError,
     Plan,
+    _Crops,
     dice,
     load_class_folders,
     load_segmentation_folders,
+    phantom_sets,
     roc_auc,
+    train_model,
     train_recipe,
 )
 from tests.xray_dicom import write_test_radiograph  # noqa: E402
@@ -202,6 +205,26 @@ def test_quick_phantom_recipe(tmp_path: Path) -> None:
     assert card.trained_on.startswith("synthetic phantoms (spine-node inference.phantoms DRRs")
     assert card.labels[0] == "background" and len(card.labels) == 6
     assert "xray-spine-unet-lat.dice_mean" in summary["metrics"]
+
+
+def test_crop_phase_labels_each_crop_by_the_lesions_in_it() -> None:
+    """Classifiers on phantoms first train on crops around the vertebral bodies."""
+    spec = SPECS["xray-pair-classifier"]
+    data = phantom_sets(spec, range(95000000, 95000006))  # 1 mm radiographic cohort
+    assert data.images.shape == data.second.shape == (6, 1, *spec.size)
+    assert [m.shape for m in data.body_masks] == [(6, *spec.size)] * 2
+    assert all(mask.any() for masks in data.body_masks for mask in masks)
+    assert [flags.tolist() for flags in data.mirrorable] == [[True] * 6, [False] * 6]  # AP, LAT
+    ap, lat, targets, _, lesions, _ = _Crops(spec, data, torch.Generator().manual_seed(0)).batch()
+    crop = (spec.crop_batch_size, 1, spec.crop_size, spec.crop_size)
+    assert ap.shape == crop and lat is not None and lat.shape == crop
+    # One lesion map per view, cut to the crop (stride 8); damage if either view has one.
+    cells = spec.crop_size // 8
+    assert [m.shape for m in lesions] == [(spec.crop_batch_size, 1, cells, cells)] * 2
+    peak = torch.maximum(lesions[0].amax(dim=(1, 2, 3)), lesions[1].amax(dim=(1, 2, 3)))
+    assert torch.equal(targets, (peak >= 0.5).long())
+    model = train_model(spec, data, seed=1, steps=2, crop_steps=3)
+    assert not model.training
 
 
 def test_metric_helpers() -> None:
