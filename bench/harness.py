@@ -177,7 +177,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
 
 
 def process_tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live children, from /proc."""
+    """User + system CPU seconds of ``pid``, its live children and its reaped ones, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -188,6 +188,8 @@ def process_tree_cpu_s(pid: int) -> float:
         # After the command: state, ppid, ... utime is field 14 and stime 15 of the full line.
         if int(stat.parent.name) == pid or int(fields[1]) == pid:
             total += (int(fields[11]) + int(fields[12])) / tick
+        if int(stat.parent.name) == pid:  # children it has waited for (storescp --fork's)
+            total += (int(fields[13]) + int(fields[14])) / tick
     return total
 
 

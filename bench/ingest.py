@@ -22,9 +22,11 @@ Figures (medians over the rounds) go to bench/RESULTS.md, section "Ingest".
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench.harness import (
     REPO,
@@ -46,26 +48,42 @@ def _count(folder: Path) -> int:
 
 
 def run_node(work: Path, folders: list[Path], processes: int, expected: int,
-             repo: Path | None = None) -> tuple[float, float]:
+             repo: Path | None = None, sync: bool = True) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the serve process tree) for one push to a fresh serve."""
     args = ["--processes", str(processes)] if repo is None else []
-    with node_serve(work / "node", args=args, repo=repo or REPO) as node:
+    env = {"SPINE_NODE_STORAGE__SYNC_BEFORE_ANSWER": "true" if sync else "false"}
+    with node_serve(work / "node", args=args, env=env, repo=repo or REPO) as node:
         cpu_before = process_tree_cpu_s(node.proc.pid)
         seconds = push(folders, node.port, "SPINE_NODE")
         cpu = process_tree_cpu_s(node.proc.pid) - cpu_before
     stored = _count(work / "node" / "spool")
+    _settle(work / "node")
     if stored != expected:
         raise RuntimeError(f"node stored {stored} instances, expected {expected}")
     return seconds, cpu
 
 
-def run_storescp(work: Path, folders: list[Path], expected: int) -> float:
+def _settle(output: Path) -> None:
+    """Delete a run's files and wait for the disk, so runs do not pay for each other.
+
+    Without this, the next run competes with the write-back of the last one's 250 MB (a
+    run without sync leaves it all dirty) and gets page-cache pages in another state.
+    """
+    shutil.rmtree(output, ignore_errors=True)
+    os.sync()
+
+
+def run_storescp(work: Path, folders: list[Path], expected: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of storescp and its children) for one push."""
     with dcmtk_storescp(work / "storescp", fork=len(folders) > 1) as scp:
+        cpu_before = process_tree_cpu_s(scp.proc.pid)
         seconds = push(folders, scp.port, "STORESCP")
+        cpu = process_tree_cpu_s(scp.proc.pid) - cpu_before
     stored = sum(1 for p in (work / "storescp").iterdir() if p.is_file())
+    _settle(work / "storescp")
     if stored != expected:
         raise RuntimeError(f"storescp stored {stored} instances, expected {expected}")
-    return seconds
+    return seconds, cpu
 
 
 def main() -> None:
@@ -77,9 +95,33 @@ def main() -> None:
                         help="serve --processes values for the parallel runs")
     parser.add_argument("--compare-with", type=Path, default=None,
                         help="another checkout whose serve also runs over one association")
+    parser.add_argument("--sync", choices=["both", "on", "off"], default="both",
+                        help="run the node with storage.sync_before_answer on, off or both")
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     opts = parser.parse_args()
+    syncs = {"both": [True, False], "on": [True], "off": [False]}[opts.sync]
+
+    def label(sync: bool) -> str:
+        return "sync on" if sync else "sync off"
+
+    # key -> (row label, associations, how to run it)
+    plan: dict[str, tuple[str, int, Any]] = {}
+    for sync in syncs:
+        plan[f"node1-{sync}"] = (f"spine-node serve ({label(sync)})", 1,
+                                 lambda w, s, p, sync=sync: run_node(w, s, 1, opts.instances, sync=sync))
+    if opts.compare_with:
+        plan["base1"] = (f"spine-node serve, other checkout ({opts.compare_with.name})", 1,
+                         lambda w, s, p: run_node(w, s, 1, opts.instances, repo=opts.compare_with))
+    plan["scp1"] = ("DCMTK storescp (TCP_NODELAY=1)", 1,
+                    lambda w, s, p: run_storescp(w, s, opts.instances))
+    for sync in syncs:
+        for processes in opts.processes:
+            plan[f"nodep{processes}-{sync}"] = (
+                f"spine-node serve --processes {processes} ({label(sync)})", opts.parallel,
+                lambda w, s, p, n=processes, sync=sync: run_node(w, p, n, opts.instances, sync=sync))
+    plan["scpp"] = ("DCMTK storescp --fork (TCP_NODELAY=1)", opts.parallel,
+                    lambda w, s, p: run_storescp(w, p, opts.instances))
 
     work = Path(opts.work_dir or tempfile.mkdtemp(prefix="spine-bench-ingest-"))
     try:
@@ -89,34 +131,17 @@ def main() -> None:
         parallel = split_into(files, opts.parallel, work / "data" / "parallel")
         scaling = [cpu_scaling(2)]
         print(f"CPU calibration: 2 busy processes do {scaling[0]:.2f}x the work of one", flush=True)
-        runs: dict[str, list[float]] = {"node1": [], "scp1": [], "scpp": []}
-        if opts.compare_with:
-            runs["base1"] = []
-        cpu: dict[str, list[float]] = {}
-        for processes in opts.processes:
-            runs[f"nodep{processes}"] = []
+        runs: dict[str, list[float]] = {key: [] for key in plan}
+        cpu: dict[str, list[float]] = {key: [] for key in plan}
         for round_ in range(opts.rounds):
             # Alternate the order within each round so drift in machine load hits both sides.
-            order = ["node1", *(["base1"] if opts.compare_with else []), "scp1",
-                     *[f"nodep{p}" for p in opts.processes], "scpp"]
-            if round_ % 2:
-                order.reverse()
+            order = list(plan) if round_ % 2 == 0 else list(reversed(plan))
             for key in order:
-                if key == "node1":
-                    seconds, cpu_s = run_node(work, single, 1, opts.instances)
-                elif key == "base1":
-                    seconds, cpu_s = run_node(work, single, 1, opts.instances, repo=opts.compare_with)
-                elif key == "scp1":
-                    seconds, cpu_s = run_storescp(work, single, opts.instances), float("nan")
-                elif key == "scpp":
-                    seconds, cpu_s = run_storescp(work, parallel, opts.instances), float("nan")
-                else:
-                    seconds, cpu_s = run_node(work, parallel, int(key[5:]), opts.instances)
+                seconds, cpu_s = plan[key][2](work, single, parallel)
                 runs[key].append(seconds)
-                cpu.setdefault(key, []).append(cpu_s)
+                cpu[key].append(cpu_s)
             print(f"round {round_ + 1}: " + ", ".join(f"{k} {opts.instances / v[-1]:.0f}/s" for k, v in runs.items()),
                   flush=True)
-
         scaling.append(cpu_scaling(2))
 
         def rate(key: str) -> float:
@@ -131,27 +156,24 @@ def main() -> None:
 
         per_mb = size_mb / opts.instances
         lines = ["| receiver | associations | instances/s (median) | MB/s | each round | receiver CPU ms/instance |",
-                 "| --- | --- | --- | --- | --- | --- |",
-                 f"| spine-node serve | 1 | {rate('node1'):.0f} | {rate('node1') * per_mb:.0f} | {each('node1')} "
-                 f"| {cpu_ms('node1')} |",
-                 f"| DCMTK storescp (TCP_NODELAY=1) | 1 | {rate('scp1'):.0f} | {rate('scp1') * per_mb:.0f} "
-                 f"| {each('scp1')} | - |"]
-        if opts.compare_with:
-            lines.insert(3, f"| spine-node serve, other checkout ({opts.compare_with.name}) | 1 | {rate('base1'):.0f} "
-                            f"| {rate('base1') * per_mb:.0f} | {each('base1')} | {cpu_ms('base1')} |")
-        for processes in opts.processes:
-            key = f"nodep{processes}"
-            lines.append(f"| spine-node serve --processes {processes} | {opts.parallel} | {rate(key):.0f} "
-                         f"| {rate(key) * per_mb:.0f} | {each(key)} | {cpu_ms(key)} |")
-        lines.append(f"| DCMTK storescp --fork (TCP_NODELAY=1) | {opts.parallel} | {rate('scpp'):.0f} "
-                     f"| {rate('scpp') * per_mb:.0f} | {each('scpp')} | - |")
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for key, (row, associations, _run) in plan.items():
+            lines.append(f"| {row} | {associations} | {rate(key):.0f} | {rate(key) * per_mb:.0f} | {each(key)} "
+                         f"| {cpu_ms(key)} |")
         table = "\n".join(lines)
-        summary = f"- node / storescp, one association: **{rate('node1') / rate('scp1'):.2f}x** (target >= 1.2x)\n"
+        summary = ""
+        for sync in syncs:
+            summary += (f"- node ({label(sync)}) / storescp, one association: "
+                        f"**{rate(f'node1-{sync}') / rate('scp1'):.2f}x** (target >= 1.2x)\n")
         if opts.compare_with:
-            summary += (f"- node / other checkout, one association: **{rate('node1') / rate('base1'):.2f}x**\n")
-        for processes in opts.processes:
-            summary += (f"- node, {opts.parallel} associations, {processes} receive process(es) / node, one "
-                        f"association: **{rate(f'nodep{processes}') / rate('node1'):.2f}x** (target >= 3x)\n")
+            summary += f"- node / other checkout, one association: **{rate('node1-True') / rate('base1'):.2f}x**\n"
+        for sync in syncs:
+            for processes in opts.processes:
+                summary += (f"- node ({label(sync)}), {opts.parallel} associations, {processes} receive process(es) "
+                            f"/ the same node, one association: "
+                            f"**{rate(f'nodep{processes}-{sync}') / rate(f'node1-{sync}'):.2f}x** (target >= 3x)\n")
+        summary += (f"- storescp --fork, {opts.parallel} associations / storescp, one association: "
+                    f"{rate('scpp') / rate('scp1'):.2f}x\n")
         summary += (f"- CPU calibration in the same session: 2 busy processes did {scaling[0]:.2f}x (before) and "
                     f"{scaling[1]:.2f}x (after) the work of one (2.0x = two free cores)\n")
         print(table)
@@ -159,16 +181,19 @@ def main() -> None:
         if not opts.no_write:
             write_section("Ingest", (
                 f"Command: `python -m bench.ingest --instances {opts.instances} --rounds {opts.rounds} "
-                f"--parallel {opts.parallel} --processes {' '.join(map(str, opts.processes))}"
+                f"--parallel {opts.parallel} --processes {' '.join(map(str, opts.processes))} --sync {opts.sync}"
                 + (f" --compare-with {opts.compare_with}" if opts.compare_with else "") + "`\n\n"
                 f"Machine: {machine()}.\n\n"
                 f"{opts.instances} instances of a real 512x512 CT slice (pydicom-data `693_UNCR.dcm`, "
                 f"explicit VR little endian, {per_mb:.2f} MB each), pushed with DCMTK `storescu` "
-                "(`TCP_NODELAY=1`), timed from the first storescu start to the last storescu exit. The node "
-                "answers each C-STORE only after the file is fsynced and renamed into the spool; storescp "
-                "(`-od DIR +xa`) does not fsync. Receiver CPU is user + system time of the serve process and "
-                "its receive processes during the push (from /proc), per instance. Each run starts a fresh "
-                "receiver; the order of the runs is "
+                "(`TCP_NODELAY=1`), timed from the first storescu start to the last storescu exit. With sync on "
+                "(the default, `storage.sync_before_answer = true`) the node answers each C-STORE only after the "
+                "file is on disk (fdatasync) and linked into the spool; with sync off, once the operating system "
+                "has it, which is what storescp (`-od DIR +xa`) does. Receiver CPU is user + system time of the "
+                "serve process and its receive processes (storescp and its forked children) during the push "
+                "(from /proc), per instance. Each run "
+                "starts a fresh receiver; after each run its files are deleted and the disk synced (`os.sync`), so "
+                "no run pays for the write-back of another; the order of the runs is "
                 f"reversed every other round; medians of {opts.rounds} rounds.\n\n{table}\n\n{summary}"))
     finally:
         if opts.work_dir is None:

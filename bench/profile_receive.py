@@ -1,8 +1,8 @@
 """Profile the receive hot path: cProfile of the association threads of an in-process node.
 
 Pushes ``--instances`` 512x512 CT instances with DCMTK storescu over one association to a
-:class:`node.service.NodeService` running in this process, with every pynetdicom
-association thread run under cProfile, and prints the top functions::
+:class:`node.service.NodeService` running in this process, with every association thread
+(:class:`node.scp.AssociationHandler`) run under cProfile, and prints the top functions::
 
     python -m bench.profile_receive --instances 200 --sort tottime
 """
@@ -19,12 +19,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
-
 from bench.harness import free_port, push, write_ct_series
 from node.config import load_settings
 from node.db_migrate import upgrade
+from node.scp import AssociationHandler
 from node.service import NodeService
 
 
@@ -33,13 +31,12 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"])
     parser.add_argument("--top", type=int, default=35)
-    parser.add_argument("--thread", default="association", choices=["association", "dul"],
-                        help="profile the association reactor (handlers) or the DUL reactor (PDUs)")
+    parser.add_argument("--no-sync", action="store_true", help="storage.sync_before_answer = false")
     opts = parser.parse_args()
 
     profiles: list[cProfile.Profile] = []
     lock = threading.Lock()
-    owner: Any = Association if opts.thread == "association" else DULServiceProvider
+    owner: Any = AssociationHandler
     original_run = owner.run
 
     def profiled_run(self: Any) -> None:
@@ -57,7 +54,7 @@ def main() -> None:
         upgrade(url)
         settings = load_settings(
             dicom={"host": "127.0.0.1", "port": free_port()},
-            storage={"data_dir": work / "node", "min_free_mb": 0},
+            storage={"data_dir": work / "node", "min_free_mb": 0, "sync_before_answer": not opts.no_sync},
             database_url=url,
             assembly={"quiet_period_s": 600, "study_quiet_period_s": 600},
         )

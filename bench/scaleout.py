@@ -133,6 +133,7 @@ def run_once(work: Path, data: Path, series: int, workers: int, opts: argparse.N
                                               "pipelines": [opts.pipeline]}]),
             "SPINE_NODE_WORKER__PIPELINE_MODULES": json.dumps(opts.pipeline_modules),
             "SPINE_NODE_WORKER__CONCURRENCY": "1",
+            "SPINE_NODE_WORKER__ENGINE_THREADS": str(opts.engine_threads),
         }
         with node_serve(shared, env=env) as node:
             push([data], node.port, "SPINE_NODE", timeout=1800)
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--postgres-url", default=os.environ.get(
         "SPINE_NODE_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/11")
+    parser.add_argument("--engine-threads", type=int, default=1,
+                        help="worker.engine_threads: intra-op threads per worker (1: a worker is one core)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--no-write", action="store_true")
@@ -222,12 +225,15 @@ def main() -> None:
     if not opts.no_write:
         write_section("Scale-out", (
             f"Command: `python -m bench.scaleout --series {opts.series} --slices {opts.slices} "
-            f"--workers {' '.join(map(str, opts.workers))} --rounds {opts.rounds} --pipeline {opts.pipeline}`\n\n"
+            f"--workers {' '.join(map(str, opts.workers))} --rounds {opts.rounds} --pipeline {opts.pipeline} "
+            f"--engine-threads {opts.engine_threads}`\n\n"
             f"Machine: {machine()}.\n\n"
             f"`spine-node serve` and the workers as separate processes sharing PostgreSQL, Redis and one "
             f"spool folder; {opts.series} series of {opts.slices} 512x512 CT slices routed to "
             f"`{opts.pipeline}`, all queued before the workers start; each worker runs one job at a "
-            "time (`--concurrency 1`). Rate = jobs / (last job finished - first job started), from "
+            f"time (`--concurrency 1`) with `worker.engine_threads = {opts.engine_threads}` (each worker stands for "
+            "a host of that many cores; on a 2-core machine, 2 workers with all cores each would only "
+            "oversubscribe them). Rate = jobs / (last job finished - first job started), from "
             f"the job rows. Target: 2 workers >= 1.7x one worker.\n\n{table}\n"))
 
 
