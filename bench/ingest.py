@@ -52,35 +52,57 @@ def run_node(work: Path, folders: list[Path], processes: int, expected: int,
     """(wall seconds, CPU seconds of the serve process tree) for one push to a fresh serve."""
     args = ["--processes", str(processes)] if repo is None else []
     env = {"SPINE_NODE_STORAGE__SYNC_BEFORE_ANSWER": "true" if sync else "false"}
-    with node_serve(work / "node", args=args, env=env, repo=repo or REPO) as node:
+    output = _run_dir(work, "node")
+    with node_serve(output, args=args, env=env, repo=repo or REPO) as node:
         cpu_before = process_tree_cpu_s(node.proc.pid)
         seconds = push(folders, node.port, "SPINE_NODE")
         cpu = process_tree_cpu_s(node.proc.pid) - cpu_before
-    stored = _count(work / "node" / "spool")
-    _settle(work / "node")
+    stored = _count(output / "spool")
+    _settle(output)
     if stored != expected:
         raise RuntimeError(f"node stored {stored} instances, expected {expected}")
     return seconds, cpu
 
 
-def _settle(output: Path) -> None:
-    """Delete a run's files and wait for the disk, so runs do not pay for each other.
+def _run_dir(work: Path, kind: str) -> Path:
+    """A new output folder for each run: files of earlier runs are kept until the end."""
+    runs = work / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    return runs / f"{sum(1 for _ in runs.iterdir()):03d}-{kind}"
 
-    Without this, the next run competes with the write-back of the last one's 250 MB (a
-    run without sync leaves it all dirty) and gets page-cache pages in another state.
+
+def _settle(output: Path) -> None:
+    """Wait for the disk and hand the run's page cache back, so runs do not pay for each other.
+
+    Without the sync, the next run competes with the write-back of the last one's 250 MB
+    (a run without sync leaves it all dirty). The files are kept until the whole benchmark
+    ends, their cached pages dropped instead: deleting them between runs freed thousands of
+    inodes, and on ext4 without a journal every file created in the next minutes skips over
+    each recently freed inode of its block group (the kernel's ``recently_deleted`` check),
+    which cost 0.5-1.4 ms per created file here; keeping the files and their pages made every
+    run copy into never-used memory, which on a virtual machine costs the host a page fault
+    per page (both receivers ran at half speed).
     """
-    shutil.rmtree(output, ignore_errors=True)
     os.sync()
+    for path in output.rglob("*"):
+        if not path.is_file():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def run_storescp(work: Path, folders: list[Path], expected: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds of storescp and its children) for one push."""
-    with dcmtk_storescp(work / "storescp", fork=len(folders) > 1) as scp:
+    output = _run_dir(work, "storescp")
+    with dcmtk_storescp(output, fork=len(folders) > 1) as scp:
         cpu_before = process_tree_cpu_s(scp.proc.pid)
         seconds = push(folders, scp.port, "STORESCP")
         cpu = process_tree_cpu_s(scp.proc.pid) - cpu_before
-    stored = sum(1 for p in (work / "storescp").iterdir() if p.is_file())
-    _settle(work / "storescp")
+    stored = sum(1 for p in output.iterdir() if p.is_file())
+    _settle(output)
     if stored != expected:
         raise RuntimeError(f"storescp stored {stored} instances, expected {expected}")
     return seconds, cpu
@@ -127,6 +149,13 @@ def main() -> None:
     try:
         files = write_ct_series(work / "data" / "all", opts.instances, "ingest")
         size_mb = sum(p.stat().st_size for p in files) / 1e6
+        # Every run's files stay until the end (see _settle): check there is room for all.
+        needed = sum(p.stat().st_size for p in files) * len(plan) * opts.rounds * 1.05
+        free = shutil.disk_usage(work).free
+        if free < needed:
+            raise SystemExit(f"bench.ingest keeps every run's files until it ends and needs {needed / 1e9:.1f} GB "
+                             f"free in {work}; {free / 1e9:.1f} GB are free (use --work-dir, fewer --rounds "
+                             "or --instances)")
         single = split_into(files, 1, work / "data" / "single")
         parallel = split_into(files, opts.parallel, work / "data" / "parallel")
         scaling = [cpu_scaling(2)]
@@ -192,12 +221,12 @@ def main() -> None:
                 "has it, which is what storescp (`-od DIR +xa`) does. Receiver CPU is user + system time of the "
                 "serve process and its receive processes (storescp and its forked children) during the push "
                 "(from /proc), per instance. Each run "
-                "starts a fresh receiver; after each run its files are deleted and the disk synced (`os.sync`), so "
-                "no run pays for the write-back of another; the order of the runs is "
+                "starts a fresh receiver writing into a new folder; after each run the disk is synced (`os.sync`), "
+                "so no run pays for the write-back of another, and files are deleted only at the end (freeing "
+                "inodes mid-benchmark makes later file creation slow on some file systems); the order of the runs is "
                 f"reversed every other round; medians of {opts.rounds} rounds.\n\n{table}\n\n{summary}"))
     finally:
-        if opts.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work if opts.work_dir is None else work / "runs", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -163,30 +163,44 @@ def _clean(value: str) -> str:
     return "".join(ch for ch in value if ch >= " ").strip()
 
 
-def inspect_dataset(data: Any, start: int, transfer_syntax: str) -> tuple[bool, InstanceInfo] | None:
+def inspect_dataset(data: Any, start: int, transfer_syntax: str,
+                    size: int | None = None) -> tuple[bool, InstanceInfo] | None:
     """Structure check and identifying header of a received file held in memory, in one walk.
 
     ``data`` is the whole file (preamble, meta, data set), the data set starting at
-    ``start``. Gives what :func:`check_structure` and :func:`read_header` give together,
-    without pydicom; ``None`` where only those can judge (deflated or big-endian syntaxes).
-    Raises :class:`StoreRejected` like they do.
+    ``start``; or only its beginning, with ``size`` the length of the whole file: then
+    :class:`PastHead` is raised if the walk needs a byte beyond it (for a typical image the
+    header and the pixel data element's own header are in the first few KB, and its value
+    runs to the end of the file, so nothing past the beginning is needed). Gives what
+    :func:`check_structure` and :func:`read_header` give together, without pydicom;
+    ``None`` where only those can judge (deflated or big-endian syntaxes). Raises
+    :class:`StoreRejected` like they do.
     """
     syntax = UID(transfer_syntax)
     if not syntax.is_little_endian or syntax == DeflatedExplicitVRLittleEndian:
         return None
+    partial = size is not None and size > len(data)
     try:
         if data[start:start + 2] == b"\x02\x00":
             raise _Malformed("data set carries File Meta Information (group 0002) elements")
-        walker = _StructureWalker(data, start)
+        walker = _StructureWalker(data, start, size if partial else None)
         tags = walker.dataset(syntax.is_implicit_VR, 0, in_item=False)
     except _Malformed as exc:
         raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"malformed data set: {exc}") from None
     except (ValueError, struct.error) as exc:
+        if partial:  # a read past the part in memory
+            raise PastHead from None
         raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from None
     values = dict.fromkeys(_HEADER_TAGS, "")
     for tag, (position, length) in walker.captured.items():
+        if position + length > len(data):
+            raise PastHead
         values[_HEADER_TAG_NUMBERS[tag]] = _clean(bytes(data[position:position + length]).decode("ascii", "replace"))
     return bool(tags & _PIXEL_TAGS), instance_info(values)
+
+
+class PastHead(Exception):
+    """The header walk needs more of the file than the part held in memory."""
 
 
 # -- structure check --------------------------------------------------------------------
@@ -213,10 +227,10 @@ class _Malformed(Exception):
 class _StructureWalker:
     """Walks element headers (tag, VR, length) of a little-endian data set in memory."""
 
-    def __init__(self, data: Any, start: int) -> None:
-        self.data = data  # bytes or an mmap of the file
+    def __init__(self, data: Any, start: int, end: int | None = None) -> None:
+        self.data = data  # bytes or an mmap of the file, or its beginning (``end``: its length)
         self.pos = start
-        self.end = len(data)
+        self.end = len(data) if end is None else end
         # (position, length) of the top-level identifying elements (see header_values).
         self.captured: dict[tuple[int, int], tuple[int, int]] = {}
 
@@ -605,7 +619,6 @@ class Receiver:
         temp_path = Path(incoming.name)
         placed = False
         try:
-            data = incoming.finish()
             if incoming.out_of_space:
                 self._free_ok = False
                 raise StoreRejected(STATUS_OUT_OF_RESOURCES, "spool volume full while receiving")
@@ -613,13 +626,7 @@ class Receiver:
                 raise StoreRejected(STATUS_OUT_OF_RESOURCES, "spool below free-space floor")
             # Structure first: a truncated data set is "cannot understand", even where
             # the cut also took the UIDs with it.
-            inspected = inspect_dataset(data, incoming.meta_length, transfer_syntax) if data is not None else None
-            if inspected is not None:
-                has_pixels: bool | None
-                has_pixels, info = inspected
-            else:
-                has_pixels = check_structure(temp_path, transfer_syntax)
-                info = read_header(temp_path)
+            has_pixels, info = _inspect_incoming(incoming, transfer_syntax)
             if has_pixels is False and needs_pixel_data(info.sop_class_uid):
                 raise StoreRejected(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                     "image storage instance has no Pixel Data")
@@ -672,6 +679,21 @@ class Receiver:
         except Exception as exc:  # noqa: BLE001 - the answer matters more than the audit row
             self._audit_failed("refused instance", exc)
         return status, reason
+
+
+def _inspect_incoming(incoming: IncomingFile, transfer_syntax: str) -> tuple[bool | None, InstanceInfo]:
+    """Structure check and header of a received file: one walk over the beginning kept in
+    memory, else over a memory map of the file, else (syntaxes that walk does not read)
+    pydicom."""
+    try:
+        inspected = inspect_dataset(incoming.head, incoming.meta_length, transfer_syntax, size=incoming.size)
+    except PastHead:
+        with incoming.mapped() as data:
+            inspected = inspect_dataset(data, incoming.meta_length, transfer_syntax)
+    if inspected is not None:
+        return inspected
+    path = Path(incoming.name)
+    return check_structure(path, transfer_syntax), read_header(path)
 
 
 def bind_check(host: str, port: int) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import socket
 import ssl
@@ -64,10 +65,9 @@ MAX_PDU_RECEIVED = 1 << 20
 MAX_ASSOCIATE_RQ_BYTES = 1 << 20
 MAX_COMMAND_BYTES = 1 << 16
 READ_BUFFER_BYTES = 1 << 20
-# Received bytes go to the temporary file in writes of this size as they arrive; an
-# instance up to KEEP_IN_MEMORY_BYTES is also kept in memory for the header check.
-FLUSH_BYTES = 128 << 10
-KEEP_IN_MEMORY_BYTES = 4 << 20
+# The beginning of each received file is also kept in memory: the header check reads it
+# there, and maps the file only for data sets with elements beyond it.
+HEAD_BYTES = 64 << 10
 
 # PDU types (PS3.8 9.3)
 A_ASSOCIATE_RQ_PDU = 0x01
@@ -203,70 +203,69 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae
 
 # -- the incoming file -------------------------------------------------------------------
 
+def make_temp_file(folder: Path) -> tuple[int, str]:
+    """A new empty temporary file in ``folder``: (open descriptor, path)."""
+    return tempfile.mkstemp(prefix="", suffix=".dcm", dir=folder)
+
+
+def drop_temp_file(made: tuple[int, str]) -> None:
+    fd, name = made
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+
+
 class IncomingFile:
     """One received data set on its way into the spool: a temporary file on the spool volume.
 
-    Bytes go to the file as they arrive (in writes of ``FLUSH_BYTES``, so copying into the
-    page cache overlaps the peer still sending), and are also kept in memory up to
-    ``KEEP_IN_MEMORY_BYTES`` so that the header check can read them without the file. A full
-    disk (ENOSPC, EDQUOT) while writing empties the file and drops what follows, so the
-    C-STORE can be answered 0xA700 once the data set has been read off the wire.
+    Bytes go to the file as they arrive, straight from the socket's read buffer; only the
+    first ``HEAD_BYTES`` are also kept in memory, for the header check (which maps the file
+    when it needs more: only the pages holding element headers are then read). A full disk (ENOSPC,
+    EDQUOT) while writing empties the file and drops what follows, so the C-STORE can be
+    answered 0xA700 once the data set has been read off the wire.
     """
 
-    def __init__(self, folder: Path, meta: bytes) -> None:
-        self.fd, self.name = tempfile.mkstemp(prefix="", suffix=".dcm", dir=folder)
+    def __init__(self, folder: Path, meta: bytes, made: tuple[int, str] | None = None) -> None:
+        # ``made``: a temporary file created ahead (see AssociationHandler._make_spare).
+        self.fd, self.name = made if made is not None else make_temp_file(folder)
         self.meta_length = len(meta)
         self.size = 0  # bytes written to the file
         self.out_of_space = False
-        self.spilled = False  # the data set outgrew memory: only the file has it whole
-        self._buffer = bytearray(meta)
-        self._written = 0  # how much of _buffer is in the file
         self._closed = False
+        self.head = bytearray()  # the file's first HEAD_BYTES, for the header check
+        self.write(meta)
 
     def write(self, data: memoryview | bytes) -> None:
         if self.out_of_space:
             return
-        self._buffer += data
-        if len(self._buffer) - self._written >= FLUSH_BYTES:
-            self._write_out()
-
-    def _write_out(self) -> None:
-        view = memoryview(self._buffer)
+        length = len(data)
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[:HEAD_BYTES - len(self.head)]
         try:
-            position = self._written
-            while position < len(view):
-                position += os.write(self.fd, view[position:])
+            written = os.write(self.fd, data)
+            if written < length:
+                with memoryview(data) as view:
+                    while written < length:
+                        written += os.write(self.fd, view[written:])
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             self.out_of_space = True
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, 0)
-        finally:
-            view.release()
-        self.size += len(self._buffer) - self._written
-        self._written = len(self._buffer)
-        if self.out_of_space or self.spilled or len(self._buffer) >= KEEP_IN_MEMORY_BYTES:
-            self.spilled = True
-            self._buffer.clear()
-            self._written = 0
+            return
+        self.size += length
 
-    def finish(self) -> bytearray | None:
-        """Write what is left; the whole file's bytes if they are still in memory, else None.
-
-        The returned buffer is this object's own: read it, do not keep it past :meth:`close`.
-        """
-        self._write_out()
-        if self.out_of_space or self.spilled:
-            return None
-        return self._buffer
+    def mapped(self) -> mmap.mmap:
+        """The whole file, read-only, in memory (page cache): close it after use."""
+        return mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ)
 
     def sync(self) -> None:
         """Data (and the size needed to read it back) on disk before the answer goes out."""
         os.fdatasync(self.fd)
 
     def close(self) -> None:
-        self._buffer = bytearray()
         if not self._closed:
             self._closed = True
             with contextlib.suppress(OSError):
@@ -377,6 +376,8 @@ class AssociationHandler:
         self.command_fragments = bytearray()
         self.info: AssociationInfo | None = None
         self.stats: Any = None
+        # The temporary file for the next C-STORE, made while the peer prepares it.
+        self.spare: tuple[int, str] | None = None
 
     # -- association set-up ----------------------------------------------------------
     def run(self) -> None:
@@ -398,6 +399,9 @@ class AssociationHandler:
             self._send_quietly(abort_pdu(0x02, 0x00))
         finally:
             self._discard_partial()
+            if self.spare is not None:
+                drop_temp_file(self.spare)
+                self.spare = None
             if self.stats is not None:
                 self.receiver.association_ended(self.stats, state, reason)
             with contextlib.suppress(OSError):
@@ -581,7 +585,8 @@ class AssociationHandler:
             transfer_syntax = self.info.contexts[context_id][1]
             meta = file_meta(_uid_text(command.get(0x0002)), _uid_text(command.get(0x1000)),
                              transfer_syntax, self.info.calling_ae_title)
-            message.incoming = IncomingFile(self.receiver.incoming_dir, meta)
+            spare, self.spare = self.spare, None
+            message.incoming = IncomingFile(self.receiver.incoming_dir, meta, spare)
             self.message = message
         elif has_data:
             message.discard = True
@@ -596,6 +601,18 @@ class AssociationHandler:
             self.stats, message.incoming, _uid_text(command.get(0x0002)), _uid_text(command.get(0x1000)),
             self.info.contexts[message.context_id][1], self.info.calling_ae_title)
         self._respond(message.context_id, 0x8001, command, status, reason)
+        self._make_spare()
+
+    def _make_spare(self) -> None:
+        """Create the next C-STORE's temporary file now, while the peer reads its next file.
+
+        Creating a file is the costliest file-system step per instance (an inode
+        allocation; much more on some volumes); done here it leaves the path from a
+        request's arrival to its answer. A failure here is left for that request to meet.
+        """
+        if self.spare is None:
+            with contextlib.suppress(OSError):
+                self.spare = make_temp_file(self.receiver.incoming_dir)
 
     def _answer_unsupported(self, message: _Message) -> None:
         field_ = _us(message.command, 0x0100) or 0

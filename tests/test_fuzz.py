@@ -28,10 +28,11 @@ from pydicom.uid import (
 
 from node.config import Route, RouteMatch
 from node.errors import InvalidUIDError
-from node.receive import StoreRejected, check_structure, inspect_dataset, read_header
+from node.receive import PastHead, StoreRejected, check_structure, inspect_dataset, read_header
 from node.route import SeriesFacts, matches, plan
 from node.spool import Spool
 from node.uids import is_valid_uid, validate_uid
+from tests.dicom_factory import real_ct
 
 # Fixtures here are module-scoped and read-only, so reusing them across examples is fine.
 FUZZ = settings(max_examples=200, deadline=None,
@@ -153,6 +154,47 @@ def test_one_walk_header_agrees_with_pydicom(seeds: list[tuple[bytes, str]], scr
         # Where both accept, they read the same instance; where pydicom alone refuses, the
         # walk accepted a structurally sound data set with valid UIDs (a pipeline judges it).
         assert slow[1] == fast[1] and slow[0] == fast[0]
+
+
+def _judge(data: bytes, start: int, syntax: str, size: int | None = None) -> object:
+    try:
+        return inspect_dataset(data, start, syntax, size=size)
+    except StoreRejected as exc:
+        return exc.status
+
+
+@FUZZ
+@given(seed=st.integers(0, 4), ops=st.lists(mutation, min_size=0, max_size=4), cut=st.integers(0, 4096))
+def test_walk_over_the_beginning_agrees_with_the_whole_file(seeds: list[tuple[bytes, str]], seed: int,
+                                                          ops: list[tuple[str, int, object]], cut: int) -> None:
+    """Receive keeps only a file's beginning in memory: walking that (with the file's size)
+    gives the whole file's answer, or says it needs more; never another answer."""
+    data, syntax = seeds[seed]
+    start = 144 + struct.unpack_from("<L", data, 140)[0]
+    mutant = data[:start] + _mutate(data[start:], ops) if ops else data
+    head = mutant[:start + cut]
+    try:
+        partial = _judge(head, start, syntax, size=len(mutant))
+    except PastHead:
+        return
+    assert partial == _judge(mutant, start, syntax)
+
+
+def test_walk_over_the_beginning_of_a_ct_slice_needs_no_more(scratch: Path) -> None:
+    """A 512x512 CT slice's header and pixel data header sit in its first 64 KiB."""
+    ds = real_ct()
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = bytes(512 * 512 * 2)
+    path = scratch / "ct512.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    start = 144 + struct.unpack_from("<L", data, 140)[0]
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    whole = _judge(data, start, syntax)
+    assert isinstance(whole, tuple) and whole[0] is True
+    assert _judge(data[:64 << 10], start, syntax, size=len(data)) == whole
+    with pytest.raises(PastHead):  # the pixel data element's header is not in the first 8 bytes
+        _judge(data[:start + 8], start, syntax, size=len(data))
 
 
 @FUZZ

@@ -244,3 +244,37 @@ def test_sync_before_answer_decides_whether_the_file_is_synced(live: Receiver,
         release(sock)
     assert (live.spool.root / where).read_bytes().endswith(data)
     assert len(synced) == (1 if live.settings.storage.sync_before_answer else 0)
+
+
+def _large_ct(tag: str, tail: bytes) -> tuple[str, bytes, Path]:
+    """A 512x512 CT data set (more than the head kept in memory) with ``tail`` after its pixels."""
+    ds = real_ct()
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = bytes(range(256)) * 2048
+    ds.StudyInstanceUID = derive_uid("scp-test", tag, "study")
+    ds.SeriesInstanceUID = derive_uid("scp-test", tag, "series")
+    ds.SOPInstanceUID = derive_uid("scp-test", tag)
+    data = encode(ds, False, True)
+    assert data is not None
+    return (ds.SOPInstanceUID, data + tail,
+            Path(ds.StudyInstanceUID) / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm")
+
+
+def test_elements_past_the_head_are_checked_through_the_file(live: Receiver) -> None:
+    """The header check reads the kept beginning; what lies past it (here after 512 KB of
+    pixels) is read from the file: a sound trailing element is stored, a broken one refused."""
+    padding = struct.pack("<HH2sHL", 0xFFFC, 0xFFFC, b"OB", 0, 4) + b"\0" * 4
+    good, good_data, good_where = _large_ct("trailing-good", padding)
+    broken_tail = struct.pack("<HH2sHL", 0xFFFC, 0xFFFC, b"OB", 0, 4096) + b"\0" * 4
+    bad, bad_data, bad_where = _large_ct("trailing-bad", broken_tail)
+    sock = raw_associate(live.port)
+    try:
+        assert raw_store(sock, CT_IMAGE_STORAGE, good, good_data) == 0x0000
+        assert raw_store(sock, CT_IMAGE_STORAGE, bad, bad_data, message_id=2) == 0xC210
+    finally:
+        release(sock)
+    assert (live.spool.root / good_where).read_bytes().endswith(good_data)
+    assert not (live.spool.root / bad_where).exists()
+    # Neither the refused file nor the one made ahead for a next C-STORE is left behind.
+    wait_for(lambda: [a for a in table_rows(live.db.url, Association) if a.state == "released"])
+    assert not list(live.incoming_dir.iterdir())
