@@ -641,8 +641,9 @@ class Receiver:
                 incoming.sync()
             incoming.close()
             _target, replaced = self.spool.adopt_instance(info.study_uid, info.series_uid,
-                                                          info.sop_instance_uid, temp_path)
+                                                          info.sop_instance_uid, temp_path, keep_temp_name=True)
             placed = True
+            incoming.name_left = not replaced
         except StoreRejected as exc:
             return self.refuse(stats, exc.status, exc.reason, request_sop_instance)
         except OutOfSpaceError as exc:

@@ -234,6 +234,8 @@ class IncomingFile:
         self.out_of_space = False
         self._closed = False
         self.head = bytearray()  # the file's first HEAD_BYTES, for the header check
+        # Placed into the spool by a hard link: the temporary name is removed after the answer.
+        self.name_left = False
         self.write(meta)
 
     def write(self, data: memoryview | bytes) -> None:
@@ -275,6 +277,13 @@ class IncomingFile:
         self.close()
         with contextlib.suppress(OSError):
             os.unlink(self.name)
+
+    def remove_name(self) -> None:
+        """Remove the temporary name of a file now linked into the spool."""
+        if self.name_left:
+            self.name_left = False
+            with contextlib.suppress(OSError):
+                os.unlink(self.name)
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -600,7 +609,11 @@ class AssociationHandler:
         status, reason = self.receiver.store(
             self.stats, message.incoming, _uid_text(command.get(0x0002)), _uid_text(command.get(0x1000)),
             self.info.contexts[message.context_id][1], self.info.calling_ae_title)
-        self._respond(message.context_id, 0x8001, command, status, reason)
+        try:
+            self._respond(message.context_id, 0x8001, command, status, reason)
+        finally:
+            # File-system work that the answer need not wait for.
+            message.incoming.remove_name()
         self._make_spare()
 
     def _make_spare(self) -> None:

@@ -96,22 +96,29 @@ class Spool:
             raise SpoolError(f"cannot move instance into spool: {exc.strerror}") from exc
         return target
 
-    def adopt_instance(self, study_uid: str, series_uid: str, sop_uid: str, temp_file: Path) -> tuple[Path, bool]:
+    def adopt_instance(self, study_uid: str, series_uid: str, sop_uid: str, temp_file: Path,
+                       keep_temp_name: bool = False) -> tuple[Path, bool]:
         """Like :meth:`adopt`; also says whether an instance of that UID was replaced.
 
         New instances are hard-linked into place, which fails if the name exists: the
         check and the placing are one step, so the same instance racing in on two
-        associations (or two receive processes) is counted once.
+        associations (or two receive processes) is counted once. ``keep_temp_name``: leave
+        the temporary name of a new instance for the caller to remove (receive does it
+        after answering; a name left by a crash is cleared at the next start).
         """
         target = self.instance_path(study_uid, series_uid, sop_uid)
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             try:
-                os.link(temp_file, target)
+                try:
+                    os.link(temp_file, target)
+                except FileNotFoundError:  # the series' first instance: make its folder
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(temp_file, target)
             except FileExistsError:
                 os.replace(temp_file, target)
                 return target, True
-            _unlink_quietly(str(temp_file))
+            if not keep_temp_name:
+                _unlink_quietly(str(temp_file))
             return target, False
         except OSError as exc:
             raise SpoolError(f"cannot move instance into spool: {exc.strerror}") from exc
