@@ -20,6 +20,8 @@ import ssl
 import struct
 import time
 import zlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,27 +178,82 @@ def inspect_dataset(data: Any, start: int, transfer_syntax: str,
     ``None`` where only those can judge (deflated or big-endian syntaxes). Raises
     :class:`StoreRejected` like they do.
     """
-    syntax = UID(transfer_syntax)
-    if not syntax.is_little_endian or syntax == DeflatedExplicitVRLittleEndian:
-        return None
-    partial = size is not None and size > len(data)
-    try:
-        if data[start:start + 2] == b"\x02\x00":
-            raise _Malformed("data set carries File Meta Information (group 0002) elements")
-        walker = _StructureWalker(data, start, size if partial else None)
-        tags = walker.dataset(syntax.is_implicit_VR, 0, in_item=False)
-    except _Malformed as exc:
-        raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"malformed data set: {exc}") from None
-    except (ValueError, struct.error) as exc:
-        if partial:  # a read past the part in memory
-            raise PastHead from None
-        raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from None
-    values = dict.fromkeys(_HEADER_TAGS, "")
-    for tag, (position, length) in walker.captured.items():
-        if position + length > len(data):
-            raise PastHead
-        values[_HEADER_TAG_NUMBERS[tag]] = _clean(bytes(data[position:position + length]).decode("ascii", "replace"))
-    return bool(tags & _PIXEL_TAGS), instance_info(values)
+    return HeaderWalk(start, transfer_syntax).finish(data, len(data) if size is None else size)
+
+
+class HeaderWalk:
+    """The one-walk header check of a file being received, begun before its end arrives.
+
+    :meth:`begin` walks the top-level elements of the file's first bytes while the rest is
+    still on its way (for an image: every header element, then past the pixel data to the
+    end it claims); :meth:`finish` checks that against the file's real length and walks
+    whatever the beginning did not cover. Any doubt in :meth:`begin` (an element it cannot
+    read there) leaves the whole walk to :meth:`finish`, so the verdict is always the one
+    a single walk over the whole file gives (``tests/test_fuzz.py``).
+    """
+
+    def __init__(self, start: int, transfer_syntax: str) -> None:
+        syntax = UID(transfer_syntax)
+        self.start = start
+        self.walkable = syntax.is_little_endian and syntax != DeflatedExplicitVRLittleEndian
+        self.implicit = syntax.is_implicit_VR
+        self._walker: _StructureWalker | None = None
+        self._tags: set[tuple[int, int]] = set()
+
+    def begin(self, head: Any) -> None:
+        """Walk the top-level elements whose headers lie wholly in ``head`` (the file's start)."""
+        if not self.walkable or head[self.start:self.start + 2] == b"\x02\x00":
+            return
+        walker = _StructureWalker(head, self.start, _UNBOUNDED)
+        try:
+            tags = walker.dataset(self.implicit, 0, in_item=False, limit=len(head))
+        except (_Malformed, ValueError, struct.error):
+            return  # finish walks it all again and says what is wrong
+        self._walker, self._tags = walker, tags
+
+    def finish(self, data: Any, size: int,
+               mapped: Callable[[], AbstractContextManager[Any]] | None = None) -> tuple[bool, InstanceInfo] | None:
+        """Complete the check: ``data`` is the file or its first bytes, ``size`` its length,
+        ``mapped`` opens the whole file when the beginning is not enough (else
+        :class:`PastHead` is raised). ``None`` where only pydicom can judge."""
+        if not self.walkable:
+            return None
+        try:
+            return self._finish(data, size)
+        except PastHead:
+            if mapped is None:
+                raise
+            self._walker = None  # start over on the whole file
+            with mapped() as whole:
+                return self._finish(whole, size)
+
+    def _finish(self, data: Any, size: int) -> tuple[bool, InstanceInfo]:
+        partial = size > len(data)
+        walker = self._walker
+        try:
+            if walker is not None:
+                walker.data, walker.end = data, size
+                if walker.pos > size:
+                    raise _Malformed(f"an element claims more bytes than the data set has ({size})")
+                tags = self._tags | walker.dataset(self.implicit, 0, in_item=False)
+            else:
+                if data[self.start:self.start + 2] == b"\x02\x00":
+                    raise _Malformed("data set carries File Meta Information (group 0002) elements")
+                walker = _StructureWalker(data, self.start, size)
+                tags = walker.dataset(self.implicit, 0, in_item=False)
+        except _Malformed as exc:
+            raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"malformed data set: {exc}") from None
+        except (ValueError, struct.error) as exc:
+            if partial:  # a read past the part in memory
+                raise PastHead from None
+            raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from None
+        values = dict.fromkeys(_HEADER_TAGS, "")
+        for tag, (position, length) in walker.captured.items():
+            if position + length > len(data):
+                raise PastHead
+            raw = bytes(data[position:position + length])
+            values[_HEADER_TAG_NUMBERS[tag]] = _clean(raw.decode("latin-1"))  # as pydicom reads CS and UI values
+        return bool(tags & _PIXEL_TAGS), instance_info(values)
 
 
 class PastHead(Exception):
@@ -218,6 +275,7 @@ _ITEM_END = (0xFFFE, 0xE00D)
 _SEQUENCE_END = (0xFFFE, 0xE0DD)
 _PIXEL_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
 _MAX_NESTING = 32
+_UNBOUNDED = 1 << 62  # the end while the file's length is not known yet (HeaderWalk.begin)
 
 
 class _Malformed(Exception):
@@ -251,14 +309,19 @@ class _StructureWalker:
         group, element, length = self._unpack("<HHL", 8)
         return (group, element), length
 
-    def dataset(self, implicit: bool, depth: int, in_item: bool) -> set[tuple[int, int]]:
-        """Walk a data set to its end (or item delimiter); return its top-level tags."""
+    def dataset(self, implicit: bool, depth: int, in_item: bool, limit: int | None = None) -> set[tuple[int, int]]:
+        """Walk a data set to its end (or item delimiter); return its top-level tags.
+
+        ``limit``: stop before the first element whose header does not lie wholly below
+        it (for a walk over the beginning of a file; ``self.pos`` says where it stopped).
+        """
         if depth > _MAX_NESTING:
             raise _Malformed(f"sequences nested deeper than {_MAX_NESTING} levels")
         tags: set[tuple[int, int]] = set()
         data, end, unpack_from = self.data, self.end, struct.unpack_from
+        stop = end if limit is None else min(end, limit - 11)
         # The element header is parsed inline: this loop runs for every element received.
-        while self.pos < end:
+        while self.pos < stop:
             pos = self.pos
             if pos + 8 > end:
                 raise _Malformed(f"data set ends inside an element header at byte {pos}")
@@ -599,6 +662,11 @@ class Receiver:
         return removed
 
     # -- C-STORE ----------------------------------------------------------------------
+    @staticmethod
+    def header_walk(meta_length: int, transfer_syntax: str) -> HeaderWalk:
+        """The header check of one incoming file (begun by the file once its head is in)."""
+        return HeaderWalk(meta_length, transfer_syntax)
+
     def _space_ok(self) -> bool:
         # A good answer is cached for half a second; a bad one is checked again each
         # time, so receive resumes as soon as space returns.
@@ -683,14 +751,12 @@ class Receiver:
 
 
 def _inspect_incoming(incoming: IncomingFile, transfer_syntax: str) -> tuple[bool | None, InstanceInfo]:
-    """Structure check and header of a received file: one walk over the beginning kept in
-    memory, else over a memory map of the file, else (syntaxes that walk does not read)
-    pydicom."""
-    try:
-        inspected = inspect_dataset(incoming.head, incoming.meta_length, transfer_syntax, size=incoming.size)
-    except PastHead:
-        with incoming.mapped() as data:
-            inspected = inspect_dataset(data, incoming.meta_length, transfer_syntax)
+    """Structure check and header of a received file: the walk begun over its first bytes
+    while it arrived, finished (over a memory map of the file where those are not enough),
+    or, for the syntaxes that walk does not read, pydicom."""
+    walk = incoming.walk if isinstance(incoming.walk, HeaderWalk) else HeaderWalk(incoming.meta_length,
+                                                                                   transfer_syntax)
+    inspected = walk.finish(incoming.head, incoming.size, incoming.mapped)
     if inspected is not None:
         return inspected
     path = Path(incoming.name)

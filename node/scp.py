@@ -226,9 +226,12 @@ class IncomingFile:
     answered 0xA700 once the data set has been read off the wire.
     """
 
-    def __init__(self, folder: Path, meta: bytes, made: tuple[int, str] | None = None) -> None:
+    def __init__(self, folder: Path, meta: bytes, made: tuple[int, str] | None = None,
+                 walk: Any = None) -> None:
         # ``made``: a temporary file created ahead (see AssociationHandler._make_spare).
+        # ``walk``: the header check (receive.HeaderWalk), begun once the head is complete.
         self.fd, self.name = made if made is not None else make_temp_file(folder)
+        self.walk = walk
         self.meta_length = len(meta)
         self.size = 0  # bytes written to the file
         self.out_of_space = False
@@ -242,8 +245,10 @@ class IncomingFile:
         if self.out_of_space:
             return
         length = len(data)
+        head_done = False
         if len(self.head) < HEAD_BYTES:
             self.head += data[:HEAD_BYTES - len(self.head)]
+            head_done = len(self.head) == HEAD_BYTES
         try:
             written = os.write(self.fd, data)
             if written < length:
@@ -258,6 +263,9 @@ class IncomingFile:
                 os.ftruncate(self.fd, 0)
             return
         self.size += length
+        if head_done and self.walk is not None:
+            # While the peer still sends the rest (typically the pixel data).
+            self.walk.begin(self.head)
 
     def mapped(self) -> mmap.mmap:
         """The whole file, read-only, in memory (page cache): close it after use."""
@@ -595,7 +603,8 @@ class AssociationHandler:
             meta = file_meta(_uid_text(command.get(0x0002)), _uid_text(command.get(0x1000)),
                              transfer_syntax, self.info.calling_ae_title)
             spare, self.spare = self.spare, None
-            message.incoming = IncomingFile(self.receiver.incoming_dir, meta, spare)
+            message.incoming = IncomingFile(self.receiver.incoming_dir, meta, spare,
+                                            self.receiver.header_walk(len(meta), transfer_syntax))
             self.message = message
         elif has_data:
             message.discard = True

@@ -7,6 +7,7 @@ exception type comes out, and nothing a peer sends can make a path leave the spo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import tempfile
@@ -28,14 +29,14 @@ from pydicom.uid import (
 
 from node.config import Route, RouteMatch
 from node.errors import InvalidUIDError
-from node.receive import PastHead, StoreRejected, check_structure, inspect_dataset, read_header
+from node.receive import HeaderWalk, PastHead, StoreRejected, check_structure, inspect_dataset, read_header
 from node.route import SeriesFacts, matches, plan
 from node.spool import Spool
 from node.uids import is_valid_uid, validate_uid
 from tests.dicom_factory import real_ct
 
 # Fixtures here are module-scoped and read-only, so reusing them across examples is fine.
-FUZZ = settings(max_examples=200, deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -173,11 +174,30 @@ def test_walk_over_the_beginning_agrees_with_the_whole_file(seeds: list[tuple[by
     start = 144 + struct.unpack_from("<L", data, 140)[0]
     mutant = data[:start] + _mutate(data[start:], ops) if ops else data
     head = mutant[:start + cut]
+    whole = _judge(mutant, start, syntax)
     try:
-        partial = _judge(head, start, syntax, size=len(mutant))
+        assert _judge(head, start, syntax, size=len(mutant)) == whole
     except PastHead:
-        return
-    assert partial == _judge(mutant, start, syntax)
+        pass
+    # Receive begins the walk over the head while the rest arrives, then finishes it.
+    walk = HeaderWalk(start, syntax)
+    walk.begin(head)
+    try:
+        finished: object = walk.finish(head, len(mutant), lambda: contextlib.nullcontext(mutant))
+    except StoreRejected as exc:
+        finished = exc.status
+    assert finished == whole
+    # Begun over the head, finished over the whole file: the walk goes on where it stopped.
+    walk = HeaderWalk(start, syntax)
+    walk.begin(head)
+    assert _finish(walk, mutant) == whole
+
+
+def _finish(walk: HeaderWalk, data: bytes) -> object:
+    try:
+        return walk.finish(data, len(data))
+    except StoreRejected as exc:
+        return exc.status
 
 
 def test_walk_over_the_beginning_of_a_ct_slice_needs_no_more(scratch: Path) -> None:
