@@ -161,14 +161,29 @@ def node_task(*, queue: str = "cpu", **options: Any) -> Callable[[F], F]:
     )
 
 
+def local_host_id() -> str:
+    """This host as far as process ids go: its name plus its pid namespace.
+
+    Processes with the same id can see each other's pids. The name alone is not enough:
+    containers that share the host's network (``network_mode: host``) share its name, but
+    each has its own pid namespace, where another container's pid means nothing.
+    """
+    name = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except OSError:
+        return name
+    return f"{name}-{namespace.removeprefix('pid:[').removesuffix(']')}"
+
+
 def worker_id() -> str:
     """How this execution slot names itself on job rows: ``host:pid:thread``.
 
-    The thread part keeps two jobs of a threads-pool worker apart; a slot runs one job
-    at a time, so a message for a job its own slot is marked running under is a
-    re-delivery after that run ended.
+    ``host`` is :func:`local_host_id`. The thread part keeps two jobs of a threads-pool
+    worker apart; a slot runs one job at a time, so a message for a job its own slot is
+    marked running under is a re-delivery after that run ended.
     """
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    return f"{local_host_id()}:{os.getpid()}:{threading.get_ident()}"
 
 
 # --- sending -----------------------------------------------------------------------------
@@ -250,7 +265,7 @@ class Claim:
 def _pid_dead_here(worker: str | None) -> bool:
     """True if ``worker`` (``host:pid[:thread]``) names a process here that no longer exists."""
     parts = (worker or "").split(":")
-    if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+    if len(parts) < 2 or parts[0] != local_host_id() or not parts[1].isdigit():
         return False
     pid_text = parts[1]
     try:

@@ -13,7 +13,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from node.audit import Database, Series
 from node.config import Settings
 from node.domain import SeriesRef
 from node.errors import NodeError, PipelineError, SpoolError
-from node.jobs import Claim, Outcome, ResultFile, WorkerLiveness, celery_app, queue_names
+from node.jobs import Claim, Outcome, ResultFile, WorkerLiveness, celery_app, local_host_id, queue_names
 from node.spool import Spool
 from node.uids import validate_uid
 
@@ -225,7 +224,8 @@ def run_worker(settings: Settings, queues: Sequence[str], concurrency: int,
     db = app.database()
     if not db.is_current():
         raise NodeError("the database has no schema; run `spine-node db upgrade` first")
-    hostname = f"spine-{os.getpid()}@{socket.gethostname()}"
+    # Unique also among containers that share the host's network and so its name.
+    hostname = f"spine-{os.getpid()}@{local_host_id()}"
     backends = available_backends(settings.worker.backends)
     liveness = WorkerLiveness(db, hostname, queues, backends)
 

@@ -233,6 +233,28 @@ def test_claim_is_exclusive_and_takes_over_a_stale_job(node):
     assert claim_job(db, settings, job_id, worker="host-c:3") is None
 
 
+def test_a_dead_pid_frees_a_job_only_in_the_same_pid_namespace(node):
+    """A running job whose worker process is gone here is taken over at once; one whose pid
+    is from a container sharing this host's name (another pid namespace) is not."""
+    import socket
+
+    from node.jobs import local_host_id, worker_id
+
+    settings, db = node
+    assert worker_id().startswith(local_host_id() + ":")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    now = utcnow()
+    for index, (owner, taken_over) in enumerate((
+            (f"{local_host_id()}:{dead.pid}:1", True),
+            (f"{socket.gethostname()}-4026599999:{dead.pid}:1", False),
+            (f"{socket.gethostname()}:{dead.pid}:1", False))):
+        job_id = add_job(db, "1.2.3", f"1.2.3.{index + 1}")
+        assert claim_job(db, settings, job_id, worker=owner, now=now) is not None
+        claim = claim_job(db, settings, job_id, worker="host-b:2", now=now)
+        assert (claim is not None) is taken_over, owner
+
+
 def test_reconcile_requeues_lost_jobs_then_gives_up(node):
     settings, db = node
     job_id = add_job(db, "1.2.3", "1.2.3.4")
