@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, cast
 
 import typer
 from rich.console import Console
@@ -19,6 +19,8 @@ from node.config import Settings, load_settings, redact_url
 from node.errors import NodeError
 
 if TYPE_CHECKING:
+    import ssl
+
     from inference.card import ModelCard, TensorSpec
     from inference.repository import ModelRepository
     from node.jobs import QueueStatus
@@ -217,7 +219,8 @@ def status() -> None:
     if cfg.dicom.tls.enabled:
         from node.receive import probe_ssl_context
 
-        tls_args = (probe_ssl_context(cfg.dicom.tls), None)
+        # pynetdicom takes None for "no server name to check" (its hint says str).
+        tls_args = cast("tuple[ssl.SSLContext, str]", (probe_ssl_context(cfg.dicom.tls), None))
     assoc = ae.associate(host, cfg.dicom.port, ae_title=cfg.dicom.ae_title, tls_args=tls_args)
     up = False
     if assoc.is_established:
@@ -733,7 +736,7 @@ train_app = typer.Typer(help="Train a model family and export it into the model 
 app.add_typer(train_app, name="train")
 
 
-def _train_command(family: str) -> None:
+def _train_command(family: str) -> Callable[..., None]:
     from inference.train import TrainOptions
 
     def command(

@@ -480,11 +480,11 @@ class AssociationHandler:
     def _accept(self, request: A_ASSOCIATE) -> None:
         assert self.info is not None
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in request.user_information
-                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None}
         results, role_replies = negotiate_as_acceptor(
             request.presentation_context_definition_list, self.server.contexts, roles)
         for context in results:
-            if context.result == 0x00:
+            if context.result == 0x00 and context.context_id is not None:
                 self.info.contexts[int(context.context_id)] = (str(context.abstract_syntax),
                                                                str(context.transfer_syntax[0]))
         primitive = A_ASSOCIATE()
