@@ -59,29 +59,34 @@ def main() -> None:
 
     owner.run = profiled_run
 
+    seconds = push_to_service(opts.instances, not opts.no_sync)
+    print(f"{opts.instances} instances in {seconds:.2f}s ({opts.instances / seconds:.0f}/s) under the profiler")
+    stream = io.StringIO()
+    stats = pstats.Stats(*profiles, stream=stream) if profiles else None
+    if stats is not None:
+        stats.sort_stats(opts.sort).print_stats(opts.top)
+    print(stream.getvalue())
+
+
+def push_to_service(instances: int, sync: bool) -> float:
+    """Push ``instances`` CT slices over one association to a NodeService in this process."""
     work = Path(tempfile.mkdtemp(prefix="spine-bench-profile-"))
     try:
-        files = write_ct_series(work / "data", opts.instances, "profile")
+        write_ct_series(work / "data", instances, "profile")
         url = f"sqlite:///{work / 'node.db'}"
         upgrade(url)
         settings = load_settings(
             dicom={"host": "127.0.0.1", "port": free_port()},
-            storage={"data_dir": work / "node", "min_free_mb": 0, "sync_before_answer": not opts.no_sync},
+            storage={"data_dir": work / "node", "min_free_mb": 0, "sync_before_answer": sync},
             database_url=url,
             assembly={"quiet_period_s": 600, "study_quiet_period_s": 600},
         )
         service = NodeService(settings)
         service.start()
         try:
-            seconds = push([work / "data"], service.port, "SPINE_NODE")
+            return push([work / "data"], service.port, "SPINE_NODE")
         finally:
             service.stop()
-        print(f"{len(files)} instances in {seconds:.2f}s ({len(files) / seconds:.0f}/s) under the profiler")
-        stream = io.StringIO()
-        stats = pstats.Stats(*profiles, stream=stream) if profiles else None
-        if stats is not None:
-            stats.sort_stats(opts.sort).print_stats(opts.top)
-        print(stream.getvalue())
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -107,23 +112,7 @@ def timeline(instances: int, sync: bool) -> None:
         marks.append(("answered", time.perf_counter()))
 
     owner._command, owner._store, owner._respond = timed_command, timed_store, timed_respond
-    work = Path(tempfile.mkdtemp(prefix="spine-bench-timeline-"))
-    try:
-        write_ct_series(work / "data", instances, "timeline")
-        url = f"sqlite:///{work / 'node.db'}"
-        upgrade(url)
-        settings = load_settings(
-            dicom={"host": "127.0.0.1", "port": free_port()},
-            storage={"data_dir": work / "node", "min_free_mb": 0, "sync_before_answer": sync},
-            database_url=url, assembly={"quiet_period_s": 600, "study_quiet_period_s": 600})
-        service = NodeService(settings)
-        service.start()
-        try:
-            seconds = push([work / "data"], service.port, "SPINE_NODE")
-        finally:
-            service.stop()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    seconds = push_to_service(instances, sync)
     times = {name: [t for n, t in marks if n == name] for name in ("request", "last fragment", "answered")}
     parts = {
         "peer's turn (answer to next request)": zip(times["answered"], times["request"][1:], strict=False),
