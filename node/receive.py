@@ -160,9 +160,12 @@ def _text(ds: Any, keyword: str) -> str:
     return _clean(str(value))
 
 
+_CONTROL_CHARACTERS = dict.fromkeys(range(0x20))
+
+
 def _clean(value: str) -> str:
     # Strip the NUL padding some devices put in UIDs and any stray control characters.
-    return "".join(ch for ch in value if ch >= " ").strip()
+    return value.translate(_CONTROL_CHARACTERS).strip()
 
 
 def inspect_dataset(data: Any, start: int, transfer_syntax: str,
@@ -684,7 +687,6 @@ class Receiver:
         The request UIDs are '' where the peer sent none or invalid ones. The temporary
         file is either placed into the spool or deleted, never left behind.
         """
-        temp_path = Path(incoming.name)
         placed = False
         try:
             if incoming.out_of_space:
@@ -709,7 +711,7 @@ class Receiver:
                 incoming.sync()
             incoming.close()
             _target, replaced = self.spool.adopt_instance(info.study_uid, info.series_uid,
-                                                          info.sop_instance_uid, temp_path, keep_temp_name=True)
+                                                          info.sop_instance_uid, incoming.name, keep_temp_name=True)
             placed = True
             incoming.name_left = not replaced
         except StoreRejected as exc:

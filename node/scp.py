@@ -353,6 +353,9 @@ class _Message:
     command: dict[int, bytes]
     incoming: IncomingFile | None = None  # a C-STORE's data set
     discard: bool = False  # a data set we read off the wire and drop
+    # The request's Affected SOP Class / Instance UIDs ('' if absent or invalid), read once.
+    sop_class: str = ""
+    sop_instance: str = ""
 
 
 @dataclass
@@ -600,8 +603,9 @@ class AssociationHandler:
                 self._respond(context_id, 0x8001, command, status, reason)
                 return
             transfer_syntax = self.info.contexts[context_id][1]
-            meta = file_meta(_uid_text(command.get(0x0002)), _uid_text(command.get(0x1000)),
-                             transfer_syntax, self.info.calling_ae_title)
+            message.sop_class = _uid_text(command.get(0x0002))
+            message.sop_instance = _uid_text(command.get(0x1000))
+            meta = file_meta(message.sop_class, message.sop_instance, transfer_syntax, self.info.calling_ae_title)
             spare, self.spare = self.spare, None
             message.incoming = IncomingFile(self.receiver.incoming_dir, meta, spare,
                                             self.receiver.header_walk(len(meta), transfer_syntax))
@@ -616,10 +620,11 @@ class AssociationHandler:
         assert self.info is not None and message.incoming is not None
         command = message.command
         status, reason = self.receiver.store(
-            self.stats, message.incoming, _uid_text(command.get(0x0002)), _uid_text(command.get(0x1000)),
+            self.stats, message.incoming, message.sop_class, message.sop_instance,
             self.info.contexts[message.context_id][1], self.info.calling_ae_title)
         try:
-            self._respond(message.context_id, 0x8001, command, status, reason)
+            self._respond(message.context_id, 0x8001, command, status, reason,
+                          uids=(message.sop_class, message.sop_instance))
         finally:
             # File-system work that the answer need not wait for.
             message.incoming.remove_name()
@@ -643,10 +648,11 @@ class AssociationHandler:
                       STATUS_UNRECOGNIZED_OPERATION, "operation not supported by this node")
 
     def _respond(self, context_id: int, command_field: int, request: dict[int, bytes], status: int,
-                 comment: str = "") -> None:
+                 comment: str = "", uids: tuple[str, str] | None = None) -> None:
+        """Answer ``request``; ``uids``: its SOP Class and Instance UIDs where already read."""
         message_id = _us(request, 0x0110) or 0
-        response = response_command(command_field, message_id, status, _uid_text(request.get(0x0002)),
-                                    _uid_text(request.get(0x1000)), comment)
+        sop_class, sop_instance = uids or (_uid_text(request.get(0x0002)), _uid_text(request.get(0x1000)))
+        response = response_command(command_field, message_id, status, sop_class, sop_instance, comment)
         try:
             self.sock.sendall(pdata_command_pdu(context_id, response))
         except (OSError, ssl.SSLError) as exc:

@@ -23,6 +23,7 @@ _COPY_CHUNK = 1 << 20
 class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
+        self._root = str(self.root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -96,8 +97,8 @@ class Spool:
             raise SpoolError(f"cannot move instance into spool: {exc.strerror}") from exc
         return target
 
-    def adopt_instance(self, study_uid: str, series_uid: str, sop_uid: str, temp_file: Path,
-                       keep_temp_name: bool = False) -> tuple[Path, bool]:
+    def adopt_instance(self, study_uid: str, series_uid: str, sop_uid: str, temp_file: str | Path,
+                       keep_temp_name: bool = False) -> tuple[str, bool]:
         """Like :meth:`adopt`; also says whether an instance of that UID was replaced.
 
         New instances are hard-linked into place, which fails if the name exists: the
@@ -106,13 +107,16 @@ class Spool:
         the temporary name of a new instance for the caller to remove (receive does it
         after answering; a name left by a crash is cleared at the next start).
         """
-        target = self.instance_path(study_uid, series_uid, sop_uid)
+        # Plain strings: this runs for every instance received, before it is answered.
+        folder = os.path.join(self._root, validate_uid(study_uid, "Study Instance UID"),
+                              validate_uid(series_uid, "Series Instance UID"))
+        target = os.path.join(folder, validate_uid(sop_uid, "SOP Instance UID") + ".dcm")
         try:
             try:
                 try:
                     os.link(temp_file, target)
                 except FileNotFoundError:  # the series' first instance: make its folder
-                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.makedirs(folder, exist_ok=True)
                     os.link(temp_file, target)
             except FileExistsError:
                 os.replace(temp_file, target)
