@@ -723,3 +723,30 @@ def test_headers_without_pixel_data_are_enough(tmp_path: Path) -> None:
         assert a.SOPInstanceUID == b.SOPInstanceUID
         if "PixelData" in b:
             assert a.PixelData == b.PixelData
+
+
+def _image_library_entries(sr: Dataset) -> int:
+    """Entries of the SR's TID 1600 Image Library (0 where it has none)."""
+    for item in sr.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue == "111028":  # Image Library
+            return sum(len(group.get("ContentSequence", [])) for group in item.ContentSequence)
+    return 0
+
+
+def test_image_library_is_left_out_above_the_configured_number_of_sources(tmp_path: Path) -> None:
+    """A few sources get an Image Library entry each; a long series gets none (it cost
+    8 of 10 s of encoding a 300-slice CT) and the report stays valid and referenced."""
+    sources = ct_series(slices=6)
+    findings = ct_findings(sources)
+    small = encode(findings, sources)
+    assert _image_library_entries(small[-1]) == 6
+    trimmed = encode(findings, sources, options=ResultsOptions(image_library_max_images=5))
+    sr = trimmed[-1]
+    assert sr.Modality == "SR" and _image_library_entries(sr) == 0
+    paths = write_results(trimmed, tmp_path)
+    assert_valid(paths)
+    # The measurement groups still point at the SEG's segments.
+    groups = report_of(hd.sr.srread(paths[-1])).get_volumetric_roi_measurement_groups()
+    assert groups and all(g.referenced_segment is not None for g in groups)
+    with pytest.raises(ResultsError, match="image_library_max_images"):
+        ResultsOptions(image_library_max_images=-1)
