@@ -10,6 +10,7 @@ by :class:`node.assemble.SeriesTracker`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -28,6 +29,7 @@ from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     JPEG2000,
@@ -558,12 +560,8 @@ class Receiver:
         self.tracker.stop()
 
     def _clean_incoming(self) -> None:
-        """Remove partial temp files left by a crash (they were never acknowledged)."""
-        for leftover in self.incoming_dir.glob("*"):
-            try:
-                leftover.unlink()
-            except OSError:
-                pass
+        """Place complete files a crash left in the temporary folder, delete the rest."""
+        salvage_incoming(self.spool)
 
     # -- association audit ------------------------------------------------------------
     def _audit_failed(self, what: str, exc: Exception) -> None:
@@ -763,6 +761,48 @@ def _inspect_incoming(incoming: IncomingFile, transfer_syntax: str) -> tuple[boo
         return inspected
     path = Path(incoming.name)
     return check_structure(path, transfer_syntax), read_header(path)
+
+
+def salvage_incoming(spool: Spool) -> int:
+    """Place into the spool the complete instances a crash left in ``.incoming``; delete the rest.
+
+    A C-STORE is answered once its file is synced (``storage.sync_before_answer``) and
+    hard-linked into the spool; after a power cut, a journaling file system may have kept
+    the synced file under its temporary name but not yet the link. Such a file is whole and
+    checked again here like a received one (structure, UIDs, pixel data), then placed; a
+    partial transfer, an empty file made ahead, or anything that fails the check is
+    deleted (its sender was never told it was stored). Run before the receivers start and
+    before the database is reconciled with the spool. Returns how many were placed.
+    """
+    incoming = spool.root / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    placed = 0
+    for leftover in sorted(incoming.iterdir()):
+        try:
+            if leftover.is_file() and _whole_instance(leftover):
+                info = read_header(leftover)
+                spool.adopt_instance(info.study_uid, info.series_uid, info.sop_instance_uid, leftover)
+                placed += 1
+                continue
+        except Exception as exc:  # noqa: BLE001 - whatever a leftover holds, start goes on
+            log.info("not placing leftover %s: %s", leftover.name, type(exc).__name__)
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+    if placed:
+        log.warning("placed %d complete instance(s) left in %s by an unclean stop", placed, incoming)
+    return placed
+
+
+def _whole_instance(path: Path) -> bool:
+    """True if ``path`` is a received file whose data set is whole and well-formed."""
+    if path.stat().st_size < 144:
+        return False
+    meta = read_file_meta_info(path)
+    transfer_syntax = str(meta.get("TransferSyntaxUID", ""))
+    if not transfer_syntax:
+        return False
+    has_pixels = check_structure(path, transfer_syntax)
+    return not (has_pixels is False and needs_pixel_data(str(meta.get("MediaStorageSOPClassUID", ""))))
 
 
 def bind_check(host: str, port: int) -> None:

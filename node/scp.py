@@ -419,9 +419,7 @@ class AssociationHandler:
             self._send_quietly(abort_pdu(0x02, 0x00))
         finally:
             self._discard_partial()
-            if self.spare is not None:
-                drop_temp_file(self.spare)
-                self.spare = None
+            self._drop_spare()
             if self.stats is not None:
                 self.receiver.association_ended(self.stats, state, reason)
             with contextlib.suppress(OSError):
@@ -527,6 +525,7 @@ class AssociationHandler:
                     self._p_data(length)
                 elif pdu_type == A_RELEASE_RQ_PDU:
                     self.reader.stream(min(length, 4), None)
+                    self._drop_spare()  # before the peer hears the association is over
                     self.sock.sendall(RELEASE_RP_PDU)
                     return "released", ""
                 elif pdu_type == A_ABORT_PDU:
@@ -629,6 +628,11 @@ class AssociationHandler:
             # File-system work that the answer need not wait for.
             message.incoming.remove_name()
         self._make_spare()
+
+    def _drop_spare(self) -> None:
+        if self.spare is not None:
+            drop_temp_file(self.spare)
+            self.spare = None
 
     def _make_spare(self) -> None:
         """Create the next C-STORE's temporary file now, while the peer reads its next file.

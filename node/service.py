@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as ProcessEvent
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -33,9 +32,10 @@ from node.assemble import Assembler, CompletedStudy, recover_from_spool
 from node.audit import Database
 from node.config import Settings
 from node.errors import NodeError
-from node.receive import Receiver
+from node.receive import Receiver, salvage_incoming
 from node.retention import RetentionCleaner
 from node.route import route_study
+from node.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class NodeService:
         route_study(session, self.settings.routes, completed)
 
     def start(self) -> None:
+        # Before the spool is reconciled with the database: placed files get counted there.
+        salvage_incoming(Spool(self.settings.storage.spool))
         repaired = recover_from_spool(self.db, self.settings.storage.spool)
         if repaired:
             log.info("recovered %d series from the spool", repaired)
@@ -94,7 +96,6 @@ class NodeService:
             # Children must share one port: pick it here.
             self.settings = self.settings.model_copy(deep=True)
             self.settings.dicom.port = _free_port(self.settings.dicom.host)
-        clean_incoming(self.settings.storage.spool)
         self.receive_processes = ReceiveProcesses(self.settings, self.processes)
         self.receive_processes.start()
 
@@ -296,17 +297,6 @@ def _receive_process_main(settings: Settings, index: int, ready: ProcessEvent, s
     finally:
         receiver.stop()
         db.dispose()
-
-
-def clean_incoming(spool_root: Path) -> None:
-    """Remove partial temp files left by a crash (they were never acknowledged)."""
-    incoming = Path(spool_root) / ".incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
-    for leftover in incoming.glob("*"):
-        try:
-            leftover.unlink()
-        except OSError:
-            pass
 
 
 def _free_port(host: str) -> int:

@@ -251,3 +251,30 @@ def test_sqlite_locked_for_a_while_loses_no_instance(tmp_path: Path) -> None:
         rows = _wait_states(node.database_url, dict(zip(study, ("routed", "skipped"), strict=True)))
         assert [rows[uid].instance_count for uid in study] == [4, 4]
         assert len(list((node.data_dir / "spool").rglob("*.dcm"))) == 8
+
+
+def test_complete_files_left_in_incoming_by_a_power_cut_are_placed_at_start(tmp_path: Path) -> None:
+    """An answered instance is synced under its temporary name before it is linked into the
+    spool; if a power cut kept the first and lost the link, the next start places it.
+    Partial, empty or broken leftovers are deleted."""
+    study = write_study(tmp_path / "in", seed="salvage", series=1, per_series=3)
+    (series_uid, files), = study.items()
+    incoming = tmp_path / "node" / "spool" / ".incoming"
+    incoming.mkdir(parents=True)
+    whole = files[0].read_bytes()
+    (incoming / "answered.dcm").write_bytes(whole)
+    (incoming / "cut.dcm").write_bytes(files[1].read_bytes()[:-1000])  # a transfer cut short
+    (incoming / "spare.dcm").write_bytes(b"")  # a file made ahead for a next C-STORE
+    (incoming / "not-dicom.dcm").write_bytes(b"\0" * 200)
+    sop = dcmread(files[0]).SOPInstanceUID
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    with NodeProcess(tmp_path / "node", url) as node:
+        assert not any(incoming.iterdir())
+        placed = list((node.data_dir / "spool").rglob(f"{sop}.dcm"))
+        assert len(placed) == 1 and placed[0].read_bytes() == whole
+        assert placed[0].parent.name == series_uid
+        # Counted in the database like a received instance, then completed and routed.
+        rows = wait_for(lambda: [r for r in table_rows(url, Series)
+                                 if r.series_uid == series_uid and r.state in ("routed", "skipped")])
+        assert rows[0].instance_count == 1
+        assert "placed 1 complete instance" in node.log()
