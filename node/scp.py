@@ -221,9 +221,9 @@ class IncomingFile:
 
     Bytes go to the file as they arrive, straight from the socket's read buffer; only the
     first ``HEAD_BYTES`` are also kept in memory, for the header check (which maps the file
-    when it needs more: only the pages holding element headers are then read). A full disk (ENOSPC,
-    EDQUOT) while writing empties the file and drops what follows, so the C-STORE can be
-    answered 0xA700 once the data set has been read off the wire.
+    when it needs more: only the pages holding element headers are then read). A full
+    disk (ENOSPC, EDQUOT) while writing empties the file and drops what follows, so the
+    C-STORE can be answered 0xA700 once the data set has been read off the wire.
     """
 
     def __init__(self, folder: Path, meta: bytes, made: tuple[int, str] | None = None,
