@@ -27,17 +27,19 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def _series_folder(self, study_uid: str, series_uid: str) -> str:
+        # Plain strings: receive places every instance through here before answering it.
+        return os.path.join(self._root, validate_uid(study_uid, "Study Instance UID"),
+                            validate_uid(series_uid, "Series Instance UID"))
+
+    def _instance_file(self, folder: str, sop_uid: str) -> str:
+        return os.path.join(folder, validate_uid(sop_uid, "SOP Instance UID") + ".dcm")
+
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
-        return (
-            self.root
-            / validate_uid(study_uid, "Study Instance UID")
-            / validate_uid(series_uid, "Series Instance UID")
-        )
+        return Path(self._series_folder(study_uid, series_uid))
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.series_dir(study_uid, series_uid) / (
-            validate_uid(sop_uid, "SOP Instance UID") + ".dcm"
-        )
+        return Path(self._instance_file(self._series_folder(study_uid, series_uid), sop_uid))
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -107,10 +109,8 @@ class Spool:
         the temporary name of a new instance for the caller to remove (receive does it
         after answering; a name left by a crash is cleared at the next start).
         """
-        # Plain strings: this runs for every instance received, before it is answered.
-        folder = os.path.join(self._root, validate_uid(study_uid, "Study Instance UID"),
-                              validate_uid(series_uid, "Series Instance UID"))
-        target = os.path.join(folder, validate_uid(sop_uid, "SOP Instance UID") + ".dcm")
+        folder = self._series_folder(study_uid, series_uid)
+        target = self._instance_file(folder, sop_uid)
         try:
             try:
                 try:
