@@ -520,19 +520,16 @@ def _measurement_report(
     projection radiograph, which some CR devices leave out, so it is dropped then (and
     when ``sources`` is empty: see ``ResultsOptions.image_library_max_images``).
     """
-    if not sources:
-        return hd.sr.MeasurementReport(
-            observation_context=context, procedure_reported=procedure, imaging_measurements=groups
-        )
-    try:
-        return hd.sr.MeasurementReport(
-            observation_context=context,
-            procedure_reported=procedure,
-            imaging_measurements=groups,
-            referenced_images=list(sources),
-        )
-    except AttributeError as exc:
-        log.info("SR without image library: a source lacks %s", exc.name)
+    if sources:
+        try:
+            return hd.sr.MeasurementReport(
+                observation_context=context,
+                procedure_reported=procedure,
+                imaging_measurements=groups,
+                referenced_images=list(sources),
+            )
+        except AttributeError as exc:
+            log.info("SR without image library: a source lacks %s", exc.name)
     return hd.sr.MeasurementReport(
         observation_context=context, procedure_reported=procedure, imaging_measurements=groups
     )
