@@ -294,7 +294,7 @@ class _StructureWalker:
         self.data = data  # bytes or an mmap of the file, or its beginning (``end``: its length)
         self.pos = start
         self.end = len(data) if end is None else end
-        # (position, length) of the top-level identifying elements (see header_values).
+        # (position, length) of the top-level identifying elements (_HEADER_TAG_NUMBERS).
         self.captured: dict[tuple[int, int], tuple[int, int]] = {}
 
     def _unpack(self, fmt: str, size: int) -> tuple[Any, ...]:
@@ -526,9 +526,9 @@ class Receiver:
     def start(self, clean_incoming: bool = True) -> DicomServer:
         """Start listening (non-blocking); returns the server.
 
-        ``clean_incoming=False`` when several receive processes share the spool: the
-        parent cleans once before starting them, so no process deletes another's
-        in-flight temporary file.
+        ``clean_incoming=False`` when the caller has already done it
+        (:func:`salvage_incoming`), as :class:`~node.service.NodeService` does once for
+        all its receive processes, so no process deletes another's in-flight file.
         """
         # Receive validates what it uses itself; pydicom's value warnings would echo
         # peer-controlled values into the log.
@@ -695,9 +695,7 @@ class Receiver:
             # Structure first: a truncated data set is "cannot understand", even where
             # the cut also took the UIDs with it.
             has_pixels, info = _inspect_incoming(incoming, transfer_syntax)
-            if has_pixels is False and needs_pixel_data(info.sop_class_uid):
-                raise StoreRejected(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                                    "image storage instance has no Pixel Data")
+            _require_pixel_data(has_pixels, info)
             if request_sop_instance != info.sop_instance_uid:
                 raise StoreRejected(STATUS_INSTANCE_UID_MISMATCH,
                                     "SOP Instance UID in dataset differs from the request")
@@ -779,8 +777,8 @@ def salvage_incoming(spool: Spool) -> int:
     placed = 0
     for leftover in sorted(incoming.iterdir()):
         try:
-            if leftover.is_file() and _whole_instance(leftover):
-                info = read_header(leftover)
+            if leftover.is_file():
+                info = _leftover_instance(leftover)
                 spool.adopt_instance(info.study_uid, info.series_uid, info.sop_instance_uid, leftover)
                 placed += 1
                 continue
@@ -793,16 +791,19 @@ def salvage_incoming(spool: Spool) -> int:
     return placed
 
 
-def _whole_instance(path: Path) -> bool:
-    """True if ``path`` is a received file whose data set is whole and well-formed."""
-    if path.stat().st_size < 144:
-        return False
-    meta = read_file_meta_info(path)
-    transfer_syntax = str(meta.get("TransferSyntaxUID", ""))
-    if not transfer_syntax:
-        return False
+def _require_pixel_data(has_pixels: bool | None, info: InstanceInfo) -> None:
+    if has_pixels is False and needs_pixel_data(info.sop_class_uid):
+        raise StoreRejected(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, "image storage instance has no Pixel Data")
+
+
+def _leftover_instance(path: Path) -> InstanceInfo:
+    """The identity of a received file left in ``.incoming``, checked as :meth:`Receiver.store`
+    checks one (structure, UIDs, pixel data); raises where it is not whole and sound."""
+    transfer_syntax = str(read_file_meta_info(path).TransferSyntaxUID)
     has_pixels = check_structure(path, transfer_syntax)
-    return not (has_pixels is False and needs_pixel_data(str(meta.get("MediaStorageSOPClassUID", ""))))
+    info = read_header(path)
+    _require_pixel_data(has_pixels, info)
+    return info
 
 
 def bind_check(host: str, port: int) -> None:

@@ -90,7 +90,7 @@ class NodeService:
 
     def _start_receive(self) -> None:
         if self.receiver is not None:
-            self.receiver.start()
+            self.receiver.start(clean_incoming=False)  # start() salvaged .incoming already
             return
         if self.settings.dicom.port == 0:
             # Children must share one port: pick it here.
