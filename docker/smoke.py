@@ -119,7 +119,7 @@ def main() -> None:
         for job in jobs:
             print(f"job {job.id} {job.pipeline}: {job.state} on {job.worker} "
                   f"({(job.finished_at - job.started_at).total_seconds():.1f}s){' ' + job.error if job.error else ''}")
-        ran_on = {(j.worker or "").split(":")[0] + ":" + (j.worker or "").split(":")[1] for j in jobs}
+        ran_on = {(j.worker or "").rsplit(":", 1)[0] for j in jobs}  # host:pid of host:pid:thread
         print(f"{len(ran_on)} worker process(es) ran the {len(jobs)} jobs")
         if any(j.state != "succeeded" for j in jobs):
             raise SystemExit(1)
