@@ -148,9 +148,10 @@ def main() -> None:
     work = Path(opts.work_dir or tempfile.mkdtemp(prefix="spine-bench-ingest-"))
     try:
         files = write_ct_series(work / "data" / "all", opts.instances, "ingest")
-        size_mb = sum(p.stat().st_size for p in files) / 1e6
+        total_bytes = sum(p.stat().st_size for p in files)
+        size_mb = total_bytes / 1e6
         # Every run's files stay until the end (see _settle): check there is room for all.
-        needed = sum(p.stat().st_size for p in files) * len(plan) * opts.rounds * 1.05
+        needed = total_bytes * len(plan) * opts.rounds * 1.05
         free = shutil.disk_usage(work).free
         if free < needed:
             raise SystemExit(f"bench.ingest keeps every run's files until it ends and needs {needed / 1e9:.1f} GB "
