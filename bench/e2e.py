@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from spine_node.node.audit import Dispatch, Job, Series
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from bench.harness import machine, node_serve, push, write_section
-from node.audit import Dispatch, Job, Series
 from tests.orthanc import Orthanc
 
 
@@ -37,7 +37,7 @@ def _now() -> datetime:
 
 
 def make_series(folder: Path, slices: int, seed: int) -> int:
-    from inference import phantoms
+    from spine_node.inference import phantoms
 
     phantom = phantoms.generate(seed, region="cervical", shape=(slices, 512, 512),
                                 spacing=(0.6, 0.35, 0.35), fractures={"C5": "wedge"})

@@ -27,8 +27,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-
-from node.uids import derive_uid
+from spine_node.node.uids import derive_uid
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -222,7 +221,7 @@ def node_env(data_dir: Path, port: int, extra: dict[str, str] | None = None,
 @contextmanager
 def node_serve(data_dir: Path, *, args: Sequence[str] = (), env: dict[str, str] | None = None,
                fresh: bool = True, repo: Path = REPO) -> Iterator[Served]:
-    """A real ``spine-node serve`` (``python -m node.cli serve``) on a free port.
+    """A real ``spine-node serve`` (``python -m spine_node.node.cli serve``) on a free port.
 
     ``repo``: the checkout to run (another revision, for before/after comparisons).
     """
@@ -231,7 +230,7 @@ def node_serve(data_dir: Path, *, args: Sequence[str] = (), env: dict[str, str] 
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = (data_dir / "serve.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", *args], cwd=repo,
+    proc = subprocess.Popen([sys.executable, "-m", "spine_node.node.cli", "serve", *args], cwd=repo,
                             env=node_env(data_dir, port, env, repo), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_listening(port, proc)

@@ -31,11 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bench.harness import replace_section
-from inference.card import ModelCard, TensorSpec
-from inference.repository import ModelRepository
-from inference.runtime.base import (
+from spine_node.inference.card import ModelCard, TensorSpec
+from spine_node.inference.repository import ModelRepository
+from spine_node.inference.runtime.base import (
     Engine,
     EngineOptions,
     EngineUnavailable,
@@ -43,7 +41,9 @@ from inference.runtime.base import (
     intra_op_threads,
     parity_tolerance,
 )
-from inference.runtime.selection import backend_class, parse_backend
+from spine_node.inference.runtime.selection import backend_class, parse_backend
+
+from bench.harness import replace_section
 
 log = logging.getLogger("bench.inference")
 
@@ -75,11 +75,10 @@ class Measurement:
 
 def _synthetic_models(folder: Path, batch: int) -> list[str]:
     """Export two small conv nets with seeded weights into ``folder`` (benchmark fixtures)."""
+    import spine_node.inference.models as architectures
     import torch
+    from spine_node.inference.repository import import_model
     from torch import nn
-
-    import inference.models as architectures
-    from inference.repository import import_model
 
     @architectures.register("bench-seg3d")
     class Seg3d(nn.Module):
@@ -298,7 +297,7 @@ def render(results: list[Measurement], command: str, facts: list[tuple[str, str]
         "and torch (`min(cores, configured)`). Latency is per call (one batch); throughput "
         "is items per second; speed-up is torch eager's median latency over the backend's "
         "at the same thread count, in the same run. Max abs diff is against torch eager on "
-        "the same input (tolerance: `inference.runtime.base.PARITY_TOLERANCE`).",
+        "the same input (tolerance: `spine_node.inference.runtime.base.PARITY_TOLERANCE`).",
         "",
         "| model | backend | threads | batch | calls | median ms | p90 ms | items/s | "
         "speed-up vs torch eager | max abs diff | within tolerance |",

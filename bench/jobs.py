@@ -31,13 +31,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from spine_node.node.audit import Database, Job, WorkerHeartbeat
+from spine_node.node.config import load_settings, redact_url
+from spine_node.node.db_migrate import upgrade
+from spine_node.node.jobs import send_pending
 from sqlalchemy import func, select
 
 from bench.harness import replace_section
-from node.audit import Database, Job, WorkerHeartbeat
-from node.config import load_settings, redact_url
-from node.db_migrate import upgrade
-from node.jobs import send_pending
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -99,7 +99,7 @@ def run(broker: str, jobs: int, slices: int, sequential: int) -> dict[str, objec
         ids = [add_job(f"bench-{index}") for index in range(jobs)]
         started = time.monotonic()
         worker = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "worker", "--queues", "cpu"], cwd=REPO,
+            [sys.executable, "-m", "spine_node.node.cli", "worker", "--queues", "cpu"], cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + TIMEOUT_S
@@ -171,7 +171,7 @@ def _table(rows: list[dict[str, object]], command: str, note: str) -> str:
         "worker (the broker's latency; the filesystem broker polls every 0.5 s). Batch wait "
         "is the same for a batch sent at once (it grows with the position in the queue); "
         "run is claimed to recorded; encode is "
-        "`node.results` building the SEG and SR (the first job also pays highdicom's "
+        "`spine_node.node.results` building the SEG and SR (the first job also pays highdicom's "
         "imports).",
         "",
         "| broker | jobs | slices | worker start s | pick-up median ms | pick-up max ms "

@@ -1,8 +1,8 @@
 """Profile the receive hot path: cProfile of the association threads of an in-process node.
 
 Pushes ``--instances`` 512x512 CT instances with DCMTK storescu over one association to a
-:class:`node.service.NodeService` running in this process, with every association thread
-(:class:`node.scp.AssociationHandler`) run under cProfile, and prints the top functions::
+:class:`spine_node.node.service.NodeService` running in this process, with every association thread
+(:class:`spine_node.node.scp.AssociationHandler`) run under cProfile, and prints the top functions::
 
     python -m bench.profile_receive --instances 200 --sort tottime
 
@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spine_node.node.config import load_settings
+from spine_node.node.db_migrate import upgrade
+from spine_node.node.scp import AssociationHandler
+from spine_node.node.service import NodeService
+
 from bench.harness import free_port, push, write_ct_series
-from node.config import load_settings
-from node.db_migrate import upgrade
-from node.scp import AssociationHandler
-from node.service import NodeService
 
 
 def main() -> None:

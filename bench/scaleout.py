@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from spine_node.node.audit import Job
+from spine_node.node.domain import JobState
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session
 
@@ -53,8 +55,6 @@ from bench.harness import (
     write_ct_series,
     write_section,
 )
-from node.audit import Job
-from node.domain import JobState
 
 FINISHED = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
 
@@ -148,7 +148,7 @@ def run_once(work: Path, data: Path, series: int, workers: int, opts: argparse.N
                 log = (shared / f"worker{index}.log").open("ab")
                 logs.append(log)
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "node.cli", "worker", "--queues", "cpu", "--concurrency", "1"],
+                    [sys.executable, "-m", "spine_node.node.cli", "worker", "--queues", "cpu", "--concurrency", "1"],
                     cwd=REPO, env=worker_env, stdout=log, stderr=subprocess.STDOUT))
             try:
                 counts = wait_until(lambda: (c := job_counts(url)) and sum(c.get(s, 0) for s in FINISHED) >= series

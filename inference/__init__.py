@@ -1,5 +1,5 @@
 """Spine AI inference: models, pipelines, engine runtimes, training and phantoms.
 
 Importing this package is cheap and never imports torch; submodules that need torch
-(``inference.models``, ``inference.train``) import it themselves.
+(``spine_node.inference.models``, ``spine_node.inference.train``) import it themselves.
 """

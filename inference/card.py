@@ -46,7 +46,7 @@ class ModelCard:
     clinical_use: bool = False
     folder: Path = field(default=Path("."), compare=False)
     # Torch architecture for the reference backend: {"name": registered name, "kwargs": {...}}
-    # (see inference.models.architecture); None when the model ships ONNX only.
+    # (see spine_node.inference.models.architecture); None when the model ships ONNX only.
     architecture: dict[str, Any] | None = None
 
     @property

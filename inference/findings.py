@@ -1,6 +1,6 @@
 """What a pipeline returns: plain dataclasses, independent of DICOM encoding.
 
-``node.results`` turns :class:`Findings` into DICOM SEG and SR. Structures and finding
+``spine_node.node.results`` turns :class:`Findings` into DICOM SEG and SR. Structures and finding
 kinds are named by keys (``"C1"``, ``"fracture"``) that the encoder maps to codes, so
 pipelines never deal with coding schemes.
 """

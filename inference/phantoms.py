@@ -1007,7 +1007,7 @@ _VIEW_CODES = {
 
 
 def _uid(*parts: object) -> str:
-    from node.uids import derive_uid
+    from spine_node.node.uids import derive_uid
 
     return derive_uid("spine-node-phantom", *(str(p) for p in parts))
 

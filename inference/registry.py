@@ -1,6 +1,6 @@
 """A registry of named factories whose modules are imported on first use.
 
-Model architectures (:mod:`inference.models`) and pipelines (:mod:`inference.pipelines`)
+Model architectures (:mod:`spine_node.inference.models`) and pipelines (:mod:`spine_node.inference.pipelines`)
 both register themselves by name from modules that are only imported when a name is
 first looked up, so importing the package stays cheap (no torch until it is needed).
 """

@@ -4,7 +4,7 @@
 
     engines/
       ct-cspine-seg/
-        model.yaml      the card (inference.card.ModelCard)
+        model.yaml      the card (spine_node.inference.card.ModelCard)
         model.onnx      the graph and weights every backend starts from
         model.pt        optional torch state dict for the reference backend
         plans/          TensorRT plans built on the GPU that runs them (never committed)
@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
-from engines import ENGINES_DIR
-from inference.card import ModelCard, ModelCardError, TensorSpec
-from node.errors import NodeError
+from spine_node.engines import ENGINES_DIR
+from spine_node.inference.card import ModelCard, ModelCardError, TensorSpec
+from spine_node.node.errors import NodeError
 
 log = logging.getLogger(__name__)
 

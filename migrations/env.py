@@ -1,11 +1,10 @@
-"""Alembic environment: the URL comes from the caller (``node.db_migrate``) or the settings."""
+"""Alembic environment: the URL comes from the caller (``spine_node.node.db_migrate``) or the settings."""
 
 from __future__ import annotations
 
 from alembic import context
+from spine_node.node.audit import Base
 from sqlalchemy import create_engine, pool
-
-from node.audit import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -15,7 +14,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from node.config import load_settings
+    from spine_node.node.config import load_settings
 
     return load_settings().database_url
 

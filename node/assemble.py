@@ -17,13 +17,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from spine_node.node.audit import Database, Series, record_event, utcnow
+from spine_node.node.config import AssemblySettings
+from spine_node.node.domain import SeriesState
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
-
-from node.audit import Database, Series, record_event, utcnow
-from node.config import AssemblySettings
-from node.domain import SeriesState
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +267,8 @@ def recover_from_spool(db: Database, spool_root: object) -> int:
     """
     from pathlib import Path
 
-    from node.receive import StoreRejected, read_header
-    from node.spool import Spool
+    from spine_node.node.receive import StoreRejected, read_header
+    from spine_node.node.spool import Spool
 
     spool = Spool(Path(str(spool_root)))
     repaired = 0

@@ -14,16 +14,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
-
-from node.config import Settings, load_settings, redact_url
-from node.errors import NodeError
+from spine_node.node.config import Settings, load_settings, redact_url
+from spine_node.node.errors import NodeError
 
 if TYPE_CHECKING:
     import ssl
 
-    from inference.card import ModelCard, TensorSpec
-    from inference.repository import ModelRepository
-    from node.jobs import QueueStatus
+    from spine_node.inference.card import ModelCard, TensorSpec
+    from spine_node.inference.repository import ModelRepository
+    from spine_node.node.jobs import QueueStatus
 
 # Never show local variables in tracebacks: they hold settings with database passwords.
 app = typer.Typer(help="spine-node: a DICOM listener node for spine AI.", no_args_is_help=True,
@@ -69,7 +68,7 @@ def settings() -> Settings:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Create or migrate the schema to the latest revision."""
-    from node.db_migrate import upgrade
+    from spine_node.node.db_migrate import upgrade
 
     cfg = settings()
     try:
@@ -82,7 +81,7 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
 
 
 def _database(cfg: Settings):  # type: ignore[no-untyped-def]
-    from node.audit import Database
+    from spine_node.node.audit import Database
 
     db = Database(cfg.database_url)
     try:
@@ -116,18 +115,18 @@ def serve(
     if processes is not None:
         cfg.dicom.processes = processes
     # Metrics from every receive process are summed through files in this folder; it must
-    # be set before prometheus_client is first imported (node.metrics, via node.service).
+    # be set before prometheus_client is first imported (spine_node.node.metrics, via spine_node.node.service).
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(cfg.storage.data_dir / "metrics"))
     Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
-    from node.metrics import prepare_multiprocess_dir
+    from spine_node.node.metrics import prepare_multiprocess_dir
 
     prepare_multiprocess_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
 
-    from node.audit import Database
-    from node.db_migrate import upgrade
-    from node.logs import configure_logging
-    from node.receive import bind_check
-    from node.service import NodeService
+    from spine_node.node.audit import Database
+    from spine_node.node.db_migrate import upgrade
+    from spine_node.node.logs import configure_logging
+    from spine_node.node.receive import bind_check
+    from spine_node.node.service import NodeService
 
     configure_logging(cfg.log_level)
     try:
@@ -148,7 +147,7 @@ def serve(
         err_console.print(f"[red]error:[/red] cannot listen on {cfg.dicom.host}:{cfg.dicom.port}: "
                           f"{exc.strerror}")
         raise typer.Exit(2) from None
-    from node.service import EmbeddedWorker
+    from spine_node.node.service import EmbeddedWorker
 
     service = NodeService(cfg, db)
     service.start()
@@ -184,7 +183,7 @@ def _check_state(state: str | None, states: type[StrEnum]) -> None:
 
 
 def _age(value) -> str:  # type: ignore[no-untyped-def]
-    from node.audit import utcnow
+    from spine_node.node.audit import utcnow
 
     if value is None:
         return "-"
@@ -204,10 +203,9 @@ def status() -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
     from rich.table import Table
+    from spine_node.node.audit import Association, Job, Series
+    from spine_node.node.spool import Spool
     from sqlalchemy import func, select
-
-    from node.audit import Association, Job, Series
-    from node.spool import Spool
 
     cfg = settings()
     db = _database(cfg)
@@ -217,7 +215,7 @@ def status() -> None:
     host = "127.0.0.1" if cfg.dicom.host in ("0.0.0.0", "::") else cfg.dicom.host
     tls_args = None
     if cfg.dicom.tls.enabled:
-        from node.receive import probe_ssl_context
+        from spine_node.node.receive import probe_ssl_context
 
         # pynetdicom takes None for "no server name to check" (its hint says str).
         tls_args = cast("tuple[ssl.SSLContext, str]", (probe_ssl_context(cfg.dicom.tls), None))
@@ -244,7 +242,7 @@ def status() -> None:
     table.add_row("database", redact_url(cfg.database_url))
     table.add_row("broker", redact_url(cfg.broker_url))
     console.print(table)
-    from node.jobs import queue_depths
+    from spine_node.node.jobs import queue_depths
 
     try:
         queue_status = queue_depths(cfg, db)
@@ -264,9 +262,8 @@ def series_list(
 ) -> None:
     """Series, newest first."""
     from rich.table import Table
+    from spine_node.node.audit import Series
     from sqlalchemy import select
-
-    from node.audit import Series
 
     db = _database(settings())
     query = select(Series).order_by(Series.last_received_at.desc()).limit(limit)
@@ -292,9 +289,8 @@ def audit_tail(
 ) -> None:
     """The latest audit events."""
     from rich.table import Table
+    from spine_node.node.audit import AuditEvent
     from sqlalchemy import select
-
-    from node.audit import AuditEvent
 
     db = _database(settings())
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(lines)
@@ -316,9 +312,8 @@ def routes_test(
 ) -> None:
     """Show which routes and pipelines the series in PATH would trigger."""
     from rich.table import Table
-
-    from node.receive import StoreRejected, read_header
-    from node.route import SeriesFacts, plan
+    from spine_node.node.receive import StoreRejected, read_header
+    from spine_node.node.route import SeriesFacts, plan
 
     cfg = settings()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -364,7 +359,7 @@ EnginesDirOption = Annotated[
 
 
 def _repository(engines_dir: Path | None) -> ModelRepository:
-    from inference.repository import ModelRepository
+    from spine_node.inference.repository import ModelRepository
 
     return ModelRepository(engines_dir if engines_dir is not None
                            else settings().worker.engines_dir)
@@ -393,8 +388,7 @@ def _shapes(specs: Sequence[TensorSpec]) -> str:
 def models_list(engines_dir: EnginesDirOption = None) -> None:
     """List the models with their task, tensors, provenance and clinical-use flag."""
     from rich.table import Table
-
-    from inference.card import ModelCardError
+    from spine_node.inference.card import ModelCardError
 
     repo = _repository(engines_dir)
     table = Table(title=f"models in {repo.root}")
@@ -427,9 +421,8 @@ def models_show(name: str, engines_dir: EnginesDirOption = None) -> None:
     import json
 
     from rich.table import Table
-
-    from inference.card import ModelCardError
-    from inference.repository import ModelNotFoundError, file_sha256
+    from spine_node.inference.card import ModelCardError
+    from spine_node.inference.repository import ModelNotFoundError, file_sha256
 
     repo = _repository(engines_dir)
     try:
@@ -494,8 +487,7 @@ def models_validate(
 ) -> None:
     """Check cards and ONNX graphs agree (names, shapes, dtypes); exit 1 if any fails."""
     from rich.table import Table
-
-    from inference.repository import ModelNotFoundError
+    from spine_node.inference.repository import ModelNotFoundError
 
     repo = _repository(engines_dir)
     try:
@@ -531,7 +523,7 @@ def models_import(
     engines_dir: EnginesDirOption = None,
 ) -> None:
     """Validate a card against an ONNX file and copy both into the repository."""
-    from inference.repository import ModelImportError
+    from spine_node.inference.repository import ModelImportError
 
     repo = _repository(engines_dir)
     try:
@@ -564,8 +556,8 @@ def worker_command(
         "--concurrency", "-n", min=1, help="Jobs at once (default: worker.concurrency).")] = None,
 ) -> None:
     """Run a Celery worker that executes inference jobs."""
-    from node.logs import configure_logging
-    from node.worker import available_backends, describe_backends, run_worker
+    from spine_node.node.logs import configure_logging
+    from spine_node.node.worker import available_backends, describe_backends, run_worker
 
     cfg = settings()
     configure_logging(cfg.log_level)
@@ -582,10 +574,9 @@ def jobs_list(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N jobs.")] = 50,
 ) -> None:
     """List jobs, newest first."""
+    from spine_node.node.audit import Job
+    from spine_node.node.domain import JobState
     from sqlalchemy import select
-
-    from node.audit import Job
-    from node.domain import JobState
 
     _check_state(state, JobState)
     db = _database(settings())
@@ -606,9 +597,8 @@ def jobs_list(
 @jobs_app.command("show")
 def jobs_show(job_id: int = typer.Argument(..., help="Job id.")) -> None:
     """Show one job with its results and their dispatches."""
+    from spine_node.node.audit import Dispatch, Job, Result
     from sqlalchemy import select
-
-    from node.audit import Dispatch, Job, Result
 
     db = _database(settings())
     with db.session() as session:
@@ -641,7 +631,7 @@ def jobs_show(job_id: int = typer.Argument(..., help="Job id.")) -> None:
 @jobs_app.command("retry")
 def jobs_retry(job_id: int = typer.Argument(..., help="Job id.")) -> None:
     """Put a failed, cancelled or stuck job back on its queue."""
-    from node.jobs import retry_job
+    from spine_node.node.jobs import retry_job
 
     cfg = settings()
     job = retry_job(_database(cfg), cfg, job_id)
@@ -651,7 +641,7 @@ def jobs_retry(job_id: int = typer.Argument(..., help="Job id.")) -> None:
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int = typer.Argument(..., help="Job id.")) -> None:
     """Cancel a queued or running job."""
-    from node.jobs import cancel_job
+    from spine_node.node.jobs import cancel_job
 
     job = cancel_job(_database(settings()), job_id)
     console.print(f"job {job.id} cancelled")
@@ -660,7 +650,7 @@ def jobs_cancel(job_id: int = typer.Argument(..., help="Job id.")) -> None:
 @jobs_app.command("queues")
 def jobs_queues() -> None:
     """Queue depths and live workers."""
-    from node.jobs import queue_depths
+    from spine_node.node.jobs import queue_depths
 
     cfg = settings()
     status = queue_depths(cfg, _database(cfg))
@@ -696,10 +686,9 @@ def dispatch_list(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N.")] = 50,
 ) -> None:
     """List dispatches, newest first."""
+    from spine_node.node.audit import Dispatch, Result
+    from spine_node.node.domain import DispatchState
     from sqlalchemy import select
-
-    from node.audit import Dispatch, Result
-    from node.domain import DispatchState
 
     _check_state(state, DispatchState)
     db = _database(settings())
@@ -722,14 +711,14 @@ def dispatch_list(
 @dispatch_app.command("retry")
 def dispatch_retry(dispatch_id: int = typer.Argument(..., help="Dispatch id.")) -> None:
     """Bring a dead dispatch back to pending (sent on the next tick)."""
-    from node.dispatch import retry_dispatch
+    from spine_node.node.dispatch import retry_dispatch
 
     row = retry_dispatch(_database(settings()), dispatch_id)
     console.print(f"dispatch {row.id} to {row.destination} is pending again")
 
 
 # --------------------------------------------------------------------------- train
-# One command per family in inference.train.RECIPES (torch-free registry); the recipe
+# One command per family in spine_node.inference.train.RECIPES (torch-free registry); the recipe
 # module, which imports torch, is imported only when the command runs.
 train_app = typer.Typer(help="Train a model family and export it into the model repository.",
                         no_args_is_help=True)
@@ -737,7 +726,7 @@ app.add_typer(train_app, name="train")
 
 
 def _train_command(family: str) -> Callable[..., None]:
-    from inference.train import TrainOptions
+    from spine_node.inference.train import TrainOptions
 
     def command(
         data: Annotated[Path | None, typer.Option(
@@ -753,7 +742,7 @@ def _train_command(family: str) -> Callable[..., None]:
             "--threads", min=1, help="CPU threads for torch; also the processes that "
             "render phantoms.")] = 2,
     ) -> None:
-        from inference.train import run
+        from spine_node.inference.train import run
 
         options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads)
         if out is not None:
@@ -768,7 +757,7 @@ def _train_command(family: str) -> Callable[..., None]:
 
 
 def _register_train_commands() -> None:
-    from inference.train import RECIPES
+    from spine_node.inference.train import RECIPES
 
     for family, recipe in sorted(RECIPES.items()):
         train_app.command(family, help=recipe.help)(_train_command(family))

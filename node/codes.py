@@ -1,4 +1,4 @@
-"""Coded concepts for the keys pipelines use in :class:`inference.findings.Findings`.
+"""Coded concepts for the keys pipelines use in :class:`spine_node.inference.findings.Findings`.
 
 Pipelines name structures and findings by short keys (``"C3"``, ``"pedicle"``,
 ``"fracture"``); this module maps each key to the coded concepts DICOM SEG and SR need.
@@ -39,8 +39,7 @@ from dataclasses import dataclass
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-
-from node.errors import ResultsError
+from spine_node.node.errors import ResultsError
 
 PRIVATE_SCHEME = "99SPINENODE"
 PRIVATE_SCHEME_VERSION = "1"

@@ -21,10 +21,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-
-from engines import ENGINES_DIR
-from node.errors import ConfigError
-from node.uids import is_valid_uid
+from spine_node.engines import ENGINES_DIR
+from spine_node.node.errors import ConfigError
+from spine_node.node.uids import is_valid_uid
 
 CONFIG_ENV = "SPINE_NODE_CONFIG"
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-
-from migrations import MIGRATIONS_DIR
+from spine_node.migrations import MIGRATIONS_DIR
 
 
 def alembic_config(url: str) -> Config:

@@ -1,6 +1,6 @@
 """Dispatch: send result objects back to the PACS with C-STORE, with backoff and a dead letter.
 
-Each :class:`node.audit.Dispatch` row is one (result, destination) pair. Due rows are
+Each :class:`spine_node.node.audit.Dispatch` row is one (result, destination) pair. Due rows are
 grouped per destination and sent over one association, proposing exactly the SOP classes
 of the files with explicit and implicit VR little endian. Anything short of a success or
 warning status counts as an attempt: a refused connection, a rejected association, an
@@ -22,13 +22,12 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from spine_node.node import metrics
+from spine_node.node.audit import Database, Dispatch, Result, record_event, utcnow
+from spine_node.node.config import Destination, Settings
+from spine_node.node.domain import DispatchState
+from spine_node.node.errors import DispatchError
 from sqlalchemy import select, update
-
-from node import metrics
-from node.audit import Database, Dispatch, Result, record_event, utcnow
-from node.config import Destination, Settings
-from node.domain import DispatchState
-from node.errors import DispatchError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Jobs: the Celery app, the ``run_job`` task and the reconciler.
 
 SQL is the source of truth for work (DESIGN decision 1). Routing commits a
-:class:`node.audit.Job` row first; :func:`send_pending` then puts a Celery message on
+:class:`spine_node.node.audit.Job` row first; :func:`send_pending` then puts a Celery message on
 the job's queue, which only wakes a worker. The task claims the row with a
 compare-and-set update, so duplicate messages are harmless, keeps ``heartbeat_at`` fresh
 while the pipeline runs, and records the outcome, the result objects and their
@@ -27,14 +27,13 @@ from typing import Any, TypeVar
 
 from celery import Celery, shared_task
 from kombu import Queue
+from spine_node.node import audit
+from spine_node.node.audit import Database, Job, WorkerHeartbeat, record_event, utcnow
+from spine_node.node.config import Settings, redact_url
+from spine_node.node.domain import DispatchState, JobState
+from spine_node.node.errors import JobStateError, NodeError
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
-
-from node import audit
-from node.audit import Database, Job, WorkerHeartbeat, record_event, utcnow
-from node.config import Settings, redact_url
-from node.domain import DispatchState, JobState
-from node.errors import JobStateError, NodeError
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +486,7 @@ def release_after_error(db: Database, settings: Settings, claim: Claim, error: s
 @node_task(name=TASK_NAME)
 def run_job(self: Any, *, job_id: int) -> str:
     """Claim job ``job_id``, run its pipeline, record the outcome. Returns the new state."""
-    from node import worker as worker_side
+    from spine_node.node import worker as worker_side
 
     app: NodeCelery = self.app
     settings = app.node_settings
@@ -640,7 +639,7 @@ def tick(db: Database, settings: Settings, now: datetime | None = None) -> TickR
     Never raises for a broker or network problem (it is logged and the next tick tries
     again), so it is safe to call every few seconds.
     """
-    from node.dispatch import dispatch_pending
+    from spine_node.node.dispatch import dispatch_pending
 
     report = TickReport()
     try:

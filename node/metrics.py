@@ -23,10 +23,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client import values as _values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from spine_node.node.audit import Database, Dispatch, Job, Series
+from spine_node.node.domain import DispatchState, JobState, SeriesState
 from sqlalchemy import func, select
-
-from node.audit import Database, Dispatch, Job, Series
-from node.domain import DispatchState, JobState, SeriesState
 
 log = logging.getLogger(__name__)
 

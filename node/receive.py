@@ -1,11 +1,11 @@
 """Receive: what the C-STORE / C-ECHO SCP does with what arrives.
 
-Fast and dumb (DESIGN decision 2): :mod:`node.scp` streams each data set into a temporary
+Fast and dumb (DESIGN decision 2): :mod:`spine_node.node.scp` streams each data set into a temporary
 file on the spool volume; :meth:`Receiver.store` walks the element headers once (never
 decoding pixel data) to check the structure and pick out the identifying UIDs, validates
 them, syncs the file to disk and links it into ``spool/<study>/<series>/<sop>.dcm``, and
 only then is the C-STORE answered. Counts are kept in memory and flushed to SQL in batches
-by :class:`node.assemble.SeriesTracker`.
+by :class:`spine_node.node.assemble.SeriesTracker`.
 """
 
 from __future__ import annotations
@@ -47,15 +47,14 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom.presentation import AllStoragePresentationContexts
-
-from node import metrics
-from node.assemble import InstanceInfo, SeriesTracker
-from node.audit import Association, Database, record_event, utcnow
-from node.config import Settings, TLSSettings
-from node.errors import InvalidUIDError, OutOfSpaceError, SpoolError
-from node.scp import AssociationInfo, DicomServer, IncomingFile, supported_contexts
-from node.spool import Spool
-from node.uids import is_valid_uid, validate_uid
+from spine_node.node import metrics
+from spine_node.node.assemble import InstanceInfo, SeriesTracker
+from spine_node.node.audit import Association, Database, record_event, utcnow
+from spine_node.node.config import Settings, TLSSettings
+from spine_node.node.errors import InvalidUIDError, OutOfSpaceError, SpoolError
+from spine_node.node.scp import AssociationInfo, DicomServer, IncomingFile, supported_contexts
+from spine_node.node.spool import Spool
+from spine_node.node.uids import is_valid_uid, validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +505,7 @@ def probe_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
 class Receiver:
     """The SCP's node side: the spool, the series tracker and the audit rows.
 
-    The wire protocol lives in :mod:`node.scp`; it calls :meth:`store` for each received
+    The wire protocol lives in :mod:`spine_node.node.scp`; it calls :meth:`store` for each received
     data set and the ``association_*`` methods as associations come and go.
     """
 

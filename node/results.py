@@ -34,11 +34,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-
-from inference.findings import Finding, Findings, LabelMap, ModelInfo, ProbabilityMap
-from node import __version__, codes
-from node.errors import ResultsError
-from node.uids import derive_uid, validate_uid
+from spine_node.inference.findings import Finding, Findings, LabelMap, ModelInfo, ProbabilityMap
+from spine_node.node import __version__, codes
+from spine_node.node.errors import ResultsError
+from spine_node.node.uids import derive_uid, validate_uid
 
 log = logging.getLogger(__name__)
 

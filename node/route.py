@@ -12,13 +12,12 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from spine_node.node.assemble import CompletedStudy
+from spine_node.node.audit import Job, Series, record_event
+from spine_node.node.config import Route, RouteMatch
+from spine_node.node.domain import JobState, SeriesState
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-
-from node.assemble import CompletedStudy
-from node.audit import Job, Series, record_event
-from node.config import Route, RouteMatch
-from node.domain import JobState, SeriesState
 
 log = logging.getLogger(__name__)
 

@@ -45,12 +45,11 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
-
-from node import __version__
-from node.uids import derive_uid, is_valid_uid
+from spine_node.node import __version__
+from spine_node.node.uids import derive_uid, is_valid_uid
 
 if TYPE_CHECKING:
-    from node.receive import Receiver
+    from spine_node.node.receive import Receiver
 
 log = logging.getLogger(__name__)
 

@@ -25,17 +25,16 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
+from spine_node.node import metrics
+from spine_node.node.assemble import Assembler, CompletedStudy, recover_from_spool
+from spine_node.node.audit import Database
+from spine_node.node.config import Settings
+from spine_node.node.errors import NodeError
+from spine_node.node.receive import Receiver, salvage_incoming
+from spine_node.node.retention import RetentionCleaner
+from spine_node.node.route import route_study
+from spine_node.node.spool import Spool
 from sqlalchemy.orm import Session
-
-from node import metrics
-from node.assemble import Assembler, CompletedStudy, recover_from_spool
-from node.audit import Database
-from node.config import Settings
-from node.errors import NodeError
-from node.receive import Receiver, salvage_incoming
-from node.retention import RetentionCleaner
-from node.route import route_study
-from node.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class NodeService:
         self.receive_processes: ReceiveProcesses | None = None
         self.assembler = Assembler(self.db, settings.assembly, on_complete=self._route)
         if tick_hooks is None:
-            from node.jobs import tick as jobs_tick
+            from spine_node.node.jobs import tick as jobs_tick
 
             # Send queue messages for new jobs, reconcile lost ones, dispatch results.
             tick_hooks = [jobs_tick]
@@ -169,7 +168,7 @@ class EmbeddedWorker:
         self._thread: threading.Thread | None = None
 
     def _spawn(self) -> None:
-        args = [sys.executable, "-m", "node.cli"]
+        args = [sys.executable, "-m", "spine_node.node.cli"]
         if self.config_file:
             args += ["--config", self.config_file]
         self.proc = subprocess.Popen([*args, "worker"], env=os.environ.copy())
@@ -276,7 +275,7 @@ class ReceiveProcesses:
 
 def _receive_process_main(settings: Settings, index: int, ready: ProcessEvent, stop: ProcessEvent) -> None:
     """Body of one receive child: receive until the parent says stop or goes away."""
-    from node.logs import configure_logging
+    from spine_node.node.logs import configure_logging
 
     parent = os.getppid()
     local_stop = threading.Event()

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from node.errors import OutOfSpaceError, SpoolError
-from node.uids import validate_uid
+from spine_node.node.errors import OutOfSpaceError, SpoolError
+from spine_node.node.uids import validate_uid
 
 _COPY_CHUNK = 1 << 20
 

@@ -10,7 +10,7 @@ import hashlib
 import re
 import uuid
 
-from node.errors import InvalidUIDError
+from spine_node.node.errors import InvalidUIDError
 
 # PS3.5 9.1: components of digits separated by '.', no leading zeros (except '0'), <= 64 chars.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")

@@ -2,7 +2,7 @@
 
 :func:`execute` is the domain code the ``run_job`` task calls once it owns a job: it
 builds :class:`~node.domain.SeriesRef` objects from the spool, runs the pipeline with an
-:class:`EngineProvider`, encodes the findings with :mod:`node.results` and writes the
+:class:`EngineProvider`, encodes the findings with :mod:`spine_node.node.results` and writes the
 objects under ``storage.results``. :func:`run_worker` starts a Celery worker with the
 node's configuration and keeps its liveness row fresh.
 """
@@ -20,19 +20,18 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from spine_node.inference import pipelines
+from spine_node.inference.findings import Findings
+from spine_node.inference.runtime import EngineProvider
+from spine_node.node import metrics, results
+from spine_node.node.audit import Database, Series
+from spine_node.node.config import Settings
+from spine_node.node.domain import SeriesRef
+from spine_node.node.errors import NodeError, PipelineError, SpoolError
+from spine_node.node.jobs import Claim, Outcome, ResultFile, WorkerLiveness, celery_app, local_host_id, queue_names
+from spine_node.node.spool import Spool
+from spine_node.node.uids import validate_uid
 from sqlalchemy import select
-
-from inference import pipelines
-from inference.findings import Findings
-from inference.runtime import EngineProvider
-from node import metrics, results
-from node.audit import Database, Series
-from node.config import Settings
-from node.domain import SeriesRef
-from node.errors import NodeError, PipelineError, SpoolError
-from node.jobs import Claim, Outcome, ResultFile, WorkerLiveness, celery_app, local_host_id, queue_names
-from node.spool import Spool
-from node.uids import validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def _read(path: Path, headers_only: bool = False) -> Dataset:
 
 def encode_results(findings: Findings, inputs: Sequence[SeriesRef],
                    settings: Settings) -> list[Dataset]:
-    """Turn ``findings`` into DICOM objects (SEG, SR) with :mod:`node.results`.
+    """Turn ``findings`` into DICOM objects (SEG, SR) with :mod:`spine_node.node.results`.
 
     Result objects take only the sources' attributes (identity, geometry), never their
     pixels, so the sources are read without pixel data (half the time of SEG encoding

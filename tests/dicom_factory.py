@@ -7,8 +7,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-
-from node.uids import derive_uid
+from spine_node.node.uids import derive_uid
 
 
 def local_test_files() -> list[Path]:

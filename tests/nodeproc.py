@@ -50,13 +50,13 @@ class NodeProcess:
         return self
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "node.cli", *args], cwd=REPO, env=self.env,
+        return subprocess.run([sys.executable, "-m", "spine_node.node.cli", *args], cwd=REPO, env=self.env,
                               capture_output=True, text=True, check=check, timeout=timeout)
 
     def start(self, timeout: float = 60) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", *self.args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "spine_node.node.cli", "serve", *self.args],
                                      cwd=REPO, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout

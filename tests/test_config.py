@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import pytest
-
-from node.config import load_settings, redact_url, validate_ae_title
-from node.errors import ConfigError
+from spine_node.node.config import load_settings, redact_url, validate_ae_title
+from spine_node.node.errors import ConfigError
 
 
 def test_embedded_defaults_need_no_server(tmp_path, monkeypatch):

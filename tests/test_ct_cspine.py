@@ -11,18 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from engines import ENGINES_DIR
-from inference import phantoms
-from inference.card import ModelCard
-from inference.runtime.base import Engine
-from node.domain import SeriesRef
+from spine_node.engines import ENGINES_DIR
+from spine_node.inference import phantoms
+from spine_node.inference.card import ModelCard
+from spine_node.inference.runtime.base import Engine
+from spine_node.node.domain import SeriesRef
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from inference.pipelines import ct_cspine  # noqa: E402
-from inference.train import ct as recipe  # noqa: E402
+from spine_node.inference.pipelines import ct_cspine  # noqa: E402
+from spine_node.inference.train import ct as recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Never used by the training recipe (training 10_000.., validation 500_000..).
@@ -67,7 +66,7 @@ def engines() -> dict[str, OnnxCpuEngine]:
 
 
 def test_architectures_registered_and_shaped() -> None:
-    from inference.models import architecture, names
+    from spine_node.inference.models import architecture, names
 
     assert {"cspine-ct-unet3d", "cspine-ct-fracture-2.5d"} <= set(names())
     unet = architecture("cspine-ct-unet3d", **recipe.SEG_ARCH[1]).eval()
@@ -101,8 +100,7 @@ def test_cards_are_honest() -> None:
 def test_onnx_matches_torch_state_dict(engines: dict[str, OnnxCpuEngine]) -> None:
     """The exported graphs compute what the shipped state dicts compute in torch."""
     import yaml
-
-    from inference.models import architecture
+    from spine_node.inference.models import architecture
 
     ph = phantoms.generate(9_000_500)
     image = ct_cspine.normalise(ph.hu)
@@ -185,7 +183,7 @@ def test_rsna_layout_loader(tmp_path: Path) -> None:
 
 def test_recipe_runs_on_rsna_layout(tmp_path: Path) -> None:
     """The whole recipe, shrunk, on the fake RSNA layout: trains, exports, writes cards."""
-    from inference.train import TrainOptions, run
+    from spine_node.inference.train import TrainOptions, run
 
     _fake_rsna(tmp_path / "rsna")
     summary = run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=tmp_path / "engines",
@@ -197,7 +195,7 @@ def test_recipe_runs_on_rsna_layout(tmp_path: Path) -> None:
 
 
 def test_train_cli_lists_families() -> None:
-    result = subprocess.run([sys.executable, "-m", "node.cli", "train", "--help"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "spine_node.node.cli", "train", "--help"], cwd=REPO,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
@@ -235,7 +233,7 @@ def test_demo_weights_on_held_out_phantoms(engines: dict[str, OnnxCpuEngine]) ->
 
 def test_pipeline_end_to_end_from_dicom(engines: dict[str, OnnxCpuEngine],
                                         tmp_path: Path) -> None:
-    from inference import pipelines
+    from spine_node.inference import pipelines
 
     # A finer grid than the model's, so resampling there and back is exercised.
     ph = phantoms.generate(9_100_001, shape=(100, 128, 128), spacing=(1.6, 1.0, 1.0),
@@ -280,7 +278,7 @@ def test_pipeline_end_to_end_from_dicom(engines: dict[str, OnnxCpuEngine],
 
 
 def test_pipeline_rejects_bad_series(engines: dict[str, OnnxCpuEngine], tmp_path: Path) -> None:
-    from node.errors import PipelineError
+    from spine_node.node.errors import PipelineError
 
     ph = phantoms.generate(9_100_002)
     paths = phantoms.write_ct_series(ph, tmp_path / "few")
@@ -299,10 +297,9 @@ def test_pipeline_on_a_real_ct_that_is_not_a_cervical_spine(engines: dict[str, O
     import pydicom
     from pydicom.data import get_testdata_file
     from pydicom.uid import ExplicitVRLittleEndian
-
-    from inference import pipelines
-    from node import results
-    from node.uids import derive_uid
+    from spine_node.inference import pipelines
+    from spine_node.node import results
+    from spine_node.node.uids import derive_uid
 
     source = get_testdata_file("693_UNCR.dcm")
     if source is None:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from spine_node.node.audit import AuditEvent, Database, Dispatch, Job, Result, utcnow
+from spine_node.node.config import Destination, Settings
+from spine_node.node.dispatch import backoff_s, dispatch_pending
+from spine_node.node.worker import write_results
 from sqlalchemy import select
 
-from node.audit import AuditEvent, Database, Dispatch, Job, Result, utcnow
-from node.config import Destination, Settings
-from node.dispatch import backoff_s, dispatch_pending
-from node.worker import write_results
 from tests.jobs_samples import StoreSCP, bone_seg, bone_sr, ct_series
 from tests.peers import free_port
 
@@ -122,7 +122,7 @@ def test_down_destination_backs_off_goes_dead_and_retry_recovers(tmp_path, datab
     try:
         env = {**os.environ, "PYTHONPATH": str(REPO), "SPINE_NODE_DATABASE_URL": database_url}
         for row in _dispatches(db):
-            out = subprocess.run([sys.executable, "-m", "node.cli", "dispatch", "retry",
+            out = subprocess.run([sys.executable, "-m", "spine_node.node.cli", "dispatch", "retry",
                                   str(row.id)], cwd=REPO, env=env, capture_output=True,
                                  text=True, timeout=60)
             assert out.returncode == 0, out.stderr

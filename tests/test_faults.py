@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from spine_node.node.audit import AuditEvent, Job, Series
 from sqlalchemy import create_engine, update
 
-from node.audit import AuditEvent, Job, Series
 from tests.dicom_factory import write_study
 from tests.nodeproc import REPO, NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk, free_port, postgres_database, postgres_url
@@ -169,7 +169,7 @@ def test_age_retention_deletes_old_series(tmp_path: Path) -> None:
 # -- the database -------------------------------------------------------------------------
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "spine_node.node.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -188,7 +188,7 @@ def test_database_unreachable_at_start_exits_2_without_the_password(tmp_path: Pa
 
 def test_database_outage_during_run_loses_no_instance(tmp_path: Path) -> None:
     """PostgreSQL refuses connections for a while; receive goes on and counts catch up."""
-    from node.db_migrate import upgrade
+    from spine_node.node.db_migrate import upgrade
 
     sqlalchemy = pytest.importorskip("sqlalchemy")
     study = _instance_files(tmp_path, "outage", count=8)

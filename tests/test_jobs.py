@@ -1,6 +1,6 @@
 """Jobs: claiming, reconciling and retrying on SQLite and PostgreSQL, and real workers.
 
-The worker tests start ``python -m node.cli worker`` subprocesses against the embedded
+The worker tests start ``python -m spine_node.node.cli worker`` subprocesses against the embedded
 filesystem broker and against Redis, kill them with ``kill -9`` mid-job and restart a
 Redis server with messages in it; the reconciler must bring every job to ``succeeded``
 with exactly one set of results.
@@ -22,12 +22,10 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom import dcmread
-from sqlalchemy import func, select
-
-from node.audit import AuditEvent, Database, Dispatch, Job, Result, WorkerHeartbeat, utcnow
-from node.config import Settings, load_settings
-from node.errors import JobStateError
-from node.jobs import (
+from spine_node.node.audit import AuditEvent, Database, Dispatch, Job, Result, WorkerHeartbeat, utcnow
+from spine_node.node.config import Settings, load_settings
+from spine_node.node.errors import JobStateError
+from spine_node.node.jobs import (
     Outcome,
     broker_depths,
     broker_folders,
@@ -40,6 +38,8 @@ from node.jobs import (
     send_pending,
     tick,
 )
+from sqlalchemy import func, select
+
 from tests.jobs_samples import BONE_HU, StoreSCP, ct_series, hounsfield
 from tests.peers import free_port, redis_url, require, tool
 from tests.pipelines_for_tests import BROKEN
@@ -88,13 +88,13 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setti
 
 
 class Worker:
-    """A ``python -m node.cli worker`` subprocess in its own process group."""
+    """A ``python -m spine_node.node.cli worker`` subprocess in its own process group."""
 
     def __init__(self, env: dict[str, str], log_file: Path, concurrency: int = 1) -> None:
         self.log_file = log_file
         self._log = log_file.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "worker", "--queues", "cpu",
+            [sys.executable, "-m", "spine_node.node.cli", "worker", "--queues", "cpu",
              "--concurrency", str(concurrency)],
             cwd=REPO, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -238,7 +238,7 @@ def test_a_dead_pid_frees_a_job_only_in_the_same_pid_namespace(node):
     is from a container sharing this host's name (another pid namespace) is not."""
     import socket
 
-    from node.jobs import local_host_id, worker_id
+    from spine_node.node.jobs import local_host_id, worker_id
 
     settings, db = node
     assert worker_id().startswith(local_host_id() + ":")
@@ -322,7 +322,7 @@ def test_retry_and_cancel(node, tmp_path, database_url):
     # The CLI retries it: queued again with fresh attempts and a message.
     env = {**os.environ, **node_env(tmp_path, database_url), "PYTHONPATH": str(REPO),
            "COLUMNS": "200"}
-    cli = [sys.executable, "-m", "node.cli"]
+    cli = [sys.executable, "-m", "spine_node.node.cli"]
     out = subprocess.run([*cli, "jobs", "retry", str(job_id)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -395,7 +395,7 @@ def test_filesystem_broker_worker_runs_job(tmp_path, database_url, monkeypatch, 
         assert len(status.workers) == 1 and status.workers[0].queues == ("cpu",)
         assert status.depths == {"cpu": 0, "gpu": 0}
         cli_env = {**os.environ, **env, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-        out = subprocess.run([sys.executable, "-m", "node.cli", "jobs", "queues"], cwd=REPO,
+        out = subprocess.run([sys.executable, "-m", "spine_node.node.cli", "jobs", "queues"], cwd=REPO,
                              env=cli_env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and status.workers[0].hostname in out.stdout
         assert "backends found" in worker.output()

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
+from spine_node.node.db_migrate import current_head, downgrade, upgrade
 from sqlalchemy import create_engine, inspect
-
-from node.db_migrate import current_head, downgrade, upgrade
 
 
 def test_migrations_make_the_whole_schema(database_url):

@@ -11,10 +11,10 @@ import subprocess
 
 import numpy as np
 import pytest
+from spine_node.node.audit import Job
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from node.audit import Job
 from tests.nodeproc import NodeProcess, wait_for
 from tests.orthanc import Orthanc
 from tests.peers import dcmtk, tool
@@ -25,7 +25,7 @@ XRAY_PIPELINES = {"xray-fracture", "xray-spine-seg", "xray-tissue-seg", "xray-cs
 
 
 def test_xray_study_gets_every_pipeline_and_results_reach_the_pacs(tmp_path):
-    phantoms = pytest.importorskip("inference.phantoms")
+    phantoms = pytest.importorskip("spine_node.inference.phantoms")
     seed = 77_000_001
     phantom = phantoms.generate(seed, region="cervical")
     for view, modality in (("AP", "DX"), ("LAT", "CR")):
@@ -69,7 +69,7 @@ def test_xray_study_gets_every_pipeline_and_results_reach_the_pacs(tmp_path):
 
 
 def test_cervical_ct_two_stage_pipeline_end_to_end(tmp_path):
-    phantoms = pytest.importorskip("inference.phantoms")
+    phantoms = pytest.importorskip("spine_node.inference.phantoms")
     seed = 77_000_002
     phantom = phantoms.generate(seed, region="cervical", fractures={"C5": "wedge"})
     files = phantoms.write_ct_series(phantom, tmp_path / "in", body_part="CSPINE")
@@ -128,7 +128,7 @@ def test_every_committed_model_card_validates_against_its_graph():
 
     from tests.nodeproc import REPO
 
-    out = subprocess.run([sys.executable, "-m", "node.cli", "models", "validate"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "spine_node.node.cli", "models", "validate"], cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

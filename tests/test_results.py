@@ -25,11 +25,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
-
-from inference.findings import Finding, Findings, LabelMap, ModelInfo, ProbabilityMap, Segment
-from node import codes
-from node.errors import ResultsError
-from node.results import (
+from spine_node.inference.findings import Finding, Findings, LabelMap, ModelInfo, ProbabilityMap, Segment
+from spine_node.node import codes
+from spine_node.node.errors import ResultsError
+from spine_node.node.results import (
     NOT_FOR_CLINICAL_USE,
     ResultsOptions,
     build_probability_segmentation,
@@ -39,6 +38,7 @@ from node.results import (
     segment_numbers,
     write_results,
 )
+
 from tests.peers import dcmtk, tool
 
 get_testdata_file = pytest.importorskip("pydicom.data").get_testdata_file
@@ -682,7 +682,7 @@ def test_multiframe_source_frames_map_to_its_frames(tmp_path: Path) -> None:
 
 
 def test_options_from_settings_use_the_node_ae_title() -> None:
-    from node.config import load_settings
+    from spine_node.node.config import load_settings
 
     options = ResultsOptions.from_settings(
         load_settings(dicom={"ae_title": "SPINE_TEST"}), sr_series_number=4242
@@ -693,7 +693,7 @@ def test_options_from_settings_use_the_node_ae_title() -> None:
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR", "ignore:A value of type")
 def test_write_results_validates_uids_and_leaves_no_partial_file(tmp_path: Path) -> None:
-    from node.errors import InvalidUIDError
+    from spine_node.node.errors import InvalidUIDError
 
     sources = ct_series(slices=3)
     seg, _, sr = encode(ct_findings(sources), sources)

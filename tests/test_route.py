@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import pytest
-
-from node.config import Route, RouteMatch, default_routes
-from node.route import SeriesFacts, matches, plan
+from spine_node.node.config import Route, RouteMatch, default_routes
+from spine_node.node.route import SeriesFacts, matches, plan
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"

@@ -2,7 +2,7 @@
 
 Small real torch models are built here, exported to ONNX and written into a temporary
 engines folder with cards; every backend must reproduce the torch module's outputs
-within :data:`inference.runtime.base.PARITY_TOLERANCE`. The TensorRT twins run the same
+within :data:`spine_node.inference.runtime.base.PARITY_TOLERANCE`. The TensorRT twins run the same
 assertion and are skipped, with the reason, where there is no GPU or no tensorrt.
 """
 
@@ -25,17 +25,15 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from torch import nn  # noqa: E402
-
-import inference.models as architectures  # noqa: E402
-from inference.card import ModelCard, ModelCardError  # noqa: E402
-from inference.repository import (  # noqa: E402
+import spine_node.inference.models as architectures  # noqa: E402
+from spine_node.inference.card import ModelCard, ModelCardError  # noqa: E402
+from spine_node.inference.repository import (  # noqa: E402
     ModelImportError,
     ModelNotFoundError,
     ModelRepository,
     import_model,
 )
-from inference.runtime import (  # noqa: E402
+from spine_node.inference.runtime import (  # noqa: E402
     EngineError,
     EngineInputError,
     EngineOptions,
@@ -44,12 +42,13 @@ from inference.runtime import (  # noqa: E402
     NoEngineAvailable,
     load_engine,
 )
-from inference.runtime.base import Engine, parity_tolerance  # noqa: E402
-from inference.runtime.tiling import (  # noqa: E402
+from spine_node.inference.runtime.base import Engine, parity_tolerance  # noqa: E402
+from spine_node.inference.runtime.tiling import (  # noqa: E402
     argmax_labels,
     sliding_window_inference,
     window_grid,
 )
+from torch import nn  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,7 +254,7 @@ def test_torch_backend_matches_torch(engines_dir: Path, name: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", PARITY_MODELS)
 def test_tensorrt_matches_torch(engines_dir: Path, name: str, tmp_path: Path) -> None:
-    from inference.runtime.tensorrt_backend import TensorRTEngine
+    from spine_node.inference.runtime.tensorrt_backend import TensorRTEngine
 
     card = ModelRepository(engines_dir).card(name)
     try:
@@ -348,7 +347,7 @@ def test_provider_caches_engines(engines_dir: Path) -> None:
 
 
 def test_provider_from_settings(engines_dir: Path) -> None:
-    from node.config import load_settings
+    from spine_node.node.config import load_settings
 
     settings = load_settings(worker={"engines_dir": str(engines_dir),
                                      "backends": ["torch-cpu", "onnxruntime-cpu"]})
@@ -359,7 +358,7 @@ def test_provider_from_settings(engines_dir: Path) -> None:
 
 
 def test_engine_threads_setting_caps_onnxruntime_threads(engines_dir: Path) -> None:
-    from node.config import load_settings
+    from spine_node.node.config import load_settings
 
     settings = load_settings(worker={"engines_dir": str(engines_dir), "backends": ["onnxruntime-cpu"],
                                      "engine_threads": 1})
@@ -510,7 +509,7 @@ def test_packaged_models_validate() -> None:
 
 
 def test_tensorrt_plan_naming_profiles_and_staleness(engines_dir: Path, tmp_path: Path) -> None:
-    from inference.runtime import tensorrt_backend as trt_backend
+    from spine_node.inference.runtime import tensorrt_backend as trt_backend
 
     card = ModelRepository(engines_dir).card("seg3d-fixed")
     files = trt_backend.plan_files(card, (8, 9), "10.3.0", "fp16")
@@ -639,8 +638,8 @@ def test_fixed_batch_and_grid(engines_dir: Path) -> None:
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
-    from inference.runtime import load_engine
-    from inference.runtime.tiling import argmax_labels, sliding_window_inference
+    from spine_node.inference.runtime import load_engine
+    from spine_node.inference.runtime.tiling import argmax_labels, sliding_window_inference
 
     engine = load_engine("conv1", sys.argv[1], backends=["onnxruntime-cpu"])
     volume = np.empty((600, 512, 512), np.float32)   # a 512 x 512 x 600 CT, as float32
@@ -695,7 +694,7 @@ def test_tiling_memory_is_bounded_for_a_full_ct(tmp_path: Path) -> None:
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), COLUMNS="200")
     env.pop("SPINE_NODE_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "spine_node.node.cli", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -1,4 +1,4 @@
-"""The node's own upper layer (node.scp): its codecs, its reader, and a live receiver in process.
+"""The node's own upper layer (spine_node.node.scp): its codecs, its reader, and a live receiver in process.
 
 Everything here is also exercised end to end by DCMTK and pynetdicom peers in
 test_receive.py, test_hostile.py, test_concurrency.py and test_security.py; these tests
@@ -21,12 +21,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dimse_messages import C_FIND_RQ
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import decode, encode
-
-from node.audit import Association, AuditEvent, Database
-from node.config import load_settings
-from node.db_migrate import upgrade
-from node.receive import Receiver
-from node.scp import (
+from spine_node.node.audit import Association, AuditEvent, Database
+from spine_node.node.config import load_settings
+from spine_node.node.db_migrate import upgrade
+from spine_node.node.receive import Receiver
+from spine_node.node.scp import (
     IMPLEMENTATION_CLASS_UID,
     PeerGone,
     _Reader,
@@ -34,7 +33,8 @@ from node.scp import (
     file_meta,
     response_command,
 )
-from node.uids import derive_uid
+from spine_node.node.uids import derive_uid
+
 from tests.dicom_factory import real_ct
 from tests.nodeproc import table_rows, wait_for
 from tests.scu import (

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 import pytest
-
-from node.errors import InvalidUIDError, OutOfSpaceError
-from node.spool import Spool
-from node.uids import derive_uid, is_valid_uid, validate_uid
+from spine_node.node.errors import InvalidUIDError, OutOfSpaceError
+from spine_node.node.spool import Spool
+from spine_node.node.uids import derive_uid, is_valid_uid, validate_uid
 
 
 @pytest.mark.parametrize("uid", ["1.2.840.10008.5.1.4.1.1.2", "0", "2.25.1234", "1." + "2" * 62])

@@ -16,16 +16,17 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")  # the phantom views come from the training module
 pytest.importorskip("scipy")  # the phantoms need it
 
-from engines import ENGINES_DIR  # noqa: E402
-from inference.card import ModelCard  # noqa: E402
-from inference.pipelines.xray import prepare_radiograph, resize_bilinear  # noqa: E402
-from inference.train.xray import (  # noqa: E402
+from spine_node.engines import ENGINES_DIR  # noqa: E402
+from spine_node.inference.card import ModelCard  # noqa: E402
+from spine_node.inference.pipelines.xray import prepare_radiograph, resize_bilinear  # noqa: E402
+from spine_node.inference.train.xray import (  # noqa: E402
     CT_COHORT,
     RADIOGRAPHIC_COHORT,
     PhantomViews,
     render_views,
     roc_auc,
 )
+
 from tests.xray_engines import OrtModels  # noqa: E402
 
 FRESH_SEEDS = range(93000000, 93000080)
@@ -154,8 +155,7 @@ def test_onnx_matches_the_torch_weights(studies: list[PhantomViews], models: Ort
                                         name: str) -> None:
     """The exported graph is the trained model: same outputs as model.pt in torch."""
     import torch
-
-    from inference.models import architecture
+    from spine_node.inference.models import architecture
 
     card = models(name).card
     module = architecture(card.weights["architecture"]["name"],

@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("scipy")  # the phantoms need it
 
-from inference import phantoms  # noqa: E402
-from inference.pipelines import get as get_pipeline  # noqa: E402
-from inference.pipelines.xray import (  # noqa: E402
+from spine_node.inference import phantoms  # noqa: E402
+from spine_node.inference.pipelines import get as get_pipeline  # noqa: E402
+from spine_node.inference.pipelines.xray import (  # noqa: E402
     AP_STRUCTURES,
     LAT_STRUCTURES,
     TISSUES,
@@ -26,8 +26,9 @@ from inference.pipelines.xray import (  # noqa: E402
     read_radiograph,
     resize_bilinear,
 )
-from node.domain import SeriesRef  # noqa: E402
-from node.errors import PipelineError  # noqa: E402
+from spine_node.node.domain import SeriesRef  # noqa: E402
+from spine_node.node.errors import PipelineError  # noqa: E402
+
 from tests.xray_engines import OrtModels  # noqa: E402
 
 SEED = 97000001
@@ -109,7 +110,7 @@ def _uid(series: SeriesRef) -> str:
 
 
 def test_pipelines_registered() -> None:
-    from inference.pipelines import names
+    from spine_node.inference.pipelines import names
 
     assert {"xray-fracture", "xray-cspine-classify", "xray-spine-seg", "xray-tissue-seg",
             "xray-pair-classify"} <= set(names())

@@ -16,11 +16,11 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 Image = pytest.importorskip("PIL.Image")
 
-from inference.card import ModelCard  # noqa: E402
-from inference.pipelines.xray import LAT_STRUCTURES  # noqa: E402
-from inference.train import RECIPES, TrainOptions  # noqa: E402
-from inference.train import run as run_recipe  # noqa: E402
-from inference.train.xray import (  # noqa: E402
+from spine_node.inference.card import ModelCard  # noqa: E402
+from spine_node.inference.pipelines.xray import LAT_STRUCTURES  # noqa: E402
+from spine_node.inference.train import RECIPES, TrainOptions  # noqa: E402
+from spine_node.inference.train import run as run_recipe  # noqa: E402
+from spine_node.inference.train.xray import (  # noqa: E402
     SPECS,
     DatasetError,
     Plan,
@@ -33,6 +33,7 @@ from inference.train.xray import (  # noqa: E402
     train_model,
     train_recipe,
 )
+
 from tests.xray_dicom import write_test_radiograph  # noqa: E402
 
 torch.set_num_threads(1)  # the recipes' own setting; tests share a small CPU

@@ -1,6 +1,6 @@
 """A small ONNX Runtime model provider for the X-ray pipeline tests.
 
-It implements :class:`inference.runtime.base.Engine` over ``onnxruntime`` (CPU, one
+It implements :class:`spine_node.inference.runtime.base.Engine` over ``onnxruntime`` (CPU, one
 thread) for models in ``engines/``; the node's own runtime selection is tested elsewhere.
 """
 
@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-from engines import ENGINES_DIR
-from inference.card import ModelCard
-from inference.runtime.base import Engine
+from spine_node.engines import ENGINES_DIR
+from spine_node.inference.card import ModelCard
+from spine_node.inference.runtime.base import Engine
 
 
 class OrtTestEngine(Engine):

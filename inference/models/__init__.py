@@ -13,14 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from inference.registry import Registry
+from spine_node.inference.registry import Registry
 
 if TYPE_CHECKING:
     from torch import nn
 
 Factory = Callable[..., "nn.Module"]
 
-_ARCHITECTURES: Registry[Factory] = Registry("architecture", ("inference.models.ct", "inference.models.xray"))
+_ARCHITECTURES: Registry[Factory] = Registry(
+    "architecture", ("spine_node.inference.models.ct", "spine_node.inference.models.xray"))
 register = _ARCHITECTURES.register
 names = _ARCHITECTURES.names
 

@@ -1,7 +1,7 @@
 """The five spine X-ray model families (torch), small enough to run on a CPU.
 
 Every model takes single-channel radiographs ``(N, 1, H, W)`` normalised to [0, 1] (see
-:func:`inference.pipelines.xray.prepare_radiograph`) and returns what the exported ONNX
+:func:`spine_node.inference.pipelines.xray.prepare_radiograph`) and returns what the exported ONNX
 graph returns, so the pipelines need no post-processing beyond thresholds:
 
 =========================  ==================================  ==============================
@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from spine_node.inference.models import register
 from torch import nn
-
-from inference.models import register
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from inference.findings import Findings, ModelInfo
-from inference.registry import Registry
-from node.domain import SeriesRef
-from node.errors import PipelineError
+from spine_node.inference.findings import Findings, ModelInfo
+from spine_node.inference.registry import Registry
+from spine_node.node.domain import SeriesRef
+from spine_node.node.errors import PipelineError
 
 
 class ModelProvider(Protocol):
@@ -28,7 +28,7 @@ class Pipeline(Protocol):
 
 
 _PIPELINES: Registry[Callable[[], Pipeline]] = Registry(
-    "pipeline", ("inference.pipelines.ct_cspine", "inference.pipelines.xray"))
+    "pipeline", ("spine_node.inference.pipelines.ct_cspine", "spine_node.inference.pipelines.xray"))
 register = _PIPELINES.register
 names = _PIPELINES.names
 

@@ -9,7 +9,7 @@
 
 The label map is mapped back onto the source slices, one frame per source instance, so
 the SEG encoder can reference them. The preprocessing functions here are shared with the
-training recipe (:mod:`inference.train.ct`), so training and inference see the same input.
+training recipe (:mod:`spine_node.inference.train.ct`), so training and inference see the same input.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-
-from inference.findings import Finding, Findings, LabelMap, Segment
-from inference.pipelines import ModelProvider, engine_card, model_info, register
-from node.domain import SeriesRef
-from node.errors import PipelineError
+from spine_node.inference.findings import Finding, Findings, LabelMap, Segment
+from spine_node.inference.pipelines import ModelProvider, engine_card, model_info, register
+from spine_node.node.domain import SeriesRef
+from spine_node.node.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,10 @@ from typing import Any
 
 import numpy as np
 import pydicom
-
-from inference.findings import Finding, Findings, LabelMap, ProbabilityMap, Segment
-from inference.pipelines import ModelProvider, engine_card, model_info, register
-from node.domain import SeriesRef
-from node.errors import PipelineError
+from spine_node.inference.findings import Finding, Findings, LabelMap, ProbabilityMap, Segment
+from spine_node.inference.pipelines import ModelProvider, engine_card, model_info, register
+from spine_node.node.domain import SeriesRef
+from spine_node.node.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 

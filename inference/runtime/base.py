@@ -11,10 +11,9 @@ from types import TracebackType
 from typing import Literal
 
 import numpy as np
-
-from inference.card import ModelCard
-from inference.findings import ModelInfo
-from node.errors import NodeError
+from spine_node.inference.card import ModelCard
+from spine_node.inference.findings import ModelInfo
+from spine_node.node.errors import NodeError
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp16", "fp32"]
@@ -155,7 +154,7 @@ class Engine(ABC):
 
     def model_info(self) -> ModelInfo:
         """What result objects record about the model that produced them."""
-        from inference.repository import file_sha256
+        from spine_node.inference.repository import file_sha256
 
         weights = f"{self.card.name} {self.card.version}"
         if self.card.onnx_path.is_file():

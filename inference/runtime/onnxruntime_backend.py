@@ -11,10 +11,9 @@ import threading
 from collections.abc import Mapping
 
 import numpy as np
-
-from inference.card import ModelCard
-from inference.repository import compare_signature, session_signature
-from inference.runtime.base import (
+from spine_node.inference.card import ModelCard
+from spine_node.inference.repository import compare_signature, session_signature
+from spine_node.inference.runtime.base import (
     Engine,
     EngineError,
     EngineOptions,

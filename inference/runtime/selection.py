@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from inference.card import ModelCard
-from inference.repository import ModelRepository
-from inference.runtime.base import Engine, EngineOptions, EngineUnavailable
-from node.errors import NodeError
+from spine_node.inference.card import ModelCard
+from spine_node.inference.repository import ModelRepository
+from spine_node.inference.runtime.base import Engine, EngineOptions, EngineUnavailable
+from spine_node.node.errors import NodeError
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,9 @@ DEFAULT_BACKENDS: tuple[str, ...] = ("tensorrt", "onnxruntime", "torch")
 # Backend family -> "module:class"; imported only when tried, so a CPU node never
 # imports tensorrt or torch.
 BACKENDS: dict[str, str] = {
-    "tensorrt": "inference.runtime.tensorrt_backend:TensorRTEngine",
-    "onnxruntime": "inference.runtime.onnxruntime_backend:OnnxRuntimeEngine",
-    "torch": "inference.runtime.torch_backend:TorchEngine",
+    "tensorrt": "spine_node.inference.runtime.tensorrt_backend:TensorRTEngine",
+    "onnxruntime": "spine_node.inference.runtime.onnxruntime_backend:OnnxRuntimeEngine",
+    "torch": "spine_node.inference.runtime.torch_backend:TorchEngine",
 }
 _VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "tensorrt": {"fp16": {"precision": "fp16"}, "fp32": {"precision": "fp32"}},

@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from inference.card import ModelCard
-from inference.runtime.base import (
+from spine_node.inference.card import ModelCard
+from spine_node.inference.runtime.base import (
     Engine,
     EngineError,
     EngineInputError,
@@ -388,7 +387,7 @@ class TensorRTEngine(Engine):
                                     "False)")
         if not card.onnx_path.is_file():
             raise EngineUnavailable(f"model {card.name!r} has no {card.onnx_path.name}")
-        from inference.repository import file_sha256
+        from spine_node.inference.repository import file_sha256
 
         device = torch.device("cuda", options.device_id)
         capability = tuple(torch.cuda.get_device_capability(device))

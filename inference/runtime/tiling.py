@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-
-from inference.runtime.base import Engine, EngineError
+from spine_node.inference.runtime.base import Engine, EngineError
 
 log = logging.getLogger(__name__)
 

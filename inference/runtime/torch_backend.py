@@ -1,7 +1,7 @@
 """Torch reference backend: the model's own architecture with its trained state dict.
 
 It needs the card's ``architecture`` entry (a name registered in
-:mod:`inference.models`) and ``model.pt`` (a state dict) in the model folder. It is the
+:mod:`spine_node.inference.models`) and ``model.pt`` (a state dict) in the model folder. It is the
 reference the exported ONNX is checked against, and the slowest backend; the node's
 default order puts it last.
 """
@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
-from inference.card import ModelCard
-from inference.runtime.base import (
+from spine_node.inference.card import ModelCard
+from spine_node.inference.runtime.base import (
     Engine,
     EngineError,
     EngineOptions,
@@ -51,7 +50,7 @@ class TorchEngine(Engine):
         except ImportError:
             raise EngineUnavailable("torch is not installed (pip install "
                                     "'spine-node[torch]')") from None
-        from inference.models import architecture
+        from spine_node.inference.models import architecture
 
         if options.device == "cpu":
             device = torch.device("cpu")

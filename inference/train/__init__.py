@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engines import ENGINES_DIR
+from spine_node.engines import ENGINES_DIR
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,10 @@ class TrainOptions:
 RECIPES: dict[str, Recipe] = {
     recipe.family: recipe
     for recipe in (
-        Recipe("ct-cspine", "inference.train.ct",
+        Recipe("ct-cspine", "spine_node.inference.train.ct",
                "Cervical spine CT: C1-C7 3-D segmentation + per-vertebra fracture classifier "
                "(phantoms, or the RSNA 2022 Cervical Spine Fracture Detection layout)."),
-        *(Recipe(family, "inference.train.xray", text, function)
+        *(Recipe(family, "spine_node.inference.train.xray", text, function)
           for family, text, function in (
               ("xray", "All six spine X-ray demo models on phantom radiographs (DRRs).",
                "run_all"),

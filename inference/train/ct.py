@@ -8,7 +8,7 @@ exported to ONNX with model cards into ``<out>/cspine-ct-vertebra-seg`` and
 
 Data
 ----
-Phantoms (default): :func:`inference.phantoms.generate` with fixed seed ranges,
+Phantoms (default): :func:`spine_node.inference.phantoms.generate` with fixed seed ranges,
 training seeds from :data:`TRAIN_SEEDS`, card metrics on :data:`VALIDATION_SEEDS`.
 
 RSNA 2022 Cervical Spine Fracture Detection (``--data ROOT``), the layout as published::
@@ -42,12 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch.nn import functional as F
-
-from inference import phantoms
-from inference.card import ModelCard, TensorSpec
-from inference.models import architecture
-from inference.pipelines.ct_cspine import (
+from spine_node.inference import phantoms
+from spine_node.inference.card import ModelCard, TensorSpec
+from spine_node.inference.models import architecture
+from spine_node.inference.pipelines.ct_cspine import (
     FRACTURE_MODEL,
     FRACTURE_PREPROCESSING,
     LEVELS,
@@ -61,7 +59,8 @@ from inference.pipelines.ct_cspine import (
     resample,
     vertebra_crops,
 )
-from inference.train import TrainOptions
+from spine_node.inference.train import TrainOptions
+from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ are measured through the exported ONNX graph with ONNX Runtime on held-out data.
 Data
 ----
 By default a recipe trains on digitally reconstructed radiographs (DRRs) of the
-project's synthetic spine phantoms (:mod:`inference.phantoms`): every phantom gives an AP
+project's synthetic spine phantoms (:mod:`spine_node.inference.phantoms`): every phantom gives an AP
 and a LAT view, their structure and tissue masks, and per-vertebra fracture and
 dislocation labels. Metrics come from phantoms drawn with a seed never used in training.
 The segmenters learn from 2 mm DRRs (80 x 64 pixels) of the phantoms the CT models see;
@@ -55,12 +55,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from torch import nn
-
-from engines import ENGINES_DIR
-from inference.card import ModelCard
-from inference.models import architecture
-from inference.pipelines.xray import (
+from spine_node.engines import ENGINES_DIR
+from spine_node.inference.card import ModelCard
+from spine_node.inference.models import architecture
+from spine_node.inference.pipelines.xray import (
     AP_STRUCTURES,
     CSPINE_MODEL,
     FRACTURE_MODEL,
@@ -75,7 +73,8 @@ from inference.pipelines.xray import (
     read_radiograph,
     resize_bilinear,
 )
-from inference.train import TrainOptions
+from spine_node.inference.train import TrainOptions
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ class PhantomCohort:
 
     name: str
     spacing_mm: float
-    #: :func:`inference.phantoms.generate`'s ``radiographic_findings``.
+    #: :func:`spine_node.inference.phantoms.generate`'s ``radiographic_findings``.
     radiographic_findings: bool
 
     @property
@@ -394,7 +393,7 @@ def _relabel(label: np.ndarray, names: Mapping[int, str], order: Sequence[str]) 
 def phantom_views(seed: int, cohort: PhantomCohort = CT_COHORT) -> PhantomViews:
     """Render cervical phantom ``seed`` of ``cohort``: AP and LAT DRRs with quantum noise,
     truth maps."""
-    from inference import phantoms
+    from spine_node.inference import phantoms
 
     phantom = phantoms.generate(seed, region="cervical", shape=cohort.shape,
                                 spacing=cohort.spacing_mm,

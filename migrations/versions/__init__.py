@@ -1,0 +1,1 @@
+"""Alembic revision scripts (a package so the wheel carries them as modules)."""
