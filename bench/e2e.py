@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from spine_node.node.audit import Dispatch, Job, Series
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from bench.harness import machine, node_serve, push, write_section
+from spine_node.node.audit import Dispatch, Job, Series
 from tests.orthanc import Orthanc
 
 

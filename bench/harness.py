@@ -27,6 +27,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
+
 from spine_node.node.uids import derive_uid
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.harness import replace_section
 from spine_node.inference.card import ModelCard, TensorSpec
 from spine_node.inference.repository import ModelRepository
 from spine_node.inference.runtime.base import (
@@ -42,8 +44,6 @@ from spine_node.inference.runtime.base import (
     parity_tolerance,
 )
 from spine_node.inference.runtime.selection import backend_class, parse_backend
-
-from bench.harness import replace_section
 
 log = logging.getLogger("bench.inference")
 
@@ -75,10 +75,11 @@ class Measurement:
 
 def _synthetic_models(folder: Path, batch: int) -> list[str]:
     """Export two small conv nets with seeded weights into ``folder`` (benchmark fixtures)."""
-    import spine_node.inference.models as architectures
     import torch
-    from spine_node.inference.repository import import_model
     from torch import nn
+
+    import spine_node.inference.models as architectures
+    from spine_node.inference.repository import import_model
 
     @architectures.register("bench-seg3d")
     class Seg3d(nn.Module):

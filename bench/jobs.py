@@ -31,13 +31,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy import func, select
+
+from bench.harness import replace_section
 from spine_node.node.audit import Database, Job, WorkerHeartbeat
 from spine_node.node.config import load_settings, redact_url
 from spine_node.node.db_migrate import upgrade
 from spine_node.node.jobs import send_pending
-from sqlalchemy import func, select
-
-from bench.harness import replace_section
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.harness import free_port, push, write_ct_series
 from spine_node.node.config import load_settings
 from spine_node.node.db_migrate import upgrade
 from spine_node.node.scp import AssociationHandler
 from spine_node.node.service import NodeService
-
-from bench.harness import free_port, push, write_ct_series
 
 
 def main() -> None:

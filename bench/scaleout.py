@@ -38,8 +38,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from spine_node.node.audit import Job
-from spine_node.node.domain import JobState
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session
 
@@ -55,6 +53,8 @@ from bench.harness import (
     write_ct_series,
     write_section,
 )
+from spine_node.node.audit import Job
+from spine_node.node.domain import JobState
 
 FINISHED = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
 

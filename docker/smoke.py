@@ -31,9 +31,8 @@ from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spine_node.node.audit import Job  # noqa: E402
-
 from bench.harness import free_port, push, write_ct_series  # noqa: E402
+from spine_node.node.audit import Job  # noqa: E402
 
 CONTAINER_UID = 10001  # the image's `spine` user
 

@@ -8,8 +8,23 @@ pipelines never deal with coding schemes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
+
+
+class AssessmentValues(StrEnum):
+    """What a pipeline could say about one site (a vertebra level, a view).
+
+    Every site a pipeline is meant to cover ends in one of these; the SR states it, so a
+    radiologist can tell "assessed, no fracture" from "not looked at".
+    """
+
+    ASSESSED = "assessed"
+    #: the site is outside the imaged field (e.g. C7 below the last slice)
+    NOT_IN_FIELD = "not in field"
+    #: the site is in the field but the model cannot assess it (reason given)
+    NOT_ASSESSABLE = "not assessable"
 
 
 @dataclass(frozen=True)
@@ -73,15 +88,39 @@ class Finding:
     site: str | None = None
     threshold: float = 0.5
     segment_label: int | None = None
+    #: where the finding is, in patient coordinates (mm, DICOM LPS) of the source frame of
+    #: reference (e.g. a vertebra's centroid), for an SCOORD3D point a viewer can jump to
+    centroid_mm: tuple[float, float, float] | None = None
 
     @property
     def present(self) -> bool:
         return self.probability >= self.threshold
 
 
+@dataclass(frozen=True)
+class SiteStatus:
+    """The assessment of one site (``"C1"`` .. ``"C7"``, a view) and, unless assessed, why.
+
+    ``reason`` is written for a radiologist ("C7 is below the last slice"), never contains
+    patient data, and is at most a sentence.
+    """
+
+    site: str
+    assessment: AssessmentValues
+    reason: str = ""
+
+
 @dataclass
 class Findings:
-    """Everything one pipeline run found in its input series."""
+    """Everything one pipeline run found in its input series.
+
+    A pipeline that cannot assess the input at all (no cervical spine in the field, slices
+    too thick, not a spine radiograph) sets ``not_performed_reason``, leaves ``findings``
+    and ``segmentation`` empty, and the node sends an SR saying the analysis was not
+    performed and why. ``site_status`` lists every site the pipeline covers with its
+    :class:`AssessmentValues`; ``notes`` are short statements for the report such as an
+    assumption made ("no pixel spacing in the file; 0.15 mm assumed").
+    """
 
     pipeline: str
     model: ModelInfo
@@ -92,3 +131,10 @@ class Findings:
     segmentation: LabelMap | None = None
     probability_map: ProbabilityMap | None = None
     models: tuple[ModelInfo, ...] = ()
+    site_status: tuple[SiteStatus, ...] = ()
+    not_performed_reason: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def performed(self) -> bool:
+        return self.not_performed_reason is None

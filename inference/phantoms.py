@@ -27,7 +27,9 @@ T1..T12 are 8..19 and L1..L5 are 20..24; 0 is everything else.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -1007,9 +1009,9 @@ _VIEW_CODES = {
 
 
 def _uid(*parts: object) -> str:
-    from spine_node.node.uids import derive_uid
-
-    return derive_uid("spine-node-phantom", *(str(p) for p in parts))
+    """A UUID-derived ``2.25.`` UID from ``parts``: the same phantom gets the same UIDs."""
+    digest = hashlib.sha256("\x1f".join(("spine-node-phantom", *(str(p) for p in parts))).encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16], version=5).int}"
 
 
 def _base_dataset(sop_class: str, sop_instance: str, *, seed: int, patient_name: str | None,

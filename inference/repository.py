@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
 from spine_node.engines import ENGINES_DIR
 from spine_node.inference.card import ModelCard, ModelCardError, TensorSpec
-from spine_node.node.errors import NodeError
+from spine_node.inference.errors import InferenceError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ STATE_DICT_FILE = "model.pt"
 PLANS_DIR = "plans"
 
 
-class RepositoryError(NodeError):
+class RepositoryError(InferenceError):
     """The model repository or a model in it is unusable; the message says why."""
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from alembic import context
-from spine_node.node.audit import Base
 from sqlalchemy import create_engine, pool
+
+from spine_node.node.audit import Base
 
 config = context.config
 target_metadata = Base.metadata

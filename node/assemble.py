@@ -17,12 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from spine_node.node.audit import Database, Series, record_event, utcnow
-from spine_node.node.config import AssemblySettings
-from spine_node.node.domain import SeriesState
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+
+from spine_node.node.audit import Database, Series, record_event, utcnow
+from spine_node.node.config import AssemblySettings
+from spine_node.node.domain import SeriesState
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+
 from spine_node.node.config import Settings, load_settings, redact_url
 from spine_node.node.errors import NodeError
 
@@ -203,9 +204,10 @@ def status() -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
     from rich.table import Table
+    from sqlalchemy import func, select
+
     from spine_node.node.audit import Association, Job, Series
     from spine_node.node.spool import Spool
-    from sqlalchemy import func, select
 
     cfg = settings()
     db = _database(cfg)
@@ -262,8 +264,9 @@ def series_list(
 ) -> None:
     """Series, newest first."""
     from rich.table import Table
-    from spine_node.node.audit import Series
     from sqlalchemy import select
+
+    from spine_node.node.audit import Series
 
     db = _database(settings())
     query = select(Series).order_by(Series.last_received_at.desc()).limit(limit)
@@ -289,8 +292,9 @@ def audit_tail(
 ) -> None:
     """The latest audit events."""
     from rich.table import Table
-    from spine_node.node.audit import AuditEvent
     from sqlalchemy import select
+
+    from spine_node.node.audit import AuditEvent
 
     db = _database(settings())
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(lines)
@@ -312,6 +316,7 @@ def routes_test(
 ) -> None:
     """Show which routes and pipelines the series in PATH would trigger."""
     from rich.table import Table
+
     from spine_node.node.receive import StoreRejected, read_header
     from spine_node.node.route import SeriesFacts, plan
 
@@ -388,6 +393,7 @@ def _shapes(specs: Sequence[TensorSpec]) -> str:
 def models_list(engines_dir: EnginesDirOption = None) -> None:
     """List the models with their task, tensors, provenance and clinical-use flag."""
     from rich.table import Table
+
     from spine_node.inference.card import ModelCardError
 
     repo = _repository(engines_dir)
@@ -421,6 +427,7 @@ def models_show(name: str, engines_dir: EnginesDirOption = None) -> None:
     import json
 
     from rich.table import Table
+
     from spine_node.inference.card import ModelCardError
     from spine_node.inference.repository import ModelNotFoundError, file_sha256
 
@@ -487,6 +494,7 @@ def models_validate(
 ) -> None:
     """Check cards and ONNX graphs agree (names, shapes, dtypes); exit 1 if any fails."""
     from rich.table import Table
+
     from spine_node.inference.repository import ModelNotFoundError
 
     repo = _repository(engines_dir)
@@ -574,9 +582,10 @@ def jobs_list(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N jobs.")] = 50,
 ) -> None:
     """List jobs, newest first."""
+    from sqlalchemy import select
+
     from spine_node.node.audit import Job
     from spine_node.node.domain import JobState
-    from sqlalchemy import select
 
     _check_state(state, JobState)
     db = _database(settings())
@@ -597,8 +606,9 @@ def jobs_list(
 @jobs_app.command("show")
 def jobs_show(job_id: int = typer.Argument(..., help="Job id.")) -> None:
     """Show one job with its results and their dispatches."""
-    from spine_node.node.audit import Dispatch, Job, Result
     from sqlalchemy import select
+
+    from spine_node.node.audit import Dispatch, Job, Result
 
     db = _database(settings())
     with db.session() as session:
@@ -686,9 +696,10 @@ def dispatch_list(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N.")] = 50,
 ) -> None:
     """List dispatches, newest first."""
+    from sqlalchemy import select
+
     from spine_node.node.audit import Dispatch, Result
     from spine_node.node.domain import DispatchState
-    from sqlalchemy import select
 
     _check_state(state, DispatchState)
     db = _database(settings())

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+
 from spine_node.node.errors import ResultsError
 
 PRIVATE_SCHEME = "99SPINENODE"

@@ -21,6 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
 from spine_node.engines import ENGINES_DIR
 from spine_node.node.errors import ConfigError
 from spine_node.node.uids import is_valid_uid

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+
 from spine_node.migrations import MIGRATIONS_DIR
 
 

@@ -22,12 +22,13 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from sqlalchemy import select, update
+
 from spine_node.node import metrics
 from spine_node.node.audit import Database, Dispatch, Result, record_event, utcnow
 from spine_node.node.config import Destination, Settings
 from spine_node.node.domain import DispatchState
 from spine_node.node.errors import DispatchError
-from sqlalchemy import select, update
 
 log = logging.getLogger(__name__)
 

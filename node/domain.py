@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
+
+from spine_node.inference.series import SeriesRef
+
+__all__ = ["DispatchState", "Job", "JobState", "SeriesRef", "SeriesState"]
 
 
 class JobState(StrEnum):
@@ -30,24 +33,6 @@ class DispatchState(StrEnum):
     SENT = "sent"
     DEAD = "dead"
     CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class SeriesRef:
-    """Where a complete series lies in the spool, and what it is."""
-
-    study_uid: str
-    series_uid: str
-    path: Path
-    modality: str = ""
-    body_part: str = ""
-    view_position: str = ""
-    sop_class_uid: str = ""
-    instance_count: int = 0
-
-    def files(self) -> list[Path]:
-        """The instance files of the series, sorted by name."""
-        return sorted(self.path.glob("*.dcm"))
 
 
 @dataclass(frozen=True)

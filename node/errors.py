@@ -2,6 +2,9 @@
 
 Tasks and handlers turn these into audit states and DICOM statuses; anything that is
 not a :class:`NodeError` is unexpected, logged and re-raised.
+
+Errors from inference code (models, engines, pipelines) descend from
+:class:`spine_node.inference.errors.InferenceError`, the lower layer's own base.
 """
 
 
@@ -27,10 +30,6 @@ class OutOfSpaceError(SpoolError):
 
 class RoutingError(NodeError):
     """A routing rule is invalid or a series could not be routed."""
-
-
-class PipelineError(NodeError):
-    """A pipeline could not turn its input into findings (bad input, model failure)."""
 
 
 class ResultsError(NodeError):

@@ -27,13 +27,15 @@ from typing import Any, TypeVar
 
 from celery import Celery, shared_task
 from kombu import Queue
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from spine_node.inference.errors import InferenceError
 from spine_node.node import audit
 from spine_node.node.audit import Database, Job, WorkerHeartbeat, record_event, utcnow
 from spine_node.node.config import Settings, redact_url
 from spine_node.node.domain import DispatchState, JobState
 from spine_node.node.errors import JobStateError, NodeError
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +500,7 @@ def run_job(self: Any, *, job_id: int) -> str:
     with JobHeartbeat(db, claim, heartbeat_interval(settings)) as beat:
         try:
             outcome = worker_side.execute(claim, settings, db)
-        except NodeError as exc:
+        except (NodeError, InferenceError) as exc:
             log.info("job %d failed: %s", job_id, exc)
             record_failure(db, claim, f"{type(exc).__name__}: {exc}")
             return JobState.FAILED.value

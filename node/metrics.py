@@ -23,9 +23,10 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client import values as _values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import func, select
+
 from spine_node.node.audit import Database, Dispatch, Job, Series
 from spine_node.node.domain import DispatchState, JobState, SeriesState
-from sqlalchemy import func, select
 
 log = logging.getLogger(__name__)
 

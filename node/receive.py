@@ -47,6 +47,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom.presentation import AllStoragePresentationContexts
+
 from spine_node.node import metrics
 from spine_node.node.assemble import InstanceInfo, SeriesTracker
 from spine_node.node.audit import Association, Database, record_event, utcnow

@@ -34,6 +34,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+
 from spine_node.inference.findings import Finding, Findings, LabelMap, ModelInfo, ProbabilityMap
 from spine_node.node import __version__, codes
 from spine_node.node.errors import ResultsError

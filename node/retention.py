@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import delete, select
+
 from spine_node.node.audit import Database, Job, Series, record_event, utcnow
 from spine_node.node.config import Settings, StorageSettings
 from spine_node.node.domain import JobState, SeriesState
 from spine_node.node.errors import SpoolError
 from spine_node.node.spool import Spool
-from sqlalchemy import delete, select
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,13 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from spine_node.node.assemble import CompletedStudy
 from spine_node.node.audit import Job, Series, record_event
 from spine_node.node.config import Route, RouteMatch
 from spine_node.node.domain import JobState, SeriesState
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 

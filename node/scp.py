@@ -45,6 +45,7 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
 from spine_node.node import __version__
 from spine_node.node.uids import derive_uid, is_valid_uid
 

@@ -25,6 +25,8 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from spine_node.node import metrics
 from spine_node.node.assemble import Assembler, CompletedStudy, recover_from_spool
 from spine_node.node.audit import Database
@@ -34,7 +36,6 @@ from spine_node.node.receive import Receiver, salvage_incoming
 from spine_node.node.retention import RetentionCleaner
 from spine_node.node.route import route_study
 from spine_node.node.spool import Spool
-from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 

@@ -20,18 +20,20 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+
 from spine_node.inference import pipelines
+from spine_node.inference.errors import PipelineError
 from spine_node.inference.findings import Findings
 from spine_node.inference.runtime import EngineProvider
+from spine_node.inference.series import SeriesRef
 from spine_node.node import metrics, results
 from spine_node.node.audit import Database, Series
 from spine_node.node.config import Settings
-from spine_node.node.domain import SeriesRef
-from spine_node.node.errors import NodeError, PipelineError, SpoolError
+from spine_node.node.errors import NodeError, SpoolError
 from spine_node.node.jobs import Claim, Outcome, ResultFile, WorkerLiveness, celery_app, local_host_id, queue_names
 from spine_node.node.spool import Spool
 from spine_node.node.uids import validate_uid
-from sqlalchemy import select
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ def write_results(datasets: Sequence[Dataset], results_dir: Path) -> list[Result
 def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
     """Run the claimed job's pipeline and write its result objects; return the outcome.
 
-    Raises :class:`NodeError` subclasses for failures that are the input's or the
+    Raises :class:`NodeError` or :class:`InferenceError` subclasses for failures that are the input's or the
     model's (the job fails with that reason); anything else is a bug.
     """
     started = time.perf_counter()

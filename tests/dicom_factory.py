@@ -7,6 +7,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+
 from spine_node.node.uids import derive_uid
 
 

@@ -18,9 +18,9 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
+
 from spine_node.node.spool import Spool
 from spine_node.node.uids import derive_uid
-
 from tests.peers import dcmtk
 
 BONE_HU = 300.0

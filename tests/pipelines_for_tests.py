@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+
+from spine_node.inference.errors import PipelineError
 from spine_node.inference.findings import Finding, Findings, LabelMap, ModelInfo, Segment
 from spine_node.inference.pipelines import ModelProvider, register
-from spine_node.node.domain import SeriesRef
-from spine_node.node.errors import PipelineError
-
+from spine_node.inference.series import SeriesRef
 from tests.jobs_samples import BONE_HU, hounsfield
 
 NAME = "test-bone-threshold"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy import select
+
 from spine_node.node.assemble import Assembler, InstanceInfo, SeriesTracker, recover_from_spool
 from spine_node.node.audit import Database, Job, Series, utcnow
 from spine_node.node.config import AssemblySettings, default_routes
 from spine_node.node.route import route_study
 from spine_node.node.spool import Spool
-from sqlalchemy import select
-
 from tests.dicom_factory import write_ct_series
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from spine_node.node.audit import Association, Series
 
+from spine_node.node.audit import Association, Series
 from tests.dicom_factory import dataset_bytes, write_study
 from tests.nodeproc import NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from spine_node.node.config import load_settings, redact_url, validate_ae_title
 from spine_node.node.errors import ConfigError
 

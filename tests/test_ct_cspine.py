@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from spine_node.engines import ENGINES_DIR
 from spine_node.inference import phantoms
 from spine_node.inference.card import ModelCard
 from spine_node.inference.runtime.base import Engine
-from spine_node.node.domain import SeriesRef
+from spine_node.inference.series import SeriesRef
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -100,6 +101,7 @@ def test_cards_are_honest() -> None:
 def test_onnx_matches_torch_state_dict(engines: dict[str, OnnxCpuEngine]) -> None:
     """The exported graphs compute what the shipped state dicts compute in torch."""
     import yaml
+
     from spine_node.inference.models import architecture
 
     ph = phantoms.generate(9_000_500)
@@ -278,7 +280,7 @@ def test_pipeline_end_to_end_from_dicom(engines: dict[str, OnnxCpuEngine],
 
 
 def test_pipeline_rejects_bad_series(engines: dict[str, OnnxCpuEngine], tmp_path: Path) -> None:
-    from spine_node.node.errors import PipelineError
+    from spine_node.inference.errors import PipelineError
 
     ph = phantoms.generate(9_100_002)
     paths = phantoms.write_ct_series(ph, tmp_path / "few")
@@ -297,6 +299,7 @@ def test_pipeline_on_a_real_ct_that_is_not_a_cervical_spine(engines: dict[str, O
     import pydicom
     from pydicom.data import get_testdata_file
     from pydicom.uid import ExplicitVRLittleEndian
+
     from spine_node.inference import pipelines
     from spine_node.node import results
     from spine_node.node.uids import derive_uid

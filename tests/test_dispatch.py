@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from sqlalchemy import select
+
 from spine_node.node.audit import AuditEvent, Database, Dispatch, Job, Result, utcnow
 from spine_node.node.config import Destination, Settings
 from spine_node.node.dispatch import backoff_s, dispatch_pending
 from spine_node.node.worker import write_results
-from sqlalchemy import select
-
 from tests.jobs_samples import StoreSCP, bone_seg, bone_sr, ct_series
 from tests.peers import free_port
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 
-from spine_node.node.audit import Dispatch, Job
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+from spine_node.node.audit import Dispatch, Job
 from tests.dicom_factory import write_study
 from tests.nodeproc import NodeProcess, wait_for
 from tests.orthanc import Orthanc

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from spine_node.node.audit import AuditEvent, Job, Series
 from sqlalchemy import create_engine, update
 
+from spine_node.node.audit import AuditEvent, Job, Series
 from tests.dicom_factory import write_study
 from tests.nodeproc import REPO, NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk, free_port, postgres_database, postgres_url

@@ -26,13 +26,13 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
 )
+
 from spine_node.node.config import Route, RouteMatch
 from spine_node.node.errors import InvalidUIDError
 from spine_node.node.receive import HeaderWalk, PastHead, StoreRejected, check_structure, inspect_dataset, read_header
 from spine_node.node.route import SeriesFacts, matches, plan
 from spine_node.node.spool import Spool
 from spine_node.node.uids import is_valid_uid, validate_uid
-
 from tests.dicom_factory import real_ct
 
 # Fixtures here are module-scoped and read-only, so reusing them across examples is fine.

@@ -32,12 +32,12 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 from pynetdicom.dsutils import encode
-from spine_node.node.audit import AuditEvent, Series
-from spine_node.node.receive import TRANSFER_SYNTAXES
-from spine_node.node.uids import derive_uid, is_valid_uid
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+from spine_node.node.audit import AuditEvent, Series
+from spine_node.node.receive import TRANSFER_SYNTAXES
+from spine_node.node.uids import derive_uid, is_valid_uid
 from tests.dicom_factory import dataset_bytes, real_ct
 from tests.nodeproc import NodeProcess, wait_for
 from tests.peers import dcmtk

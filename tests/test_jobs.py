@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom import dcmread
+from sqlalchemy import func, select
+
 from spine_node.node.audit import AuditEvent, Database, Dispatch, Job, Result, WorkerHeartbeat, utcnow
 from spine_node.node.config import Settings, load_settings
 from spine_node.node.errors import JobStateError
@@ -38,8 +40,6 @@ from spine_node.node.jobs import (
     send_pending,
     tick,
 )
-from sqlalchemy import func, select
-
 from tests.jobs_samples import BONE_HU, StoreSCP, ct_series, hounsfield
 from tests.peers import free_port, redis_url, require, tool
 from tests.pipelines_for_tests import BROKEN

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 
 from prometheus_client import REGISTRY
-from spine_node.node import metrics
 
+from spine_node.node import metrics
 from tests.dicom_factory import write_study
 from tests.nodeproc import NodeProcess
 from tests.peers import dcmtk, free_port

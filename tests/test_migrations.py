@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from spine_node.node.db_migrate import current_head, downgrade, upgrade
 from sqlalchemy import create_engine, inspect
+
+from spine_node.node.db_migrate import current_head, downgrade, upgrade
 
 
 def test_migrations_make_the_whole_schema(database_url):

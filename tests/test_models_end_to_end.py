@@ -11,10 +11,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from spine_node.node.audit import Job
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+from spine_node.node.audit import Job
 from tests.nodeproc import NodeProcess, wait_for
 from tests.orthanc import Orthanc
 from tests.peers import dcmtk, tool

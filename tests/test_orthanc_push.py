@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from spine_node.node.audit import Series
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+from spine_node.node.audit import Series
 from tests.dicom_factory import dataset_bytes, write_study
 from tests.nodeproc import NodeProcess, wait_for
 from tests.orthanc import Orthanc

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from spine_node.inference import phantoms
 
+from spine_node.inference import phantoms
 from tests.peers import tool
 
 

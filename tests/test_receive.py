@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 
 from spine_node.node.audit import Association, AuditEvent, Job, Series
-
 from tests.dicom_factory import dataset_bytes, write_study
 from tests.nodeproc import NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
-from spine_node.node.uids import derive_uid
 
+from spine_node.node.uids import derive_uid
 from tests.dicom_factory import real_ct
 from tests.nodeproc import NodeProcess, wait_for
 from tests.peers import dcmtk

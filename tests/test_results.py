@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
+
 from spine_node.inference.findings import Finding, Findings, LabelMap, ModelInfo, ProbabilityMap, Segment
 from spine_node.node import codes
 from spine_node.node.errors import ResultsError
@@ -38,7 +39,6 @@ from spine_node.node.results import (
     segment_numbers,
     write_results,
 )
-
 from tests.peers import dcmtk, tool
 
 get_testdata_file = pytest.importorskip("pydicom.data").get_testdata_file

@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import select
+
 from spine_node.node.audit import AuditEvent, Database, Job, Series, utcnow
 from spine_node.node.config import StorageSettings
 from spine_node.node.db_migrate import upgrade
 from spine_node.node.retention import RetentionCleaner
 from spine_node.node.spool import Spool
 from spine_node.node.uids import derive_uid
-from sqlalchemy import select
 
 
 def _setup(tmp_path: Path) -> tuple[Database, Spool, StorageSettings]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from spine_node.node.config import Route, RouteMatch, default_routes
 from spine_node.node.route import SeriesFacts, matches, plan
 

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
+from torch import nn  # noqa: E402
+
 import spine_node.inference.models as architectures  # noqa: E402
 from spine_node.inference.card import ModelCard, ModelCardError  # noqa: E402
 from spine_node.inference.repository import (  # noqa: E402
@@ -48,7 +50,6 @@ from spine_node.inference.runtime.tiling import (  # noqa: E402
     sliding_window_inference,
     window_grid,
 )
-from torch import nn  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dimse_messages import C_FIND_RQ
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import decode, encode
+
 from spine_node.node.audit import Association, AuditEvent, Database
 from spine_node.node.config import load_settings
 from spine_node.node.db_migrate import upgrade
@@ -34,7 +35,6 @@ from spine_node.node.scp import (
     response_command,
 )
 from spine_node.node.uids import derive_uid
-
 from tests.dicom_factory import real_ct
 from tests.nodeproc import table_rows, wait_for
 from tests.scu import (

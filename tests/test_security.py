@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from spine_node.node.uids import derive_uid
 from sqlalchemy import create_engine, text
 
+from spine_node.node.uids import derive_uid
 from tests.dicom_factory import write_ct_series
 from tests.nodeproc import NodeProcess, wait_for
 from tests.peers import dcmtk, postgres_database

@@ -9,8 +9,8 @@ import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from spine_node.node.audit import Association, AuditEvent, Job, Series
 
+from spine_node.node.audit import Association, AuditEvent, Job, Series
 from tests.dicom_factory import write_study
 from tests.nodeproc import NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk, free_port

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from spine_node.node.errors import InvalidUIDError, OutOfSpaceError
 from spine_node.node.spool import Spool
 from spine_node.node.uids import derive_uid, is_valid_uid, validate_uid

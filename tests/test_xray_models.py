@@ -26,7 +26,6 @@ from spine_node.inference.train.xray import (  # noqa: E402
     render_views,
     roc_auc,
 )
-
 from tests.xray_engines import OrtModels  # noqa: E402
 
 FRESH_SEEDS = range(93000000, 93000080)
@@ -155,6 +154,7 @@ def test_onnx_matches_the_torch_weights(studies: list[PhantomViews], models: Ort
                                         name: str) -> None:
     """The exported graph is the trained model: same outputs as model.pt in torch."""
     import torch
+
     from spine_node.inference.models import architecture
 
     card = models(name).card

@@ -17,6 +17,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("scipy")  # the phantoms need it
 
 from spine_node.inference import phantoms  # noqa: E402
+from spine_node.inference.errors import PipelineError  # noqa: E402
 from spine_node.inference.pipelines import get as get_pipeline  # noqa: E402
 from spine_node.inference.pipelines.xray import (  # noqa: E402
     AP_STRUCTURES,
@@ -26,9 +27,7 @@ from spine_node.inference.pipelines.xray import (  # noqa: E402
     read_radiograph,
     resize_bilinear,
 )
-from spine_node.node.domain import SeriesRef  # noqa: E402
-from spine_node.node.errors import PipelineError  # noqa: E402
-
+from spine_node.inference.series import SeriesRef  # noqa: E402
 from tests.xray_engines import OrtModels  # noqa: E402
 
 SEED = 97000001

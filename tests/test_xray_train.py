@@ -33,7 +33,6 @@ from spine_node.inference.train.xray import (  # noqa: E402
     train_model,
     train_recipe,
 )
-
 from tests.xray_dicom import write_test_radiograph  # noqa: E402
 
 torch.set_num_threads(1)  # the recipes' own setting; tests share a small CPU

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
+
 from spine_node.node.uids import derive_uid
 
 DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from spine_node.engines import ENGINES_DIR
 from spine_node.inference.card import ModelCard
 from spine_node.inference.runtime.base import Engine

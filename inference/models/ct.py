@@ -12,9 +12,10 @@ in view.
 from __future__ import annotations
 
 import torch
-from spine_node.inference.models import register
 from torch import nn
 from torch.nn import functional as F
+
+from spine_node.inference.models import register
 
 SEGMENTATION_CLASSES = 8  # background + C1..C7
 VERTEBRAE = 7

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from spine_node.inference.models import register
 from torch import nn
+
+from spine_node.inference.models import register
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

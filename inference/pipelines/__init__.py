@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from spine_node.inference.errors import PipelineError
 from spine_node.inference.findings import Findings, ModelInfo
 from spine_node.inference.registry import Registry
-from spine_node.node.domain import SeriesRef
-from spine_node.node.errors import PipelineError
+from spine_node.inference.series import SeriesRef
 
 
 class ModelProvider(Protocol):

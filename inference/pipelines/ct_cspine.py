@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from spine_node.inference.errors import PipelineError
 from spine_node.inference.findings import Finding, Findings, LabelMap, Segment
 from spine_node.inference.pipelines import ModelProvider, engine_card, model_info, register
-from spine_node.node.domain import SeriesRef
-from spine_node.node.errors import PipelineError
+from spine_node.inference.series import SeriesRef
 
 log = logging.getLogger(__name__)
 

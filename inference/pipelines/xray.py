@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 import pydicom
+
+from spine_node.inference.errors import PipelineError
 from spine_node.inference.findings import Finding, Findings, LabelMap, ProbabilityMap, Segment
 from spine_node.inference.pipelines import ModelProvider, engine_card, model_info, register
-from spine_node.node.domain import SeriesRef
-from spine_node.node.errors import PipelineError
+from spine_node.inference.series import SeriesRef
 
 logger = logging.getLogger(__name__)
 

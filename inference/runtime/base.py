@@ -11,20 +11,21 @@ from types import TracebackType
 from typing import Literal
 
 import numpy as np
+
 from spine_node.inference.card import ModelCard
+from spine_node.inference.errors import InferenceError
 from spine_node.inference.findings import ModelInfo
-from spine_node.node.errors import NodeError
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp16", "fp32"]
 Shape = tuple[int, ...]
 
 
-class EngineUnavailable(NodeError, RuntimeError):
+class EngineUnavailable(InferenceError, RuntimeError):
     """This backend cannot run here (missing package, no GPU); the message says why."""
 
 
-class EngineError(NodeError):
+class EngineError(InferenceError):
     """A loaded engine failed to run a batch."""
 
 

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Mapping
 
 import numpy as np
+
 from spine_node.inference.card import ModelCard
 from spine_node.inference.repository import compare_signature, session_signature
 from spine_node.inference.runtime.base import (

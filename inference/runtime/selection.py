@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from spine_node.inference.card import ModelCard
+from spine_node.inference.errors import InferenceError
 from spine_node.inference.repository import ModelRepository
 from spine_node.inference.runtime.base import Engine, EngineOptions, EngineUnavailable
-from spine_node.node.errors import NodeError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ _VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-class NoEngineAvailable(NodeError):
+class NoEngineAvailable(InferenceError):
     """No backend in the order could load the model; ``reasons`` says why for each."""
 
     def __init__(self, model: str, reasons: dict[str, str]) -> None:

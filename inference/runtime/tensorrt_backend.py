@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from spine_node.inference.card import ModelCard
 from spine_node.inference.runtime.base import (
     Engine,

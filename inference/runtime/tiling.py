@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
 from spine_node.inference.runtime.base import Engine, EngineError
 
 log = logging.getLogger(__name__)

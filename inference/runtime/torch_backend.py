@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
 from spine_node.inference.card import ModelCard
 from spine_node.inference.runtime.base import (
     Engine,

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from torch.nn import functional as F
+
 from spine_node.inference import phantoms
 from spine_node.inference.card import ModelCard, TensorSpec
 from spine_node.inference.models import architecture
@@ -60,7 +62,6 @@ from spine_node.inference.pipelines.ct_cspine import (
     vertebra_crops,
 )
 from spine_node.inference.train import TrainOptions
-from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 

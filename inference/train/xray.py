@@ -55,6 +55,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
 from spine_node.engines import ENGINES_DIR
 from spine_node.inference.card import ModelCard
 from spine_node.inference.models import architecture
@@ -74,7 +76,6 @@ from spine_node.inference.pipelines.xray import (
     resize_bilinear,
 )
 from spine_node.inference.train import TrainOptions
-from torch import nn
 
 logger = logging.getLogger(__name__)
 
