@@ -22,6 +22,7 @@ from_settings(settings)), settings.storage.results)``; ``sources`` may be read w
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -104,15 +105,25 @@ class ResultsOptions:
 def result_uid(findings: Findings, kind: str) -> str:
     """Deterministic UID of one result object or series of ``findings``.
 
-    Derived from the input series UIDs, the pipeline, the model name and version (and
-    every further model of a multi-stage pipeline) and ``kind`` (``"seg-series"``,
-    ``"seg"``, ``"seg-fractional"``, ``"sr-series"``, ``"sr"``, ...).
+    Derived from the input series UIDs, the exact set of source instances, the pipeline,
+    the model name and version (and every further model of a multi-stage pipeline) and
+    ``kind`` (``"seg-series"``, ``"seg"``, ``"seg-fractional"``, ``"sr-series"``, ``"sr"``,
+    ...). A re-run over the same inputs with the same models reproduces its UIDs; a run
+    over a series that has grown, or with another model, gets new ones, so one UID never
+    names two different contents.
     """
     parts = [*sorted(findings.series_uids), findings.pipeline]
+    parts.append(source_set_digest(findings.source_sop_instance_uids))
     parts += [findings.model.name, findings.model.version]
     parts += [f"{m.name}@{m.version}" for m in findings.models]
     parts.append(kind)
     return derive_uid(*parts)
+
+
+def source_set_digest(sop_instance_uids: Sequence[str]) -> str:
+    """One value for a set of source instances (order and repeats do not matter)."""
+    joined = "\n".join(sorted(set(sop_instance_uids)))
+    return "sources:" + hashlib.sha256(joined.encode("ascii", "replace")).hexdigest()
 
 
 def _all_models(findings: Findings) -> tuple[ModelInfo, ...]:

@@ -528,6 +528,19 @@ def test_uids_are_deterministic_and_follow_the_model_version(tmp_path: Path) -> 
         assert path.parent.parent.name == ds.StudyInstanceUID
 
 
+def test_uids_follow_the_exact_source_set() -> None:
+    """A series that grew (35 of 100 slices, then all 100) gets other result UIDs: one
+    UID never names two different contents; the same set in another order keeps them."""
+    sources = ct_series(slices=6)
+    part = encode(ct_findings(sources[:4]), sources[:4])
+    whole = encode(ct_findings(sources), sources)
+    uids = {uid for ds in part for uid in (ds.SeriesInstanceUID, ds.SOPInstanceUID)}
+    assert not uids & {uid for ds in whole for uid in (ds.SeriesInstanceUID, ds.SOPInstanceUID)}
+    shuffled = [sources[i] for i in (3, 1, 0, 2)]
+    again = encode(ct_findings(shuffled), shuffled)
+    assert [ds.SOPInstanceUID for ds in again] == [ds.SOPInstanceUID for ds in part]
+
+
 def test_equipment_and_numbers_come_from_options() -> None:
     sources = ct_series(slices=3)
     options = ResultsOptions(
