@@ -24,21 +24,9 @@ from sqlalchemy.orm import Session
 from spine_node.node.audit import Database, Series, record_event, utcnow
 from spine_node.node.config import AssemblySettings
 from spine_node.node.domain import SeriesState
+from spine_node.node.header import InstanceInfo, StoreRejected, read_header
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InstanceInfo:
-    """The identifying header of one received instance (no PHI)."""
-
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    modality: str = ""
-    body_part: str = ""
-    view_position: str = ""
 
 
 @dataclass
@@ -268,7 +256,6 @@ def recover_from_spool(db: Database, spool_root: object) -> int:
     """
     from pathlib import Path
 
-    from spine_node.node.receive import StoreRejected, read_header
     from spine_node.node.spool import Spool
 
     spool = Spool(Path(str(spool_root)))

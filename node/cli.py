@@ -317,7 +317,7 @@ def routes_test(
     """Show which routes and pipelines the series in PATH would trigger."""
     from rich.table import Table
 
-    from spine_node.node.receive import StoreRejected, read_header
+    from spine_node.node.header import StoreRejected, read_header
     from spine_node.node.route import SeriesFacts, plan
 
     cfg = settings()

@@ -28,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import config as pydicom_config
-from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
-from pydicom.multival import MultiValue
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -49,13 +47,28 @@ from pydicom.uid import (
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from spine_node.node import metrics
-from spine_node.node.assemble import InstanceInfo, SeriesTracker
+from spine_node.node.assemble import SeriesTracker
 from spine_node.node.audit import Association, Database, record_event, utcnow
 from spine_node.node.config import Settings, TLSSettings
-from spine_node.node.errors import InvalidUIDError, OutOfSpaceError, SpoolError
+from spine_node.node.errors import OutOfSpaceError, SpoolError
+from spine_node.node.header import (
+    HEADER_TAG_NUMBERS,
+    HEADER_TAGS,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    STATUS_INSTANCE_UID_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SPOOL_WRITE_FAILED,
+    STATUS_SUCCESS,
+    InstanceInfo,
+    StoreRejected,
+    clean_text,
+    instance_info,
+    read_header,
+)
 from spine_node.node.scp import AssociationInfo, DicomServer, IncomingFile, supported_contexts
 from spine_node.node.spool import Spool
-from spine_node.node.uids import is_valid_uid, validate_uid
+from spine_node.node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -76,99 +89,6 @@ TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
     "1.2.840.10008.1.2.4.203",  # HTJ2K
 ]
-
-# C-STORE statuses (PS3.4 B.2.3 and the 0xA7xx/0xA9xx/0xCxxx ranges).
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_SPOOL_WRITE_FAILED = 0xA701
-STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC210
-STATUS_INVALID_UID = 0xC220
-STATUS_INSTANCE_UID_MISMATCH = 0xC221
-
-_HEADER_TAGS = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-    "BodyPartExamined",
-    "ViewPosition",
-)
-_HEADER_TAG_NUMBERS = {
-    (0x0008, 0x0016): "SOPClassUID",
-    (0x0008, 0x0018): "SOPInstanceUID",
-    (0x0020, 0x000D): "StudyInstanceUID",
-    (0x0020, 0x000E): "SeriesInstanceUID",
-    (0x0008, 0x0060): "Modality",
-    (0x0018, 0x0015): "BodyPartExamined",
-    (0x0018, 0x5101): "ViewPosition",
-}
-
-
-class StoreRejected(Exception):
-    """An instance is refused with ``status``; ``reason`` is safe to log (no PHI)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def read_header(path: Path) -> InstanceInfo:
-    """Read the identifying header of a DICOM file without touching pixel data.
-
-    Raises only :class:`StoreRejected`: 0xC210 for bytes that do not parse, 0xC220 for
-    UIDs that are missing or invalid (and so could not become path components).
-    """
-    try:
-        # specific_tags already skips the values of every other element; defer_size would only
-        # add seeks and re-opens (it doubled the cost of this call on the hot path).
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
-        values = {keyword: _text(ds, keyword) for keyword in _HEADER_TAGS}
-    except Exception as exc:  # noqa: BLE001 - hostile bytes can break the parser in any way
-        raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from None
-    return instance_info(values)
-
-
-def instance_info(values: dict[str, str]) -> InstanceInfo:
-    """Validate the identifying values of an instance (keyword -> text) into an InstanceInfo."""
-    try:
-        study = validate_uid(values["StudyInstanceUID"], "Study Instance UID")
-        series = validate_uid(values["SeriesInstanceUID"], "Series Instance UID")
-        sop = validate_uid(values["SOPInstanceUID"], "SOP Instance UID")
-        sop_class = validate_uid(values["SOPClassUID"], "SOP Class UID")
-    except InvalidUIDError as exc:
-        raise StoreRejected(STATUS_INVALID_UID, str(exc)) from None
-    return InstanceInfo(
-        study_uid=study,
-        series_uid=series,
-        sop_instance_uid=sop,
-        sop_class_uid=sop_class,
-        modality=values["Modality"][:16],
-        body_part=values["BodyPartExamined"][:64].upper(),
-        view_position=values["ViewPosition"][:16].upper(),
-    )
-
-
-def _text(ds: Any, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    if value is None:
-        return ""
-    if isinstance(value, bytes):  # a value pydicom could not decode
-        value = value.decode("ascii", "replace")
-    elif isinstance(value, MultiValue):
-        value = "\\".join(str(v) for v in value)
-    return _clean(str(value))
-
-
-_CONTROL_CHARACTERS = dict.fromkeys(range(0x20))
-
-
-def _clean(value: str) -> str:
-    # Strip the NUL padding some devices put in UIDs and any stray control characters.
-    return value.translate(_CONTROL_CHARACTERS).strip()
-
 
 def inspect_dataset(data: Any, start: int, transfer_syntax: str,
                     size: int | None = None) -> tuple[bool, InstanceInfo] | None:
@@ -252,12 +172,12 @@ class HeaderWalk:
             if partial:  # a read past the part in memory
                 raise PastHead from None
             raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from None
-        values = dict.fromkeys(_HEADER_TAGS, "")
+        values = dict.fromkeys(HEADER_TAGS, "")
         for tag, (position, length) in walker.captured.items():
             if position + length > len(data):
                 raise PastHead
             raw = bytes(data[position:position + length])
-            values[_HEADER_TAG_NUMBERS[tag]] = _clean(raw.decode("latin-1"))  # as pydicom reads CS and UI values
+            values[HEADER_TAG_NUMBERS[tag]] = clean_text(raw.decode("latin-1"))  # as pydicom reads CS and UI values
         return bool(tags & _PIXEL_TAGS), instance_info(values)
 
 
@@ -294,7 +214,7 @@ class _StructureWalker:
         self.data = data  # bytes or an mmap of the file, or its beginning (``end``: its length)
         self.pos = start
         self.end = len(data) if end is None else end
-        # (position, length) of the top-level identifying elements (_HEADER_TAG_NUMBERS).
+        # (position, length) of the top-level identifying elements (HEADER_TAG_NUMBERS).
         self.captured: dict[tuple[int, int], tuple[int, int]] = {}
 
     def _unpack(self, fmt: str, size: int) -> tuple[Any, ...]:
@@ -356,7 +276,7 @@ class _StructureWalker:
                 if length > end - pos:
                     raise _Malformed(f"element ({group:04X},{element:04X}) claims {length} bytes at byte "
                                      f"{pos} but only {end - pos} remain")
-                if depth == 0 and tag in _HEADER_TAG_NUMBERS:
+                if depth == 0 and tag in HEADER_TAG_NUMBERS:
                     self.captured[tag] = (pos, length)
                 self.pos = pos + length
             elif tag in _PIXEL_TAGS and vr in (b"OB", b"OW"):

@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -47,10 +47,9 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from spine_node.node import __version__
+from spine_node.node.config import Settings
+from spine_node.node.header import STATUS_CANNOT_UNDERSTAND
 from spine_node.node.uids import derive_uid, is_valid_uid
-
-if TYPE_CHECKING:
-    from spine_node.node.receive import Receiver
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +366,31 @@ class AssociationInfo:
     contexts: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (abstract, transfer)
 
 
+class StoreHandler(Protocol):
+    """What the wire side calls on the node side (``receive.Receiver``), owned here so
+    that scp never imports receive. ``stats`` is the handler's opaque per-association
+    token (from :meth:`association_accepted`); ``header_walk`` gives the incremental
+    header check an :class:`IncomingFile` begins once the head is complete."""
+
+    settings: Settings
+    incoming_dir: Path
+
+    def association_accepted(self, peer: AssociationInfo) -> Any: ...
+
+    def association_rejected(self, peer: AssociationInfo, reason: str) -> None: ...
+
+    def association_ended(self, stats: Any, state: str, reason: str) -> None: ...
+
+    def record_refused_host(self, host: str, port: int) -> None: ...
+
+    def header_walk(self, meta_length: int, transfer_syntax: str) -> Any: ...
+
+    def store(self, stats: Any, incoming: IncomingFile, request_sop_class: str,
+              request_sop_instance: str, transfer_syntax: str, calling_ae_title: str) -> tuple[int, str]: ...
+
+    def refuse(self, stats: Any, status: int, reason: str, sop_instance: str) -> tuple[int, str]: ...
+
+
 def supported_contexts(storage_classes: list[str], transfer_syntaxes: list[str]) -> list[PresentationContext]:
     """What the node accepts: Verification, and every storage class in ``transfer_syntaxes``."""
     contexts = []
@@ -597,7 +621,8 @@ class AssociationHandler:
             self._respond(context_id, 0x8030, command, STATUS_SUCCESS)
         elif field_ == C_STORE_RQ:
             if not has_data:
-                status, reason = self.receiver.refuse(self.stats, 0xC210, "C-STORE request without a data set",
+                status, reason = self.receiver.refuse(self.stats, STATUS_CANNOT_UNDERSTAND,
+                                                      "C-STORE request without a data set",
                                                       _uid_text(command.get(0x1000)))
                 self._respond(context_id, 0x8001, command, status, reason)
                 return
@@ -679,7 +704,7 @@ class DicomServer:
     (``serve --processes``): the kernel spreads new connections over them.
     """
 
-    def __init__(self, receiver: Receiver, host: str, port: int, contexts: list[PresentationContext],
+    def __init__(self, receiver: StoreHandler, host: str, port: int, contexts: list[PresentationContext],
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.receiver = receiver
         self.contexts = contexts
