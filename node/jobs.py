@@ -1,4 +1,4 @@
-"""Jobs: the Celery app, the ``run_job`` task and the reconciler.
+"""Jobs: the Celery app, a job row's claim and outcome, and the reconciler.
 
 SQL is the source of truth for work (DESIGN decision 1). Routing commits a
 :class:`spine_node.node.audit.Job` row first; :func:`send_pending` then puts a Celery message on
@@ -8,7 +8,9 @@ while the pipeline runs, and records the outcome, the result objects and their
 dispatches in one commit. :func:`reconcile` re-sends messages the broker lost and puts
 jobs whose worker died back on the queue, giving up after ``worker.max_attempts``.
 
-The serve loop calls :func:`tick` every few seconds.
+The serve loop calls :func:`tick` every few seconds. The ``run_job`` task itself is
+defined in :mod:`spine_node.node.worker` (the worker side imports this module, never
+the other way round).
 """
 
 from __future__ import annotations
@@ -30,12 +32,11 @@ from kombu import Queue
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from spine_node.inference.errors import InferenceError
 from spine_node.node import audit
 from spine_node.node.audit import Database, Job, WorkerHeartbeat, record_event, utcnow
 from spine_node.node.config import Settings, redact_url
 from spine_node.node.domain import DispatchState, JobState
-from spine_node.node.errors import JobStateError, NodeError
+from spine_node.node.errors import JobStateError
 
 log = logging.getLogger(__name__)
 
@@ -480,38 +481,6 @@ def release_after_error(db: Database, settings: Settings, claim: Claim, error: s
                          job_id=claim.job_id, study_uid=claim.study_uid,
                          series_uid=claim.series_uid, details={"attempt": claim.attempt})
     return state
-
-
-# --- the task ----------------------------------------------------------------------------
-
-
-@node_task(name=TASK_NAME)
-def run_job(self: Any, *, job_id: int) -> str:
-    """Claim job ``job_id``, run its pipeline, record the outcome. Returns the new state."""
-    from spine_node.node import worker as worker_side
-
-    app: NodeCelery = self.app
-    settings = app.node_settings
-    db = app.database()
-    claim = claim_job(db, settings, job_id)
-    if claim is None:
-        return "skipped"
-    log.info("job %d (%s) attempt %d started", job_id, claim.pipeline, claim.attempt)
-    with JobHeartbeat(db, claim, heartbeat_interval(settings)) as beat:
-        try:
-            outcome = worker_side.execute(claim, settings, db)
-        except (NodeError, InferenceError) as exc:
-            log.info("job %d failed: %s", job_id, exc)
-            record_failure(db, claim, f"{type(exc).__name__}: {exc}")
-            return JobState.FAILED.value
-        except Exception as exc:
-            log.exception("job %d: unexpected error", job_id)
-            release_after_error(db, settings, claim, f"unexpected {type(exc).__name__}: {exc}")
-            raise
-    if beat.lost or not record_success(db, settings, claim, outcome):
-        return "discarded"
-    log.info("job %d succeeded with %d result(s)", job_id, len(outcome.results))
-    return JobState.SUCCEEDED.value
 
 
 # --- reconciling (serve side) -----------------------------------------------------------

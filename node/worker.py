@@ -1,6 +1,6 @@
 """The worker side of a job: spool series in, pipeline, result objects out.
 
-:func:`execute` is the domain code the ``run_job`` task calls once it owns a job: it
+:func:`execute` is the domain code the ``run_job`` task (defined here) calls once it owns a job: it
 builds :class:`~node.domain.SeriesRef` objects from the spool, runs the pipeline with an
 :class:`EngineProvider`, encodes the findings with :mod:`spine_node.node.results` and writes the
 objects under ``storage.results``. :func:`run_worker` starts a Celery worker with the
@@ -23,15 +23,33 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from spine_node.inference import pipelines
-from spine_node.inference.errors import PipelineError
+from spine_node.inference.errors import InferenceError, PipelineError
 from spine_node.inference.findings import Findings
 from spine_node.inference.runtime import EngineProvider
 from spine_node.inference.series import SeriesRef
 from spine_node.node import metrics, results
 from spine_node.node.audit import Database, Series
 from spine_node.node.config import Settings
+from spine_node.node.domain import JobState
 from spine_node.node.errors import NodeError, SpoolError
-from spine_node.node.jobs import Claim, Outcome, ResultFile, WorkerLiveness, celery_app, local_host_id, queue_names
+from spine_node.node.jobs import (
+    TASK_NAME,
+    Claim,
+    JobHeartbeat,
+    NodeCelery,
+    Outcome,
+    ResultFile,
+    WorkerLiveness,
+    celery_app,
+    claim_job,
+    heartbeat_interval,
+    local_host_id,
+    node_task,
+    queue_names,
+    record_failure,
+    record_success,
+    release_after_error,
+)
 from spine_node.node.spool import Spool
 from spine_node.node.uids import validate_uid
 
@@ -204,6 +222,36 @@ def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
             "total_s": round(done - started, 4),
         },
     )
+
+
+# --- the task ----------------------------------------------------------------------------
+
+
+@node_task(name=TASK_NAME)
+def run_job(self: Any, *, job_id: int) -> str:
+    """Claim job ``job_id``, run its pipeline, record the outcome. Returns the new state."""
+    app: NodeCelery = self.app
+    settings = app.node_settings
+    db = app.database()
+    claim = claim_job(db, settings, job_id)
+    if claim is None:
+        return "skipped"
+    log.info("job %d (%s) attempt %d started", job_id, claim.pipeline, claim.attempt)
+    with JobHeartbeat(db, claim, heartbeat_interval(settings)) as beat:
+        try:
+            outcome = execute(claim, settings, db)
+        except (NodeError, InferenceError) as exc:
+            log.info("job %d failed: %s", job_id, exc)
+            record_failure(db, claim, f"{type(exc).__name__}: {exc}")
+            return JobState.FAILED.value
+        except Exception as exc:
+            log.exception("job %d: unexpected error", job_id)
+            release_after_error(db, settings, claim, f"unexpected {type(exc).__name__}: {exc}")
+            raise
+    if beat.lost or not record_success(db, settings, claim, outcome):
+        return "discarded"
+    log.info("job %d succeeded with %d result(s)", job_id, len(outcome.results))
+    return JobState.SUCCEEDED.value
 
 
 # --- the worker process ------------------------------------------------------------------
