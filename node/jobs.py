@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from spine_node.node import audit
 from spine_node.node.audit import Database, Job, WorkerHeartbeat, record_event, utcnow
 from spine_node.node.config import Settings, redact_url
-from spine_node.node.domain import DispatchState, JobState
+from spine_node.node.domain import DispatchState, JobState, SeriesState
 from spine_node.node.errors import JobStateError
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,18 @@ def claim_job(db: Database, settings: Settings, job_id: int, *, worker: str | No
                 log.info("job %d is running on %s; duplicate message skipped", job_id, job.worker)
                 return None
         guard = (Job.id == job_id, Job.state == job.state, Job.attempts == job.attempts)
+        growing = receiving_inputs(session, job.input_series_uids or [job.series_uid])
+        if growing:
+            # Its series is being received again: a run now would see part of it. Routing
+            # re-arms the job once the series is complete.
+            done = session.execute(update(Job).where(*guard).values(
+                state=JobState.CANCELLED.value, error=_superseded(growing), finished_at=now,
+                worker=None, heartbeat_at=None))
+            if done.rowcount == 1:  # type: ignore[attr-defined]
+                record_event(session, "job.superseded", "input series is being received again",
+                             job_id=job_id, study_uid=job.study_uid, series_uid=job.series_uid,
+                             details={"receiving": growing})
+            return None
         if job.attempts >= settings.worker.max_attempts:
             error = (f"gave up after {job.attempts} attempt(s) (worker.max_attempts="
                      f"{settings.worker.max_attempts}); last error: {job.error or 'worker lost'}")
@@ -333,6 +345,20 @@ def claim_job(db: Database, settings: Settings, job_id: int, *, worker: str | No
             study_uid=job.study_uid, series_uid=job.series_uid,
             input_series_uids=tuple(job.input_series_uids or [job.series_uid]),
         )
+
+
+def receiving_inputs(session: Session, series_uids: Sequence[str]) -> list[str]:
+    """Those of ``series_uids`` whose series is receiving instances (again)."""
+    if not series_uids:
+        return []
+    return sorted(session.scalars(select(audit.Series.series_uid).where(
+        audit.Series.series_uid.in_(list(series_uids)),
+        audit.Series.state == SeriesState.RECEIVING.value)))
+
+
+def _superseded(series_uids: Sequence[str]) -> str:
+    return (f"superseded: input series {', '.join(series_uids)} received more instances; "
+            "the job re-runs over the whole series once it is complete")
 
 
 def _owned(claim: Claim) -> tuple[Any, ...]:
@@ -419,13 +445,27 @@ def record_success(db: Database, settings: Settings, claim: Claim, outcome: Outc
             model_version=outcome.model_version, timings=outcome.timings or None))
         if done.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()
-            log.warning("job %d was reconciled or cancelled while running; outcome discarded",
-                        claim.job_id)
+            log.warning("job %d was reconciled, superseded or cancelled while running; outcome "
+                        "discarded", claim.job_id)
             return False
-        # A result with the same (deterministic) UID from an earlier run is replaced.
+        growing = receiving_inputs(session, claim.input_series_uids)
+        if growing:
+            # The run saw part of a series that is still growing: its results would describe
+            # a set of instances nobody will see again. Routing re-arms the job.
+            session.execute(update(Job).where(Job.id == claim.job_id).values(
+                state=JobState.CANCELLED.value, error=_superseded(growing)))
+            record_event(session, "job.superseded", "input series received more instances while "
+                         "the job ran; outcome discarded", job_id=claim.job_id,
+                         study_uid=claim.study_uid, series_uid=claim.series_uid,
+                         details={"receiving": growing, "attempt": claim.attempt})
+            log.info("job %d: input series received more instances while it ran; outcome "
+                     "discarded, it re-runs once the series is complete", claim.job_id)
+            return False
+        # A result with the same (derived) UID from an earlier run is the same content.
         uids = [r.sop_instance_uid for r in outcome.results]
         if uids:
             session.execute(delete(audit.Result).where(audit.Result.sop_instance_uid.in_(uids)))
+        _supersede_results(session, claim, uids)
         for item in outcome.results:
             row = audit.Result(job_id=claim.job_id, kind=item.kind,
                                sop_class_uid=item.sop_class_uid,
@@ -445,6 +485,28 @@ def record_success(db: Database, settings: Settings, claim: Claim, outcome: Outc
                               "timings": outcome.timings,
                               "results": [r.sop_instance_uid for r in outcome.results]})
     return True
+
+
+def _supersede_results(session: Session, claim: Claim, new_uids: Sequence[str]) -> None:
+    """Earlier results of the job (other inputs or model): stop sending them, say what replaces them.
+
+    Their rows stay (what a PACS already holds stays traceable); dispatches not sent (pending
+    or dead) are cancelled, so a destination never gets an outdated object after its successor.
+    """
+    older = session.scalars(select(audit.Result).where(
+        audit.Result.job_id == claim.job_id,
+        audit.Result.sop_instance_uid.not_in(list(new_uids)))).all()
+    if not older:
+        return
+    ids = [r.id for r in older]
+    session.execute(update(audit.Dispatch).where(
+        audit.Dispatch.result_id.in_(ids),
+        audit.Dispatch.state.in_([DispatchState.PENDING.value, DispatchState.DEAD.value])).values(
+            state=DispatchState.CANCELLED.value, last_error="superseded by a newer result"))
+    record_event(session, "result.superseded", f"{len(older)} earlier result object(s) superseded",
+                 job_id=claim.job_id, study_uid=claim.study_uid, series_uid=claim.series_uid,
+                 details={"superseded": [r.sop_instance_uid for r in older],
+                          "by": list(new_uids)})
 
 
 def record_failure(db: Database, claim: Claim, error: str) -> bool:

@@ -140,8 +140,26 @@ def route_study(session: Session, routes: Sequence[Route], completed: CompletedS
             job.error = None
             record_event(session, "job.requeued", "series received again", job_id=job.id,
                          study_uid=completed.study_uid, series_uid=item.key_series_uid)
+        elif job.state == JobState.RUNNING.value:
+            # It runs over the instances it found when it started, which this completion
+            # has outgrown: take the row from that run (its outcome is then discarded,
+            # see jobs.record_success) and queue a run over the full set.
+            previous = job.worker
+            job.state = JobState.QUEUED.value
+            job.input_series_uids = list(item.series_uids)
+            job.enqueued_at = None
+            job.task_id = None
+            job.worker = None
+            job.heartbeat_at = None
+            job.attempts = 0
+            job.error = "superseded: input series received more instances while it ran"
+            record_event(session, "job.superseded", "series received again while the job ran",
+                         job_id=job.id, study_uid=completed.study_uid,
+                         series_uid=item.key_series_uid, details={"worker": previous})
         else:
-            continue  # already queued or running
+            # Queued: its worker reads the spool when it starts, so it sees every instance.
+            job.input_series_uids = list(item.series_uids)
+            continue
         jobs.append(job)
     routed = {uid for item in planned for uid in item.series_uids}
     for row in new_rows:

@@ -572,3 +572,110 @@ def test_redis_restart_loses_messages_and_reconcile_resends(tmp_path, database_u
         db.dispose()
     finally:
         server.kill()
+
+
+# --- a series that grows after routing ---------------------------------------------------
+
+
+def _growing_series(settings: Settings, db: Database, slices: int, tag: str
+                    ) -> tuple[str, str, list[Path], Callable[[Path], None], Any]:
+    """A CT series in the spool, all but its last slice counted, completed and routed.
+
+    Returns its UIDs, every file, a function that counts one more file (a late arrival),
+    and the assembler (which routes ``PIPELINE`` for CT).
+    """
+    from spine_node.node.assemble import Assembler, SeriesTracker
+    from spine_node.node.config import AssemblySettings, Route, RouteMatch
+    from spine_node.node.header import InstanceInfo
+    from spine_node.node.route import route_study
+
+    study, series, files = ct_series(settings.storage.spool, slices=slices, tag=tag)
+    late = files[-1].with_name(files[-1].name + ".later")
+    files[-1].rename(late)  # not arrived yet
+    tracker = SeriesTracker(db)
+    routes = [Route(name="ct", pipelines=[PIPELINE], match=RouteMatch(modality=["CT"]))]
+    assembler = Assembler(db, AssemblySettings(quiet_period_s=0, study_quiet_period_s=0),
+                          on_complete=lambda session, done: route_study(session, routes, done))
+
+    def arrive(path: Path) -> None:
+        tracker.add(InstanceInfo(study, series, dcmread(path, stop_before_pixels=True).SOPInstanceUID,
+                                 "1.2.840.10008.5.1.4.1.1.2", "CT"), path.stat().st_size)
+        tracker.flush()
+
+    for path in files[:-1]:
+        arrive(path)
+    assert assembler.poll(now=utcnow() + timedelta(seconds=1))
+
+    def arrive_late(_: Path) -> None:
+        late.rename(files[-1])
+        arrive(files[-1])
+
+    return study, series, files, arrive_late, assembler
+
+
+def _events(db: Database, job_id: int) -> list[str]:
+    with db.session() as session:
+        return [e.kind for e in session.scalars(select(AuditEvent).where(AuditEvent.job_id == job_id)
+                                                .order_by(AuditEvent.id)).all()]
+
+
+def test_a_run_over_a_series_that_grew_meanwhile_is_discarded_and_rearmed(node):
+    """The series gets an instance while its job runs and the run ends before the series
+    is complete again: the run's outcome is discarded (its results would cover part of
+    the series), and the job re-runs once the series is complete."""
+    settings, db = node
+    study, series, files, arrive_late, assembler = _growing_series(settings, db, 4, "grow-a")
+    with db.session() as session:
+        job_id = session.scalar(select(Job.id))
+    claim = claim_job(db, settings, job_id, worker="w1")
+    assert claim is not None
+    arrive_late(files[-1])
+    assert not record_success(db, settings, claim, Outcome(results=[]))
+    job = job_row(db, job_id)
+    assert job.state == "cancelled" and "superseded" in (job.error or "")
+    # A message for it while the series is still receiving does not start a partial run.
+    assert claim_job(db, settings, job_id, worker="w2") is None
+    assert assembler.poll(now=utcnow() + timedelta(seconds=1))
+    job = job_row(db, job_id)
+    assert (job.state, job.attempts, job.enqueued_at) == ("queued", 0, None)
+    assert _events(db, job_id).count("job.superseded") == 1
+    db.dispose()
+
+
+def test_a_growing_series_ends_with_results_over_all_its_instances(tmp_path, database_url,
+                                                                   monkeypatch, workers):
+    """The issue's case: late slices arrive and the series completes again while its job
+    still runs over the first ones. The running job is superseded (its outcome discarded)
+    and re-run over the whole series; only results over every slice are recorded."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = node_env(tmp_path, database_url, SPINE_NODE_TEST_GATE_DIR=str(gate))
+    settings = settings_from(env, monkeypatch)
+    db = Database(database_url)
+    study, series, files, arrive_late, assembler = _growing_series(settings, db, 4, "grow-b")
+    with db.session() as session:
+        job_id = session.scalar(select(Job.id))
+    assert send_pending(db, settings) == 1
+    worker = workers(env)
+    # The pipeline has read the 3 slices there are and waits at the gate.
+    wait_for(lambda: list(gate.glob("started-*")) or worker.proc.poll() is not None,
+             "the pipeline to start")
+    assert job_state(db, job_id) == "running", f"{job_row(db, job_id).error}\n{worker.output()}"
+    arrive_late(files[-1])
+    assert assembler.poll(now=utcnow() + timedelta(seconds=1))
+    assert job_state(db, job_id) == "queued"
+    (gate / "open").touch()
+
+    def finished() -> bool:
+        tick(db, settings)
+        return job_state(db, job_id) in ("succeeded", "failed")
+
+    wait_for(finished, "the re-run to finish")
+    job = job_row(db, job_id)
+    assert job.state == "succeeded", f"{job.error}\n{worker.output()}"
+    check_results_match_pixels(db, job_id, files)  # every slice, once
+    kinds = _events(db, job_id)
+    assert kinds.count("job.superseded") == 1 and kinds.count("job_succeeded") == 1
+    with db.session() as session:  # the superseded run recorded nothing
+        assert session.scalar(select(func.count()).select_from(Result)) == 2
+    db.dispose()
