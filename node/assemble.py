@@ -246,6 +246,22 @@ class Assembler:
         return completed
 
 
+def restart_quiet_periods(db: Database, now: datetime | None = None) -> int:
+    """Count the quiet period of every receiving series from ``now`` (the node's start).
+
+    A node that was down cannot tell a quiet sender from one that was cut off with it:
+    a peer whose association died with the node re-sends the whole series after the
+    restart, and completing the part received before (by the files' old timestamps)
+    would route and report a fraction of the series. Returns the series touched.
+    """
+    now = now or utcnow()
+    with db.session() as session:
+        result = session.execute(update(Series).where(
+            Series.state == SeriesState.RECEIVING.value,
+            Series.last_received_at < now).values(last_received_at=now))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def recover_from_spool(db: Database, spool_root: object) -> int:
     """Rebuild series rows for spool folders the database does not know fully.
 

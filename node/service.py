@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from spine_node.node import metrics
-from spine_node.node.assemble import Assembler, CompletedStudy, recover_from_spool
+from spine_node.node.assemble import Assembler, CompletedStudy, recover_from_spool, restart_quiet_periods
 from spine_node.node.audit import Database
 from spine_node.node.config import Settings
 from spine_node.node.errors import NodeError
@@ -75,6 +75,10 @@ class NodeService:
         repaired = recover_from_spool(self.db, self.settings.storage.spool)
         if repaired:
             log.info("recovered %d series from the spool", repaired)
+        waiting = restart_quiet_periods(self.db)
+        if waiting:
+            log.info("%d series were receiving when the node stopped; their quiet period counts "
+                     "from now", waiting)
         # Metrics first: once the DICOM port answers, the endpoint does too.
         if self.settings.metrics_port is not None:
             self.metrics_server = metrics.start_metrics_server(

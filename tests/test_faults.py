@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,28 @@ def test_complete_files_left_in_incoming_by_a_power_cut_are_placed_at_start(tmp_
                                  if r.series_uid == series_uid and r.state in ("routed", "skipped")])
         assert rows[0].instance_count == 1
         assert "placed 1 complete instance" in node.log()
+
+
+def test_a_restarted_node_counts_quiet_periods_from_its_restart(tmp_path: Path) -> None:
+    """``serve`` was killed mid-association: the instances it had are in the spool with
+    old timestamps, and the peer re-sends the whole series after the restart. The part
+    must not complete by those old timestamps (it would be routed and reported)."""
+    study = write_study(tmp_path / "in", seed="restart", series=1, per_series=3)
+    (series_uid, files), = study.items()
+    first = dcmread(files[0])
+    hour_ago = time.time() - 3600
+    for path in files[:2]:  # 2 of 3 arrived before the node died
+        ds = dcmread(path, stop_before_pixels=True)
+        target = tmp_path / "node" / "spool" / first.StudyInstanceUID / series_uid / f"{ds.SOPInstanceUID}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+        os.utime(target, (hour_ago, hour_ago))
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    started = datetime.now(UTC).replace(tzinfo=None)
+    env = {"SPINE_NODE_ASSEMBLY__QUIET_PERIOD_S": "30", "SPINE_NODE_ASSEMBLY__STUDY_QUIET_PERIOD_S": "30"}
+    with NodeProcess(tmp_path / "node", url, env=env) as node:
+        # Start recovered the series from the spool before it listened.
+        (row,) = [r for r in table_rows(url, Series) if r.series_uid == series_uid]
+        assert row.state == "receiving" and row.instance_count == 2
+        assert row.last_received_at >= started, (row.last_received_at, started)
+        assert "quiet period counts from now" in node.log()
