@@ -20,7 +20,6 @@ import socket
 import ssl
 import struct
 import time
-import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from spine_node.node import metrics
 from spine_node.node.assemble import SeriesTracker
 from spine_node.node.audit import Association, Database, record_event, utcnow
 from spine_node.node.config import Settings, TLSSettings
+from spine_node.node.deflated import DeflateMalformed, inspect_deflated
 from spine_node.node.errors import OutOfSpaceError, SpoolError
 from spine_node.node.header import (
     HEADER_TAG_NUMBERS,
@@ -336,48 +336,20 @@ def check_structure(path: Path, transfer_syntax: str) -> bool | None:
                     raise _Malformed("file meta has no group length")
                 start = 144 + struct.unpack_from("<L", data, 140)[0]
                 if syntax == DeflatedExplicitVRLittleEndian:
-                    _check_deflated(data, start)
-                    return None
+                    return inspect_deflated(_pread(fp.fileno()), start, len(data))[0]
                 if data[start:start + 2] == b"\x02\x00":
                     raise _Malformed("data set carries File Meta Information (group 0002) elements")
                 tags = _StructureWalker(data, start).dataset(syntax.is_implicit_VR, 0, in_item=False)
-    except _Malformed as exc:
+    except (_Malformed, DeflateMalformed) as exc:
         raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"malformed data set: {exc}") from None
     except (OSError, ValueError, struct.error) as exc:
         raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from None
     return bool(tags & _PIXEL_TAGS)
 
 
-# A deflated data set is inflated whole by the header parser: refuse streams that would
-# inflate past this size, or past _MAX_INFLATE_RATIO times their size once above 64 MiB
-# (real DICOM deflates a few times over; a "zip bomb" a thousand times).
-_MAX_INFLATED = 1 << 30
-_MAX_INFLATE_RATIO = 100
-
-
-def _check_deflated(data: Any, start: int) -> None:
-    """Inflate a deflated data set in bounded chunks, counting but not keeping the output."""
-    compressed = len(data) - start
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    inflated = 0
-    position = start
-    try:
-        while position < len(data) or inflater.unconsumed_tail:
-            if inflater.unconsumed_tail:
-                chunk = inflater.unconsumed_tail
-            else:
-                chunk = data[position:position + (1 << 20)]
-                position += len(chunk)
-            inflated += len(inflater.decompress(chunk, 1 << 22))
-            if inflated > _MAX_INFLATED or (inflated > 64 << 20 and inflated > _MAX_INFLATE_RATIO * compressed):
-                raise _Malformed(f"deflated data set of {compressed} bytes inflates past {inflated} bytes")
-            if inflater.eof:
-                break
-        inflated += len(inflater.flush())
-    except zlib.error as exc:
-        raise _Malformed(f"deflated data set does not inflate: {exc}") from None
-    if not inflater.eof:
-        raise _Malformed("deflated data set ends before its deflate stream does")
+def _pread(fd: int) -> Callable[[int, int], bytes]:
+    """Reads of an open file by offset: no file position shared, nothing mapped."""
+    return lambda offset, count: os.pread(fd, count, offset)
 
 
 def needs_pixel_data(sop_class_uid: str) -> bool:
@@ -677,6 +649,12 @@ def _inspect_incoming(incoming: IncomingFile, transfer_syntax: str) -> tuple[boo
     inspected = walk.finish(incoming.head, incoming.size, incoming.mapped)
     if inspected is not None:
         return inspected
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        # Walked while inflating through a bounded window, never inflated whole.
+        try:
+            return inspect_deflated(_pread(incoming.fd), incoming.meta_length, incoming.size)
+        except DeflateMalformed as exc:
+            raise StoreRejected(STATUS_CANNOT_UNDERSTAND, f"malformed data set: {exc}") from None
     path = Path(incoming.name)
     return check_structure(path, transfer_syntax), read_header(path)
 
@@ -720,8 +698,13 @@ def _leftover_instance(path: Path) -> InstanceInfo:
     """The identity of a received file left in ``.incoming``, checked as :meth:`Receiver.store`
     checks one (structure, UIDs, pixel data); raises where it is not whole and sound."""
     transfer_syntax = str(read_file_meta_info(path).TransferSyntaxUID)
-    has_pixels = check_structure(path, transfer_syntax)
-    info = read_header(path)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:  # never inflated whole (node/deflated.py)
+        with path.open("rb") as fp:
+            start = 144 + struct.unpack("<L", os.pread(fp.fileno(), 4, 140))[0]
+            has_pixels, info = inspect_deflated(_pread(fp.fileno()), start, os.fstat(fp.fileno()).st_size)
+    else:
+        has_pixels = check_structure(path, transfer_syntax)
+        info = read_header(path)
     _require_pixel_data(has_pixels, info)
     return info
 
