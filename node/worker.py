@@ -27,7 +27,7 @@ from spine_node.inference.errors import InferenceError, PipelineError
 from spine_node.inference.findings import Findings
 from spine_node.inference.runtime import EngineProvider
 from spine_node.inference.series import SeriesRef
-from spine_node.node import metrics, results
+from spine_node.node import metrics, results, supersede
 from spine_node.node.audit import Database, Series
 from spine_node.node.config import Settings
 from spine_node.node.domain import JobState
@@ -206,6 +206,8 @@ def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
         raise PipelineError(f"pipeline {claim.pipeline!r} returned {type(findings).__name__}, "
                             "expected Findings")
     datasets = encode_results(findings, inputs, settings)
+    # A re-run with new UIDs (grown series, other model) names the SR it replaces.
+    supersede.add_predecessors(datasets, supersede.prior_reports(db, claim))
     written = write_results(datasets, settings.storage.results)
     done = time.perf_counter()
     backend = findings.model.backend or ",".join(sorted(set(provider.loaded().values())))

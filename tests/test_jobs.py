@@ -277,7 +277,7 @@ def test_reconcile_requeues_lost_jobs_then_gives_up(node):
     with db.session() as session:
         kinds = [e.kind for e in session.scalars(select(AuditEvent)
                                                  .where(AuditEvent.job_id == job_id)).all()]
-    assert kinds.count("job_requeued") == 2 and kinds.count("job_failed") == 1
+    assert kinds.count("job.requeued") == 2 and kinds.count("job.failed") == 1
 
 
 def test_claim_fails_a_job_that_used_its_attempts(node):
@@ -459,7 +459,7 @@ def test_worker_killed_mid_job_is_reconciled(tmp_path, database_url, monkeypatch
         assert session.scalar(select(func.count()).select_from(Result)) == 2  # SEG + SR
         kinds = [e.kind for e in session.scalars(select(AuditEvent)
                                                  .where(AuditEvent.job_id == job_id)).all()]
-    assert kinds.count("job_requeued") == 1 and kinds.count("job_succeeded") == 1
+    assert kinds.count("job.requeued") == 1 and kinds.count("job.succeeded") == 1
     check_results_match_pixels(db, job_id, files)
     db.dispose()
 
@@ -675,7 +675,65 @@ def test_a_growing_series_ends_with_results_over_all_its_instances(tmp_path, dat
     assert job.state == "succeeded", f"{job.error}\n{worker.output()}"
     check_results_match_pixels(db, job_id, files)  # every slice, once
     kinds = _events(db, job_id)
-    assert kinds.count("job.superseded") == 1 and kinds.count("job_succeeded") == 1
+    assert kinds.count("job.superseded") == 1 and kinds.count("job.succeeded") == 1
     with db.session() as session:  # the superseded run recorded nothing
         assert session.scalar(select(func.count()).select_from(Result)) == 2
     db.dispose()
+
+
+def test_a_rerun_over_a_grown_series_supersedes_the_earlier_results(tmp_path, database_url,
+                                                                    monkeypatch, workers):
+    """The job succeeded over 3 slices; a 4th arrives later. The re-run's SEG and SR get
+    new UIDs (other content), the new SR names the earlier one as its predecessor, and
+    the earlier objects are no longer sent (their dispatches are cancelled)."""
+    down = free_port()  # nothing listens: dispatches stay pending
+    env = node_env(tmp_path, database_url, SPINE_NODE_DISPATCH__DESTINATIONS=json.dumps(
+        [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": down}]))
+    settings = settings_from(env, monkeypatch)
+    db = Database(database_url)
+    study, series, files, arrive_late, assembler = _growing_series(settings, db, 4, "grow-c")
+    with db.session() as session:
+        job_id = session.scalar(select(Job.id))
+    send_pending(db, settings)
+    worker = workers(env)
+    wait_for(lambda: job_state(db, job_id) in ("succeeded", "failed"), "the first run")
+    assert job_state(db, job_id) == "succeeded", worker.output()
+    first = {r.kind: r for r in results_of(db, job_id)}
+    arrive_late(files[-1])
+    assert assembler.poll(now=utcnow() + timedelta(seconds=1))
+    send_pending(db, settings)
+    wait_for(lambda: job_state(db, job_id) in ("succeeded", "failed")
+             and len(results_of(db, job_id)) == 4, "the re-run")
+    second = {r.kind: r for r in results_of(db, job_id) if r.id not in {x.id for x in first.values()}}
+    assert set(second) == {"SEG", "SR"}
+    assert not {r.sop_instance_uid for r in first.values()} & {r.sop_instance_uid for r in second.values()}
+    check_results_match_pixels_of(second["SEG"], files)
+    sr = dcmread(second["SR"].path)
+    (study_item,) = sr.PredecessorDocumentsSequence
+    (series_item,) = study_item.ReferencedSeriesSequence
+    (sop_item,) = series_item.ReferencedSOPSequence
+    assert (study_item.StudyInstanceUID, series_item.SeriesInstanceUID, sop_item.ReferencedSOPInstanceUID) == (
+        study, first["SR"].series_uid, first["SR"].sop_instance_uid)
+    errors, _ = _dciodvfy(Path(second["SR"].path))
+    assert not errors, errors
+    states = {d.result_id: d.state for d in dispatches(db)}
+    assert {states[r.id] for r in first.values()} == {"cancelled"}
+    assert {states[r.id] for r in second.values()} == {"pending"}
+    assert "result.superseded" in _events(db, job_id)
+    db.dispose()
+
+
+def check_results_match_pixels_of(seg_row: Result, files: list[Path]) -> None:
+    """The SEG row's object has one frame per source slice with bone, over ``files``."""
+    seg = dcmread(seg_row.path)
+    sources = {dcmread(f).SOPInstanceUID: hounsfield(dcmread(f)) >= BONE_HU for f in files}
+    referenced = {frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                  for frame in seg.PerFrameFunctionalGroupsSequence}
+    assert referenced == {uid for uid, mask in sources.items() if mask.any()}
+
+
+def _dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    out = subprocess.run([tool("dciodvfy", "dicom3tools"), "-new", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    lines = (out.stdout + out.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")], [line for line in lines if line.startswith("Warning")]
