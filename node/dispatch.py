@@ -229,11 +229,11 @@ def _record(db: Database, settings: Settings, destination: str, batch: list[_Ite
             if outcome.ok:
                 values = {"state": DispatchState.SENT.value, "attempts": attempts,
                           "last_status": outcome.status, "last_error": None, "sent_at": now}
-                kind, message, bucket = "dispatch_sent", f"sent to {destination}", report.sent
+                kind, message, bucket = "dispatch.sent", f"sent to {destination}", report.sent
             elif attempts >= settings.dispatch.max_attempts:
                 values = {"state": DispatchState.DEAD.value, "attempts": attempts,
                           "last_status": outcome.status, "last_error": outcome.error}
-                kind, bucket = "dispatch_dead", report.dead
+                kind, bucket = "dispatch.dead", report.dead
                 message = (f"gave up on {destination} after {attempts} attempt(s): "
                            f"{outcome.error}")
             else:
@@ -241,7 +241,7 @@ def _record(db: Database, settings: Settings, destination: str, batch: list[_Ite
                 values = {"attempts": attempts, "last_status": outcome.status,
                           "last_error": outcome.error,
                           "next_attempt_at": now + timedelta(seconds=wait)}
-                kind, bucket = "dispatch_failed", report.failed
+                kind, bucket = "dispatch.failed", report.failed
                 message = f"attempt {attempts} to {destination} failed: {outcome.error}; " \
                           f"next in {wait:g} s"
                 details["retry_in_s"] = wait
@@ -273,7 +273,7 @@ def retry_dispatch(db: Database, dispatch_id: int) -> Dispatch:
         row.next_attempt_at = utcnow()
         row.last_error = None
         result = session.get(Result, row.result_id)
-        record_event(session, "dispatch_retried", f"retried by an admin ({row.destination})",
+        record_event(session, "dispatch.retried", f"retried by an admin ({row.destination})",
                      series_uid=result.series_uid if result else None,
                      job_id=result.job_id if result else None,
                      details={"dispatch_id": dispatch_id, "destination": row.destination})

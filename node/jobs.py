@@ -327,7 +327,7 @@ def claim_job(db: Database, settings: Settings, job_id: int, *, worker: str | No
             done = session.execute(update(Job).where(*guard).values(
                 state=JobState.FAILED.value, error=error[:_ERROR_MAX], finished_at=now))
             if done.rowcount == 1:  # type: ignore[attr-defined]
-                record_event(session, "job_failed", error[:_ERROR_MAX], job_id=job_id,
+                record_event(session, "job.failed", error[:_ERROR_MAX], job_id=job_id,
                              study_uid=job.study_uid, series_uid=job.series_uid)
             return None
         attempt = job.attempts + 1
@@ -337,7 +337,7 @@ def claim_job(db: Database, settings: Settings, job_id: int, *, worker: str | No
         if done.rowcount != 1:  # type: ignore[attr-defined]
             log.info("job %d was taken by another worker", job_id)
             return None
-        record_event(session, "job_started", f"attempt {attempt} on {worker}", job_id=job_id,
+        record_event(session, "job.started", f"attempt {attempt} on {worker}", job_id=job_id,
                      study_uid=job.study_uid, series_uid=job.series_uid,
                      details={"attempt": attempt, "worker": worker, "pipeline": job.pipeline})
         return Claim(
@@ -477,7 +477,7 @@ def record_success(db: Database, settings: Settings, claim: Claim, outcome: Outc
                 session.add(audit.Dispatch(result_id=row.id, destination=name,
                                            state=DispatchState.PENDING.value,
                                            next_attempt_at=now))
-        record_event(session, "job_succeeded",
+        record_event(session, "job.succeeded",
                      f"{len(outcome.results)} result object(s)", job_id=claim.job_id,
                      study_uid=claim.study_uid, series_uid=claim.series_uid,
                      details={"attempt": claim.attempt, "backend": outcome.backend,
@@ -517,7 +517,7 @@ def record_failure(db: Database, claim: Claim, error: str) -> bool:
             state=JobState.FAILED.value, error=error, finished_at=utcnow()))
         if done.rowcount != 1:  # type: ignore[attr-defined]
             return False
-        record_event(session, "job_failed", error, job_id=claim.job_id,
+        record_event(session, "job.failed", error, job_id=claim.job_id,
                      study_uid=claim.study_uid, series_uid=claim.series_uid,
                      details={"attempt": claim.attempt})
     return True
@@ -539,7 +539,7 @@ def release_after_error(db: Database, settings: Settings, claim: Claim, error: s
             values.update(enqueued_at=None, worker=None, heartbeat_at=None)
         done = session.execute(update(Job).where(*_owned(claim)).values(**values))
         if done.rowcount == 1:  # type: ignore[attr-defined]
-            record_event(session, "job_failed" if spent else "job_error", text,
+            record_event(session, "job.failed" if spent else "job.error", text,
                          job_id=claim.job_id, study_uid=claim.study_uid,
                          series_uid=claim.series_uid, details={"attempt": claim.attempt})
     return state
@@ -574,12 +574,12 @@ def _requeue_lost(session: Session, settings: Settings, now: datetime,
                      f"(worker.max_attempts={settings.worker.max_attempts})")
             values: dict[str, Any] = {"state": JobState.FAILED.value, "error": error,
                                       "finished_at": now}
-            kind, bucket = "job_failed", report.failed
+            kind, bucket = "job.failed", report.failed
         else:
             error = f"{lost}; re-queued"
             values = {"state": JobState.QUEUED.value, "error": error, "enqueued_at": None,
                       "worker": None, "heartbeat_at": None}
-            kind, bucket = "job_requeued", report.requeued
+            kind, bucket = "job.requeued", report.requeued
         done = session.execute(update(Job).where(*guard).values(**values))
         if done.rowcount == 1:  # type: ignore[attr-defined]
             bucket.append(job.id)
@@ -613,7 +613,7 @@ def _resend_stale(session: Session, settings: Settings, now: datetime,
                 Job.enqueued_at == job.enqueued_at).values(enqueued_at=None))
             if done.rowcount == 1:  # type: ignore[attr-defined]
                 report.resent.append(job.id)
-                record_event(session, "job_resent",
+                record_event(session, "job.resent",
                              f"message older than {settings.worker.requeue_after_s:g} s and "
                              f"the {queue!r} queue holds {depth if depth is not None else '?'} "
                              "message(s): re-sent", job_id=job.id, study_uid=job.study_uid,
@@ -708,7 +708,7 @@ def retry_job(db: Database, settings: Settings, job_id: int) -> Job:
         job.enqueued_at = None
         job.heartbeat_at = None
         job.finished_at = None
-        record_event(session, "job_retried", "retried by an admin", job_id=job_id,
+        record_event(session, "job.retried", "retried by an admin", job_id=job_id,
                      study_uid=job.study_uid, series_uid=job.series_uid)
     send_pending(db, settings)
     return job
@@ -725,7 +725,7 @@ def cancel_job(db: Database, job_id: int) -> Job:
                                 "can be cancelled")
         job.state = JobState.CANCELLED.value
         job.finished_at = utcnow()
-        record_event(session, "job_cancelled", "cancelled by an admin", job_id=job_id,
+        record_event(session, "job.cancelled", "cancelled by an admin", job_id=job_id,
                      study_uid=job.study_uid, series_uid=job.series_uid)
     return job
 

@@ -88,7 +88,7 @@ def test_results_arrive_with_equal_content(tmp_path, database_url, storescp):
     assert not dispatch_pending(db, settings).sent
     with db.session() as session:
         kinds = [e.kind for e in session.scalars(select(AuditEvent)).all()]
-    assert kinds.count("dispatch_sent") == 2
+    assert kinds.count("dispatch.sent") == 2
     db.dispose()
 
 
@@ -135,9 +135,9 @@ def test_down_destination_backs_off_goes_dead_and_retry_recovers(tmp_path, datab
         scp.stop()
     with db.session() as session:
         kinds = [e.kind for e in session.scalars(select(AuditEvent)).all()]
-    assert kinds.count("dispatch_failed") == 4
-    assert kinds.count("dispatch_dead") == 2
-    assert kinds.count("dispatch_retried") == 2
+    assert kinds.count("dispatch.failed") == 4
+    assert kinds.count("dispatch.dead") == 2
+    assert kinds.count("dispatch.retried") == 2
     db.dispose()
 
 
@@ -159,7 +159,7 @@ def test_rejected_association_counts_attempts_and_stops(tmp_path, database_url):
         assert all(d.state == "dead" and d.attempts == 3 for d in rows)
         with db.session() as session:
             errors = [e.message for e in session.scalars(
-                select(AuditEvent).where(AuditEvent.kind.like("dispatch_%"))).all()]
+                select(AuditEvent).where(AuditEvent.kind.like("dispatch.%"))).all()]
         assert len(errors) == 6  # two dispatches, three attempts each
         # storescp answers A-ASSOCIATE-RJ and closes at once; on a loaded machine the close
         # can win the race, which is then an attempt without an answer.
