@@ -29,7 +29,16 @@ Private codes (scheme ``99SPINENODE``, version ``1``):
 code value       code meaning                used for
 ===============  ==========================  ==========================================
 ``SN-0001``      Prevertebral soft tissue    segment ``prevertebral_soft_tissue``
+``SN-0101``      AI analysis                 concept: whether the pipeline analysed the input
+``SN-0102``      Site assessment             concept: what the pipeline could say about a site
+``SN-0103``      Assessed                    site status: the site was assessed
+``SN-0104``      Not in field of view        site status: the site is outside the imaged field
+``SN-0105``      Not assessable              site status: in the field, but not assessable
 ===============  ==========================  ==========================================
+
+"Not performed" (the value of ``SN-0101`` when a pipeline abstained or failed) is SNOMED
+CT ``262008008``. SNOMED CT has no concept for "outside the imaged field" or for an
+assessment status of an anatomical site, hence ``SN-0102`` .. ``SN-0105``.
 """
 
 from __future__ import annotations
@@ -221,10 +230,22 @@ def finding_kinds() -> tuple[str, ...]:
     return tuple(_FINDINGS)
 
 
+# Radiographic views a pipeline may report a status for (CID 4010 DX View).
+VIEWS: dict[str, CodedConcept] = {
+    "AP": _std(codes.SCT.AnteroPosterior),
+    "PA": _std(codes.SCT.PosteroAnterior),
+    "LAT": _std(codes.SCT.LateralProjection),
+    "LL": _std(codes.SCT.LeftLateral),
+    "RL": _std(codes.SCT.RightLateral),
+}
+
+
 def finding_site(site: str | None) -> CodedConcept:
-    """The anatomic site of a finding: a vertebra or structure key, or the spine."""
+    """The site of a finding or status: a vertebra, structure or view key, or the spine."""
     if site is None:
         return _std(codes.SCT.Spine)
+    if site in VIEWS:
+        return VIEWS[site]
     return structure(site).property_type
 
 
@@ -237,6 +258,28 @@ DEVICE = _std(codes.DCM.Device)
 COMMENT = _std(codes.DCM.Comment)
 ALGORITHM_FAMILY = _std(codes.DCM.ArtificialIntelligence)
 SPINE = _std(codes.SCT.Spine)
+#: a SCOORD3D point at the centre of what a finding is about (e.g. a vertebra's centroid)
+CENTER = _std(codes.DCM.Center)
+
+# Whether the analysis ran, and what it could say about each site (Findings.site_status).
+AI_ANALYSIS = _private("SN-0101", "AI analysis")
+NOT_PERFORMED = _std(codes.SCT.NotPerformed)
+SITE_ASSESSMENT = _private("SN-0102", "Site assessment")
+_ASSESSMENTS: dict[str, CodedConcept] = {
+    "assessed": _private("SN-0103", "Assessed"),
+    "not in field": _private("SN-0104", "Not in field of view"),
+    "not assessable": _private("SN-0105", "Not assessable"),
+}
+
+
+def assessment(value: str) -> CodedConcept:
+    """The coded status of a site (an ``AssessmentValues`` value); UnknownCodeError if none."""
+    try:
+        return _ASSESSMENTS[str(value)]
+    except KeyError:
+        raise UnknownCodeError(
+            f"no coded concept for site assessment {value!r}; known: {', '.join(_ASSESSMENTS)}"
+        ) from None
 
 
 def procedure_reported(modality: str) -> CodedConcept:

@@ -13,7 +13,16 @@ Objects built here:
   instances share one series,
 * a Comprehensive 3D SR following TID 1500 Measurement Report, with one measurement group
   per finding (probability as a measurement, present/absent as a qualitative evaluation)
-  that references the source images and, when a SEG is given, its segments.
+  that references the source images and, when a SEG is given, its segments, and a
+  SCOORD3D point at the finding's centroid where the pipeline gives one;
+* for findings that say the analysis was not performed (``Findings.not_performed_reason``),
+  only an SR saying so and why (:func:`build_not_performed_report`, also used by
+  :mod:`spine_node.node.notices` for jobs that failed for good).
+
+Every site a pipeline covers (``Findings.site_status``) appears in the SR with its status,
+and ``Findings.notes`` as text. Patient and study attributes reach the result objects only
+through :func:`sanitise_sources`: a value that is not valid for its VR (a birth date
+``1980-01-01``) is blanked or dropped, never copied and never quoted in an error.
 
 A worker calls ``write_results(encode(findings, sources, options=ResultsOptions.
 from_settings(settings)), settings.storage.results)``; ``sources`` may be read with
@@ -34,7 +43,13 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.charset import decode_bytes
+from pydicom.config import RAISE
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.valuerep import validate_value
 
 from spine_node.inference.findings import Finding, Findings, LabelMap, ModelInfo, ProbabilityMap
 from spine_node.node import __version__, codes
@@ -43,7 +58,10 @@ from spine_node.node.uids import derive_uid, validate_uid
 
 log = logging.getLogger(__name__)
 
-NOT_FOR_CLINICAL_USE = "DEMO WEIGHTS, NOT FOR CLINICAL USE"
+#: The short disclaimer (fits LO, 64 characters): SEG Content Description, the SR's first
+#: text item and, where it fits, the Series Description of results of demo models.
+SHORT_DISCLAIMER = "Demo model - not for clinical use"
+NOT_FOR_CLINICAL_USE = SHORT_DISCLAIMER
 # The segmentation pixel value that a fractional SEG stores for probability 1.0.
 MAX_FRACTIONAL_VALUE = 255
 # Probability maps may overshoot [0, 1] by float rounding; more than this is an error.
@@ -102,7 +120,7 @@ class ResultsOptions:
 # ---------------------------------------------------------------- UIDs and text
 
 
-def result_uid(findings: Findings, kind: str) -> str:
+def result_uid(findings: Findings, kind: str, reason_code: str | None = None) -> str:
     """Deterministic UID of one result object or series of ``findings``.
 
     Derived from the input series UIDs, the exact set of source instances, the pipeline,
@@ -111,11 +129,17 @@ def result_uid(findings: Findings, kind: str) -> str:
     ...). A re-run over the same inputs with the same models reproduces its UIDs; a run
     over a series that has grown, or with another model, gets new ones, so one UID never
     names two different contents.
+
+    Findings that were not performed add ``"not-performed"`` and ``reason_code`` (else the
+    reason itself), so a re-run that abstains for the same reason reproduces the UIDs and
+    another outcome of the same inputs gets its own.
     """
     parts = [*sorted(findings.series_uids), findings.pipeline]
     parts.append(source_set_digest(findings.source_sop_instance_uids))
     parts += [findings.model.name, findings.model.version]
     parts += [f"{m.name}@{m.version}" for m in findings.models]
+    if findings.not_performed_reason is not None:
+        parts += ["not-performed", reason_code or findings.not_performed_reason]
     parts.append(kind)
     return derive_uid(*parts)
 
@@ -136,9 +160,17 @@ def _clinical(findings: Findings) -> bool:
 
 
 def _description(findings: Findings, what: str) -> str:
-    """Series Description (LO, at most 64 characters); the demo note is never cut off."""
-    suffix = "" if _clinical(findings) else " (demo, not clinical)"
-    return f"{findings.pipeline} {what}"[: 64 - len(suffix)] + suffix
+    """Series Description (LO, at most 64 characters); the demo note is never cut off.
+
+    The short disclaimer where it fits whole, else a shorter note.
+    """
+    text = f"{findings.pipeline} {what}"
+    if _clinical(findings):
+        return text[:64]
+    suffix = f" - {SHORT_DISCLAIMER}"
+    if len(text) + len(suffix) > 64:
+        suffix = " (demo, not clinical)"
+    return text[: 64 - len(suffix)] + suffix
 
 
 def _disclaimer(findings: Findings) -> str:
@@ -201,6 +233,179 @@ def _declare_schemes(dataset: Dataset) -> None:
 
 
 # ---------------------------------------------------------------- sources
+
+# Root attributes of the modules highdicom copies from a source into every result object
+# (Patient, General Study, Patient Study, Clinical Trial Subject and Study), with their type.
+_COPIED_MODULES = (
+    "patient", "general-study", "patient-study", "clinical-trial-subject", "clinical-trial-study",
+)
+_FALLBACK_COPIED = {
+    "PatientName": "2", "PatientID": "2", "PatientBirthDate": "2", "PatientSex": "2",
+    "PatientBirthTime": "3", "OtherPatientNames": "3", "PatientAge": "3", "PatientSize": "3",
+    "PatientWeight": "3", "StudyDate": "2", "StudyTime": "2", "AccessionNumber": "2",
+    "ReferringPhysicianName": "2", "StudyID": "2", "StudyDescription": "3",
+    "StudyInstanceUID": "1",
+}
+# Text VRs whose bytes follow the Specific Character Set; the others are plain ASCII.
+_TEXT_VRS = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}
+_SINGLE_VALUED_VRS = {"LT", "ST", "UT", "UR"}
+_PN_DELIMITERS = {0x5C, 0x3D, 0x5E}  # \ = ^
+
+
+def _copied_attributes() -> dict[str, str]:
+    try:
+        from highdicom._standard_utils import get_module_attribute_map
+
+        table = get_module_attribute_map()
+        copied = {
+            str(item["keyword"]): str(item["type"])
+            for module in _COPIED_MODULES
+            for item in table.get(module, [])
+            if not item["path"]
+        }
+    except (ImportError, KeyError, TypeError):  # a highdicom without that table
+        copied = {}
+    return copied or dict(_FALLBACK_COPIED)
+
+
+COPIED_ATTRIBUTES: dict[str, str] = _copied_attributes()
+
+
+@dataclass(frozen=True)
+class SanitisedSources:
+    """Sources fit to copy from, and the keywords (never values) that were not.
+
+    ``blanked``: type 2 attributes whose value was invalid, now empty; ``dropped``: other
+    attributes whose value was invalid, left out.
+    """
+
+    datasets: list[Dataset]
+    blanked: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.blanked or self.dropped)
+
+
+def _value_valid(vr: str, value: Any) -> bool:
+    """True if ``value`` (one value, or a list of them) is valid for ``vr``.
+
+    pydicom's validators are called in RAISE mode and their message (which quotes the
+    value) is discarded: the value must never reach a log.
+    """
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    for item in values:
+        if item is None or item == "":
+            continue
+        try:
+            validate_value(vr, item if isinstance(item, str | bytes | int | float) else str(item), RAISE)
+        except Exception:  # ValueError, or a validator choking on odd input
+            return False
+    return True
+
+
+def _raw_valid(element: RawDataElement, encodings: Sequence[str]) -> bool:
+    """Validate a not-yet-converted element from its bytes (converting it would log a
+    warning quoting an invalid value)."""
+    vr = element.VR or dictionary_VR(element.tag)
+    raw = element.value
+    if raw is None or vr not in _TEXT_VRS | {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"}:
+        return True
+    try:
+        if vr in _TEXT_VRS:
+            delimiters = _PN_DELIMITERS if vr == "PN" else {0x5C}
+            text = decode_bytes(raw, list(encodings), delimiters)
+        else:
+            text = raw.decode("ascii")
+    except Exception:  # undecodable bytes, an unknown character set
+        return False
+    text = text.rstrip("\x00 " if vr != "UI" else "\x00")
+    if vr in ("DA", "TM", "DT", "DS", "IS", "AS", "CS", "AE"):
+        text = text.strip(" ")
+    # Control characters: ESC (character set switching) anywhere, line breaks in text blocks.
+    allowed = "\r\n\t\f\x1b" if vr in ("LT", "ST", "UT") else "\x1b"
+    if any((ord(ch) < 0x20 or ord(ch) == 0x7F) and ch not in allowed for ch in text):
+        return False
+    values = [text] if vr in _SINGLE_VALUED_VRS else text.split("\\")
+    if vr in ("DA", "TM", "DT", "DS", "IS", "AS", "CS", "AE"):
+        values = [v.strip(" ") for v in values]
+    return _value_valid(vr, values)
+
+
+def _element_valid(dataset: Dataset, tag: Any, depth: int = 0) -> bool:
+    element = dataset.get_item(tag)
+    if element is None:
+        return True
+    vr = (element.VR if element.VR else None) or dictionary_VR(tag)
+    if vr == "SQ":
+        if depth > 8:
+            return False
+        items = dataset[tag].value or []
+        return all(_element_valid(item, sub, depth + 1) for item in items for sub in item.keys())
+    if isinstance(element, RawDataElement):
+        encodings = dataset.get("SpecificCharacterSet") or ["ISO_IR 6"]
+        return _raw_valid(element, [encodings] if isinstance(encodings, str) else list(encodings))
+    value = element.value
+    return _value_valid(vr, list(value) if not isinstance(value, str | bytes) else value)
+
+
+def sanitise_sources(sources: Sequence[Dataset]) -> SanitisedSources:
+    """Copies of ``sources`` fit to copy patient and study attributes from.
+
+    Every root attribute of the modules highdicom copies into a result (Patient, General
+    Study, Patient Study, Clinical Trial Subject and Study) is checked against its VR: a
+    valid value is kept, an invalid type 2 attribute is blanked, any other invalid one is
+    left out. A source with nothing invalid is passed through as is; the others are
+    shallow copies (the caller's datasets are never changed). Only keywords are reported.
+    """
+    blanked: set[str] = set()
+    dropped: set[str] = set()
+    cleaned: list[Dataset] = []
+    for source in sources:
+        bad = []
+        for keyword, type_ in COPIED_ATTRIBUTES.items():
+            tag = tag_for_keyword(keyword)
+            if tag is None or tag not in source or keyword == "StudyInstanceUID":
+                continue  # the Study Instance UID was validated when the instance arrived
+            try:
+                valid = _element_valid(source, tag)
+            except Exception:  # a sequence pydicom cannot parse
+                valid = False
+            if not valid:
+                bad.append((tag, keyword, type_))
+        if not bad:
+            cleaned.append(source)
+            continue
+        copy_ = Dataset({tag: source.get_item(tag) for tag in source.keys()})
+        for attribute in ("file_meta", "preamble"):
+            if hasattr(source, attribute):
+                setattr(copy_, attribute, getattr(source, attribute))
+        for tag, keyword, type_ in bad:
+            if type_ == "2":
+                vr = dictionary_VR(tag)
+                copy_[tag] = DataElement(tag, vr, DicomSequence() if vr == "SQ" else None)
+                blanked.add(keyword)
+            else:
+                del copy_[tag]
+                dropped.add(keyword)
+        cleaned.append(copy_)
+    if blanked or dropped:
+        log.warning(
+            "source attributes with values invalid for their VR left out of the results: "
+            "blanked %s; dropped %s",
+            ", ".join(sorted(blanked)) or "none",
+            ", ".join(sorted(dropped)) or "none",
+        )
+    return SanitisedSources(cleaned, tuple(sorted(blanked)), tuple(sorted(dropped)))
+
+
+def safe_error(exc: BaseException) -> str:
+    """What to say about an exception from pydicom or highdicom: its class, never its text.
+
+    Their messages quote data element values ("Unable to convert '1980-01-01' to 'DA'").
+    """
+    return f"{type(exc).__name__} (message withheld: it may quote a data element value)"
 
 
 def _frames_sources(frame_uids: Sequence[str], sources: Sequence[Dataset]) -> list[Dataset]:
@@ -425,7 +630,7 @@ def _segmentation(
             omit_empty_frames=not empty,
         )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise ResultsError(f"cannot build SEG for {findings.pipeline}: {exc}") from exc
+        raise ResultsError(f"cannot build SEG for {findings.pipeline}: {safe_error(exc)}") from exc
     _declare_schemes(seg)
     if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
         # General Image: Type 2C when there is no patient coordinate system (e.g. CR).
@@ -452,6 +657,7 @@ def build_report(
     series_number: int | None = None,
     instance_number: int = 1,
     options: ResultsOptions | None = None,
+    reason_code: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report of ``findings`` as a Comprehensive 3D SR.
 
@@ -461,19 +667,30 @@ def build_report(
     qualitative evaluation, and the algorithm (model name, version, backend, weights).
     Groups of findings that have a segment in ``segmentation`` reference it
     (volumetric ROI for a series, planar ROI for a single radiograph); the others
-    reference the source images. Demo weights are said so in a text item.
+    reference the source images. A finding with ``centroid_mm`` also gets a SCOORD3D
+    POINT (DCM 111010 "Center") in the sources' frame of reference, which viewers such
+    as OHIF show and jump to.
+
+    Each ``findings.site_status`` entry is a "Site assessment" qualitative evaluation
+    (assessed / not in field of view / not assessable, with the reason as a comment) in
+    the group of that site's finding, or in a group of its own when the site has no
+    finding, so a level that was not assessed is listed, never silently absent. Findings
+    that were not performed give one group saying "Analysis not performed" and why.
+    Demo weights are said so in a short text item at the top and in a long one at the
+    end, beside ``findings.notes``.
     """
     options = options or ResultsOptions()
     if not sources:
         raise ResultsError("build_report needs the source datasets")
-    if not findings.findings:
+    if findings.performed and not (findings.findings or findings.site_status):
         raise ResultsError(f"findings of {findings.pipeline} have no finding to report")
+    sources = sanitise_sources(sources).datasets
     modality = str(sources[0].get("Modality", ""))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DEVICE,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=derive_uid("spine-node-device", findings.model.name, findings.model.version),
-            name=findings.model.name,
+            name=findings.model.name[:64] or findings.pipeline[:64],
             manufacturer_name="spine-node",
             model_name=f"{findings.model.name} {findings.model.version}"[:64],
             serial_number=options.device_serial_number,
@@ -481,42 +698,65 @@ def build_report(
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)
     try:
-        groups = [
-            _measurement_group(findings, finding, sources, segmentation)
-            for finding in findings.findings
-        ]
+        if findings.performed:
+            groups = [
+                _measurement_group(findings, finding, sources, segmentation)
+                for finding in findings.findings
+            ]
+        else:
+            groups = [_not_performed_group(findings, sources, reason_code)]
+        groups += _site_status_groups(findings, groups, sources, reason_code)
         library = list(sources) if len(sources) <= options.image_library_max_images else []
         report = _measurement_report(context, codes.procedure_reported(modality), groups, library)
-        _add_comment(report, _disclaimer(findings))
+        _add_texts(report, findings)
         evidence = list(sources) + ([segmentation] if segmentation is not None else [])
+        what = "SR" if findings.performed else "not performed"
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
-            series_instance_uid=result_uid(findings, "sr-series"),
+            series_instance_uid=result_uid(findings, "sr-series", reason_code),
             series_number=options.sr_series_number if series_number is None else series_number,
-            sop_instance_uid=result_uid(findings, "sr"),
+            sop_instance_uid=result_uid(findings, "sr", reason_code),
             instance_number=instance_number,
             manufacturer=options.manufacturer,
             institution_name=options.institution_name,
             is_complete=True,
             is_final=False,
             is_verified=False,
-            series_description=_description(findings, "SR"),
+            series_description=_description(findings, what),
         )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise ResultsError(f"cannot build SR for {findings.pipeline}: {exc}") from exc
+        raise ResultsError(f"cannot build SR for {findings.pipeline}: {safe_error(exc)}") from exc
     _declare_schemes(sr)
     # Equipment the SOP class constructor does not take.
     sr.ManufacturerModelName = options.manufacturer_model_name
     sr.SoftwareVersions = options.software_versions
     sr.DeviceSerialNumber = options.device_serial_number
     log.info(
-        "built SR %s (%d findings) for series %s",
+        "built SR %s (%d groups%s) for series %s",
         sr.SOPInstanceUID,
         len(groups),
+        "" if findings.performed else ", analysis not performed",
         ",".join(findings.series_uids),
     )
     return sr
+
+
+def build_not_performed_report(
+    findings: Findings,
+    sources: Sequence[Dataset],
+    *,
+    reason_code: str | None = None,
+    options: ResultsOptions | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR of findings whose analysis was not performed (``not_performed_reason`` set).
+
+    ``reason_code`` (e.g. ``"pipeline-error"``) names the reason in the UIDs; without it
+    the reason text does.
+    """
+    if findings.performed:
+        raise ResultsError(f"findings of {findings.pipeline} were performed; use build_report")
+    return build_report(findings, sources, options=options, reason_code=reason_code)
 
 
 def _measurement_report(
@@ -546,19 +786,93 @@ def _measurement_report(
     )
 
 
-def _add_comment(report: hd.sr.MeasurementReport, text: str) -> None:
-    """Append TID 1500's optional Qualitative Evaluations container with a text item."""
-    comment = hd.sr.TextContentItem(
-        name=codes.COMMENT,
-        value=text[:1024],
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+def _text(text: str, name: hd.sr.CodedConcept = codes.COMMENT) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=name, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
+
+
+def _add_texts(report: hd.sr.MeasurementReport, findings: Findings) -> None:
+    """The short disclaimer near the top; notes and the long disclaimer at the end.
+
+    The short one (demo models only) follows Procedure Reported, before the image library
+    and the measurements, so a viewer listing the content shows it first (TID 1500 is
+    extensible). The others go in TID 1500's optional Qualitative Evaluations container.
+    """
+    root = report[0].ContentSequence
+    if not _clinical(findings):
+        after = max(
+            (i for i, item in enumerate(root) if item.ValueType == "CODE"
+             and item.ConceptNameCodeSequence[0].CodeValue == "121058"),
+            default=len(root) - 1,
+        )
+        root.insert(after + 1, _text(SHORT_DISCLAIMER))
+    texts = [_text(f"Note: {note}") for note in findings.notes if note.strip()]
+    texts.append(_text(_disclaimer(findings)))
     container = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    container.ContentSequence = hd.sr.ContentSequence([comment])
-    report[0].ContentSequence.append(container)
+    container.ContentSequence = hd.sr.ContentSequence(texts)
+    root.append(container)
+
+
+def _not_performed_group(
+    findings: Findings, sources: Sequence[Dataset], reason_code: str | None
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """"Analysis not performed" (SN-0101 AI analysis = SCT Not performed) and the reason."""
+    reason = " ".join((findings.not_performed_reason or "").split()) or "No reason given"
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid(findings, "not-performed", reason_code),
+            identifier="Analysis not performed",
+        ),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SPINE)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=codes.AI_ANALYSIS, value=codes.NOT_PERFORMED)
+        ],
+        source_images=_group_sources(sources),
+    )
+    group[0].ContentSequence.append(_text(f"Analysis not performed: {reason}"))
+    return group
+
+
+def _group_sources(sources: Sequence[Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]
+
+
+def _site_status_groups(
+    findings: Findings, groups: list[Any], sources: Sequence[Dataset], reason_code: str | None
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """Add each site's status to its finding's group; new groups for the other sites."""
+    by_site: dict[str | None, Any] = {}
+    if findings.performed:
+        for finding, group in zip(findings.findings, groups, strict=True):
+            by_site.setdefault(finding.site, group)
+    extra = []
+    for status in findings.site_status:
+        value = codes.assessment(status.assessment)
+        reason = " ".join(status.reason.split())
+        # A QualitativeEvaluation is a template: its content items join the group.
+        items: list[Any] = list(
+            hd.sr.QualitativeEvaluation(name=codes.SITE_ASSESSMENT, value=value)
+        )
+        if reason:
+            items.append(_text(f"{status.site}: {value.meaning.lower()}: {reason}"))
+        group = by_site.get(status.site)
+        if group is None:
+            group = hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=result_uid(findings, f"site-{status.site}", reason_code),
+                    identifier=f"{status.site} {value.meaning.lower()}"[:64],
+                ),
+                finding_sites=[hd.sr.FindingSite(anatomic_location=codes.finding_site(status.site))],
+                source_images=_group_sources(sources),
+            )
+            by_site[status.site] = group
+            extra.append(group)
+        group[0].ContentSequence.extend(items)
+    return extra
 
 
 def _segment_for(findings: Findings, finding: Finding) -> tuple[int, str] | None:
@@ -619,21 +933,56 @@ def _measurement_group(
         ],
     }
     segment = _segment_for(findings, finding) if segmentation is not None else None
+    group: (
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | None
+    ) = None
     if segment is not None:
         reference = _segment_reference(findings, segment, segmentation)  # type: ignore[arg-type]
         if isinstance(reference, hd.sr.ReferencedSegment):
-            return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 referenced_segment=reference, **common
             )
-        if isinstance(reference, hd.sr.ReferencedSegmentationFrame):
-            return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        elif isinstance(reference, hd.sr.ReferencedSegmentationFrame):
+            group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 referenced_segment=reference, **common
             )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources
-        ],
-        **common,
+    if group is None:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            source_images=_group_sources(sources), **common
+        )
+    point = _centre_point(finding, sources)
+    if point is not None:
+        group[0].ContentSequence.append(point)
+    return group
+
+
+def _centre_point(finding: Finding, sources: Sequence[Dataset]) -> hd.sr.Scoord3DContentItem | None:
+    """A SCOORD3D POINT (DCM 111010 "Center") at ``finding.centroid_mm``, if it has one.
+
+    In the sources' Frame of Reference; OHIF's SR viewer takes the first SCOORD/SCOORD3D
+    item of a measurement group as the place to show. Sources without a Frame of
+    Reference (a radiograph) have no patient coordinates, so no point.
+    """
+    if finding.centroid_mm is None:
+        return None
+    frames_of_reference = {str(ds.get("FrameOfReferenceUID", "")) for ds in sources}
+    if len(frames_of_reference) != 1 or "" in frames_of_reference:
+        log.info("finding %s at %s: sources have no single Frame of Reference; no point",
+                 finding.kind, finding.site or "image")
+        return None
+    xyz = np.asarray(finding.centroid_mm, dtype=np.float64)
+    if xyz.shape != (3,) or not np.isfinite(xyz).all():
+        raise ResultsError(f"finding {finding.kind} has centroid {finding.centroid_mm}: "
+                           "expected three finite coordinates in mm")
+    return hd.sr.Scoord3DContentItem(
+        name=codes.CENTER,
+        graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+        graphic_data=xyz.reshape(1, 3).astype(np.float32),
+        frame_of_reference_uid=frames_of_reference.pop(),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
 
 
@@ -733,13 +1082,21 @@ def encode(
     sources: Sequence[Dataset],
     *,
     options: ResultsOptions | None = None,
+    reason_code: str | None = None,
 ) -> list[Dataset]:
     """Every result object of ``findings``: [binary SEG], [fractional SEG], SR.
 
     The SEGs are built when the findings carry a segmentation or a probability map; the
-    SR is built when they carry at least one finding and references the binary SEG.
+    SR is built when they carry at least one finding or site status and references the
+    binary SEG. Findings not performed give only the SR saying so (``reason_code``, if
+    given, names the reason in its UIDs). Sources go through :func:`sanitise_sources`.
     """
     options = options or ResultsOptions()
+    sources = sanitise_sources(sources).datasets
+    if not findings.performed:
+        # No masks, no findings: only the report saying why the analysis was not done.
+        return [build_not_performed_report(findings, sources, reason_code=reason_code,
+                                           options=options)]
     results: list[Dataset] = []
     seg: hd.seg.Segmentation | None = None
     if findings.segmentation is not None:
@@ -749,7 +1106,7 @@ def encode(
         results.append(
             build_probability_segmentation(findings, sources, instance_number=2, options=options)
         )
-    if findings.findings:
+    if findings.findings or findings.site_status:
         results.append(build_report(findings, sources, segmentation=seg, options=options))
     if not results:
         raise ResultsError(f"findings of {findings.pipeline} hold nothing to encode")
@@ -800,13 +1157,18 @@ def write_results(datasets: Sequence[Dataset], results_dir: Path | str) -> list[
 
 __all__ = [
     "NOT_FOR_CLINICAL_USE",
+    "SHORT_DISCLAIMER",
     "ResultsOptions",
+    "SanitisedSources",
+    "build_not_performed_report",
     "build_probability_segmentation",
     "build_report",
     "build_segmentation",
     "encode",
     "result_path",
     "result_uid",
+    "safe_error",
+    "sanitise_sources",
     "segment_numbers",
     "write_results",
 ]

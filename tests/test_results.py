@@ -12,6 +12,7 @@ masks.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,16 +27,29 @@ from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from spine_node.inference.findings import Finding, Findings, LabelMap, ModelInfo, ProbabilityMap, Segment
+from spine_node.inference.findings import (
+    AssessmentValues,
+    Finding,
+    Findings,
+    LabelMap,
+    ModelInfo,
+    ProbabilityMap,
+    Segment,
+    SiteStatus,
+)
 from spine_node.node import codes
 from spine_node.node.errors import ResultsError
 from spine_node.node.results import (
     NOT_FOR_CLINICAL_USE,
+    SHORT_DISCLAIMER,
     ResultsOptions,
+    build_not_performed_report,
     build_probability_segmentation,
     build_report,
     build_segmentation,
     encode,
+    safe_error,
+    sanitise_sources,
     segment_numbers,
     write_results,
 )
@@ -178,8 +192,9 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     ]
 
 
-def assert_valid(paths: Sequence[Path]) -> None:
-    """No error and no warning, except dciodvfy not knowing our private coding scheme.
+def assert_valid(paths: Sequence[Path], allowed_warnings: Sequence[str] = ()) -> None:
+    """No error and no warning, except dciodvfy not knowing our private coding scheme
+    (and warnings containing one of ``allowed_warnings``).
 
     SR documents are also read by DCMTK's dsrdump, which checks the content tree.
     """
@@ -195,9 +210,10 @@ def assert_valid(paths: Sequence[Path]) -> None:
             line
             for line in warnings
             if f"Unrecognized defined term = <{codes.PRIVATE_SCHEME}>" not in line
+            and not any(allowed in line for allowed in allowed_warnings)
         ]
         assert unexpected == [], f"{path.name}: {unexpected}"
-        if len(warnings) > len(unexpected):
+        if any(f"Unrecognized defined term = <{codes.PRIVATE_SCHEME}>" in line for line in warnings):
             declared = pydicom.dcmread(path, stop_before_pixels=True)
             (scheme,) = declared.CodingSchemeIdentificationSequence
             assert scheme.CodingSchemeDesignator == codes.PRIVATE_SCHEME
@@ -763,3 +779,246 @@ def test_image_library_is_left_out_above_the_configured_number_of_sources(tmp_pa
     assert groups and all(g.referenced_segment is not None for g in groups)
     with pytest.raises(ResultsError, match="image_library_max_images"):
         ResultsOptions(image_library_max_images=-1)
+
+
+# ---------------------------------------------------------------- not performed, sites, notes
+
+
+def not_performed(sources: Sequence[Dataset], reason: str, model: ModelInfo = DEMO_MODEL) -> Findings:
+    return Findings(
+        pipeline="ct-cspine-fracture",
+        model=model,
+        study_uid=str(sources[0].StudyInstanceUID),
+        series_uids=(str(sources[0].SeriesInstanceUID),),
+        source_sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in sources),
+        not_performed_reason=reason,
+        notes=("Slices assumed contiguous",),
+    )
+
+
+def all_groups(sr: Dataset) -> list[object]:
+    report = report_of(sr)
+    return [
+        *report.get_volumetric_roi_measurement_groups(),
+        *report.get_planar_roi_measurement_groups(),
+        *report.get_image_measurement_groups(),
+    ]
+
+
+def root_texts(sr: Dataset) -> list[str]:
+    return [str(item.TextValue) for item in sr.ContentSequence if item.ValueType == "TEXT"]
+
+
+def test_not_performed_gives_only_an_sr_that_says_so_and_why(tmp_path: Path) -> None:
+    sources = ct_series(slices=3)
+    findings = not_performed(sources, "Cervical spine not in the field of view")
+    objects = encode(findings, sources)
+    assert [ds.Modality for ds in objects] == ["SR"]  # no SEG, even though nothing failed
+    paths = write_results(objects, tmp_path)
+    assert_valid(paths)
+
+    sr = hd.sr.srread(paths[0])
+    assert "not performed" in sr.SeriesDescription
+    (group,) = all_groups(sr)
+    assert group.tracking_identifier == "Analysis not performed"  # type: ignore[attr-defined]
+    assert qualitative(group, codes.AI_ANALYSIS) == "Not performed"
+    assert codes.NOT_PERFORMED.value == "262008008"
+    text = text_of(sr)
+    assert "Analysis not performed: Cervical spine not in the field of view" in text
+    assert "Note: Slices assumed contiguous" in text
+    assert "NOT FOR CLINICAL USE" in text  # the long disclaimer stays
+    # The short disclaimer is the first text at the root, before any measurement.
+    assert root_texts(sr)[-1] == SHORT_DISCLAIMER
+    kinds = [item.ValueType for item in sr.ContentSequence]
+    assert kinds.index("TEXT", kinds.index("CODE")) < kinds.index("CONTAINER")
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {str(ds.SOPInstanceUID) for ds in sources}
+
+
+def test_not_performed_uids_follow_the_outcome_and_repeat_on_a_rerun() -> None:
+    sources = ct_series(slices=3)
+    (first,) = encode(not_performed(sources, "Slices thicker than 3 mm"), sources)
+    (again,) = encode(not_performed(sources, "Slices thicker than 3 mm"), list(reversed(sources)))
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID, again.SOPInstanceUID)
+    (other,) = encode(not_performed(sources, "Only 1 slice"), sources)
+    (coded,) = encode(not_performed(sources, "Slices thicker than 3 mm"), sources, reason_code="thick")
+    performed = encode(ct_findings(sources), sources)
+    uids = {first.SOPInstanceUID, other.SOPInstanceUID, coded.SOPInstanceUID, performed[-1].SOPInstanceUID}
+    assert len(uids) == 4
+    with pytest.raises(ResultsError, match="were performed"):
+        build_not_performed_report(ct_findings(sources), sources)
+
+
+def test_every_site_appears_with_its_status(tmp_path: Path) -> None:
+    sources = ct_series()
+    findings = ct_findings(sources)
+    findings.site_status = (
+        SiteStatus("C1", AssessmentValues.NOT_ASSESSABLE, "Streak artefact from dental fillings"),
+        SiteStatus("C2", AssessmentValues.NOT_ASSESSABLE, "Motion"),
+        SiteStatus("C3", AssessmentValues.ASSESSED),
+        SiteStatus("C4", AssessmentValues.ASSESSED),
+        SiteStatus("C5", AssessmentValues.ASSESSED),
+        SiteStatus("C6", AssessmentValues.NOT_IN_FIELD, "C6 is below the last slice"),
+        SiteStatus("C7", AssessmentValues.NOT_IN_FIELD, "C7 is below the last slice"),
+    )
+    findings.notes = ("Pixel spacing assumed 0.5 mm",)
+    paths = write_results(encode(findings, sources), tmp_path)
+    assert_valid(paths)
+
+    sr = hd.sr.srread(paths[-1])
+    statuses: dict[str, str] = {}
+    for group in all_groups(sr):
+        evaluations = [q for q in group.get_qualitative_evaluations()  # type: ignore[attr-defined]
+                       if q.name == codes.SITE_ASSESSMENT]
+        if evaluations:
+            site = group.finding_sites[0].value  # type: ignore[attr-defined]
+            key = next(k for k in codes.VERTEBRAE if codes.VERTEBRAE[k] == site)
+            assert key not in statuses, f"{key} listed twice"
+            statuses[key] = str(evaluations[0].value.meaning)
+    assert statuses == {
+        "C1": "Not assessable", "C2": "Not assessable", "C3": "Assessed", "C4": "Assessed",
+        "C5": "Assessed", "C6": "Not in field of view", "C7": "Not in field of view",
+    }
+    # Sites with a finding keep one group (the status joins it); the others get their own.
+    assert len(all_groups(sr)) == len(findings.findings) + 4
+    text = text_of(sr)
+    assert "C7: not in field of view: C7 is below the last slice" in text
+    assert "C1: not assessable: Streak artefact from dental fillings" in text
+    assert "Note: Pixel spacing assumed 0.5 mm" in text
+
+
+def test_view_sites_have_codes_and_unknown_statuses_fail() -> None:
+    assert codes.finding_site("LAT") == hd.sr.CodedConcept.from_code(pydicom_codes.SCT.LateralProjection)
+    assert codes.finding_site("AP").value == "399348003"
+    with pytest.raises(codes.UnknownCodeError, match="probably"):
+        codes.assessment("probably")
+
+
+def test_clinical_model_has_no_short_disclaimer() -> None:
+    sources = ct_series(slices=3)
+    clinical = ModelInfo(**{**DEMO_MODEL.__dict__, "clinical_use": True})
+    (sr,) = encode(not_performed(sources, "Only 1 slice", model=clinical), sources)
+    assert SHORT_DISCLAIMER not in root_texts(sr)
+    assert "demo" not in sr.SeriesDescription.lower()
+    (demo,) = encode(not_performed(sources, "Only 1 slice"), sources)
+    assert SHORT_DISCLAIMER in root_texts(demo)
+    assert len(SHORT_DISCLAIMER) <= 64
+
+
+def centroid_findings(sources: Sequence[Dataset]) -> Findings:
+    findings = ct_findings(sources)
+    findings.findings[0] = dataclasses.replace(findings.findings[0], centroid_mm=(1.5, -20.25, 30.0))
+    findings.findings[2] = dataclasses.replace(findings.findings[2], centroid_mm=(-3.0, 4.0, 41.5))
+    return findings
+
+
+def test_centroids_become_scoord3d_points_in_the_source_frame_of_reference(tmp_path: Path) -> None:
+    sources = ct_series(slices=4)
+    paths = write_results(encode(centroid_findings(sources), sources), tmp_path)
+    assert_valid(paths)
+    sr = pydicom.dcmread(paths[-1])
+    (measurements,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    points = {}
+    for group in measurements.ContentSequence:
+        tracking = next(i.TextValue for i in group.ContentSequence if i.ValueType == "TEXT")
+        for item in group.ContentSequence:
+            if item.ValueType == "SCOORD3D":
+                assert item.GraphicType == "POINT"
+                assert item.ReferencedFrameOfReferenceUID == sources[0].FrameOfReferenceUID
+                assert item.ConceptNameCodeSequence[0].CodeMeaning == "Center"
+                points[str(tracking)] = [float(v) for v in item.GraphicData]
+    assert points == {"fracture C3": [1.5, -20.25, 30.0], "fracture C5": [-3.0, 4.0, 41.5]}
+
+
+def test_radiograph_without_frame_of_reference_gets_no_point() -> None:
+    source = cr_image()
+    assert "FrameOfReferenceUID" not in source
+    findings = cr_findings(source)
+    findings.findings[0] = dataclasses.replace(findings.findings[0], centroid_mm=(1.0, 2.0, 3.0))
+    sr = encode(findings, [source])[-1]
+    assert not [e for e in sr.iterall() if e.keyword == "ValueType" and e.value == "SCOORD3D"]
+
+
+# ---------------------------------------------------------------- hostile patient attributes
+
+#: Values a broken modality writes; none is valid for its VR, each must stay out of every
+#: result, error and log.
+PHI_VALUES = {
+    "PatientBirthDate": "1980-01-01",
+    "StudyDate": "19800101XY",
+    "StudyTime": "25:99:00",
+    "PatientAge": "45 years",
+    "ReferringPhysicianName": "Dr " + "Strangelove" * 7,  # a PN component over 64 characters
+    "PatientSex": "female",
+}
+
+
+def phi_laden(sources: Sequence[Dataset]) -> list[Dataset]:
+    """``sources`` saved with invalid patient and study values and read back (raw elements)."""
+    import io
+    import warnings
+
+    out = []
+    for ds in sources:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pydicom.config.disable_value_validation():
+                for keyword, value in PHI_VALUES.items():
+                    setattr(ds, keyword, value)
+                buffer = io.BytesIO()
+                pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+        buffer.seek(0)
+        out.append(pydicom.dcmread(buffer))
+    return out
+
+
+def test_invalid_patient_values_are_blanked_or_dropped_never_quoted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sources = phi_laden(ct_series(slices=3))
+    caplog.set_level("DEBUG")
+    with warnings_as_errors():
+        cleaned = sanitise_sources(sources)
+        paths = write_results(encode(ct_findings(sources), sources), tmp_path)
+    assert cleaned.blanked == ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "StudyDate", "StudyTime")
+    assert cleaned.dropped == ("PatientAge",)
+    # Study Date and Time blanked (type 2): valid, but a DICOMDIR would want them.
+    assert_valid(paths, allowed_warnings=["Missing attribute or value that would be needed to build DICOMDIR"])
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientBirthDate == "" and ds.StudyDate == "" and "PatientAge" not in ds
+        assert ds.PatientName == sources[0].PatientName  # valid values are kept
+        assert ds.PatientID == sources[0].PatientID
+    for value in PHI_VALUES.values():
+        assert value not in caplog.text
+        assert not any(value in path.read_bytes().decode("latin-1") for path in paths)
+    # The sources themselves are untouched.
+    assert sources[0].get_item("PatientBirthDate").value == b"1980-01-01"
+
+
+def test_errors_from_pydicom_do_not_quote_values() -> None:
+    message = ""
+    try:
+        pydicom.valuerep.DA("1980-01-01")
+    except ValueError as exc:
+        message = safe_error(exc)
+    assert "1980" not in message and "ValueError" in message
+
+
+class warnings_as_errors:
+    """pydicom warns (and logs) with the value when it meets an invalid one: fail instead."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error", UserWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._catch.__exit__(*exc)
