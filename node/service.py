@@ -1,7 +1,8 @@
 """The ``serve`` process: receive, assemble and route, plus the housekeeping loop.
 
-One service owns the loop that completes series, routes them, sends queue messages,
-reconciles lost jobs and dispatches results. Receive runs on pynetdicom's threads, either
+One service owns the loop that completes and routes series, and two lanes (threads of
+their own) that send queue messages and reconcile lost jobs, and dispatch results: a
+broker or PACS that does not answer holds up only its own lane. Receive runs on pynetdicom's threads, either
 in this process (``dicom.processes = 1``) or in N child processes that each bind the same
 port with ``SO_REUSEPORT`` (the kernel spreads associations over them, and each has its
 own interpreter lock). Children only receive: each counts its instances into SQL through
@@ -53,11 +54,16 @@ class NodeService:
         self.receiver: Receiver | None = Receiver(settings, self.db) if self.processes == 1 else None
         self.receive_processes: ReceiveProcesses | None = None
         self.assembler = Assembler(self.db, settings.assembly, on_complete=self._route)
+        # Work that talks to the broker or a PACS runs in lanes of its own: a PACS that
+        # accepts a connection and never answers holds up dispatch for acse_timeout_s, a
+        # broker that is down holds up job messages, and neither may stall completion and
+        # routing (or each other). Given tick_hooks replace them (all run in the loop).
+        self.lanes: list[Lane] = []
         if tick_hooks is None:
-            from spine_node.node.jobs import tick as jobs_tick
-
-            # Send queue messages for new jobs, reconcile lost ones, dispatch results.
-            tick_hooks = [jobs_tick]
+            interval = settings.assembly.poll_interval_s
+            self.lanes = [Lane("node-jobs", self._reconcile_jobs, interval),
+                          Lane("node-dispatch", self._dispatch, interval)]
+            tick_hooks = []
         self.tick_hooks = list(tick_hooks)
         self.metrics_server: Any = None
         cleaner = RetentionCleaner(settings.storage)
@@ -68,6 +74,17 @@ class NodeService:
 
     def _route(self, session: Session, completed: CompletedStudy) -> None:
         route_study(session, self.settings.routes, completed)
+
+    def _reconcile_jobs(self) -> None:
+        """Send queue messages for new jobs, reconcile lost ones."""
+        from spine_node.node.jobs import reconcile
+
+        reconcile(self.db, self.settings)
+
+    def _dispatch(self) -> None:
+        from spine_node.node.dispatch import dispatch_pending
+
+        dispatch_pending(self.db, self.settings)
 
     def start(self) -> None:
         # Before the spool is reconciled with the database: placed files get counted there.
@@ -91,6 +108,8 @@ class NodeService:
         self._stop.clear()
         self._loop = threading.Thread(target=self._run, name="node-loop", daemon=True)
         self._loop.start()
+        for lane in self.lanes:
+            lane.start()
 
     def _start_receive(self) -> None:
         if self.receiver is not None:
@@ -127,9 +146,13 @@ class NodeService:
             self.receiver.tracker.flush()
         if self.receive_processes is not None:
             self.receive_processes.supervise()
+        completed_any = False
         for completed in self.assembler.poll():
+            completed_any = True
             metrics.SERIES_COMPLETED.labels(forced=str(completed.forced).lower()).inc(
                 len(completed.series_uids))
+        if completed_any and self.lanes:
+            self.lanes[0].wake()  # the new jobs' messages go out now, not a period later
         for hook in self.tick_hooks:
             hook(self.db, self.settings)
 
@@ -144,8 +167,14 @@ class NodeService:
 
     def stop(self) -> None:
         self._stop.set()
+        for lane in self.lanes:
+            lane.stop()
         if self._loop is not None:
             self._loop.join(timeout=30)
+        for lane in self.lanes:
+            # A lane inside a network call (a PACS that never answers) is not waited for
+            # to its timeout: its thread is a daemon and its rows are leased, not lost.
+            lane.join(timeout=2)
         if self.receiver is not None:
             self.receiver.stop()
         if self.receive_processes is not None:
@@ -155,6 +184,49 @@ class NodeService:
 
     def wait(self) -> None:
         self._stop.wait()
+
+
+class Lane:
+    """One kind of background work on its own thread and clock (see NodeService)."""
+
+    def __init__(self, name: str, work: Callable[[], Any], interval_s: float) -> None:
+        self.name = name
+        self.work = work
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.passes = 0
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("%s still busy at stop (a peer not answering); leaving it", self.name)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.work()
+            except Exception:
+                # Keep going: a database or network hiccup is retried next pass.
+                log.exception("%s pass failed; retrying in %.1fs", self.name, self.interval_s)
+            self.passes += 1
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
 
 
 class EmbeddedWorker:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from spine_node.node.audit import AuditEvent, Database, Dispatch, Job, Result, utcnow
+from spine_node.node.audit import AuditEvent, Database, Dispatch, Job, Result, Series, utcnow
 from spine_node.node.config import Destination, Settings
 from spine_node.node.dispatch import backoff_s, dispatch_pending
 from spine_node.node.worker import write_results
@@ -169,3 +170,75 @@ def test_rejected_association_counts_attempts_and_stops(tmp_path, database_url):
         db.dispose()
     finally:
         scp.stop()
+
+
+class SilentPACS:
+    """A PACS that accepts TCP connections and never says a word."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_pacs_that_never_answers_does_not_hold_up_routing(tmp_path, database_url):
+    """Dispatch waits acse_timeout_s on a PACS that accepts and never answers; meanwhile
+    the node still completes and routes what it receives (dispatch has its own thread)."""
+    from spine_node.node.service import NodeService
+    from tests.dicom_factory import write_study
+    from tests.scu import association, store
+
+    pacs = SilentPACS()
+    settings = _settings(tmp_path, database_url, pacs.port)
+    settings = settings.model_copy(update={
+        "dicom": settings.dicom.model_copy(update={"acse_timeout_s": 300, "host": "127.0.0.1", "port": 0}),
+        "assembly": settings.assembly.model_copy(update={
+            "quiet_period_s": 0.5, "study_quiet_period_s": 0.5, "poll_interval_s": 0.2}),
+        "worker": settings.worker.model_copy(update={"embedded": False}),
+    })
+    settings.storage.min_free_mb = 0
+    db = Database(database_url)
+    _results_with_dispatches(db, settings)
+    service = NodeService(settings, db)
+    service.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not pacs.accepted:  # the dispatch lane is inside its A-ASSOCIATE now
+            assert time.monotonic() < deadline, "dispatch never connected"
+            time.sleep(0.1)
+        study = write_study(tmp_path / "in", seed="silent-pacs", series=1, per_series=2)
+        (series_uid, files), = study.items()
+        with association(service.port) as assoc:
+            for path in files:
+                assert store(assoc, path) == 0
+        # Far less than acse_timeout_s: routing does not wait for the PACS.
+        while True:
+            with db.session() as session:
+                state = session.scalar(select(Series.state).where(Series.series_uid == series_uid))
+            if state in ("routed", "skipped"):
+                break
+            assert time.monotonic() < deadline + 30, f"series still {state}: routing waits for the PACS"
+            time.sleep(0.2)
+        assert len(pacs.accepted) == 1 and all(d.attempts == 0 for d in _dispatches(db))
+    finally:
+        service.stop()
+        pacs.close()
+        db.dispose()
