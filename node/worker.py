@@ -310,4 +310,15 @@ def run_worker(settings: Settings, queues: Sequence[str], concurrency: int,
         "--without-mingle",
         "--without-heartbeat",
     ]
-    app.worker_main(argv)
+    if loglevel.upper() != "DEBUG":
+        argv.insert(0, "--quiet")  # Celery's start-up banner (a global option): shown at DEBUG only
+    import warnings
+
+    from celery.exceptions import SecurityWarning
+
+    if os.geteuid() == 0:
+        # Containers commonly run as root; Celery warns about it at length on every start.
+        log.debug("worker runs as root (Celery's SecurityWarning silenced)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SecurityWarning)
+        app.worker_main(argv)
