@@ -189,8 +189,8 @@ def bootstrap(
 
     Rows of all ``arrays`` are resampled together. With ``strata`` each stratum is
     resampled within itself (its size kept); with ``groups`` whole groups are resampled
-    (cluster bootstrap; strata are then ignored because a cluster may span strata).
-    Resamples where the statistic is NaN (e.g. an AUC without a positive) are dropped;
+    (cluster bootstrap; strata are then ignored because a cluster may span strata; NaN,
+    NaN with a single group). Resamples where the statistic is NaN (e.g. an AUC without a positive) are dropped;
     NaN, NaN when more than half of them are.
     """
     columns = [np.asarray(a) for a in arrays]
@@ -207,6 +207,8 @@ def bootstrap(
         if len(group_ids) != size:
             raise ValueError(f"groups has {len(group_ids)} entries for {size} rows")
         _, codes = np.unique(group_ids, return_inverse=True)
+        if size == 0 or codes.max() < 1:
+            return float("nan"), float("nan")  # one cluster: nothing to resample
         members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)] if size else []
 
         def draw() -> np.ndarray:

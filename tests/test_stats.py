@@ -159,5 +159,7 @@ def test_bootstrap_strata_keep_their_counts_and_groups_stay_whole() -> None:
 
     bootstrap(check, members, groups=groups, n_resamples=100)
     assert all(whole) and len(whole) == 100
+    one = bootstrap(check, members, groups=np.zeros(30, int), n_resamples=10)
+    assert all(math.isnan(v) for v in one)
     with pytest.raises(ValueError, match="differ in length"):
         bootstrap(np.mean, np.ones(3), np.ones(4))
