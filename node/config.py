@@ -85,6 +85,21 @@ class DicomSettings(BaseModel):
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    # Deadlines bound a whole phase, not each read: the A-ASSOCIATE-RQ must arrive within
+    # acse_timeout_s of connecting, and each DIMSE message within dimse_timeout_s of its
+    # first byte, plus one second per min_transfer_rate bytes received (a large data set
+    # sent at least this fast always gets through; a trickle is cut off).
+    min_transfer_rate: int = Field(default=65536, ge=1)
+    # One host cannot take every association or connection slot (slow or hostile peers).
+    max_associations_per_host: int = Field(default=8, ge=1, le=1000)
+    # Connections that have not yet associated (no thread or buffer beyond these).
+    max_pending_connections: int = Field(default=64, ge=1, le=10000)
+    max_pending_per_host: int = Field(default=8, ge=1, le=10000)
+    # Reject an A-ASSOCIATE-RQ whose called AE title is not ae_title.
+    check_called_ae_title: bool = True
+    # Refused connections (host not allowed, too many pending) are audited as one row per
+    # host and reason per interval, off the accept thread.
+    refusal_audit_interval_s: float = Field(default=60.0, gt=0)
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
     _ae = field_validator("ae_title")(lambda cls, v: validate_ae_title(v))
@@ -322,6 +337,9 @@ class WorkerSettings(BaseModel):
     # Intra-op CPU threads per engine (ONNX Runtime, torch); unset: all cores of the host.
     # Set it when several workers share one host, so they do not oversubscribe its cores.
     engine_threads: int | None = Field(default=None, ge=1, le=256)
+    # Decoded pixel samples one job may hold (Rows x Columns x frames x samples, summed
+    # over its inputs, checked before decoding): a file claiming more fails its job.
+    max_pixels_per_job: int = Field(default=1 << 29, ge=1 << 16)
 
     @field_validator("queues")
     @classmethod

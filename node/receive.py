@@ -19,6 +19,7 @@ import shutil
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -413,6 +414,14 @@ class Receiver:
         self._free_ok = True
         self._audit_warned_at = -1e9
         self.server: DicomServer | None = None
+        # Refused connections, (host, reason) -> (count, last port): written by a flusher
+        # thread, never by the accept loop (a flood of them must not slow accepting).
+        self._refusals: dict[tuple[str, str], tuple[int, int]] = {}
+        self._refusals_announced: set[tuple[str, str]] = set()
+        self._refusals_lock = threading.Lock()
+        self._refusals_wake = threading.Event()
+        self._refusals_stop = threading.Event()
+        self._refusals_thread: threading.Thread | None = None
 
     # -- set-up -----------------------------------------------------------------------
     def start(self, clean_incoming: bool = True) -> DicomServer:
@@ -435,6 +444,9 @@ class Receiver:
         server.start()
         self.server = server
         self.tracker.start()
+        self._refusals_stop.clear()
+        self._refusals_thread = threading.Thread(target=self._refusal_flusher, name="refusal-audit", daemon=True)
+        self._refusals_thread.start()
         log.info("listening as %s on %s:%d%s", cfg.ae_title, cfg.host, self.port,
                  " (TLS)" if ssl_context else "")
         return server
@@ -449,6 +461,11 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        if self._refusals_thread is not None:
+            self._refusals_stop.set()
+            self._refusals_wake.set()
+            self._refusals_thread.join(10)
+            self._refusals_thread = None
         self.tracker.stop()
 
     def _clean_incoming(self) -> None:
@@ -495,20 +512,58 @@ class Receiver:
         metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
         log.warning("rejected association from %s@%s: %s", peer.calling_ae_title, peer.peer_host, reason)
 
-    def record_refused_host(self, host: str, port: int) -> None:
+    def record_refused_host(self, host: str, port: int, reason: str = "host not allowed") -> None:
+        """Count a connection closed before association (called on the accept thread: no I/O
+        but one log line for the first refusal of a host and reason per interval)."""
+        key = (host[:64], reason)
+        with self._refusals_lock:
+            count, _ = self._refusals.get(key, (0, 0))
+            self._refusals[key] = (count + 1, port)
+            new = key not in self._refusals_announced
+            if new:
+                self._refusals_announced.add(key)
+        metrics.ASSOCIATIONS.labels(outcome="host_refused").inc()
+        if new:  # the first of this interval is written at once, the rest as one count
+            log.warning("refused connection from %s (%s); further ones are counted, audited every %.0f s",
+                        host, reason, self.settings.dicom.refusal_audit_interval_s)
+            self._refusals_wake.set()
+
+    def _refusal_flusher(self) -> None:
+        interval = self.settings.dicom.refusal_audit_interval_s
+        boundary = time.monotonic() + interval
+        while True:
+            self._refusals_wake.wait(max(boundary - time.monotonic(), 0.0))
+            self._refusals_wake.clear()
+            stopping = self._refusals_stop.is_set()
+            if time.monotonic() >= boundary:
+                with self._refusals_lock:
+                    self._refusals_announced.clear()
+                boundary = time.monotonic() + interval
+            self.flush_refusals()
+            if stopping:
+                return
+
+    def flush_refusals(self) -> None:
+        """Write the refused connections counted so far: one row and event per host and reason."""
+        with self._refusals_lock:
+            refusals, self._refusals = self._refusals, {}
+        if not refusals:
+            return
         try:
             with self.db.session() as session:
-                row = Association(calling_ae_title="", called_ae_title=self.settings.dicom.ae_title,
-                                  peer_host=host[:64], peer_port=port, state="rejected",
-                                  reason="host not allowed", ended_at=utcnow())
-                session.add(row)
-                session.flush()
-                record_event(session, "association.rejected", "host not allowed",
-                             association_id=row.id, details={"peer": host})
+                for (host, reason), (count, port) in refusals.items():
+                    row = Association(calling_ae_title="", called_ae_title=self.settings.dicom.ae_title,
+                                      peer_host=host, peer_port=port, state="rejected",
+                                      reason=reason, ended_at=utcnow())
+                    session.add(row)
+                    session.flush()
+                    record_event(session, "association.rejected", reason, association_id=row.id,
+                                 details={"peer": host, "connections": count})
         except Exception as exc:  # noqa: BLE001
-            self._audit_failed("refused connection", exc)
-        metrics.ASSOCIATIONS.labels(outcome="host_refused").inc()
-        log.warning("refused connection from %s (host not allowed)", host)
+            self._audit_failed("refused connections", exc)
+        for (host, reason), (count, _port) in refusals.items():
+            if count > 1:
+                log.warning("refused %d connection(s) from %s (%s)", count, host, reason)
 
     def association_ended(self, stats: _AssocStats, state: str, reason: str) -> None:
         """``state`` is "released" or "aborted" (then ``reason`` says how)."""

@@ -25,11 +25,13 @@ import errno
 import logging
 import mmap
 import os
+import re
 import socket
 import ssl
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,9 @@ MAX_PDU_RECEIVED = 1 << 20
 MAX_ASSOCIATE_RQ_BYTES = 1 << 20
 MAX_COMMAND_BYTES = 1 << 16
 READ_BUFFER_BYTES = 1 << 20
+# Until a connection has associated, its reader holds only this much (a flood of
+# half-open connections costs little); the A-ASSOCIATE-RQ streams through it.
+PENDING_BUFFER_BYTES = 16 << 10
 # The beginning of each received file is also kept in memory: the header check reads it
 # there, and maps the file only for data sets with elements beyond it.
 HEAD_BYTES = 64 << 10
@@ -92,6 +97,24 @@ STATUS_UNRECOGNIZED_OPERATION = 0x0211
 
 class PeerGone(Exception):
     """The connection closed, timed out or broke."""
+
+
+class PeerTimedOut(PeerGone):
+    """The peer did not finish a phase (association request, DIMSE message) in time."""
+
+
+_UNSAFE = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """A peer-supplied string made safe for a log line or an audit row: control characters,
+    escape sequences, backslashes and anything outside ASCII become hex escapes."""
+    return _UNSAFE.sub(_escape, text)
 
 
 class ProtocolViolation(Exception):
@@ -296,7 +319,13 @@ class IncomingFile:
 # -- reading ----------------------------------------------------------------------------
 
 class _Reader:
-    """Reads a socket through one fixed buffer; never sizes anything from a peer's claim."""
+    """Reads a socket through one fixed buffer; never sizes anything from a peer's claim.
+
+    Every read runs against the deadline of a whole phase, never a per-read timeout (which
+    a peer sending one byte a second resets forever): a phase (the association request,
+    one DIMSE message) must end within ``budget`` seconds of its start plus one second per
+    ``min_rate`` bytes received. :meth:`idle` waits for a phase's first byte instead.
+    """
 
     def __init__(self, sock: socket.socket, size: int = READ_BUFFER_BYTES) -> None:
         self.sock = sock
@@ -304,16 +333,57 @@ class _Reader:
         self.view = memoryview(self.buffer)
         self.start = 0
         self.end = 0
+        self.phase_start: float | None = None  # None: idle, waiting for the next phase
+        self.idle_until = float("inf")
+        self.budget = float("inf")
+        self.min_rate = 1.0
+        self.phase_bytes = 0
+
+    def begin_phase(self, budget: float, min_rate: float, started: float | None = None) -> None:
+        """A phase that began at ``started`` (monotonic; now by default)."""
+        self.phase_start = time.monotonic() if started is None else started
+        self.budget, self.min_rate, self.phase_bytes = budget, min_rate, 0
+
+    def idle(self, timeout: float, budget: float, min_rate: float) -> None:
+        """Wait up to ``timeout`` for a first byte; the phase it starts gets ``budget``."""
+        if self.end > self.start:  # the peer already sent more: the phase runs from now
+            self.begin_phase(budget, min_rate)
+            return
+        self.phase_start = None
+        self.idle_until = time.monotonic() + timeout
+        self.budget, self.min_rate, self.phase_bytes = budget, min_rate, 0
+
+    def time_left(self) -> float:
+        if self.phase_start is None:
+            return self.idle_until - time.monotonic()
+        return self.phase_start + self.budget + self.phase_bytes / self.min_rate - time.monotonic()
+
+    def grow(self, size: int) -> None:
+        """A larger buffer (after association), keeping what is unread."""
+        if size > len(self.buffer):
+            left = bytes(self.view[self.start:self.end])
+            self.view.release()
+            self.buffer = bytearray(size)
+            self.buffer[:len(left)] = left
+            self.view = memoryview(self.buffer)
+            self.start, self.end = 0, len(left)
 
     def _recv(self) -> None:
+        left = self.time_left()
+        if left <= 0:
+            raise PeerTimedOut("idle timeout" if self.phase_start is None else "phase deadline passed")
         try:
+            self.sock.settimeout(left if left < 1e9 else None)
             count = self.sock.recv_into(self.view[self.end:])
         except TimeoutError as exc:
-            raise PeerGone("timed out") from exc
+            raise PeerTimedOut("idle timeout" if self.phase_start is None else "phase deadline passed") from exc
         except (OSError, ssl.SSLError) as exc:
             raise PeerGone(type(exc).__name__) from exc
         if not count:
             raise PeerGone("connection closed")
+        if self.phase_start is None:
+            self.phase_start = time.monotonic()
+        self.phase_bytes += count
         self.end += count
 
     def read(self, count: int) -> bytes:
@@ -381,7 +451,7 @@ class StoreHandler(Protocol):
 
     def association_ended(self, stats: Any, state: str, reason: str) -> None: ...
 
-    def record_refused_host(self, host: str, port: int) -> None: ...
+    def record_refused_host(self, host: str, port: int, reason: str = "host not allowed") -> None: ...
 
     def header_walk(self, meta_length: int, transfer_syntax: str) -> Any: ...
 
@@ -409,13 +479,18 @@ def supported_contexts(storage_classes: list[str], transfer_syntaxes: list[str])
 class AssociationHandler:
     """Runs one association from the A-ASSOCIATE-RQ to its end on the calling thread."""
 
-    def __init__(self, server: DicomServer, sock: socket.socket, address: tuple[Any, ...]) -> None:
+    def __init__(self, server: DicomServer, sock: socket.socket, address: tuple[Any, ...],
+                 connected_at: float | None = None) -> None:
         self.server = server
         self.receiver = server.receiver
         self.sock = sock
         self.host = str(address[0])
         self.port = int(address[1]) if len(address) > 1 else 0
-        self.reader = _Reader(sock)
+        self.connected_at = time.monotonic() if connected_at is None else connected_at
+        # Small until associated: see PENDING_BUFFER_BYTES.
+        self.reader = _Reader(sock, PENDING_BUFFER_BYTES)
+        self.associated = False
+        self.pending = False  # counted among the server's connections not yet associated
         self.message: _Message | None = None
         self.command_fragments = bytearray()
         self.info: AssociationInfo | None = None
@@ -428,20 +503,28 @@ class AssociationHandler:
         cfg = self.receiver.settings.dicom
         state, reason = "aborted", "connection closed without release"
         try:
-            self.sock.settimeout(cfg.acse_timeout_s)
+            # The whole A-ASSOCIATE-RQ within acse_timeout_s of connecting (TLS handshake included).
+            self.reader.begin_phase(cfg.acse_timeout_s, cfg.min_transfer_rate, self.connected_at)
             if not self._associate():
                 return
             state, reason = self._serve()
+        except PeerTimedOut as exc:
+            log.warning("aborting association from %s: timed out (%s)", self.host, exc)
+            self._send_quietly(abort_pdu(0x02, 0x00))
+            reason = "timed out"
+            if not self.associated:
+                self.receiver.record_refused_host(self.host, self.port, "association request timed out")
         except PeerGone:
             pass
         except ProtocolViolation as exc:
-            log.warning("aborting association from %s: %s", self.host, exc)
+            log.warning("aborting association from %s: %s", self.host, printable(str(exc)))
             self._send_quietly(abort_pdu(0x02, exc.reason))
             reason = "peer or network aborted"
         except Exception:  # noqa: BLE001 - one broken association never takes the listener down
             log.exception("association from %s failed", self.host)
             self._send_quietly(abort_pdu(0x02, 0x00))
         finally:
+            self.server.leave_pending(self)
             self._discard_partial()
             self._drop_spare()
             if self.stats is not None:
@@ -451,6 +534,7 @@ class AssociationHandler:
 
     def _send_quietly(self, data: bytes) -> None:
         with contextlib.suppress(OSError, ssl.SSLError):
+            self.sock.settimeout(5)  # a peer that reads nothing does not hold the thread
             self.sock.sendall(data)
 
     def _associate(self) -> bool:
@@ -463,43 +547,56 @@ class AssociationHandler:
             raise ProtocolViolation(f"A-ASSOCIATE-RQ of {length} bytes", ABORT_INVALID_PARAMETER)
         body = bytearray()
         self.reader.stream(length, body.extend)
+        # The AE titles from the raw bytes (PS3.8 9.3.2), as they came: a title the decoder
+        # chokes on is still audited, escaped (printable), never raw.
+        called_raw = bytes(body[4:20]).decode("latin-1").strip(" \0")
+        calling_raw = bytes(body[20:36]).decode("latin-1").strip(" \0")
+        self.info = AssociationInfo(printable(calling_raw)[:16], printable(called_raw)[:16], self.host, self.port)
         try:
             pdu = A_ASSOCIATE_RQ()
             pdu.decode(header + bytes(body))
             request = pdu.to_primitive()
         except Exception as exc:  # noqa: BLE001 - hostile bytes break the decoder in any way
+            self.receiver.association_rejected(self.info, f"undecodable A-ASSOCIATE-RQ ({type(exc).__name__})")
             raise ProtocolViolation(f"undecodable A-ASSOCIATE-RQ ({type(exc).__name__})",
                                     ABORT_INVALID_PARAMETER) from None
-        calling = str(request.calling_ae_title or "").strip()[:16]
-        called = str(request.called_ae_title or "").strip()[:16]
-        self.info = AssociationInfo(calling, called, self.host, self.port)
-        rejection = self._rejection(pdu, request, calling)
+        rejection = self._rejection(pdu, request, calling_raw, called_raw)
         if rejection is not None:
             (result, source, diagnostic), why = rejection
             self._send_quietly(reject_pdu(result, source, diagnostic))
             self.receiver.association_rejected(self.info, why)
             return False
-        if not self.server.claim_slot():
+        limit = self.server.claim_slot(self.host)
+        if limit:
             self._send_quietly(reject_pdu(0x02, 0x03, 0x02))  # transient, local limit exceeded
-            self.receiver.association_rejected(self.info, "association limit reached")
+            self.receiver.association_rejected(self.info, limit)
             return False
         self._slot = True
         try:
             self._accept(request)
         except BaseException:
-            self.server.release_slot()
+            self.server.release_slot(self.host)
             self._slot = False
             raise
+        self.associated = True
+        self.server.leave_pending(self)
+        self.reader.grow(READ_BUFFER_BYTES)
         return True
 
-    def _rejection(self, pdu: A_ASSOCIATE_RQ, request: A_ASSOCIATE,
-                   calling: str) -> tuple[tuple[int, int, int], str] | None:
+    def _rejection(self, pdu: A_ASSOCIATE_RQ, request: A_ASSOCIATE, calling: str,
+                   called: str) -> tuple[tuple[int, int, int], str] | None:
+        cfg = self.receiver.settings.dicom
         if not (pdu.protocol_version & 0x0001):
             return (0x01, 0x02, 0x02), "protocol version not supported"
         if str(request.application_context_name or "") != APPLICATION_CONTEXT_NAME:
             return (0x01, 0x01, 0x02), "application context not supported"
-        if not self.receiver.settings.dicom.calling_ae_allowed(calling):
+        if cfg.check_called_ae_title and called != cfg.ae_title:
+            return (0x01, 0x01, 0x07), "called AE title not recognized"
+        if not cfg.calling_ae_allowed(calling):
             return (0x01, 0x01, 0x03), "calling AE title not allowed"
+        ids = [context.context_id for context in request.presentation_context_definition_list]
+        if len(ids) != len(set(ids)):
+            return (0x01, 0x01, 0x01), "duplicate presentation context IDs"
         return None
 
     def _accept(self, request: A_ASSOCIATE) -> None:
@@ -539,10 +636,10 @@ class AssociationHandler:
         cfg = self.receiver.settings.dicom
         try:
             while True:
-                # Between messages the peer may think for network_timeout; inside one it
-                # must keep sending within dimse_timeout.
-                self.sock.settimeout(cfg.dimse_timeout_s if self.message or self.command_fragments
-                                     else cfg.network_timeout_s)
+                # Between messages the peer may think for network_timeout_s; a message (and
+                # an A-RELEASE-RQ) must then arrive whole by its deadline (see _Reader).
+                if self.message is None and not self.command_fragments:
+                    self.reader.idle(cfg.network_timeout_s, cfg.dimse_timeout_s, cfg.min_transfer_rate)
                 header = self.reader.read(6)
                 pdu_type, length = header[0], struct.unpack(">L", header[2:6])[0]
                 if pdu_type == P_DATA_TF_PDU:
@@ -550,6 +647,7 @@ class AssociationHandler:
                 elif pdu_type == A_RELEASE_RQ_PDU:
                     self.reader.stream(min(length, 4), None)
                     self._drop_spare()  # before the peer hears the association is over
+                    self.sock.settimeout(cfg.dimse_timeout_s)
                     self.sock.sendall(RELEASE_RP_PDU)
                     return "released", ""
                 elif pdu_type == A_ABORT_PDU:
@@ -559,7 +657,7 @@ class AssociationHandler:
                                             ABORT_UNRECOGNIZED_PDU if pdu_type > 7 else ABORT_UNEXPECTED_PDU)
         finally:
             if getattr(self, "_slot", False):
-                self.server.release_slot()
+                self.server.release_slot(self.host)
                 self._slot = False
 
     def _p_data(self, length: int) -> None:
@@ -683,6 +781,8 @@ class AssociationHandler:
         sop_class, sop_instance = uids or (_uid_text(request.get(0x0002)), _uid_text(request.get(0x1000)))
         response = response_command(command_field, message_id, status, sop_class, sop_instance, comment)
         try:
+            # A whole answer within dimse_timeout_s, whatever the read deadline had left.
+            self.sock.settimeout(self.receiver.settings.dicom.dimse_timeout_s)
             self.sock.sendall(pdata_command_pdu(context_id, response))
         except (OSError, ssl.SSLError) as exc:
             raise PeerGone(type(exc).__name__) from exc
@@ -709,9 +809,16 @@ class DicomServer:
         self.receiver = receiver
         self.contexts = contexts
         self.ssl_context = ssl_context
-        self.max_associations = receiver.settings.dicom.max_associations
+        cfg = receiver.settings.dicom
+        self.max_associations = cfg.max_associations
         self._active = 0
+        self._active_by_host: dict[str, int] = {}
+        # Connections not yet associated, by host: capped before a thread is started.
+        self._pending = 0
+        self._pending_by_host: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._accept_errors = 0
+        self._accept_logged_at = -1e9
         self._stopping = threading.Event()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -732,16 +839,67 @@ class DicomServer:
         self._thread = threading.Thread(target=self._accept_loop, name="dicom-scp", daemon=True)
         self._thread.start()
 
-    def claim_slot(self) -> bool:
+    def claim_slot(self, host: str = "") -> str:
+        """Take an association slot for ``host``: '' on success, else why not."""
+        per_host = self.receiver.settings.dicom.max_associations_per_host
         with self._lock:
             if self._active >= self.max_associations:
-                return False
+                return "association limit reached"
+            if self._active_by_host.get(host, 0) >= per_host:
+                return "association limit per host reached"
             self._active += 1
-            return True
+            self._active_by_host[host] = self._active_by_host.get(host, 0) + 1
+            return ""
 
-    def release_slot(self) -> None:
+    def release_slot(self, host: str = "") -> None:
         with self._lock:
             self._active -= 1
+            left = self._active_by_host.get(host, 0) - 1
+            if left > 0:
+                self._active_by_host[host] = left
+            else:
+                self._active_by_host.pop(host, None)
+
+    def _enter_pending(self, host: str) -> str:
+        """Count a new connection as pending: '' when it may go on, else why not."""
+        cfg = self.receiver.settings.dicom
+        with self._lock:
+            if self._pending >= cfg.max_pending_connections:
+                return "too many connections not yet associated"
+            if self._pending_by_host.get(host, 0) >= cfg.max_pending_per_host:
+                return "too many connections not yet associated from this host"
+            self._pending += 1
+            self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
+            return ""
+
+    def leave_pending(self, handler: AssociationHandler) -> None:
+        """The connection associated or ended (safe to call more than once)."""
+        with self._lock:
+            if handler.pending:
+                handler.pending = False
+                self._release_pending_host(handler.host)
+
+    def _release_pending_host(self, host: str) -> None:
+        self._pending -= 1
+        left = self._pending_by_host.get(host, 0) - 1
+        if left > 0:
+            self._pending_by_host[host] = left
+        else:
+            self._pending_by_host.pop(host, None)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Back off on accept errors (EMFILE: out of descriptors) and log at most every 10 s."""
+        self._accept_errors += 1
+        now = time.monotonic()
+        if now - self._accept_logged_at >= 10:
+            log.warning("accept failed %d time(s) in the last interval (latest: %s); backing off",
+                        self._accept_errors, errno.errorcode.get(exc.errno or 0, type(exc).__name__))
+            self._accept_logged_at = now
+            self._accept_errors = 0
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            self._stopping.wait(0.1)  # until a descriptor is free; the backlog keeps the rest
+        else:
+            self._stopping.wait(0.01)
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
@@ -752,30 +910,53 @@ class DicomServer:
             except OSError as exc:
                 if self._stopping.is_set():
                     return
-                log.warning("accept failed: %s", exc)
+                self._accept_failed(exc)
                 continue
+            connected_at = time.monotonic()
             host = str(address[0])
             if not self.receiver.settings.dicom.host_allowed(host):
                 with contextlib.suppress(OSError):
                     conn.close()
                 self.receiver.record_refused_host(host, int(address[1]))
                 continue
-            threading.Thread(target=self._run_association, args=(conn, address),
-                             name=f"assoc-{host}:{address[1]}", daemon=True).start()
-
-    def _run_association(self, conn: socket.socket, address: tuple[Any, ...]) -> None:
-        with contextlib.suppress(OSError):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context is not None:
-            conn.settimeout(self.receiver.settings.dicom.acse_timeout_s)
-            try:
-                conn = self.ssl_context.wrap_socket(conn, server_side=True)
-            except (OSError, ssl.SSLError) as exc:
-                log.warning("TLS handshake with %s failed: %s", address[0], type(exc).__name__)
+            why = self._enter_pending(host)
+            if why:
                 with contextlib.suppress(OSError):
                     conn.close()
-                return
-        AssociationHandler(self, conn, address).run()
+                self.receiver.record_refused_host(host, int(address[1]), why)
+                continue
+            try:
+                threading.Thread(target=self._run_association, args=(conn, address, connected_at),
+                                 name=f"assoc-{host}:{address[1]}", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had: like EMFILE
+                with self._lock:
+                    self._release_pending_host(host)
+                with contextlib.suppress(OSError):
+                    conn.close()
+                self._accept_failed(OSError(errno.EAGAIN, str(exc)))
+
+    def _run_association(self, conn: socket.socket, address: tuple[Any, ...], connected_at: float) -> None:
+        handler: AssociationHandler | None = None
+        try:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                # The handshake is one timed operation: it ends by the association deadline.
+                conn.settimeout(self.receiver.settings.dicom.acse_timeout_s)
+                try:
+                    conn = self.ssl_context.wrap_socket(conn, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("TLS handshake with %s failed: %s", address[0], type(exc).__name__)
+                    with contextlib.suppress(OSError):
+                        conn.close()
+                    return
+            handler = AssociationHandler(self, conn, address, connected_at)
+            handler.pending = True  # counted at accept; given back by leave_pending
+            handler.run()
+        finally:
+            if handler is None:  # never became a handler: give its pending place back
+                with self._lock:
+                    self._release_pending_host(str(address[0]))
 
     def shutdown(self) -> None:
         self._stopping.set()
