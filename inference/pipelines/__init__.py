@@ -22,6 +22,9 @@ class ModelProvider(Protocol):
 
 
 class Pipeline(Protocol):
+    """A pipeline class may also declare ``model_names``: the models it asks its
+    ModelProvider for (``spine-node pipelines list`` shows them)."""
+
     name: str
 
     def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings: ...
@@ -36,6 +39,11 @@ names = _PIPELINES.names
 def get(name: str) -> Pipeline:
     """A new instance of the pipeline registered as ``name``."""
     return _PIPELINES.factory(name)()
+
+
+def model_names(name: str) -> tuple[str, ...]:
+    """The models the pipeline registered as ``name`` declares it uses (empty: none declared)."""
+    return tuple(getattr(_PIPELINES.factory(name), "model_names", ()))
 
 
 def engine_card(engine: Any) -> Any:

@@ -317,6 +317,7 @@ class CervicalSpineCtFracture:
     """DICOM CT series in, C1..C7 masks and fracture probabilities out."""
 
     name = PIPELINE_NAME
+    model_names = (SEGMENTATION_MODEL, FRACTURE_MODEL)
 
     def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings:
         if len(inputs) != 1:

@@ -249,6 +249,7 @@ class FracturePipeline:
     """MobileNet fracture classifier; a series with several images reports the highest."""
 
     name = "xray-fracture"
+    model_names = (FRACTURE_MODEL,)
 
     def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings:
         images = read_series(_only_series(inputs, self.name))
@@ -266,6 +267,7 @@ class CSpineClassifyPipeline:
     """Cervical normal / fracture / dislocation with the model's saliency map."""
 
     name = "xray-cspine-classify"
+    model_names = (CSPINE_MODEL,)
 
     def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings:
         images = read_series(_only_series(inputs, self.name))
@@ -320,6 +322,7 @@ class SpineSegPipeline:
     """U-Net spine structures; the AP or LAT model is chosen from ViewPosition."""
 
     name = "xray-spine-seg"
+    model_names = (UNET_AP_MODEL, UNET_LAT_MODEL)
 
     def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings:
         series = _only_series(inputs, self.name)
@@ -343,6 +346,7 @@ class TissueSegPipeline:
     """XNet tissue classes: every pixel is bone, soft tissue or open beam."""
 
     name = "xray-tissue-seg"
+    model_names = (TISSUE_MODEL,)
 
     def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings:
         images = read_series(_only_series(inputs, self.name))
@@ -358,6 +362,7 @@ class PairClassifyPipeline:
     """Damaged / normal from the AP and the LAT image of one study (all its series)."""
 
     name = "xray-pair-classify"
+    model_names = (PAIR_MODEL,)
 
     def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings:
         if not inputs:
