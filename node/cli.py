@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, cast
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
 
 import typer
 from rich.console import Console
@@ -15,7 +17,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from spine_node.node.audit import EVENT_KINDS
 from spine_node.node.config import Settings, load_settings, redact_url
+from spine_node.node.domain import SeriesState
 from spine_node.node.errors import NodeError
 
 if TYPE_CHECKING:
@@ -50,6 +54,7 @@ ConfigOption = Annotated[
 
 class _State:
     config: Path | None = None
+    settings: Settings | None = None  # the last loaded, for naming the database in errors
 
 
 @app.callback()
@@ -57,13 +62,27 @@ def _root(config: ConfigOption = None) -> None:
     _State.config = config
 
 
+def _error(message: object) -> None:
+    """Print ``error: message`` on stderr as one line (not parsed as markup: config errors
+    name TOML tables such as ``[dicom]``)."""
+    err_console.print(Text.assemble(("error: ", "red"), str(message)), soft_wrap=True)
+
+
 def settings() -> Settings:
     """Settings for this invocation; a bad config exits 2 with the reason."""
     try:
-        return load_settings(_State.config)
+        _State.settings = load_settings(_State.config)
     except NodeError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        _error(exc)
         raise typer.Exit(2) from None
+    return _State.settings
+
+
+def _database_error(url: str, exc: BaseException) -> NoReturn:
+    """A database that cannot be used (server down, bad URL, missing driver): one line, exit 2."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    _error(f"cannot use database {redact_url(url)}: {type(exc).__name__}: {first}")
+    raise typer.Exit(2)
 
 
 @db_app.command("upgrade")
@@ -75,27 +94,40 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     try:
         upgrade(cfg.database_url, revision)
     except Exception as exc:  # connection refused, bad credentials, unknown revision, ...
-        err_console.print(f"[red]error:[/red] cannot migrate database {redact_url(cfg.database_url)}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-        raise typer.Exit(2) from None
+        _database_error(cfg.database_url, exc)
     console.print(f"database {redact_url(cfg.database_url)} is at revision {revision}")
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for another database or an in-memory one)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1]
+    return Path(path) if path and path != ":memory:" else None
+
+
 def _database(cfg: Settings):  # type: ignore[no-untyped-def]
+    """The node's database for a command that reads it; exits 2 when there is none yet.
+
+    A missing SQLite file is reported, never created: a command run from another folder
+    than the node's (the default database is relative: ``./spine-node-data``) must not
+    leave an empty database behind.
+    """
     from spine_node.node.audit import Database
 
-    db = Database(cfg.database_url)
+    path = sqlite_path(cfg.database_url)
+    if path is not None and not path.is_file():
+        _error(f"no database yet at {path.resolve()}: start 'spine-node serve' (or run "
+               "'spine-node db upgrade') first, or name the node's configuration with --config")
+        raise typer.Exit(2)
     try:
+        db = Database(cfg.database_url)
         current = db.is_current()
-    except Exception as exc:  # connection refused, bad credentials, ...
-        err_console.print(f"[red]error:[/red] cannot use database {redact_url(cfg.database_url)}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        raise typer.Exit(2) from None
+    except Exception as exc:  # connection refused, bad credentials, unknown driver, ...
+        _database_error(cfg.database_url, exc)
     if not current:
-        err_console.print(
-            f"[red]error:[/red] database {redact_url(cfg.database_url)} has no schema; "
-            "run 'spine-node db upgrade' (or start 'spine-node serve' once)"
-        )
+        _error(f"database {redact_url(cfg.database_url)} has no schema; "
+               "run 'spine-node db upgrade' (or start 'spine-node serve' once)")
         raise typer.Exit(2)
     return db
 
@@ -115,6 +147,9 @@ def serve(
     cfg = settings()
     if processes is not None:
         cfg.dicom.processes = processes
+    from spine_node.node.route import check_route_pipelines
+
+    check_route_pipelines(cfg)  # a route naming no pipeline would fail every job it makes
     # Metrics from every receive process are summed through files in this folder; it must
     # be set before prometheus_client is first imported (spine_node.node.metrics, via spine_node.node.service).
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(cfg.storage.data_dir / "metrics"))
@@ -139,9 +174,7 @@ def serve(
     except NodeError:
         raise
     except Exception as exc:  # connection refused, bad credentials, ...
-        err_console.print(f"[red]error:[/red] cannot use database {redact_url(cfg.database_url)}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        raise typer.Exit(2) from None
+        _database_error(cfg.database_url, exc)
     try:
         bind_check(cfg.dicom.host, cfg.dicom.port)
     except OSError as exc:
@@ -178,9 +211,12 @@ def _check_state(state: str | None, states: type[StrEnum]) -> None:
     """Exit 2 naming the choices if ``state`` is not one of ``states``."""
     values = [s.value for s in states]
     if state is not None and state not in values:
-        err_console.print(f"[red]error:[/red] unknown state {state!r}; expected one of "
-                          f"{', '.join(values)}")
+        _error(f"unknown state {state!r}; expected one of {', '.join(values)}")
         raise typer.Exit(2)
+
+
+def _states_help(states: type[StrEnum]) -> str:
+    return "Only this state: " + ", ".join(s.value for s in states) + "."
 
 
 def _age(value) -> str:  # type: ignore[no-untyped-def]
@@ -259,7 +295,7 @@ def status() -> None:
 
 @series_app.command("list")
 def series_list(
-    state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
+    state: Annotated[str | None, typer.Option(help=_states_help(SeriesState))] = None,
     limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50,
 ) -> None:
     """Series, newest first."""
@@ -268,6 +304,7 @@ def series_list(
 
     from spine_node.node.audit import Series
 
+    _check_state(state, SeriesState)
     db = _database(settings())
     query = select(Series).order_by(Series.last_received_at.desc()).limit(limit)
     if state:
@@ -288,14 +325,20 @@ def series_list(
 @audit_app.command("tail")
 def audit_tail(
     lines: Annotated[int, typer.Option("-n", help="Number of events.")] = 30,
-    kind: Annotated[str | None, typer.Option(help="Only events whose kind starts with this.")] = None,
+    kind: Annotated[str | None, typer.Option(
+        help="Only events of this kind, or of kinds starting with it (job, job.failed, ...): "
+        + ", ".join(EVENT_KINDS) + ".")] = None,
 ) -> None:
     """The latest audit events."""
     from rich.table import Table
     from sqlalchemy import select
 
-    from spine_node.node.audit import AuditEvent
+    from spine_node.node.audit import AuditEvent, kind_matches
 
+    if kind is not None and not kind_matches(kind):
+        _error(f"unknown audit event kind {kind!r}; expected one of {', '.join(EVENT_KINDS)} "
+               "or a prefix of one (e.g. job)")
+        raise typer.Exit(2)
     db = _database(settings())
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(lines)
     if kind:
@@ -318,9 +361,10 @@ def routes_test(
     from rich.table import Table
 
     from spine_node.node.header import StoreRejected, read_header
-    from spine_node.node.route import SeriesFacts, plan
+    from spine_node.node.route import SeriesFacts, check_route_pipelines, plan
 
     cfg = settings()
+    check_route_pipelines(cfg)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     series: dict[str, SeriesFacts] = {}
     counts: dict[str, int] = {}
@@ -351,6 +395,30 @@ def routes_test(
         err_console.print(f"{unreadable} file(s) were not readable DICOM and were ignored")
 
 
+pipelines_app = typer.Typer(help="Inference pipelines: the names routes can give.", no_args_is_help=True)
+app.add_typer(pipelines_app, name="pipelines")
+
+
+@pipelines_app.command("list")
+def pipelines_list() -> None:
+    """Every pipeline a worker can run: the models it uses and the routes that reach it."""
+    from spine_node.inference import pipelines
+    from spine_node.node.route import known_pipelines, unknown_route_pipelines
+
+    cfg = settings()
+    table = Table("pipeline", "models", "routes", title="pipelines")
+    for name in known_pipelines(cfg):
+        routes = [route.name for route in cfg.routes if name in route.pipelines]
+        table.add_row(name, ", ".join(pipelines.model_names(name)) or "-",
+                      ", ".join(routes) or "[dim]none[/dim]")
+    console.print(table)
+    unknown = unknown_route_pipelines(cfg)
+    if unknown:
+        for route, missing in unknown.items():
+            _error(f"route {route!r} names unknown pipeline(s) {', '.join(map(repr, missing))}")
+        raise typer.Exit(2)
+
+
 # -- models: the engines/ model repository ------------------------------------------------
 
 models_app = typer.Typer(help="The model repository (engines/): list, show, validate, import.",
@@ -371,9 +439,9 @@ def _repository(engines_dir: Path | None) -> ModelRepository:
 
 
 def _fail(message: object) -> NoReturn:
-    """Print ``error: message`` (not parsed as markup, not wrapped) and exit 1."""
-    err_console.print(Text.assemble(("error: ", "red"), str(message)), soft_wrap=True)
-    raise typer.Exit(1)
+    """Print ``error: message`` (not parsed as markup, not wrapped) and exit 2."""
+    _error(message)
+    raise typer.Exit(2)
 
 
 def _clinical(card: ModelCard) -> str:
@@ -614,8 +682,8 @@ def jobs_show(job_id: int = typer.Argument(..., help="Job id.")) -> None:
     with db.session() as session:
         job = session.get(Job, job_id)
         if job is None:
-            err_console.print(f"[red]error:[/red] job {job_id} does not exist")
-            raise typer.Exit(1)
+            _error(f"job {job_id} does not exist")
+            raise typer.Exit(2)
         results = session.scalars(select(Result).where(Result.job_id == job_id)
                                   .order_by(Result.id)).all()
         dispatches = session.scalars(select(Dispatch).where(
@@ -777,12 +845,59 @@ def _register_train_commands() -> None:
 _register_train_commands()
 
 
+LeafConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (or set SPINE_NODE_CONFIG).", show_default=False),
+]
+
+
+def _with_config_option(func: Callable[..., None]) -> Callable[..., None]:
+    """``func`` taking ``--config`` too; given there, it wins over the root's."""
+    signature = inspect.signature(func, eval_str=True)
+    if "config" in signature.parameters:
+        return func
+
+    @functools.wraps(func)
+    def command(*args: Any, config: Path | None = None, **kwargs: Any) -> None:
+        if config is not None:
+            _State.config = config
+        func(*args, **kwargs)
+
+    extra = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=LeafConfigOption)
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), extra])
+    return command
+
+
+def accept_config_everywhere(typer_app: typer.Typer) -> None:
+    """Give every command ``--config`` too, so that it may come after the subcommand
+    (``spine-node serve --config node.toml``) as well as before it."""
+    for info in typer_app.registered_commands:
+        if info.callback is not None:
+            info.callback = _with_config_option(info.callback)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            accept_config_everywhere(group.typer_instance)
+
+
+accept_config_everywhere(app)
+
+
 def main() -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
-        app()
+        app(prog_name="spine-node")
     except NodeError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        _error(exc)
         raise SystemExit(2) from None
+    except SQLAlchemyError as exc:  # a database that went away after the command's first look
+        url = _State.settings.database_url if _State.settings is not None else "(unknown)"
+        try:
+            _database_error(url, exc)
+        except typer.Exit as done:
+            raise SystemExit(done.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -9,14 +9,17 @@ SQLite, a local spool and a filesystem broker, all under ``data_dir``.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -26,7 +29,14 @@ from spine_node.engines import ENGINES_DIR
 from spine_node.node.errors import ConfigError
 from spine_node.node.uids import is_valid_uid
 
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "SPINE_NODE_"
 CONFIG_ENV = "SPINE_NODE_CONFIG"
+# SPINE_NODE_* variables that are not settings: the config file, and the test suite's own
+# (tests/peers.py, tests/pipelines_for_tests.py).
+_NOT_SETTINGS = frozenset({CONFIG_ENV, "SPINE_NODE_REQUIRE_PEERS", "SPINE_NODE_DCMTK_DIR"})
+_TEST_ENV_PREFIX = "SPINE_NODE_TEST_"
 
 # PS3.5 6.2: AE is up to 16 characters of the default repertoire, no backslash or
 # control characters, and not only spaces.
@@ -49,7 +59,13 @@ def _check_port(value: int) -> int:
     return value
 
 
-class TLSSettings(BaseModel):
+class _Section(BaseModel):
+    """A configuration table: a key it does not define is a typo, not something to ignore."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSSettings(_Section):
     """DICOM TLS (PS3.15 B.1). All paths are PEM files."""
 
     enabled: bool = False
@@ -70,7 +86,7 @@ class TLSSettings(BaseModel):
         return self
 
 
-class DicomSettings(BaseModel):
+class DicomSettings(_Section):
     """The listening Application Entity."""
 
     ae_title: str = "SPINE_NODE"
@@ -151,7 +167,7 @@ class DicomSettings(BaseModel):
         return not self.allowed_calling_ae_titles or ae_title.strip() in self.allowed_calling_ae_titles
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(_Section):
     """Where the node keeps its files."""
 
     data_dir: Path = Path("spine-node-data")
@@ -198,7 +214,7 @@ class StorageSettings(BaseModel):
         return self.results_dir
 
 
-class AssemblySettings(BaseModel):
+class AssemblySettings(_Section):
     """When a series counts as complete."""
 
     # A series is complete once no instance of it arrived for this long...
@@ -220,7 +236,7 @@ class AssemblySettings(BaseModel):
         return self
 
 
-class Destination(BaseModel):
+class Destination(_Section):
     """A DICOM peer results are sent to with C-STORE."""
 
     name: str
@@ -241,7 +257,7 @@ class Destination(BaseModel):
         return value
 
 
-class RouteMatch(BaseModel):
+class RouteMatch(_Section):
     """Header values a series must have; each list is 'any of', matched case-insensitively.
 
     An empty list matches anything. Values are shell-style patterns (``LAT*``); the value
@@ -262,7 +278,7 @@ class RouteMatch(BaseModel):
         return values
 
 
-class Route(BaseModel):
+class Route(_Section):
     """A rule: series matching ``match`` trigger ``pipelines``."""
 
     name: str
@@ -316,7 +332,7 @@ def default_routes() -> list[Route]:
     ]
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(_Section):
     """Celery workers."""
 
     # serve starts a local worker process (single-machine default).
@@ -371,7 +387,7 @@ class WorkerSettings(BaseModel):
         return self
 
 
-class DispatchSettings(BaseModel):
+class DispatchSettings(_Section):
     """Sending results back."""
 
     destinations: list[Destination] = Field(default_factory=list)
@@ -423,10 +439,13 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{(data / 'spine-node.db').as_posix()}"
         if not self.broker_url:
             self.broker_url = "filesystem://"
+        # The plain form names no driver; SQLAlchemy would pick psycopg (3), which is not
+        # installed. psycopg2 is (a dependency), so the plain form means it.
+        self.database_url = re.sub(r"^postgres(ql)?://", "postgresql+psycopg2://", self.database_url)
         if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", self.database_url):
             raise ValueError(
                 f"unsupported database_url scheme in {redact_url(self.database_url)!r}: "
-                "expected sqlite:/// or postgresql://"
+                "expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
             )
         if not re.match(r"^(filesystem|redis|rediss|memory|sqla\+\w+)://", self.broker_url):
             raise ValueError(
@@ -454,11 +473,97 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _KnownEnvSettingsSource(settings_cls)]
         path = os.environ.get(CONFIG_ENV)
         if path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
         return tuple(sources)
+
+
+def setting_env_names(model: type[BaseModel], prefix: str = ENV_PREFIX) -> set[str]:
+    """Every environment variable that sets a field of ``model`` (upper case), nested with ``__``."""
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        name = f"{prefix}{field_name.upper()}"
+        names.add(name)
+        section = _section_model(field.annotation)
+        if section is not None:
+            names |= setting_env_names(section, f"{name}__")
+    return names
+
+
+def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``SPINE_NODE_*`` variables that set nothing (a typo, or a setting that was removed)."""
+    environ = os.environ if environ is None else environ
+    known = setting_env_names(Settings)
+    return sorted(
+        name for name in environ
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
+        and name.upper() not in _NOT_SETTINGS and not name.upper().startswith(_TEST_ENV_PREFIX)
+    )
+
+
+class _KnownEnvSettingsSource(EnvSettingsSource):
+    """The environment less the ``SPINE_NODE_*`` names that are no setting: those get a
+    warning from :func:`load_settings` rather than failing the nested section's validation."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        unknown = {name.lower() for name in unknown_env_names()}
+        return {k: v for k, v in super()._load_env_vars().items() if k.lower() not in unknown}
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a section field (``DicomSettings``, ``list[Route]`` -> ``Route``), if it is one."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _section_model(field.annotation) if field is not None else None
+    return model
+
+
+def _section_label(loc: Sequence[int | str]) -> str:
+    """How the TOML file names the table at ``loc``: ``[dicom.tls]``, ``[[routes]] #2``."""
+    path = ".".join(str(p) for p in loc if not isinstance(p, int))
+    if loc and isinstance(loc[-1], int):
+        return f"[[{path}]] #{loc[-1] + 1}"
+    return f"[{path}]"
+
+
+def _unknown_key(loc: Sequence[int | str]) -> str:
+    """One line for a key no section defines, with the keys it does define."""
+    import difflib
+
+    key, section = str(loc[-1]), loc[:-1]
+    model = _model_at(section)
+    known = sorted(model.model_fields) if model is not None else []
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    where = f"in {_section_label(section)}" if section else "at the top level (a key or a [section])"
+    return f"unknown key {key!r} {where}{hint}; expected one of: {', '.join(known)}"
+
+
+def _warn_unknown_env() -> None:
+    import difflib
+
+    names = unknown_env_names()
+    if not names:
+        return
+    known = sorted(setting_env_names(Settings))
+    hints = []
+    for name in names:
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
+        hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    log.warning("ignoring environment variable(s) that set nothing: %s; nested settings use __, "
+                "e.g. SPINE_NODE_DICOM__PORT", ", ".join(hints))
 
 
 def redact_url(url: str) -> str:
@@ -474,11 +579,13 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         os.environ[CONFIG_ENV] = str(path)
+    _warn_unknown_env()
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            _unknown_key(err["loc"]) if err["type"] == "extra_forbidden"
+            else f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
             for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from None

@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 
 from spine_node.node.assemble import CompletedStudy
 from spine_node.node.audit import Job, Series, record_event
-from spine_node.node.config import Route, RouteMatch
+from spine_node.node.config import Route, RouteMatch, Settings
 from spine_node.node.domain import JobState, SeriesState
+from spine_node.node.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +178,38 @@ def route_study(session: Session, routes: Sequence[Route], completed: CompletedS
     if jobs:
         log.info("study %s: %d job(s) queued", completed.study_uid, len(jobs))
     return jobs
+
+
+def known_pipelines(settings: Settings) -> list[str]:
+    """The pipeline names a worker configured by ``settings`` can run.
+
+    The built-in pipelines register when first looked up; ``worker.pipeline_modules``
+    (site plug-ins) are imported first, as a worker does. Pipelines import numpy and
+    scipy, never torch.
+    """
+    import importlib
+
+    from spine_node.inference import pipelines
+
+    for module in settings.worker.pipeline_modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import worker.pipeline_modules entry {module!r}: {exc}") from None
+    return pipelines.names()
+
+
+def unknown_route_pipelines(settings: Settings) -> dict[str, list[str]]:
+    """Route name -> the pipelines it names that no module registers."""
+    known = set(known_pipelines(settings))
+    unknown = {route.name: [p for p in route.pipelines if p not in known] for route in settings.routes}
+    return {name: missing for name, missing in unknown.items() if missing}
+
+
+def check_route_pipelines(settings: Settings) -> None:
+    """Raise :class:`ConfigError` naming any route whose pipeline does not exist."""
+    unknown = unknown_route_pipelines(settings)
+    if unknown:
+        which = "; ".join(f"route {name!r} names unknown pipeline(s) {', '.join(map(repr, missing))}"
+                          for name, missing in unknown.items())
+        raise ConfigError(f"{which}; known pipelines: {', '.join(known_pipelines(settings))}")
