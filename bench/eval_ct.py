@@ -80,6 +80,8 @@ LABELLED_SHARE = 0.1
 #: Extra slices (mm) the training generator draws below the field, so the share of each
 #: vertebra inside the field can be measured rather than assumed.
 BELOW_FIELD_MM = 40.0
+#: z step (mm) the training generator renders at before a thick slice profile is applied.
+FINE_Z_MM = 0.5
 CROSS_MODULE = "spine_node.inference.heldout.ct"
 VIAS = ("auto", "analyse", "dicom")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -255,9 +257,13 @@ def _same_case(cohort: Cohort, seed: int, p: Perturbation) -> Case:
     # The default cervical field: 160 x 128 x 128 mm, as phantoms.generate draws it.
     target = p.spacing or (2.0, 2.0, 2.0)
     field_mm = (160.0, p.fov_mm or 128.0, p.fov_mm or 128.0)
-    thick = p.slice_thickness_mm is not None and p.slice_thickness_mm > target[0] * 1.01
-    step = 1 if not thick else max(1, int(round(float(p.slice_thickness_mm) / 0.5)))  # type: ignore[arg-type]
-    fine_z = target[0] / step if thick else target[0]
+    # A slice profile wider than the generator's own (it blurs by 0.6 mm) is simulated:
+    # render on a z grid of <= 0.5 mm that divides the target spacing, average over the
+    # profile, sample every target spacing.
+    thickness = float(p.slice_thickness_mm or 0.0)
+    thick = thickness > FINE_Z_MM * 1.5
+    ratio = int(math.ceil(target[0] / FINE_Z_MM - 1e-6)) if thick else 1
+    fine_z = target[0] / ratio
     nz = int(round(field_mm[0] / fine_z))
     extra = int(math.ceil(BELOW_FIELD_MM / fine_z))
     shape = (nz + extra, int(round(field_mm[1] / target[1])), int(round(field_mm[2] / target[2])))
@@ -265,26 +271,20 @@ def _same_case(cohort: Cohort, seed: int, p: Perturbation) -> Case:
     hu, every_level = ph.hu, ph.labels
     drawn = _voxel_counts(_cervical(every_level))
     hu, every_level = hu[:nz], every_level[:nz]
+    if p.z_range is not None:
+        hu, every_level = _crop_levels(hu, every_level, p.z_range)
+    kept = _voxel_counts(_cervical(every_level))
+    in_field = {k: min(1.0, kept[k] / drawn[k]) for k in LEVELS if drawn[k] > 0}
     if thick:
         # A thick slice averages the tissue over its profile (box of slice_thickness_mm),
         # sampled every target z spacing; truth is the label at each slice's centre.
-        width = int(round(float(p.slice_thickness_mm) / fine_z))  # type: ignore[arg-type]
+        width = max(1, int(round(thickness / fine_z)))
         blurred = ndimage.uniform_filter1d(hu, size=width, axis=0, mode="nearest")
-        ratio = int(round(target[0] / fine_z))
         centres = np.arange(ratio // 2, hu.shape[0], ratio)
         hu, every_level = blurred[centres], every_level[centres]
-        spacing = (target[0], target[1], target[2])
-    else:
-        spacing = (fine_z, target[1], target[2])
-    if p.z_range is not None:
-        hu, every_level = _crop_levels(hu, every_level, p.z_range)
+    spacing = (target[0], target[1], target[2])
     labels = _cervical(every_level)
     fractured = {v.name: v.fractured for v in ph.vertebrae if v.name in TRUTH_LABEL}
-    kept = _voxel_counts(labels)
-    if thick:
-        # Sampled every `ratio` fine slices: scale the count back for the share.
-        kept = {k: v * int(round(target[0] / fine_z)) for k, v in kept.items()}
-    in_field = {k: min(1.0, kept[k] / drawn[k]) for k in LEVELS if drawn[k] > 0}
     return Case(seed, _calibrate(hu, p), spacing, labels, in_field, fractured)
 
 
@@ -462,7 +462,7 @@ def score_case(case: Case, findings: Findings | None, predicted: np.ndarray | No
     return {
         "seed": case.seed,
         "error": error,
-        "not_performed_reason": findings.not_performed_reason if findings else error,
+        "not_performed_reason": findings.not_performed_reason if findings else None,
         "levels": levels,
         "assessed": assessed,
         "not_assessable": not_assessable,
@@ -478,22 +478,34 @@ def score_case(case: Case, findings: Findings | None, predicted: np.ndarray | No
 
 
 def evaluate_case(cohort: Cohort | str, seed: int, models: ModelProvider,
-                  perturbation: Perturbation | None = None, via: str = "auto") -> dict[str, Any]:
-    """Draw, run and score one case."""
+                  perturbation: Perturbation | None = None, via: str = "auto",
+                  keep_going: bool = False) -> dict[str, Any]:
+    """Draw, run and score one case.
+
+    A :class:`PipelineError` is the pipeline refusing the input (``error_kind``
+    ``"refused"``, scored as nothing found). Any other exception propagates, unless
+    ``keep_going``: then the case is ``"crashed"``, scored as nothing found, and counted
+    apart so a long run survives one bad case without hiding it.
+    """
     cohort = COHORTS[cohort] if isinstance(cohort, str) else cohort
     start = time.perf_counter()
     case = make_case(cohort, seed, perturbation)
     generated = time.perf_counter() - start
     try:
         findings, uids, path, seconds = run_pipeline(case, models, via)
-    except PipelineError as exc:  # the pipeline refused the input: a legitimate answer
+    except Exception as exc:
+        if not isinstance(exc, PipelineError) and not keep_going:
+            raise
+        kind = "refused" if isinstance(exc, PipelineError) else "crashed"
+        if kind == "crashed":
+            log.error("%s seed %d crashed: %s: %s", cohort.name, seed, type(exc).__name__, exc)
         record = score_case(case, None, None, error=f"{type(exc).__name__}: {exc}")
-        record.update(path="", seconds=float("nan"), generate_seconds=generated,
+        record.update(path="", seconds=float("nan"), generate_seconds=generated, error_kind=kind,
                       shape=list(case.hu.shape), spacing=list(case.spacing))
         return record
     predicted, others = predicted_labels(findings, uids, case.hu.shape)
     record = score_case(case, findings, predicted, others)
-    record.update(path=path, seconds=seconds, generate_seconds=generated,
+    record.update(path=path, seconds=seconds, generate_seconds=generated, error_kind=None,
                   shape=list(case.hu.shape), spacing=list(case.spacing))
     return record
 
@@ -546,14 +558,18 @@ def summarise(name: str, records: Sequence[Mapping[str, Any]], negative: bool = 
     timing = [r["seconds"] for r in records if not math.isnan(r["seconds"])]
     out: dict[str, Any] = {
         "cohort": name, "n": n, "negative": negative,
-        "errors": sum(1 for r in records if r["error"]),
+        "refused": sum(1 for r in records if r["error_kind"] == "refused"),
+        "crashed": sum(1 for r in records if r["error_kind"] == "crashed"),
+        "not_performed": sum(1 for r in records if r["not_performed_reason"]),
         "seconds_mean": round(float(np.mean(timing)), 3) if timing else None,
         "generate_seconds_mean": round(float(np.mean([r["generate_seconds"] for r in records])), 3) if n else None,
         "path": sorted({r["path"] for r in records if r["path"]}),
         "threshold": sorted({r["threshold"] for r in records}),
     }
     if negative:
-        refused = [r for r in records if r["not_performed_reason"] or not r["assessed"]]
+        # A crash is no answer: it does not count as "not assessable".
+        refused = [r for r in records if r["error_kind"] != "crashed"
+                   and (r["error_kind"] == "refused" or r["not_performed_reason"] or not r["assessed"])]
         out.update(
             not_assessable=_share(len(refused), n),
             segments_total=sum(r["segments"] for r in records),
@@ -701,9 +717,9 @@ def _init_worker(engines_dir: Path | None, backend: str, threads: int) -> None:
     _WORKER_MODELS = model_provider(engines_dir, backend, threads)
 
 
-def _worker_case(name: str, seed: int, via: str) -> tuple[str, dict[str, Any]]:
+def _worker_case(name: str, seed: int, via: str, keep_going: bool) -> tuple[str, dict[str, Any]]:
     assert _WORKER_MODELS is not None, "worker not initialised"
-    return name, evaluate_case(COHORTS[name], seed, _WORKER_MODELS, via=via)
+    return name, evaluate_case(COHORTS[name], seed, _WORKER_MODELS, via=via, keep_going=keep_going)
 
 
 # ---------------------------------------------------------------------- report
@@ -744,12 +760,14 @@ def tables(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str
                 f"{_f(la['wrong']['share'], 2)} ({la['vertebrae']})",
                 _fci(la["right_or_unlabelled"]), _auc_cell(r["auc_vertebra"]),
                 _auc_cell(r["auc_patient"]), _fci(r["sensitivity"]), _fci(r["specificity"]),
-                _fci(r["fracture_free_with_present"]), _f(r["seconds_mean"], 2),
+                _fci(r["fracture_free_with_present"]),
+                f"{r['not_performed']} / {r['refused']} / {r['crashed']}", _f(r["seconds_mean"], 2),
             ])
         out.append(("Fracture cohorts", [
-            "cohort", "n", "Dice C1-C7", "levels right / unlabelled / wrong (vertebrae)",
-            "right or unlabelled", "vertebra AUC", "patient AUC", "sensitivity",
-            "specificity", "fracture-free with a present finding", "s / case"], rows))
+            "cohort", "n", "Dice C1-C7", "levels right / unlab. / wrong (n)",
+            "right or unlab.", "vertebra AUC", "patient AUC", "sensitivity",
+            "specificity", "fracture-free with a present finding",
+            "not perf. / refused / crashed", "s / case"], rows))
         rows = []
         for r in positive:
             rows.append([r["cohort"], "Dice", *(_f(r["dice"][k]) for k in LEVELS)])
@@ -759,11 +777,12 @@ def tables(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str
         out.append(("Per level", ["cohort", "metric", *LEVELS], rows))
     if negative:
         rows = [[r["cohort"], str(r["n"]), _fci(r["not_assessable"]), str(r["segments_total"]),
-                 str(r["segments_max"]), str(r["present_total"]), _f(r["seconds_mean"], 2)]
+                 str(r["segments_max"]), str(r["present_total"]), str(r["crashed"]),
+                 _f(r["seconds_mean"], 2)]
                 for r in negative]
         out.append(("Negatives (bars: not assessable 100 %, 0 segments, 0 present findings)", [
             "cohort", "n", "not assessable", "vertebra segments", "max per case",
-            "present findings", "s / case"], rows))
+            "present findings", "crashed", "s / case"], rows))
     return out
 
 
@@ -824,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="pipeline entry: analyse() on the volume, run() on a DICOM series "
                              "(the node's path, header checks included), or auto: analyse where "
                              "present (default: %(default)s)")
+    parser.add_argument("--fail-fast", action="store_true",
+                        help="stop at the first case that crashes (default: count it and go on)")
     parser.add_argument("--seed-base", type=int, default=SEED_BASE)
     parser.add_argument("--resamples", type=int, default=2000,
                         help="bootstrap resamples for the pooled vertebra AUC (default: %(default)s)")
@@ -858,13 +879,15 @@ def main(argv: list[str] | None = None) -> int:
             models = model_provider(args.engines_dir, args.backend, args.threads)
             for name, seed in tasks:
                 progress.update(bar, description=f"{name} {seed}")
-                records[name].append(evaluate_case(COHORTS[name], seed, models, via=args.via))
+                records[name].append(evaluate_case(COHORTS[name], seed, models, via=args.via,
+                                                   keep_going=not args.fail_fast))
                 progress.advance(bar)
         else:
             context = multiprocessing.get_context("spawn")
             with futures.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker,
                                              initargs=(args.engines_dir, args.backend, args.threads)) as pool:
-                pending = [pool.submit(_worker_case, name, seed, args.via) for name, seed in tasks]
+                pending = [pool.submit(_worker_case, name, seed, args.via, not args.fail_fast)
+                           for name, seed in tasks]
                 for future in futures.as_completed(pending):
                     name, record = future.result()
                     records[name].append(record)
