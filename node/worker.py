@@ -25,6 +25,7 @@ from sqlalchemy import select
 from spine_node.inference import pipelines
 from spine_node.inference.errors import InferenceError, PipelineError
 from spine_node.inference.findings import Findings
+from spine_node.inference.pixels import pixel_budget
 from spine_node.inference.runtime import EngineProvider
 from spine_node.inference.series import SeriesRef
 from spine_node.node import metrics, results, supersede
@@ -200,7 +201,8 @@ def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
     inputs = series_refs(claim, settings, db)
     loaded = time.perf_counter()
     provider = engine_provider(settings)
-    findings = pipeline.run(inputs, provider)
+    with pixel_budget(settings.worker.max_pixels_per_job):  # checked before decoding (inference/pixels.py)
+        findings = pipeline.run(inputs, provider)
     ran = time.perf_counter()
     if not isinstance(findings, Findings):
         raise PipelineError(f"pipeline {claim.pipeline!r} returned {type(findings).__name__}, "
@@ -242,6 +244,12 @@ def run_job(self: Any, *, job_id: int) -> str:
     with JobHeartbeat(db, claim, heartbeat_interval(settings)) as beat:
         try:
             outcome = execute(claim, settings, db)
+        except MemoryError:
+            # Fails this job only: re-raised, Celery would stop the whole worker
+            # ("Unrecoverable error"). What the pipeline held is freed with its frames.
+            log.warning("job %d failed: out of memory", job_id)
+            record_failure(db, claim, "MemoryError: the pipeline ran out of memory on this input")
+            return JobState.FAILED.value
         except (NodeError, InferenceError) as exc:
             log.info("job %d failed: %s", job_id, exc)
             record_failure(db, claim, f"{type(exc).__name__}: {exc}")

@@ -26,6 +26,7 @@ from scipy import ndimage
 from spine_node.inference.errors import PipelineError
 from spine_node.inference.findings import Finding, Findings, LabelMap, Segment
 from spine_node.inference.pipelines import ModelProvider, engine_card, model_info, register
+from spine_node.inference.pixels import check_pixel_data
 from spine_node.inference.series import SeriesRef
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def load_ct_series(files: Sequence[Path]) -> CtVolume:
         log.warning("CT series %s has uneven slice spacing (%.2f..%.2f mm); resampling "
                     "assumes %.2f mm", first.SeriesInstanceUID, steps.min(), steps.max(),
                     spacing_z)
+    check_pixel_data(slices, PIPELINE_NAME)  # declared sizes and pixel budget, before decoding
     hu = np.empty((len(slices), *shape), dtype=np.float32)
     for k, ds in enumerate(slices):
         slope = float(ds.get("RescaleSlope", 1) or 1)

@@ -36,6 +36,7 @@ import pydicom
 from spine_node.inference.errors import PipelineError
 from spine_node.inference.findings import Finding, Findings, LabelMap, ProbabilityMap, Segment
 from spine_node.inference.pipelines import ModelProvider, engine_card, model_info, register
+from spine_node.inference.pixels import check_pixel_data
 from spine_node.inference.series import SeriesRef
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def read_radiograph(path: Path) -> Radiograph:
     """
     try:
         ds = pydicom.dcmread(path)
+        check_pixel_data([ds], path.name)  # declared sizes and pixel budget, before decoding
         raw = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for bad or undecodable files
         raise PipelineError(f"cannot decode radiograph {path.name}: {exc}") from None
