@@ -306,9 +306,12 @@ def _crop_levels(hu: np.ndarray, labels: np.ndarray,
 
 
 def _calibrate(hu: np.ndarray, p: Perturbation) -> np.ndarray:
+    """A calibration error, then the range a 12-bit scanner stores (as the DICOM writer
+    clips, so both pipeline entries see the same numbers)."""
     if p.hu_scale == 1.0 and p.hu_offset == 0.0:
         return hu.astype(np.float32, copy=False)
-    return (hu * np.float32(p.hu_scale) + np.float32(p.hu_offset)).astype(np.float32)
+    out = hu * np.float32(p.hu_scale) + np.float32(p.hu_offset)
+    return np.clip(out, -1024.0, 3071.0).astype(np.float32)
 
 
 def _cross_case(cohort: Cohort, seed: int, p: Perturbation) -> Case:

@@ -135,7 +135,10 @@ def test_same_generator_perturbations() -> None:
     assert all(share == 1.0 for share in base.in_field.values())
 
     hot = eval_ct.make_case(eval_ct.COHORTS["same/hu+100"], SEED)
-    assert np.allclose(hot.hu - base.hu, 100.0) and np.array_equal(hot.labels, base.labels)
+    assert np.array_equal(hot.labels, base.labels)
+    assert np.allclose(hot.hu, np.clip(base.hu + 100.0, -1024.0, 3071.0))
+    cold = eval_ct.make_case(eval_ct.COHORTS["same/hu-100"], SEED)
+    assert cold.hu.min() == -1024.0 and np.allclose(cold.hu[base.hu > 0], base.hu[base.hu > 0] - 100.0)
 
     thick = eval_ct.make_case(eval_ct.COHORTS["same/3mm"], SEED)
     assert thick.spacing == (3.0, 2.0, 2.0) and thick.hu.shape[0] == 53
