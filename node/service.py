@@ -22,8 +22,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -33,6 +33,7 @@ from spine_node.node.assemble import Assembler, CompletedStudy, recover_from_spo
 from spine_node.node.audit import Database
 from spine_node.node.config import Settings
 from spine_node.node.errors import NodeError
+from spine_node.node.lifetime import die_with_parent, preexec_die_with_parent
 from spine_node.node.receive import Receiver, salvage_incoming
 from spine_node.node.retention import RetentionCleaner
 from spine_node.node.route import route_study
@@ -248,7 +249,11 @@ class EmbeddedWorker:
         args = [sys.executable, "-m", "spine_node.node.cli"]
         if self.config_file:
             args += ["--config", self.config_file]
-        self.proc = subprocess.Popen([*args, "worker"], env=os.environ.copy())
+        # Its own process group (a terminal's Ctrl-C reaches serve, which stops it; stop
+        # signals the whole group), and killed with serve however serve ends: a job it
+        # was running is taken over through its stale heartbeat.
+        self.proc = subprocess.Popen([*args, "worker"], env=os.environ.copy(), start_new_session=True,
+                                     preexec_fn=preexec_die_with_parent(signal.SIGKILL))  # noqa: PLW1509
         log.info("embedded worker started (pid %d)", self.proc.pid)
 
     def start(self) -> None:
@@ -265,26 +270,46 @@ class EmbeddedWorker:
                     return
                 self._spawn()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 3.0) -> None:
+        """SIGTERM (Celery's warm shutdown), then SIGKILL after ``timeout`` seconds.
+
+        A worker still inside a job after ``timeout`` is killed rather than waited for:
+        the job goes back to the queue through its stale heartbeat.
+        """
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.poll() is None:
+                log.warning("embedded worker did not stop within %.0fs; killing it", timeout)
+            _signal_group(proc.pid, signal.SIGKILL)  # also any pool child left behind
+            proc.wait()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class ReceiveProcesses:
     """``count`` child processes, each running a :class:`Receiver` on the shared port.
 
     Children are started with ``spawn`` (no inherited threads or database connections) and
-    restarted by :meth:`supervise` if one dies. A child exits by itself when its parent is
-    gone, so a killed ``serve`` never leaves a receiver holding the port.
+    restarted by :meth:`supervise` if one dies. A child gets SIGTERM when its parent dies
+    (:func:`spine_node.node.lifetime.die_with_parent`), so a killed ``serve`` never leaves
+    a receiver holding the port.
+
+    Parent and children share no lock: a child says it listens through a pipe and is told
+    to stop with SIGTERM. (A shared ``multiprocessing.Event`` was a lock that a child
+    killed with SIGKILL inside ``wait`` held for ever: the parent then hung in ``set`` at
+    stop.)
     """
 
     def __init__(self, settings: Settings, count: int, start_timeout_s: float = 60.0) -> None:
@@ -292,17 +317,16 @@ class ReceiveProcesses:
         self.count = count
         self.start_timeout_s = start_timeout_s
         self._ctx = multiprocessing.get_context("spawn")
-        self._stop = self._ctx.Event()
+        self._stopping = False
         self._procs: list[BaseProcess | None] = [None] * count
-        # Each child's "listening" event; kept referenced, because a collected Event
-        # unlinks its semaphore, which a child still starting then cannot open.
-        self._readies: list[ProcessEvent | None] = [None] * count
+        # Each child's "listening" pipe (read end).
+        self._readies: list[Connection | None] = [None] * count
 
     def start(self) -> None:
         readies = [self._spawn(index) for index in range(self.count)]
         deadline = time.monotonic() + self.start_timeout_s
         for index, ready in enumerate(readies):
-            while not ready.wait(0.2):
+            while not _listening(ready):
                 proc = self._procs[index]
                 if proc is not None and not proc.is_alive():
                     self.stop()
@@ -313,11 +337,15 @@ class ReceiveProcesses:
         log.info("%d receive processes listening on %s:%d", self.count, self.settings.dicom.host,
                  self.settings.dicom.port)
 
-    def _spawn(self, index: int) -> ProcessEvent:
-        ready = self._ctx.Event()
+    def _spawn(self, index: int) -> Connection:
+        old = self._readies[index]
+        if old is not None:
+            old.close()
+        ready, child_end = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=_receive_process_main, name=f"spine-node-receive-{index}",
-                                 args=(self.settings, index, ready, self._stop), daemon=True)
+                                 args=(self.settings, index, child_end, os.getpid()), daemon=True)
         proc.start()
+        child_end.close()
         self._procs[index] = proc
         self._readies[index] = ready
         return ready
@@ -328,7 +356,7 @@ class ReceiveProcesses:
 
     def supervise(self) -> None:
         """Restart any child that died (crash, OOM kill); called from the serve loop."""
-        if self._stop.is_set():
+        if self._stopping:
             return
         for index, proc in enumerate(self._procs):
             if proc is not None and not proc.is_alive():
@@ -337,36 +365,57 @@ class ReceiveProcesses:
                 proc.close()
                 self._spawn(index)
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        self._stop.set()
-        deadline = time.monotonic() + timeout_s
-        for proc in self._procs:
-            if proc is None:
-                continue
-            proc.join(max(0.1, deadline - time.monotonic()))
+    def stop(self, timeout_s: float = 3.0) -> None:
+        """SIGTERM every child at once; SIGKILL what still runs after ``timeout_s``."""
+        self._stopping = True
+        procs = [p for p in self._procs if p is not None]
+        for proc in procs:
             if proc.is_alive():
-                log.warning("receive process pid %s did not stop in time; terminating", proc.pid)
                 proc.terminate()
-                proc.join(5)
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            proc.join(max(0.05, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("receive process pid %s did not stop within %.0fs; killing it", proc.pid,
+                            timeout_s)
+                proc.kill()
+                proc.join(2)
+        for ready in self._readies:
+            if ready is not None:
+                ready.close()
+        self._readies = [None] * self.count
 
 
-def _receive_process_main(settings: Settings, index: int, ready: ProcessEvent, stop: ProcessEvent) -> None:
-    """Body of one receive child: receive until the parent says stop or goes away."""
+def _listening(ready: Connection) -> bool:
+    """True once the child behind ``ready`` said it listens (waits up to 0.2 s)."""
+    try:
+        if ready.poll(0.2):
+            ready.recv()
+            return True
+    except (EOFError, OSError):
+        time.sleep(0.2)  # the child is gone; the caller sees it exited
+    return False
+
+
+def _receive_process_main(settings: Settings, index: int, ready: Connection, parent: int) -> None:
+    """Body of one receive child: receive until the parent says stop (SIGTERM) or dies."""
     from spine_node.node.logs import configure_logging
 
-    parent = os.getppid()
     local_stop = threading.Event()
     # Ctrl-C reaches the whole process group: the parent coordinates the shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: local_stop.set())
+    die_with_parent(parent, signal.SIGTERM)
     configure_logging(settings.log_level)
     db = Database(settings.database_url)
     receiver = Receiver(settings, db)
     receiver.start(clean_incoming=False)
-    ready.set()
+    ready.send(True)
+    ready.close()
     log.debug("receive process %d (pid %d) listening", index, os.getpid())
     try:
-        while not local_stop.is_set() and not stop.wait(0.5):
+        # The parent pid check covers systems without PR_SET_PDEATHSIG.
+        while not local_stop.wait(0.5):
             if os.getppid() != parent:
                 log.warning("receive process %d: parent exited; stopping", index)
                 break

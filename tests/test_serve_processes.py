@@ -131,3 +131,126 @@ def test_a_killed_receive_process_is_replaced(tmp_path):
         assert rows[0].series_uid == series_uid
         assert "restarting" in node.log()
     assert not receive_children(node.proc.pid)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, their children, ...)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _exited(node: NodeProcess, timeout: float) -> int | None:
+    assert node.proc is not None
+    try:
+        return node.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def test_serve_stops_on_sigterm_after_a_receive_process_was_replaced(tmp_path):
+    """A child killed with SIGKILL used to leave the parent hanging in its stop for ever."""
+    import signal
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    node = NodeProcess(tmp_path / "node", url, args=("--processes", "4")).start()
+    try:
+        assert node.proc is not None
+        wait_for(lambda: "(4 receive processes)" in node.log(), timeout=90)
+        first = wait_for(lambda: len(kids := receive_children(node.proc.pid)) == 4 and kids, timeout=60)
+        os.kill(min(first), signal.SIGKILL)
+        wait_for(lambda: len(kids := receive_children(node.proc.pid)) == 4 and min(first) not in kids,
+                 timeout=60)
+        everything = descendants(node.proc.pid)
+        node.proc.send_signal(signal.SIGTERM)
+        code = _exited(node, timeout=30)
+        assert code is not None, f"serve still running 30 s after SIGTERM:\n{node.log()[-3000:]}"
+        assert code == 0, node.log()[-3000:]
+        _all_gone(everything)
+        assert not _listening(node.port)
+    finally:
+        node.stop()
+
+
+def _all_gone(pids: set[int], timeout: float = 5) -> None:
+    """Every one of ``pids`` exits within ``timeout`` (helpers such as multiprocessing's
+    resource tracker leave once the last holder of their pipe is gone)."""
+    try:
+        wait_for(lambda: not [pid for pid in pids if _alive(pid)], timeout=timeout)
+    except AssertionError:
+        raise AssertionError(f"still running: {[_describe(pid) for pid in pids if _alive(pid)]}") from None
+
+
+def _describe(pid: int) -> str:
+    try:
+        return f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ').decode()[:200]}"
+    except OSError:
+        return f"{pid}: gone"
+
+
+def test_sigkill_of_serve_takes_its_receivers_and_worker_along(tmp_path):
+    import signal
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    node = NodeProcess(tmp_path / "node", url, env={"SPINE_NODE_WORKER__EMBEDDED": "true"},
+                       args=("--processes", "2"))
+    node.start()
+    everything: set[int] = set()
+    try:
+        assert node.proc is not None
+        # Two receivers and the embedded worker (plus helpers such as multiprocessing's).
+        wait_for(lambda: len(receive_children(node.proc.pid)) == 2 and "worker: queues" in node.log(),
+                 timeout=90)
+        everything = descendants(node.proc.pid)
+        assert len(everything) >= 3
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait(timeout=10)
+        _all_gone(everything, timeout=10)
+        assert not _listening(node.port)
+    finally:
+        for pid in everything:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        node.stop()
+
+
+def test_ctrl_c_stops_an_idle_node_and_all_it_started(tmp_path):
+    import signal
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    node = NodeProcess(tmp_path / "node", url, env={"SPINE_NODE_WORKER__EMBEDDED": "true"})
+    node.start()
+    try:
+        assert node.proc is not None
+        wait_for(lambda: "worker: queues" in node.log(), timeout=90)
+        everything = descendants(node.proc.pid)
+        os.killpg(node.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        code = _exited(node, timeout=20)
+        assert code == 0, node.log()[-3000:]
+        _all_gone(everything)
+        assert not _listening(node.port)
+    finally:
+        node.stop()
