@@ -40,6 +40,7 @@ import argparse
 import concurrent.futures as futures
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -100,8 +101,8 @@ class Perturbation:
     applies those it lacks (slice profile, HU calibration, field of view) to the volume.
     """
 
-    #: output grid (z, y, x) in mm
-    spacing: tuple[float, float, float] | None = None
+    #: output grid (z, y, x) in mm; a None entry keeps the generator's default on that axis
+    spacing: tuple[float | None, float | None, float | None] | None = None
     #: slice profile width (mm); thicker than the z spacing means a blurred, thick slice
     slice_thickness_mm: float | None = None
     hu_offset: float = 0.0
@@ -113,7 +114,8 @@ class Perturbation:
     #: (top, bottom) vertebrae of the field, e.g. ("C2", "T1")
     z_range: tuple[str, str] | None = None
     noise_hu: float | None = None
-    fov_mm: float | None = None
+    #: (in-plane width, z length) of the field in mm
+    fov_mm: tuple[float, float] | None = None
 
     def resolved_rotation(self, seed: int) -> tuple[float, float, float] | None:
         if self.rotation_deg is None or isinstance(self.rotation_deg, tuple):
@@ -145,8 +147,8 @@ class Cohort:
 
 PERTURBATIONS: dict[str, tuple[Perturbation, str]] = {
     "clinical_grid": (Perturbation(spacing=(1.0, 0.5, 0.5)), "1 x 0.5 x 0.5 mm grid"),
-    "3mm": (Perturbation(spacing=(3.0, 2.0, 2.0), slice_thickness_mm=3.0),
-            "3 mm slices, 3 mm slice profile"),
+    "3mm": (Perturbation(spacing=(3.0, None, None), slice_thickness_mm=3.0),
+            "3 mm slices, 3 mm slice profile, in-plane grid as the generator's"),
     "hu+100": (Perturbation(hu_offset=100.0), "HU + 100"),
     "hu-100": (Perturbation(hu_offset=-100.0), "HU - 100"),
     "size+15": (Perturbation(size_scale=1.15), "patient size x 1.15"),
@@ -225,7 +227,8 @@ class Case:
     spacing: tuple[float, float, float]
     #: C1..C7 = 1..7 on the same grid, 0 elsewhere
     labels: np.ndarray
-    #: level -> share of the vertebra's voxels inside the field (levels drawn at all)
+    #: level -> share of the vertebra's voxels inside the field (levels drawn at all; the
+    #: cross generator only says in (1.0) or out (0.0) at the 50 % mark)
     in_field: dict[str, float]
     #: level -> fractured, for every level drawn
     fractured: dict[str, bool]
@@ -255,8 +258,9 @@ def _same_case(cohort: Cohort, seed: int, p: Perturbation) -> Case:
         hu, labels, spacing = ph.hu, np.zeros(ph.shape, np.uint8), ph.spacing
         return Case(seed, _calibrate(hu, p), spacing, labels, {}, {})
     # The default cervical field: 160 x 128 x 128 mm, as phantoms.generate draws it.
-    target = p.spacing or (2.0, 2.0, 2.0)
-    field_mm = (160.0, p.fov_mm or 128.0, p.fov_mm or 128.0)
+    target = _grid(p.spacing, (2.0, 2.0, 2.0))
+    width, length = p.fov_mm or (128.0, 160.0)
+    field_mm = (length, width, width)
     # A slice profile wider than the generator's own (it blurs by 0.6 mm) is simulated:
     # render on a z grid of <= 0.5 mm that divides the target spacing, average over the
     # profile, sample every target spacing.
@@ -305,6 +309,15 @@ def _crop_levels(hu: np.ndarray, labels: np.ndarray,
     return hu[start:stop], labels[start:stop]
 
 
+def _grid(spacing: Sequence[float | None] | None,
+          default: Sequence[float]) -> tuple[float, float, float]:
+    """``spacing`` with its None entries (or all of it) taken from ``default``."""
+    if spacing is None:
+        return (float(default[0]), float(default[1]), float(default[2]))
+    z, y, x = (float(d if v is None else v) for v, d in zip(spacing, default, strict=True))
+    return (z, y, x)
+
+
 def _calibrate(hu: np.ndarray, p: Perturbation) -> np.ndarray:
     """A calibration error, then the range a 12-bit scanner stores (as the DICOM writer
     clips, so both pipeline entries see the same numbers)."""
@@ -319,10 +332,13 @@ def _cross_case(cohort: Cohort, seed: int, p: Perturbation) -> Case:
     if module is None:
         raise RuntimeError(f"cohort {cohort.name} needs {CROSS_MODULE}, which is not installed")
     kwargs: dict[str, Any] = {}
-    for name in ("spacing", "slice_thickness_mm", "size_scale", "z_range", "noise_hu", "fov_mm"):
+    for name in ("slice_thickness_mm", "size_scale", "z_range", "noise_hu", "fov_mm"):
         value = getattr(p, name)
         if value is not None:
             kwargs[name] = value
+    if p.spacing is not None:
+        default = inspect.signature(module.generate).parameters["spacing"].default
+        kwargs["spacing"] = _grid(p.spacing, default)
     rotation = p.resolved_rotation(seed)
     if rotation is not None:
         kwargs["rotation_deg"] = rotation
@@ -333,11 +349,12 @@ def _cross_case(cohort: Cohort, seed: int, p: Perturbation) -> Case:
     ct = module.generate(seed, kind=cohort.kind, **kwargs)
     labels = _cervical(np.asarray(ct.labels))
     counts = _voxel_counts(labels)
-    # The generator says which levels are in the field; a level with voxels here but not
-    # in that list is cut by the field's edge (counted for Dice, not for level truth).
-    listed = set(getattr(ct, "levels_in_field", ()) or ())
-    in_field = {k: (1.0 if k in listed else 0.25) for k in LEVELS if counts[k] > 0 or k in listed}
-    fractured = {k: k in (ct.fractures or {}) for k in in_field}
+    # The generator lists the levels with >= 50 % of their height in the field (1.0 here);
+    # one with voxels but not listed is cut by the field's edge (0.0 here: counted for
+    # Dice, not for level accuracy or fracture truth).
+    listed = set(ct.levels_in_field)
+    in_field = {k: (1.0 if k in listed else 0.0) for k in LEVELS if counts[k] > 0 or k in listed}
+    fractured = {k: k in ct.fractures for k in in_field}
     spacing = tuple(float(s) for s in ct.spacing)
     return Case(seed, np.asarray(ct.hu, np.float32), spacing, labels, in_field,  # type: ignore[arg-type]
                 fractured)
@@ -550,11 +567,13 @@ def summarise(name: str, records: Sequence[Mapping[str, Any]], negative: bool = 
       pipeline did not assess scores 0, so a missed level is a missed fracture); pooled
       CIs by a cluster bootstrap over cases (a patient's vertebrae are not independent),
       per-level and patient CIs by DeLong.
-    * Patient: positive when an in-field vertebra is fractured, negative when no vertebra
-      with voxels in the field is, otherwise left out (a fracture only in a vertebra
-      mostly outside the field). Score: the patient-level finding, else the highest level.
-      Sensitivity / specificity at the pipeline's threshold (the patient-level finding,
-      else any level finding), and the share of fracture-free cases with any present finding.
+    * Patient: positive when an in-field vertebra C1..C7 is fractured, negative when no
+      vertebra C1..C7 with voxels in the field is, otherwise left out (a fracture only in
+      a vertebra mostly outside the field). Fractures below C7 (the cross generator
+      draws some at T1) are outside the pipeline's scope and do not count. Score: the
+      patient-level finding, else the highest level. Sensitivity / specificity at the
+      pipeline's threshold (the patient-level finding, else any level finding), and the
+      share of fracture-free cases with any present finding.
     * Negatives: not assessable = not performed, refused, or no level assessed.
     """
     n = len(records)
