@@ -12,3 +12,9 @@ class InferenceError(Exception):
 
 class PipelineError(InferenceError):
     """A pipeline could not turn its input into findings (bad input, model failure)."""
+
+
+class NotAssessableError(PipelineError):
+    """The input is readable but not something the pipeline can assess (one slice, slices
+    thicker than the models know, no cervical spine). The message is written for a
+    radiologist and becomes the "analysis not performed" reason."""

@@ -73,8 +73,9 @@ STRUCTURES: dict[int, str] = {
     11: "c1_lateral_mass",
     12: "c1_posterior_arch",
     13: "other_bone",
+    14: "rib",
 }
-_BONE_CODES = (1, 2, 3, 4, 5, 9, 10, 11, 12, 13)
+_BONE_CODES = (1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14)
 
 #: Radiograph structure maps: view -> label value -> structure key (encoder keys).
 AP_STRUCTURES: dict[int, str] = {1: "vertebral_body", 2: "pedicle", 3: "spinous_process"}
@@ -314,6 +315,11 @@ class _Placed:
     #: Unit direction of the crack's shift (in the crack plane); None: the default tangent.
     slide_direction: np.ndarray | None = None
     dislocation: bool = False
+    #: the crack cuts the posterior elements too (pedicles, laminae), not only the body/ring
+    crack_posterior: bool = False
+    #: a second fracture line without displacement (e.g. the second break of a C1 ring)
+    crack2: tuple[np.ndarray, float, float] | None = None  # normal, offset, width
+    ribs: bool = False
 
 
 def _pick_fractures(rng: np.random.Generator, names: Sequence[str], p_fracture: float,
@@ -345,6 +351,10 @@ def generate(
     dislocation: str | None = None,
     noise_hu: float | None = None,
     radiographic_findings: bool = False,
+    context: bool = False,
+    size_scale: float | None = None,
+    pose_deg: tuple[float, float, float] | None = None,
+    varied_fractures: bool = False,
 ) -> Phantom:
     """Draw a phantom from ``seed``.
 
@@ -377,6 +387,22 @@ def generate(
         default draws the CT cohort: cracks in every orientation, milder anterior wedges
         and C1 ring fractures, many of them invisible on a radiograph. The same seed
         gives a different phantom in each cohort.
+    context:
+        Cervical only: the anatomy around the neck as a real scan shows it - T1-T3 with
+        their ribs (the first rib marks T1), the shoulders and lung apices around them, and
+        the cranium with brain above the skull base, so a field of view may start and stop
+        anywhere from the skull to T3. The default keeps the classic phantom (T1-T2, an
+        occipital plate and the mandible).
+    size_scale:
+        Patient size factor (default drawn from 0.9..1.08).
+    pose_deg:
+        Head/neck rotation (axial, lateral bend, flexion) in degrees (default drawn within
+        +-6, +-4, +-5).
+    varied_fractures:
+        CT cohort only: fracture lines 1.2-3.5 mm wide that may run through the posterior
+        elements too (pedicles, laminae: e.g. a hangman's fracture of C2), two breaks of
+        the C1 ring (Jefferson) as well as one, and compressions that lose height centrally
+        as well as anteriorly (burst-like).
     """
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}; expected one of {sorted(REGIONS)}")
@@ -385,7 +411,7 @@ def generate(
     names = list(REGIONS[region])
     drawn = list(names)
     if cervical:
-        drawn += ["T1", "T2"]
+        drawn += ["T1", "T2", "T3"] if context else ["T1", "T2"]
     elif region == "thoracolumbar":
         drawn = ["T9", *drawn]
 
@@ -398,6 +424,8 @@ def generate(
         raise ValueError(f"spacing must be positive, got {spacing}")
 
     scale = float(rng.uniform(0.9, 1.08))
+    if size_scale is not None:
+        scale = float(size_scale)
     shapes = {n: _level_shape(n) for n in drawn}
 
     # Lengths along the spine (mm), top to bottom: centre of each vertebra.
@@ -421,7 +449,9 @@ def generate(
     length = centres_s[drawn[-1]] + shapes[drawn[-1]].h / 2 * scale
 
     if shape is None:
-        if cervical:
+        if cervical and context:
+            shape = (int(np.ceil(260.0 / sz)), int(np.ceil(170.0 / sy)), int(np.ceil(170.0 / sx)))
+        elif cervical:
             shape = (80, 64, 64)
         else:
             widest = max(shapes[n].a for n in drawn)
@@ -434,6 +464,8 @@ def generate(
 
     # Pose: where the spine sits, its curve and small rotations.
     top_margin = float(rng.uniform(10.0, 16.0)) if cervical else float(rng.uniform(12.0, 25.0))
+    if cervical and context:
+        top_margin += 60.0  # room for the cranium above the skull base
     if not cervical and length + 2 * top_margin < extent[2]:
         top_margin = (extent[2] - length) / 2 + float(rng.uniform(-5, 5))
     body_y = extent[1] / 2 + (float(rng.uniform(4.0, 10.0)) if cervical else 20.0)
@@ -443,6 +475,8 @@ def generate(
     axial = np.deg2rad(rng.uniform(-6.0, 6.0))
     lateral = np.deg2rad(rng.uniform(-4.0, 4.0))
     flexion = np.deg2rad(rng.uniform(-5.0, 5.0))
+    if pose_deg is not None:
+        axial, lateral, flexion = (float(np.deg2rad(a)) for a in pose_deg)
     r_global = _rot_z(axial) @ _rot_y(lateral) @ _rot_x(flexion)
     pivot = np.array([centre_x, body_y, top_margin + span / 2])
 
@@ -499,7 +533,8 @@ def generate(
         rotation = r_global @ _rot_x(-tilt) @ jitter
         size = scale * float(rng.uniform(0.96, 1.04))
         ls = _LevelShape(**{k: v * size for k, v in ls.__dict__.items()})
-        item = _Placed(name, LEVEL_LABELS[name], ls, centre, rotation)
+        item = _Placed(name, LEVEL_LABELS[name], ls, centre, rotation,
+                       ribs=context and name.startswith("T"))
         kind = fracture_kind.get(name)
         if kind == "wedge" and radiographic_findings:
             # Compression: the top end plate sinks everywhere, more at the centre and most
@@ -507,6 +542,10 @@ def generate(
             everywhere = float(rng.uniform(0.05, 0.15))
             item.fracture, item.wedge_loss = "wedge", float(rng.uniform(0.20, 0.35))
             item.crush = (everywhere, float(rng.uniform(0.10, 0.20)))
+        elif kind == "wedge" and varied_fractures and rng.random() < 0.4:
+            # Burst-like: the end plate sinks centrally and everywhere, less at the front.
+            item.fracture, item.wedge_loss = "wedge", float(rng.uniform(0.0, 0.15))
+            item.crush = (float(rng.uniform(0.08, 0.2)), float(rng.uniform(0.1, 0.25)))
         elif kind == "wedge":
             item.fracture, item.wedge_loss = "wedge", float(rng.uniform(0.22, 0.45))
         elif kind == "crack" and radiographic_findings and name != "C1":
@@ -523,6 +562,8 @@ def generate(
             angle = float(rng.uniform(0.0, 2.0 * np.pi))
             item.slide_direction = (np.cos(angle) * first
                                     + np.sin(angle) * np.cross(normal, first))
+        elif kind == "crack" and varied_fractures:
+            _varied_crack(rng, item, ls)
         elif kind == "crack":
             item.fracture = "crack"
             if name == "C1":
@@ -552,7 +593,7 @@ def generate(
 
     hu, labels, structures, params = _rasterise(
         rng, placed, (nz, ny, nx), (sz, sy, sx), cervical, region, body_y, centre_x,
-        top_margin, dislocated, shift_mm,
+        top_margin, dislocated, shift_mm, context=context,
     )
     sigma = float(noise_hu) if noise_hu is not None else float(rng.uniform(8.0, 20.0))
     blur = [0.6 / s for s in (sz, sy, sx)]
@@ -627,7 +668,63 @@ def _parts(item: _Placed) -> list[_Solid]:
         parts.append(capsule(5, False, (s * 0.8 * a, 0.2 * b, -0.1 * h), tip, 0.85 * pr))
     spinous_tip = (0.0, lam_end + ls.spinous_len, ls.spinous_drop)
     parts.append(capsule(4, False, (0.0, lam_end - 1.0, 0.0), spinous_tip, 0.95 * pr))
+    if item.ribs:
+        parts += _ribs(item.name, (ped_x + ls.transverse_len, 0.35 * b))
     return parts
+
+
+def _ribs(name: str, tip: tuple[float, float]) -> list[_Solid]:
+    """A pair of ribs from the transverse process tips: an arc running back, out, then
+    forwards and down (the first rib, of T1, is the shortest and most curved)."""
+    number = int(name[1:])
+    rx = {1: 46.0, 2: 56.0}.get(number, 64.0)
+    ry = {1: 40.0, 2: 46.0}.get(number, 52.0)
+    radius = 3.2 if number == 1 else 2.8
+    phis = np.linspace(0.3 * np.pi, (0.88 if number == 1 else 0.8) * np.pi, 6)
+    solids: list[_Solid] = []
+    for s in (-1.0, 1.0):
+        points = [(s * tip[0], tip[1], 0.0)]
+        points += [(s * rx * float(np.sin(p)), ry * float(np.cos(p)) + 4.0,
+                    22.0 * float(p - phis[0]) / np.pi) for p in phis]
+        for p0, p1 in zip(points[:-1], points[1:], strict=True):
+            solids.append((14, False, partial(_capsule, p0=p0, p1=p1, r=radius)))
+    return solids
+
+
+def _varied_crack(rng: np.random.Generator, item: _Placed, ls: _LevelShape) -> None:
+    """A CT fracture line as :func:`generate` documents for ``varied_fractures``."""
+    item.fracture = "crack"
+    width = float(rng.uniform(1.2, 3.5))
+    slide = float(rng.uniform(0.0, 2.0))
+    if item.name == "C1":
+        # Ring breaks, one or two (Jefferson), anywhere around the ring.
+        angles = rng.uniform(0.0, 2.0 * np.pi, size=2)
+        normals = [np.array([np.cos(a), np.sin(a), rng.uniform(-0.2, 0.2)]) for a in angles]
+        normals = [n / np.linalg.norm(n) for n in normals]
+        offset = float(rng.choice([-1, 1]) * rng.uniform(3.0, 9.0))
+        item.crack = (normals[0], offset, width, slide)
+        if rng.random() < 0.5:
+            item.crack2 = (normals[1], float(rng.choice([-1, 1]) * rng.uniform(3.0, 9.0)), width)
+        item.crack_posterior = True
+        return
+    if item.name == "C2" and rng.random() < 0.35:
+        # Through both pedicles / pars (hangman's) or the base of the dens.
+        if rng.random() < 0.5:
+            normal = np.array([rng.uniform(-0.15, 0.15), 1.0, rng.uniform(-0.3, 0.3)])
+            offset = ls.b + float(rng.uniform(1.0, 4.0))
+            item.crack_posterior = True
+        else:
+            normal = np.array([rng.uniform(-0.2, 0.2), rng.uniform(-0.3, 0.3), 1.0])
+            offset = -ls.h / 2 - float(rng.uniform(1.0, 3.0))
+        item.crack = (normal / np.linalg.norm(normal), offset, width, slide)
+        return
+    axis = int(rng.integers(0, 3))
+    normal = rng.uniform(-0.4, 0.4, size=3)
+    normal[axis] = 1.0
+    extent_axis = (ls.a, ls.b, ls.h / 2)[axis]
+    item.crack = (normal / np.linalg.norm(normal), float(rng.uniform(-0.45, 0.45) * extent_axis),
+                  width, slide)
+    item.crack_posterior = bool(rng.random() < 0.4)
 
 
 def _rasterise(
@@ -642,6 +739,7 @@ def _rasterise(
     top_margin: float,
     dislocated: str | None,
     shift_mm: float,
+    context: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     nz, ny, nx = shape
     sz, sy, sx = spacing
@@ -679,6 +777,9 @@ def _rasterise(
     if region in ("thoracic", "spine"):
         params["lungs"] = True
     hu[:] = plane[None]
+    if context:
+        _shoulders_and_lung_apices(hu, placed, spacing, centre_x, centre_y, semi_x, semi_y,
+                                   soft, fat, fat_mm)
     if region in ("thoracic", "spine", "thoracolumbar"):
         # Lungs beside the thoracic spine (down to about T11).
         thoracic = [p for p in placed if p.name.startswith("T") and int(p.name[1:]) <= 11]
@@ -712,6 +813,10 @@ def _rasterise(
             ls.b + ls.pedicle_len + ls.lamina_len + ls.spinous_len + 6.0,
             -ls.h / 2 - ls.disc - 18.0, ls.h / 2 + ls.disc + ls.spinous_drop + 6.0,
         ])
+        if item.ribs:
+            reach[0], reach[1] = -80.0, 80.0
+            reach[2] = min(reach[2], -62.0)
+            reach[5] = max(reach[5], 40.0)
         boxes.append(local_box(item, reach))
 
     def each_chunk() -> Iterator[tuple[_Placed, tuple[slice, ...], np.ndarray]]:
@@ -789,6 +894,9 @@ def _rasterise(
             signed = q @ normal - offset
             side = signed > 0
             crack_band = np.abs(signed) < width / 2
+            if item.crack2 is not None:
+                normal2, offset2, width2 = item.crack2
+                crack_band |= np.abs(q @ normal2 - offset2) < width2 / 2
             if item.slide_direction is not None:
                 tangent = item.slide_direction
             else:
@@ -798,6 +906,7 @@ def _rasterise(
             q_shifted = q - slide * tangent
         for structure, cuttable, solid in parts:
             d = solid(q)
+            cuttable = cuttable or (item.crack_posterior and structure != 14)
             if cuttable and item.crack is not None:
                 d = np.where(side, solid(q_shifted), d)
                 d = np.where(crack_band, -1.0, d)
@@ -822,27 +931,28 @@ def _rasterise(
             normal, offset, width, _ = item.crack
             gap = crack_band & (depth <= 0) & (depth > -0.6 * width - 1.0)
             inside_outline = np.zeros_like(gap)
-            for _code, cuttable, solid in parts:
-                if cuttable:
+            for code_, cuttable, solid in parts:
+                if cuttable or (item.crack_posterior and code_ != 14):
                     inside_outline |= solid(q) > 0
             gap &= inside_outline
             sub_hu[gap] = haematoma
             sub_lb[gap] = item.label
             sub_st[gap] = code[gap] if gap.any() else sub_st[gap]
         sub_st[bone] = code[bone]
-        sub_lb[bone] = item.label
+        sub_lb[bone & (code != 14)] = item.label  # ribs are not part of the vertebra's label
         hu[box] = sub_hu.reshape(hu[box].shape)
         structures[box] = sub_st.reshape(structures[box].shape)
         labels[box] = sub_lb.reshape(labels[box].shape)
 
     if cervical:
-        _skull_base_and_mandible(rng, hu, structures, placed[0], spacing, cortical)
+        _skull_base_and_mandible(rng, hu, structures, placed[0], spacing, cortical,
+                                 cranium=context)
     return hu, labels, structures, params
 
 
 def _skull_base_and_mandible(rng: np.random.Generator, hu: np.ndarray, structures: np.ndarray,
                              atlas: _Placed, spacing: tuple[float, float, float],
-                             cortical: float) -> None:
+                             cortical: float, cranium: bool = False) -> None:
     """Unlabelled bone around the upper cervical spine: occiput above C1, the mandible."""
     nz, ny, nx = hu.shape
     sz, sy, sx = spacing
@@ -867,9 +977,77 @@ def _skull_base_and_mandible(rng: np.random.Generator, hu: np.ndarray, structure
             free = mask & ((structures[k] == 0) | (structures[k] == 8))
             hu[k][free] = value
             structures[k][free] = 13
+    if cranium:
+        _cranium(rng, hu, structures, (cx, cy), bottom, spacing, cortical)
 
 
 # ------------------------------------------------------------------------ radiographs
+
+
+def _shoulders_and_lung_apices(hu: np.ndarray, placed: list[_Placed],
+                               spacing: tuple[float, float, float], centre_x: float,
+                               centre_y: float, semi_x: float, semi_y: float, soft: float,
+                               fat: float, fat_mm: float) -> None:
+    """Below the neck the body widens into the shoulders, and the lung apices rise
+    beside T1 (air-filled, about -850 HU)."""
+    t1 = next((p for p in placed if p.name == "T1"), None)
+    if t1 is None:
+        return
+    nz, ny, nx = hu.shape
+    sz, sy, sx = spacing
+    yy, xx = np.meshgrid((np.arange(ny) + 0.5) * sy, (np.arange(nx) + 0.5) * sx, indexing="ij")
+    z_t1 = float(t1.center[2])
+    for k in range(nz):
+        z = (k + 0.5) * sz
+        grow = float(np.clip((z - (z_t1 - 30.0)) / 35.0, 0.0, 1.0))
+        if grow <= 0.0:
+            continue
+        wide_x, wide_y = semi_x * (1.0 + 0.9 * grow), semi_y * (1.0 + 0.25 * grow)
+        rho = np.sqrt(((xx - centre_x) / wide_x) ** 2 + ((yy - centre_y) / wide_y) ** 2)
+        plane = np.where(rho <= 1.0 - fat_mm / min(wide_x, wide_y), soft,
+                         np.where(rho <= 1.0, fat, -1000.0)).astype(np.float32)
+        lung_grow = float(np.clip((z - (z_t1 - 8.0)) / 30.0, 0.0, 1.0))
+        if lung_grow > 0.0:
+            for side in (-1.0, 1.0):
+                lx = 0.3 * wide_x * lung_grow + 1e-3
+                ly = 0.55 * wide_y * lung_grow + 1e-3
+                lung = (((xx - (centre_x + side * 0.5 * wide_x)) / lx) ** 2
+                        + ((yy - centre_y) / ly) ** 2) <= 1.0
+                plane[lung] = -850.0
+        hu[k] = plane
+
+
+def _cranium(rng: np.random.Generator, hu: np.ndarray, structures: np.ndarray,
+             centre: tuple[float, float], bottom: float, spacing: tuple[float, float, float],
+             cortical: float) -> None:
+    """The skull above the skull base: scalp, a cortical shell and brain inside it."""
+    nz, ny, nx = hu.shape
+    sz, sy, sx = spacing
+    cx, cy = centre
+    yy, xx = np.meshgrid((np.arange(ny) + 0.5) * sy, (np.arange(nx) + 0.5) * sx, indexing="ij")
+    semi = np.array([float(rng.uniform(62.0, 72.0)), float(rng.uniform(78.0, 90.0)), 80.0])
+    cz = bottom - 40.0
+    shell = float(rng.uniform(5.0, 8.0))
+    brain = float(rng.uniform(28.0, 40.0))
+    for k in range(nz):
+        z = (k + 0.5) * sz
+        if z > bottom - 3.0:
+            break
+        fz = 1.0 - ((z - cz) / semi[2]) ** 2
+        if fz <= 0.05:
+            continue
+        ax, ay = semi[0] * np.sqrt(fz), semi[1] * np.sqrt(fz)
+        rho = np.sqrt(((xx - cx) / ax) ** 2 + ((yy - (cy - 10.0)) / ay) ** 2)
+        rim = min(ax, ay)
+        outside = rho > 1.0 + 5.0 / rim
+        bone = (rho <= 1.0) & (rho > 1.0 - shell / rim)
+        inner = rho <= 1.0 - shell / rim
+        free = structures[k] == 0
+        hu[k][outside & free] = -1000.0
+        hu[k][(~outside) & (rho > 1.0) & free] = 40.0
+        hu[k][bone & free] = cortical - 150.0
+        hu[k][inner & free] = brain
+        structures[k][bone & free] = 13
 
 
 @dataclass

@@ -820,12 +820,18 @@ def _train_command(family: str) -> Callable[..., None]:
         threads: Annotated[int, typer.Option(
             "--threads", min=1, help="CPU threads for torch; also the processes that "
             "render phantoms.")] = 2,
+        budget: Annotated[str, typer.Option(
+            "--budget", help="default (sized for 2 CPU cores) or gpu (more data and steps, "
+            "for a CUDA GPU and many cores); recipes without budgets ignore it.")] = "default",
     ) -> None:
         from spine_node.inference.train import run
 
-        options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads)
+        if budget not in ("default", "gpu"):
+            raise typer.BadParameter(f"--budget must be default or gpu, got {budget!r}")
+        options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, budget=budget)
         if out is not None:
-            options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, out=out)
+            options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, out=out,
+                                   budget=budget)
         summary = run(family, options)
         for card in summary.get("cards", []):
             console.print(f"wrote {card}")

@@ -17,8 +17,7 @@ from torch.nn import functional as F
 
 from spine_node.inference.models import register
 
-SEGMENTATION_CLASSES = 8  # background + C1..C7
-VERTEBRAE = 7
+SEGMENTATION_CLASSES = 6  # background, C1, C2, C3-C7, thoracolumbar + the body heat map
 
 
 def _conv3d(cin: int, cout: int, kernel: int = 3, norm: bool = True) -> nn.Sequential:
@@ -87,17 +86,19 @@ def _conv2d(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
-@register("cspine-ct-fracture-2.5d")
-class FractureNet25D(nn.Module):
-    """Per-vertebra fracture classifier over 2.5-D crops with a sequence model.
+@register("cspine-ct-vertebra-classifier-2.5d")
+class VertebraFractureNet(nn.Module):
+    """Fracture probability for each vertebra crop, one crop at a time.
 
-    Input ``(B, 7, D, H, W)``: one crop per vertebra C1..C7 (zeros where a vertebra was
-    not found), ``D`` a multiple of ``group``. Output ``(B, 8)`` probabilities: C1..C7,
-    then the patient (:meth:`logits` before the sigmoid).
+    Input ``(B, V, D, H, W)``: ``V`` crops (any number: the vertebrae that were found),
+    each classified on its own, so a missing or unlabelled neighbour never changes
+    another vertebra's answer. A 2-D CNN reads slabs of ``group`` slices, a bidirectional
+    GRU runs over the slabs. Output ``(B, V)`` probabilities (:meth:`logits` before the
+    sigmoid). The patient-level answer is derived from the vertebrae, not learned.
     """
 
-    def __init__(self, slices: int = 15, group: int = 3,
-                 widths: tuple[int, ...] = (12, 24, 32, 48), hidden: int = 32) -> None:
+    def __init__(self, slices: int = 24, group: int = 3,
+                 widths: tuple[int, ...] = (16, 32, 48, 64), hidden: int = 48) -> None:
         super().__init__()
         if slices % group:
             raise ValueError(f"slices ({slices}) must be a multiple of group ({group})")
@@ -108,28 +109,18 @@ class FractureNet25D(nn.Module):
             layers += [_conv2d(cin, width, stride=2), _conv2d(width, width)]
             cin = width
         self.cnn = nn.Sequential(*layers)
-        features = 2 * cin  # average and max pooling
-        self.slab_gru = nn.GRU(features, hidden, batch_first=True, bidirectional=True)
-        self.spine_gru = nn.GRU(4 * hidden, hidden, batch_first=True, bidirectional=True)
-        self.vertebra_head = nn.Linear(4 * hidden + 2 * hidden, 1)
-        self.patient_head = nn.Linear(2 * 2 * hidden, 1)
+        self.slab_gru = nn.GRU(2 * cin, hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Sequential(nn.Linear(4 * hidden, hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities ``(B, 8)``: C1..C7 fractured, then the patient."""
         return torch.sigmoid(self.logits(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, 8)`` (training uses these with a logistic loss)."""
         batch, vertebrae, depth, height, width = x.shape
         slabs = depth // self.group
-        images = x.reshape(-1, self.group, height, width)  # (B*V*S, group, H, W)
-        f = self.cnn(images)
+        f = self.cnn(x.reshape(-1, self.group, height, width))
         f = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
-        f = f.reshape(-1, slabs, f.shape[-1])  # (B*V, S, F)
-        slab_out, _ = self.slab_gru(f)
-        vertebra = torch.cat([slab_out.mean(dim=1), slab_out.amax(dim=1)], dim=1)
-        vertebra = vertebra.reshape(-1, vertebrae, vertebra.shape[-1])  # (B, V, 4h)
-        context, _ = self.spine_gru(vertebra)  # (B, V, 2h)
-        per_vertebra = self.vertebra_head(torch.cat([vertebra, context], dim=2)).squeeze(2)
-        patient = self.patient_head(torch.cat([context.mean(dim=1), context.amax(dim=1)], dim=1))
-        return torch.cat([per_vertebra, patient], dim=1)
+        out, _ = self.slab_gru(f.reshape(-1, slabs, f.shape[-1]))
+        pooled = torch.cat([out.mean(dim=1), out.amax(dim=1)], dim=1)
+        return self.head(pooled).reshape(batch, vertebrae)

@@ -1,30 +1,48 @@
-"""Cervical spine CT fracture pipeline (``ct-cspine-fracture``), two stages.
+"""Cervical spine CT fracture pipeline (``ct-cspine-fracture``), two stages with gates.
 
-1. Load the CT series, sort its slices along the slice normal (head first), apply the
-   rescale, resample to the segmentation model's grid, normalise, and run stage 1
-   (``cspine-ct-vertebra-seg``) for a C1..C7 label map.
-2. Crop each vertebra found (bounding box from the stage-1 mask, resampled to a fixed
-   grid) and run stage 2 (``cspine-ct-fracture``) over the 7 crops for a fracture
-   probability per vertebra and for the patient.
+1. **Gate on the series** (:func:`load_ct_series`): enough slices, axial, a frame of
+   reference, slices at most 3 mm apart and pixels at most 2 mm, the range the models
+   were trained on. A series outside it gets "analysis not performed" with the reason.
+2. **Stage 1** (``cspine-ct-vertebra-seg``) on a 2 mm grid: per voxel one of background,
+   C1, C2, a subaxial cervical vertebra (C3-C7) or a thoracolumbar vertebra, plus a heat
+   map peaking at each vertebral body. C1 (a ring without a body) and C2 (with the dens)
+   are told apart by their shape; C3-C7 look alike, so they are separated into instances
+   at the heat-map peaks and **numbered by counting from an anatomical anchor**: down from
+   C2, or up from T1 (the first vertebra with ribs). With no anchor in view, or when the
+   two counts disagree, the vertebrae get no level and the levels are reported as not
+   assessable - never a shifted label (:func:`identify_levels`).
+3. **Stage 2** (``cspine-ct-fracture``) classifies each identified vertebra on a crop
+   taken from the source volume at its own resolution; the threshold is the operating
+   point the card says was chosen on validation data.
 
-The label map is mapped back onto the source slices, one frame per source instance, so
-the SEG encoder can reference them. The preprocessing functions here are shared with the
-training recipe (:mod:`spine_node.inference.train.ct`), so training and inference see the same input.
+Every level C1-C7 ends as assessed / not in field / not assessable with a reason
+(``Findings.site_status``); the patient-level finding exists only when the assessed
+levels justify it (one of them positive, or all seven assessed) and agrees with them. The
+label map is mapped back onto the source slices, one frame per source instance, so the
+SEG encoder can reference them. The preprocessing here is shared with the training recipe
+(:mod:`spine_node.inference.train.ct`), so training and inference see the same input.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from spine_node.inference.errors import PipelineError
-from spine_node.inference.findings import Finding, Findings, LabelMap, Segment
+from spine_node.inference.errors import NotAssessableError, PipelineError
+from spine_node.inference.findings import (
+    AssessmentValues,
+    Finding,
+    Findings,
+    LabelMap,
+    Segment,
+    SiteStatus,
+)
 from spine_node.inference.pipelines import ModelProvider, engine_card, model_info, register
 from spine_node.inference.pixels import check_pixel_data
 from spine_node.inference.series import SeriesRef
@@ -38,20 +56,51 @@ LEVELS: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
+#: Stage-1 classes (channel order of the model's output; the heat map follows them).
+SEG_CLASSES: tuple[str, ...] = ("background", "C1", "C2", "C3-C7", "thoracolumbar")
+CLASS_C1, CLASS_C2, CLASS_SUBAXIAL, CLASS_LOWER = 1, 2, 3, 4
+HEATMAP_CHANNEL = len(SEG_CLASSES)
+
 # Defaults; the model cards' ``preprocessing`` sections override them.
 SEGMENTATION_PREPROCESSING: dict[str, Any] = {
     "spacing_mm": [2.0, 2.0, 2.0],
     "hu_window": [-1000.0, 2000.0],
     "hu_scale": 1000.0,
     "pad_multiple": 16,
+    "classes": list(SEG_CLASSES),
+    "heatmap": "channel 5: logit of a Gaussian (sigma 3 mm) at each C3-T3 vertebral body centre",
     "axes": "z head-to-feet, y anterior-to-posterior, x right-to-left",
 }
 FRACTURE_PREPROCESSING: dict[str, Any] = {
-    "crop_shape": [15, 40, 40],
+    "crop_shape": [24, 48, 48],
     "crop_margin_mm": 4.0,
+    "hu_window": [-400.0, 1800.0],
+    "hu_scale": 1000.0,
     "min_voxels": 20,
-    "source": "the stage-1 grid (spacing_mm of cspine-ct-vertebra-seg), normalised like stage 1",
+    "threshold": 0.5,
+    "source": "the source CT at its own resolution, around each identified vertebra's box",
 }
+
+
+@dataclass(frozen=True)
+class Gates:
+    """What a series must be for the models to assess it (their training range)."""
+
+    min_slices: int = 8
+    max_slice_spacing_mm: float = 3.05
+    max_pixel_mm: float = 2.0
+    min_coverage_mm: float = 30.0
+    #: a vertebra's mean class confidence below this: not assessable
+    min_confidence: float = 0.5
+    #: heat-map peaks below this are not vertebrae
+    peak_threshold: float = 0.35
+    #: consecutive vertebrae further apart than this many median steps break the count
+    max_step_ratio: float = 1.7
+    #: the end plates of two neighbours are at most this far apart (mm) to count on
+    max_neighbour_gap_mm: float = 12.0
+
+
+GATES = Gates()
 
 
 # ----------------------------------------------------------------------- loading
@@ -64,6 +113,10 @@ class CtVolume:
     ``sop_instance_uids[k]`` is the instance of slice ``k``. ``flip_rows`` /
     ``flip_columns`` say whether the stored pixel rows / columns were reversed to put
     anterior at row 0 and patient right at column 0; :meth:`to_source_frames` undoes it.
+    ``positions`` (one patient-coordinate ImagePositionPatient per canonical slice),
+    ``row_direction`` / ``column_direction`` (ImageOrientationPatient) and
+    ``frame_of_reference_uid`` place voxels in the patient (:meth:`patient_mm`); they
+    are empty for volumes that did not come from DICOM.
     """
 
     hu: np.ndarray
@@ -73,6 +126,10 @@ class CtVolume:
     series_uid: str
     flip_rows: bool = False
     flip_columns: bool = False
+    positions: np.ndarray | None = None
+    row_direction: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    column_direction: tuple[float, float, float] = (0.0, 1.0, 0.0)
+    frame_of_reference_uid: str = ""
 
     def to_source_frames(self, labels: np.ndarray) -> np.ndarray:
         """A canonical ``(z, y, x)`` array as frames in the stored pixel orientation."""
@@ -83,14 +140,43 @@ class CtVolume:
             out = out[:, :, ::-1]
         return np.ascontiguousarray(out)
 
+    def patient_mm(self, index_zyx: Sequence[float]) -> tuple[float, float, float] | None:
+        """Patient coordinates (LPS, mm) of a canonical voxel index, or None without geometry."""
+        if self.positions is None:
+            return None
+        k, i, j = (float(v) for v in index_zyx)
+        rows, columns = self.hu.shape[1:]
+        if self.flip_rows:
+            i = rows - 1 - i
+        if self.flip_columns:
+            j = columns - 1 - j
+        k0 = int(np.clip(np.floor(k), 0, len(self.positions) - 1))
+        k1 = min(k0 + 1, len(self.positions) - 1)
+        origin = self.positions[k0] + (k - k0) * (self.positions[k1] - self.positions[k0])
+        point = (origin + np.asarray(self.row_direction) * j * self.spacing[2]
+                 + np.asarray(self.column_direction) * i * self.spacing[1])
+        return (float(point[0]), float(point[1]), float(point[2]))
 
-def load_ct_series(files: Sequence[Path]) -> CtVolume:
-    """Read a single-frame CT series into a :class:`CtVolume`.
+
+def _number(ds: Any, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def load_ct_series(files: Sequence[Path], gates: Gates = GATES) -> CtVolume:
+    """Read a single-frame CT series into a :class:`CtVolume`, gated on what the models know.
 
     Raises
     ------
+    NotAssessableError
+        Readable, but outside the models' range: too few slices, slices thicker than
+        3 mm, pixels coarser than 2 mm, too short a stretch of the body, not axial, no
+        frame of reference, a multi-frame CT. The message is for the radiologist.
     PipelineError
-        No CT slices, mixed series, oblique or non-axial slices, uneven geometry.
+        Not a usable series: no CT slices, mixed series, uneven geometry.
     """
     import pydicom
 
@@ -98,27 +184,35 @@ def load_ct_series(files: Sequence[Path]) -> CtVolume:
     for path in files:
         ds = pydicom.dcmread(path)
         if str(ds.get("SOPClassUID", "")) == ENHANCED_CT_IMAGE_STORAGE:
-            raise PipelineError(f"{PIPELINE_NAME}: enhanced (multi-frame) CT is not supported")
+            raise NotAssessableError("Enhanced (multi-frame) CT is not supported by this analysis")
         if "PixelData" not in ds or str(ds.get("Modality", "")) != "CT":
             continue
         slices.append(ds)
-    if len(slices) < 8:
-        raise PipelineError(f"{PIPELINE_NAME}: need at least 8 CT slices, got {len(slices)}")
+    if not slices:
+        raise NotAssessableError("The series holds no CT images")
+    if len(slices) < gates.min_slices:
+        count = len(slices)
+        raise NotAssessableError(f"Only {count} slice{'s' if count != 1 else ''}; the analysis "
+                                 f"needs a volume of at least {gates.min_slices} slices")
     series = {str(ds.SeriesInstanceUID) for ds in slices}
     if len(series) != 1:
         raise PipelineError(f"{PIPELINE_NAME}: slices from {len(series)} series")
     first = slices[0]
+    if not str(first.get("FrameOfReferenceUID", "")):
+        raise NotAssessableError("The images have no frame of reference (position in the patient unknown)")
     try:
         orientation = np.array([float(v) for v in first.ImageOrientationPatient])
         pixel_spacing = [float(v) for v in first.PixelSpacing]
+        [float(v) for v in first.ImagePositionPatient]
     except (AttributeError, TypeError, ValueError):
-        raise PipelineError(
-            f"{PIPELINE_NAME}: slices lack ImageOrientationPatient/PixelSpacing") from None
+        raise NotAssessableError("The images lack position, orientation or pixel spacing") from None
     row_dir, col_dir = orientation[:3], orientation[3:]
     # Axial only: rows along +-x, columns along +-y (a few degrees of gantry tilt allowed).
     if abs(row_dir[0]) < 0.98 or abs(col_dir[1]) < 0.98:
-        raise PipelineError(f"{PIPELINE_NAME}: slices are not axial "
-                            f"(ImageOrientationPatient {orientation.round(3).tolist()})")
+        raise NotAssessableError("The slices are not axial")
+    if max(pixel_spacing) > gates.max_pixel_mm:
+        raise NotAssessableError(f"Pixels of {max(pixel_spacing):.2g} mm are coarser than the "
+                                 f"{gates.max_pixel_mm:g} mm the analysis needs")
     normal = np.cross(row_dir, col_dir)
     shape = (int(first.Rows), int(first.Columns))
     for ds in slices:
@@ -135,6 +229,13 @@ def load_ct_series(files: Sequence[Path]) -> CtVolume:
     if steps.min() <= 1e-3:
         raise PipelineError(f"{PIPELINE_NAME}: two slices share a position")
     spacing_z = float(np.median(steps))
+    thickness = _number(first, "SliceThickness") or spacing_z
+    if spacing_z > gates.max_slice_spacing_mm or thickness > gates.max_slice_spacing_mm + 0.5:
+        raise NotAssessableError(f"Slices are {max(spacing_z, thickness):.2g} mm thick or apart; "
+                                 f"the analysis needs slices of at most 3 mm")
+    if spacing_z * (len(slices) - 1) < gates.min_coverage_mm:
+        raise NotAssessableError(f"The series covers only {spacing_z * (len(slices) - 1):.0f} mm "
+                                 "of the body; a cervical spine needs more")
     if steps.max() > 1.5 * spacing_z:
         log.warning("CT series %s has uneven slice spacing (%.2f..%.2f mm); resampling "
                     "assumes %.2f mm", first.SeriesInstanceUID, steps.min(), steps.max(),
@@ -158,6 +259,10 @@ def load_ct_series(files: Sequence[Path]) -> CtVolume:
         series_uid=str(first.SeriesInstanceUID),
         flip_rows=flip_rows,
         flip_columns=flip_columns,
+        positions=np.array([[float(v) for v in ds.ImagePositionPatient] for ds in slices]),
+        row_direction=tuple(float(v) for v in row_dir),  # type: ignore[arg-type]
+        column_direction=tuple(float(v) for v in col_dir),  # type: ignore[arg-type]
+        frame_of_reference_uid=str(first.FrameOfReferenceUID),
     )
 
 
@@ -218,61 +323,242 @@ def pad_to_multiple(image: np.ndarray, multiple: int,
     return padded, tuple(slice(0, n) for n in image.shape)
 
 
-def vertebra_crops(
-    image: np.ndarray,
-    labels: np.ndarray,
-    crop_shape: Sequence[int] = (15, 40, 40),
-    margin_vox: Sequence[float] = (2.0, 2.0, 2.0),
-    min_voxels: int = 20,
-    rng: np.random.Generator | None = None,
-    background: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One crop per vertebra C1..C7 around its bounding box in ``labels``.
+# ------------------------------------------------------------- levels from anatomy
 
-    Each crop covers the vertebra's bounding box plus ``margin_vox`` voxels and is
-    resampled (linear) to ``crop_shape``, so vertebrae of every size fill their crop.
-    ``rng`` jitters box centre and size (training augmentation). Returns the crops
-    ``(7, D, H, W)`` (zeros where a vertebra is missing) and a boolean ``present`` (7,).
+
+@dataclass
+class LevelMap:
+    """Stage 1's answer on the model grid: identified levels and what became of each.
+
+    ``labels`` holds C1..C7 as 1..7 where a vertebra was identified and assessable, 0
+    elsewhere; ``status`` maps every level to (assessment, reason); ``unlabelled`` counts
+    cervical vertebrae that were found but could not be given a level; ``centroids`` are
+    model-grid voxel indices of each labelled vertebra.
     """
-    crops = np.zeros((len(LEVELS), *crop_shape), dtype=np.float32)
-    present = np.zeros(len(LEVELS), dtype=bool)
-    fill = float(image.min()) if background is None else background
-    boxes = ndimage.find_objects(labels.astype(np.int32), max_label=len(LEVELS))
-    for index, box in enumerate(boxes):
+
+    labels: np.ndarray
+    status: dict[str, tuple[AssessmentValues, str]]
+    unlabelled: int = 0
+    centroids: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    vertebrae_found: int = 0
+
+    @property
+    def assessed(self) -> list[str]:
+        return [level for level in LEVELS if self.status[level][0] is AssessmentValues.ASSESSED]
+
+
+@dataclass
+class _Vertebra:
+    kind: int  # CLASS_C1, CLASS_C2, CLASS_SUBAXIAL or CLASS_LOWER
+    mask: np.ndarray  # boolean, model grid
+    anchor_z: float  # mm along z, for ordering
+    top_z: float
+    bottom_z: float
+    confidence: float
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    pieces, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(pieces.ravel())[1:]
+    return pieces == (int(np.argmax(sizes)) + 1)
+
+
+def _grow(seeds: np.ndarray, region: np.ndarray, steps: int) -> np.ndarray:
+    """Grow labelled ``seeds`` through ``region`` one voxel per step (geodesic), so a
+    vertebra's arch stays with its own body rather than the nearest neighbour's."""
+    out = seeds.copy()
+    cross = ndimage.generate_binary_structure(3, 1)
+    for _ in range(steps):
+        grown = ndimage.grey_dilation(out, footprint=cross)
+        free = (out == 0) & region & (grown > 0)
+        if not free.any():
+            break
+        out[free] = grown[free]
+    return out
+
+
+def _find_vertebrae(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarray,
+                    spacing: Sequence[float], gates: Gates) -> list[_Vertebra]:
+    sz = float(spacing[0])
+    found: list[_Vertebra] = []
+
+    def describe(kind: int, mask: np.ndarray, anchor_z: float | None = None) -> _Vertebra:
+        zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+        centre = float(np.nonzero(mask)[0].mean())
+        return _Vertebra(kind, mask, (centre if anchor_z is None else anchor_z) * sz,
+                         float(zs.min()) * sz, float(zs.max() + 1) * sz,
+                         float(confidence[mask].mean()))
+
+    for kind in (CLASS_C1, CLASS_C2):
+        mask = classes == kind
+        if int(mask.sum()) >= 20:
+            found.append(describe(kind, _largest_component(mask)))
+    region = (classes == CLASS_SUBAXIAL) | (classes == CLASS_LOWER)
+    if region.any():
+        peaks = (heat == ndimage.maximum_filter(heat, size=5)) & (heat > gates.peak_threshold)
+        seeds = np.zeros(classes.shape, np.int32)
+        near = ndimage.binary_dilation(peaks, iterations=2) & region
+        pieces, count = ndimage.label(near, structure=np.ones((3, 3, 3)))
+        seeds[:] = pieces
+        instances = _grow(seeds, region, steps=30)
+        for index in range(1, count + 1):
+            mask = instances == index
+            if int(mask.sum()) < 20:
+                continue
+            kinds = classes[mask]
+            kind = CLASS_LOWER if (kinds == CLASS_LOWER).mean() > 0.5 else CLASS_SUBAXIAL
+            peak_z = float(np.nonzero(pieces == index)[0].mean())
+            found.append(describe(kind, mask, anchor_z=peak_z))
+        # A sizeable piece of vertebra no peak reached is a vertebra the count would miss.
+        left, pieces_left = ndimage.label(region & (instances == 0), structure=np.ones((3, 3, 3)))
+        if pieces_left:
+            sizes = np.bincount(left.ravel())[1:]
+            for index in np.nonzero(sizes >= 150)[0] + 1:
+                mask = left == index
+                kinds = classes[mask]
+                kind = CLASS_LOWER if (kinds == CLASS_LOWER).mean() > 0.5 else CLASS_SUBAXIAL
+                vertebra = describe(kind, mask)
+                vertebra.confidence = 0.0  # never labelled: it only breaks a count through it
+                found.append(vertebra)
+    return sorted(found, key=lambda v: v.anchor_z)
+
+
+def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarray,
+                    spacing: Sequence[float], gates: Gates = GATES) -> LevelMap:
+    """Name the vertebrae stage 1 found by anatomy (see the module docstring)."""
+    sz = float(spacing[0])
+    extent = classes.shape[0] * sz
+    vertebrae = _find_vertebrae(classes, confidence, heat, spacing, gates)
+    names: dict[int, str] = {}
+    by_kind = {kind: [i for i, v in enumerate(vertebrae) if v.kind == kind]
+               for kind in (CLASS_C1, CLASS_C2, CLASS_SUBAXIAL, CLASS_LOWER)}
+    c1 = by_kind[CLASS_C1][0] if by_kind[CLASS_C1] else None
+    c2 = by_kind[CLASS_C2][0] if by_kind[CLASS_C2] else None
+    subs = by_kind[CLASS_SUBAXIAL]
+    lowers = by_kind[CLASS_LOWER]
+    order_ok = True
+    # Order: C1 above C2 above every subaxial vertebra above every thoracolumbar one.
+    chain = [i for i in (c1, c2) if i is not None] + subs + lowers
+    zs = [vertebrae[i].anchor_z for i in chain]
+    if any(b < a for a, b in zip(zs, zs[1:], strict=False)):
+        order_ok = False
+    if order_ok:
+        if c1 is not None:
+            names[c1] = "C1"
+        if c2 is not None:
+            names[c2] = "C2"
+        steps = np.diff([vertebrae[i].anchor_z for i in subs + lowers[:1]])
+        typical = float(np.median(steps)) if len(steps) else 16.0
+        typical = float(np.clip(typical, 10.0, 24.0))
+
+        def linked(upper: _Vertebra, lower: _Vertebra) -> bool:
+            return (lower.anchor_z - upper.anchor_z <= gates.max_step_ratio * typical
+                    and lower.top_z - upper.bottom_z <= gates.max_neighbour_gap_mm)
+
+        down: dict[int, str] = {}
+        if c2 is not None and subs and linked(vertebrae[c2], vertebrae[subs[0]]):
+            for n, i in enumerate(subs):
+                if n and not linked(vertebrae[subs[n - 1]], vertebrae[i]):
+                    break
+                if 3 + n > 7:
+                    break
+                down[i] = f"C{3 + n}"
+        up: dict[int, str] = {}
+        if lowers and subs and linked(vertebrae[subs[-1]], vertebrae[lowers[0]]):
+            for n, i in enumerate(reversed(subs)):
+                if n and not linked(vertebrae[i], vertebrae[subs[len(subs) - n]]):
+                    break
+                if 7 - n < 3:
+                    break
+                up[i] = f"C{7 - n}"
+        if down and up and any(down.get(i, name) != name for i, name in up.items()):
+            down, up = {}, {}  # the two counts disagree: a vertebra was missed or misread
+        names.update(down)
+        names.update(up)
+    labels = np.zeros(classes.shape, np.uint8)
+    status: dict[str, tuple[AssessmentValues, str]] = {}
+    centroids: dict[str, tuple[float, float, float]] = {}
+    unlabelled = 0
+    for i, vertebra in enumerate(vertebrae):
+        if vertebra.kind == CLASS_LOWER:
+            continue
+        name = names.get(i)
+        if name is None:
+            unlabelled += 1
+            continue
+        if name in status:
+            continue
+        if vertebra.confidence < gates.min_confidence:
+            status[name] = (AssessmentValues.NOT_ASSESSABLE,
+                            f"{name} could not be delineated with confidence")
+            continue
+        labels[vertebra.mask] = LEVELS.index(name) + 1
+        status[name] = (AssessmentValues.ASSESSED, "")
+        centroids[name] = tuple(float(np.mean(axis)) for axis in np.nonzero(vertebra.mask))
+    labelled = [v for i, v in enumerate(vertebrae) if i in names]
+    top_edge = min((v.top_z for v in labelled), default=None)
+    bottom_edge = max((v.bottom_z for v in labelled), default=None)
+    for number, level in enumerate(LEVELS, start=1):
+        if level in status:
+            continue
+        if not order_ok:
+            status[level] = (AssessmentValues.NOT_ASSESSABLE,
+                             "The vertebrae found are not in a plausible order")
+        elif unlabelled:
+            status[level] = (AssessmentValues.NOT_ASSESSABLE,
+                             f"{level} could not be identified (C2 or T1 must be in view to count levels)")
+        elif top_edge is not None and top_edge < 2 * sz and all(
+                int(n[1]) > number for n in status if status[n][0] is AssessmentValues.ASSESSED):
+            status[level] = (AssessmentValues.NOT_IN_FIELD, f"{level} is above the first slice")
+        elif bottom_edge is not None and bottom_edge > extent - 2 * sz and all(
+                int(n[1]) < number for n in status if status[n][0] is AssessmentValues.ASSESSED):
+            status[level] = (AssessmentValues.NOT_IN_FIELD, f"{level} is below the last slice")
+        else:
+            status[level] = (AssessmentValues.NOT_ASSESSABLE, f"{level} was not found")
+    return LevelMap(labels, status, unlabelled, centroids,
+                    vertebrae_found=sum(v.kind != CLASS_LOWER for v in vertebrae))
+
+
+# --------------------------------------------------------------- stage 2 crops
+
+
+def vertebra_crop(hu: np.ndarray, spacing: Sequence[float], box_mm: np.ndarray,
+                  crop_shape: Sequence[int], margin_mm: float,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+    """HU samples on a ``crop_shape`` grid spanning ``box_mm`` ((lo, hi) per axis, mm from
+    the volume's corner) plus ``margin_mm``, from the volume at its own resolution.
+    ``rng`` jitters the box (training)."""
+    lo, hi = np.asarray(box_mm[0], float), np.asarray(box_mm[1], float)
+    centre, half = (lo + hi) / 2, (hi - lo) / 2 + margin_mm
+    if rng is not None:
+        centre = centre + rng.normal(0.0, 0.06, size=3) * half
+        half = half * rng.uniform(0.9, 1.1, size=3)
+    grids = [(np.linspace(c - h, c + h, n) / s) - 0.5
+             for c, h, n, s in zip(centre, half, crop_shape, spacing, strict=True)]
+    coords = np.meshgrid(*grids, indexing="ij")
+    return ndimage.map_coordinates(hu, coords, order=1, mode="constant",
+                                   cval=-1000.0).astype(np.float32)
+
+
+def level_boxes_mm(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, np.ndarray]:
+    """Bounding box (mm, (lo, hi) x 3) of every labelled level in a label map."""
+    boxes = {}
+    step = np.asarray(spacing, float)
+    for index, box in enumerate(ndimage.find_objects(labels.astype(np.int32), max_label=len(LEVELS))):
         if box is None:
             continue
-        level = index + 1
-        if int((labels[box] == level).sum()) < min_voxels:
-            continue
-        lo = np.array([s.start for s in box], dtype=np.float64)
-        hi = np.array([s.stop - 1 for s in box], dtype=np.float64)
-        centre = (lo + hi) / 2
-        half = (hi - lo) / 2 + 0.5 + np.asarray(margin_vox, dtype=np.float64)
-        if rng is not None:
-            centre = centre + rng.normal(0.0, 0.06, size=3) * half
-            half = half * rng.uniform(0.92, 1.08, size=3)
-        grids = [np.linspace(c - h, c + h, n) for c, h, n in zip(centre, half, crop_shape,
-                                                                 strict=True)]
-        coords = np.meshgrid(*grids, indexing="ij")
-        crops[index] = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=fill)
-        present[index] = True
-    return crops, present
+        lo = np.array([s.start for s in box], float) * step
+        hi = np.array([s.stop for s in box], float) * step
+        boxes[LEVELS[index]] = np.stack([lo, hi])
+    return boxes
 
 
-def clean_labels(labels: np.ndarray, keep_fraction: float = 0.1) -> np.ndarray:
-    """Drop small islands of each label (< ``keep_fraction`` of its largest piece)."""
-    out = labels.copy()
-    for level in range(1, len(LEVELS) + 1):
-        mask = labels == level
-        if not mask.any():
-            continue
-        pieces, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-        if count <= 1:
-            continue
-        sizes = np.bincount(pieces.ravel())[1:]
-        small = np.nonzero(sizes < keep_fraction * sizes.max())[0] + 1
-        out[np.isin(pieces, small)] = 0
-    return out
+def normalise_crop(hu: np.ndarray, preprocessing: dict[str, Any] | None = None) -> np.ndarray:
+    pre = {**FRACTURE_PREPROCESSING, **(preprocessing or {})}
+    low, high = (float(v) for v in pre["hu_window"])
+    return (np.clip(hu, low, high) / float(pre["hu_scale"])).astype(np.float32)
 
 
 # ----------------------------------------------------------------------- pipeline
@@ -285,9 +571,20 @@ def _single_output(outputs: dict[str, np.ndarray], card: Any) -> np.ndarray:
     return np.asarray(outputs[name])
 
 
-def segment(engine: object,
-            volume: CtVolume) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Stage 1: returns (labels on the model grid, normalised model-grid image, spacing)."""
+def split_stage1(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Classes, class confidence and heat map from stage 1's ``(C + 1, D, H, W)`` logits."""
+    class_logits = logits[:HEATMAP_CHANNEL].astype(np.float32)
+    shifted = class_logits - class_logits.max(axis=0, keepdims=True)
+    probabilities = np.exp(shifted)
+    probabilities /= probabilities.sum(axis=0, keepdims=True)
+    classes = probabilities.argmax(axis=0).astype(np.uint8)
+    heat = 1.0 / (1.0 + np.exp(-logits[HEATMAP_CHANNEL].astype(np.float32)))
+    return classes, probabilities.max(axis=0), heat
+
+
+def segment(engine: object, volume: CtVolume,
+            gates: Gates = GATES) -> tuple[LevelMap, tuple[float, float, float]]:
+    """Stage 1 and level identification on the model grid."""
     card = engine_card(engine)
     pre = {**SEGMENTATION_PREPROCESSING, **card.preprocessing}
     spacing = tuple(float(s) for s in pre["spacing_mm"])
@@ -295,28 +592,55 @@ def segment(engine: object,
     low = float(pre["hu_window"][0]) / float(pre["hu_scale"])
     padded, unpad = pad_to_multiple(image, int(pre["pad_multiple"]), low)
     outputs = engine.infer({card.inputs[0].name: padded[None, None]})  # type: ignore[attr-defined]
-    logits = _single_output(outputs, card)
-    labels = np.argmax(logits[0], axis=0).astype(np.uint8)[unpad]
-    return clean_labels(labels), image, spacing
+    logits = _single_output(outputs, card)[0][(slice(None), *unpad)]
+    classes, confidence, heat = split_stage1(logits)
+    return identify_levels(classes, confidence, heat, spacing, gates), spacing  # type: ignore[return-value]
 
 
-def classify(engine: object, image: np.ndarray,
-             labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stage 2: returns (probabilities C1..C7 then patient, vertebra present flags)."""
+def classify(engine: object, volume: CtVolume, levels: LevelMap,
+             model_spacing: Sequence[float]) -> tuple[dict[str, float], float]:
+    """Stage 2: fracture probability per assessed level, and the card's threshold."""
     card = engine_card(engine)
     pre = {**FRACTURE_PREPROCESSING, **card.preprocessing}
-    spacing = np.asarray(pre.get("spacing_mm", SEGMENTATION_PREPROCESSING["spacing_mm"]), float)
-    crops, present = vertebra_crops(
-        image, labels, crop_shape=tuple(int(n) for n in pre["crop_shape"]),
-        margin_vox=float(pre["crop_margin_mm"]) / spacing, min_voxels=int(pre["min_voxels"]),
-    )
+    boxes = level_boxes_mm(levels.labels, model_spacing)
+    names = [name for name in LEVELS if name in boxes]
+    threshold = float(pre.get("threshold", 0.5))
+    if not names:
+        return {}, threshold
+    shape = tuple(int(n) for n in pre["crop_shape"])
+    crops = np.stack([normalise_crop(vertebra_crop(volume.hu, volume.spacing, boxes[name], shape,
+                                                   float(pre["crop_margin_mm"])), pre)
+                      for name in names])
     outputs = engine.infer({card.inputs[0].name: crops[None]})  # type: ignore[attr-defined]
-    return _single_output(outputs, card)[0].astype(np.float64), present
+    probabilities = _single_output(outputs, card)[0].astype(np.float64)
+    return {name: float(p) for name, p in zip(names, probabilities, strict=True)}, threshold
+
+
+def _not_performed(reason: str, volume_or_files: CtVolume | Sequence[Path],
+                   models: tuple[Any, ...] = ()) -> Findings:
+    from spine_node.inference.findings import ModelInfo
+
+    if isinstance(volume_or_files, CtVolume):
+        study, series, sops = (volume_or_files.study_uid, volume_or_files.series_uid,
+                               volume_or_files.sop_instance_uids)
+    else:
+        import pydicom
+
+        headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in volume_or_files]
+        study = str(headers[0].get("StudyInstanceUID", "")) if headers else ""
+        series = str(headers[0].get("SeriesInstanceUID", "")) if headers else ""
+        sops = tuple(str(h.get("SOPInstanceUID", "")) for h in headers)
+    info = models[-1] if models else ModelInfo(name=FRACTURE_MODEL, version="")
+    return Findings(pipeline=PIPELINE_NAME, model=info, study_uid=study, series_uids=(series,),
+                    source_sop_instance_uids=sops, models=tuple(models),
+                    not_performed_reason=reason,
+                    site_status=tuple(SiteStatus(level, AssessmentValues.NOT_ASSESSABLE, reason)
+                                      for level in LEVELS))
 
 
 @register(PIPELINE_NAME)
 class CervicalSpineCtFracture:
-    """DICOM CT series in, C1..C7 masks and fracture probabilities out."""
+    """DICOM CT series in, C1..C7 masks and fracture findings (or an abstention) out."""
 
     name = PIPELINE_NAME
     model_names = (SEGMENTATION_MODEL, FRACTURE_MODEL)
@@ -328,30 +652,59 @@ class CervicalSpineCtFracture:
         files = ref.files()
         if not files:
             raise PipelineError(f"{PIPELINE_NAME}: no instances in {ref.path}")
-        volume = load_ct_series(files)
+        try:
+            volume = load_ct_series(files)
+        except NotAssessableError as exc:
+            return _not_performed(str(exc), files)
+        return self.analyse(volume, models)
+
+    def analyse(self, volume: CtVolume, models: ModelProvider, gates: Gates = GATES) -> Findings:
+        """The pipeline on a volume already in memory (what :meth:`run` does after loading)."""
         segmenter = models(SEGMENTATION_MODEL)
         classifier = models(FRACTURE_MODEL)
-        labels, image, model_spacing = segment(segmenter, volume)
-        probabilities, present = classify(classifier, image, labels)
-        source_labels = labels_to_source(labels, model_spacing, volume.spacing, volume.hu.shape)
+        infos = (model_info(segmenter), model_info(classifier))
+        levels, model_spacing = segment(segmenter, volume, gates)
+        if not levels.assessed:
+            if levels.vertebrae_found:
+                reason = "Cervical vertebrae were found but none could be identified and assessed"
+            else:
+                reason = "Cervical spine not in the field of view"
+            findings = _not_performed(reason, volume, infos)
+            findings.site_status = tuple(SiteStatus(level, *levels.status[level]) for level in LEVELS)
+            return findings
+        probabilities, threshold = classify(classifier, volume, levels, model_spacing)
+        source_labels = labels_to_source(levels.labels, model_spacing, volume.spacing, volume.hu.shape)
         frames = volume.to_source_frames(source_labels)
-        found = [i + 1 for i in range(len(LEVELS)) if present[i] and (frames == i + 1).any()]
-        # A level stage 2 did not keep (too few voxels for a crop) leaves the label map too:
-        # every label in the SEG has a segment and a finding.
-        frames = np.where(np.isin(frames, found), frames, 0)
-        missing = [LEVELS[i] for i in range(len(LEVELS)) if i + 1 not in found]
-        if missing:
-            log.info("series %s: no %s found by stage 1", volume.series_uid, ",".join(missing))
-        findings = [
-            Finding(kind="fracture", probability=float(probabilities[label - 1]),
-                    site=LEVELS[label - 1], segment_label=label)
-            for label in found
-        ]
-        findings.append(Finding(kind="fracture", probability=float(probabilities[len(LEVELS)])))
-        seg_info, fracture_info = model_info(segmenter), model_info(classifier)
+        status = dict(levels.status)
+        for level in levels.assessed:
+            if level not in probabilities or not (frames == LEVELS.index(level) + 1).any():
+                status[level] = (AssessmentValues.NOT_ASSESSABLE, f"{level} is too small to assess")
+        assessed = [level for level in LEVELS if status[level][0] is AssessmentValues.ASSESSED]
+        frames = np.where(np.isin(frames, [LEVELS.index(level) + 1 for level in assessed]), frames, 0)
+        findings = []
+        ratio = np.asarray(model_spacing, float) / np.asarray(volume.spacing, float)
+        for level in assessed:
+            centroid = None
+            if level in levels.centroids:
+                index = (np.asarray(levels.centroids[level]) + 0.5) * ratio - 0.5
+                centroid = volume.patient_mm(index)
+            findings.append(Finding(kind="fracture", probability=probabilities[level], site=level,
+                                    threshold=threshold, segment_label=LEVELS.index(level) + 1,
+                                    centroid_mm=centroid))
+        notes = []
+        positive = any(probabilities[level] >= threshold for level in assessed)
+        if positive or len(assessed) == len(LEVELS):
+            findings.append(Finding(kind="fracture",
+                                    probability=max(probabilities[level] for level in assessed),
+                                    threshold=threshold))
+        else:
+            notes.append("No patient-level result: not every level C1-C7 could be assessed")
+        if levels.unlabelled:
+            notes.append(f"{levels.unlabelled} cervical vertebra(e) found without an identifiable level "
+                         "were not assessed")
         return Findings(
             pipeline=PIPELINE_NAME,
-            model=fracture_info,
+            model=infos[1],
             study_uid=volume.study_uid,
             series_uids=(volume.series_uid,),
             source_sop_instance_uids=volume.sop_instance_uids,
@@ -359,7 +712,9 @@ class CervicalSpineCtFracture:
             segmentation=LabelMap(
                 labels=frames.astype(np.uint8),
                 source_sop_instance_uids=volume.sop_instance_uids,
-                segments=tuple(Segment(label, LEVELS[label - 1]) for label in found),
-            ) if found else None,
-            models=(seg_info, fracture_info),
+                segments=tuple(Segment(LEVELS.index(level) + 1, level) for level in assessed),
+            ),
+            models=infos,
+            site_status=tuple(SiteStatus(level, *status[level]) for level in LEVELS),
+            notes=tuple(notes),
         )

@@ -45,6 +45,8 @@ class TrainOptions:
     threads: int = 2
     progress: bool = True
     quick: bool = False
+    #: "default" (sized for 2 CPU cores) or "gpu" (more data and steps for a CUDA GPU)
+    budget: str = "default"
 
 
 RECIPES: dict[str, Recipe] = {

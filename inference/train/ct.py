@@ -1,15 +1,27 @@
 """Training recipe ``ct-cspine``: the two-stage cervical spine CT fracture models.
 
-Stage 1 (``cspine-ct-vertebra-seg``, :class:`~inference.models.ct.VertebraUNet3D`) learns
-C1..C7 labels; stage 2 (``cspine-ct-fracture``, :class:`~inference.models.ct.FractureNet25D`)
-learns fractures per vertebra from crops taken around each vertebra's mask. Both are
-exported to ONNX with model cards into ``<out>/cspine-ct-vertebra-seg`` and
-``<out>/cspine-ct-fracture``.
+Stage 1 (``cspine-ct-vertebra-seg``, :class:`~spine_node.inference.models.ct.VertebraUNet3D`)
+learns, per voxel on a 2 mm grid, background / C1 / C2 / a subaxial cervical vertebra /
+a thoracolumbar vertebra, and a heat map at each vertebral body; the pipeline numbers
+C3-C7 by counting from C2 or T1 (:func:`~spine_node.inference.pipelines.ct_cspine.identify_levels`).
+Stage 2 (``cspine-ct-fracture``, :class:`~spine_node.inference.models.ct.VertebraFractureNet`)
+learns fracture / no fracture per vertebra from crops of the source-resolution CT.
 
 Data
 ----
-Phantoms (default): :func:`spine_node.inference.phantoms.generate` with fixed seed ranges,
-training seeds from :data:`TRAIN_SEEDS`, card metrics on :data:`VALIDATION_SEEDS`.
+Phantoms (default): :func:`spine_node.inference.phantoms.generate` with ``context=True``
+(skull, T1-T3 with ribs, shoulders), random patient size (0.8-1.2), pose (up to 15
+degrees about every axis) and fractures, scanned by a random acquisition
+(:mod:`spine_node.inference.acquisition`: field of view from the cranium to T3, slices
+0.5-3 mm with their slice profile, HU calibration, dose, metal), plus negatives (head,
+air, water, noise, chest and abdomen phantoms) that hold no cervical spine. Seeds:
+:data:`TRAIN_SEEDS` for training, :data:`VALIDATION_SEEDS` for the operating point and
+the card's metrics; tests and benchmarks use other seeds and a second, independent
+generator (:mod:`spine_node.inference.heldout`) that training never sees.
+
+The operating point (the fracture threshold the pipeline uses) is chosen on the
+validation cohort, run through the exported ONNX models and the real pipeline, for a
+patient-level specificity of at least :data:`TARGET_SPECIFICITY`.
 
 RSNA 2022 Cervical Spine Fracture Detection (``--data ROOT``), the layout as published::
 
@@ -20,94 +32,95 @@ RSNA 2022 Cervical Spine Fracture Detection (``--data ROOT``), the layout as pub
 
 Segmentations are placed on the CT through their NIfTI affine (RAS) and the DICOM
 geometry (LPS), not through a fixed axis flip. Stage 1 trains on the studies that have a
-segmentation; stage 2 on every study, with the stage-1 model's own masks where a study
-has none. Each study is loaded once and kept on the model grid in memory.
+segmentation; stage 2 on the studies with a segmentation (crops need the vertebra boxes).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import logging
-import multiprocessing
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
+from scipy import ndimage
 from torch.nn import functional as F
 
-from spine_node.inference import phantoms
+from spine_node.inference import acquisition, phantoms
 from spine_node.inference.card import ModelCard, TensorSpec
+from spine_node.inference.findings import AssessmentValues
 from spine_node.inference.models import architecture
 from spine_node.inference.pipelines.ct_cspine import (
+    CLASS_C1,
+    CLASS_C2,
+    CLASS_LOWER,
+    CLASS_SUBAXIAL,
     FRACTURE_MODEL,
     FRACTURE_PREPROCESSING,
     LEVELS,
+    SEG_CLASSES,
     SEGMENTATION_MODEL,
     SEGMENTATION_PREPROCESSING,
+    CervicalSpineCtFracture,
     CtVolume,
-    clean_labels,
+    level_boxes_mm,
     load_ct_series,
     normalise,
-    pad_to_multiple,
+    normalise_crop,
     resample,
-    vertebra_crops,
+    vertebra_crop,
 )
 from spine_node.inference.train import TrainOptions
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
-SEG_ARCH = ("cspine-ct-unet3d", {"widths": [16, 32, 64, 64], "stem": 6})
-FRACTURE_ARCH = ("cspine-ct-fracture-2.5d",
-                 {"slices": 15, "group": 3, "widths": [12, 24, 32, 48], "hidden": 32})
-#: Phantom seeds: training, and held out for the card's metrics. Tests use other seeds.
-TRAIN_SEEDS = range(10_000, 20_000)
+VERSION = "0.2.0"
+SEG_ARCH = ("cspine-ct-unet3d", {"widths": [16, 32, 64, 64], "stem": 6, "classes": len(SEG_CLASSES) + 1})
+FRACTURE_ARCH = ("cspine-ct-vertebra-classifier-2.5d",
+                 {"slices": 24, "group": 3, "widths": [16, 32, 48, 64], "hidden": 48})
+#: Phantom seeds: training, and validation (operating point, card). Tests use other seeds.
+TRAIN_SEEDS = range(10_000, 200_000)
 VALIDATION_SEEDS = range(500_000, 501_000)
+TARGET_SPECIFICITY = 0.92
+HEAT_SIGMA_MM = 3.0
 INTENDED_USE = ("Demonstration and integration testing of spine-node only. Trained on "
                 "synthetic phantoms; NOT for clinical use, not a medical device.")
-
-
-@dataclass
-class CtCase:
-    """One study on the stage-1 model grid.
-
-    ``image`` is normalised CT (:func:`~inference.pipelines.ct_cspine.normalise`),
-    ``labels`` C1..C7 = 1..7 (None: no segmentation), ``fractures`` 0/1 per vertebra.
-    """
-
-    uid: str
-    image: np.ndarray
-    labels: np.ndarray | None
-    fractures: np.ndarray
-    patient: int
+NEGATIVES = ("head", "air", "water", "noise", "chest", "abdomen")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How much data and how many passes each stage gets."""
+    """How much data and how many optimiser steps each stage gets."""
 
-    seg_cases: int = 48
-    seg_epochs: int = 8
+    seg_cases: int = 320
+    seg_steps: int = 900
     seg_batch: int = 1
-    seg_crop: tuple[int, int, int] = (80, 48, 48)
-    fracture_cases: int = 400
-    fracture_epochs: int = 6
-    fracture_batch: int = 8
-    validation_cases: int = 48
+    seg_crop: tuple[int, int, int] = (80, 64, 64)
+    fracture_cases: int = 260
+    fracture_steps: int = 1200
+    fracture_batch: int = 24
+    validation_cases: int = 60
+    negative_share: float = 0.12
+    workers: int = 2
 
     @classmethod
     def quick(cls) -> Budget:
-        return cls(seg_cases=4, seg_epochs=1, fracture_cases=8, fracture_epochs=1,
-                   validation_cases=3)
+        return cls(seg_cases=4, seg_steps=2, fracture_cases=3, fracture_steps=2,
+                   fracture_batch=4, validation_cases=3, workers=1)
+
+    @classmethod
+    def gpu(cls) -> Budget:
+        """For a machine with a CUDA GPU and many cores (``--budget gpu``)."""
+        return cls(seg_cases=1400, seg_steps=5000, seg_batch=4, fracture_cases=1400,
+                   fracture_steps=6000, fracture_batch=96, validation_cases=200, workers=16)
 
 
 def _spacing() -> tuple[float, float, float]:
@@ -115,20 +128,172 @@ def _spacing() -> tuple[float, float, float]:
     return z, y, x
 
 
-# ------------------------------------------------------------------------- data
+def _crop_shape() -> tuple[int, int, int]:
+    d, h, w = (int(n) for n in FRACTURE_PREPROCESSING["crop_shape"])
+    return d, h, w
 
 
-def phantom_case(seed: int, p_fracture: float = 0.5) -> CtCase:
-    """A phantom as a training case on the model grid (C1..C7 only)."""
-    ph = phantoms.generate(seed, p_fracture=p_fracture, spacing=_spacing())
-    labels = np.where(ph.labels <= len(LEVELS), ph.labels, 0).astype(np.uint8)
-    fractures = ph.fractures(LEVELS)
-    return CtCase(uid=f"phantom-{seed}", image=normalise(ph.hu), labels=labels,
-                  fractures=fractures, patient=int(fractures.any()))
+# ------------------------------------------------------------------------- targets
 
 
-def phantom_cases(seeds: Sequence[int], p_fracture: float = 0.5) -> list[CtCase]:
-    return [phantom_case(seed, p_fracture) for seed in seeds]
+def classes_from_labels(labels: np.ndarray) -> np.ndarray:
+    """RSNA-numbered vertebra labels -> stage-1 classes (C1, C2, C3-C7, thoracolumbar)."""
+    out = np.zeros(labels.shape, np.uint8)
+    out[labels == 1] = CLASS_C1
+    out[labels == 2] = CLASS_C2
+    out[(labels >= 3) & (labels <= 7)] = CLASS_SUBAXIAL
+    out[labels >= 8] = CLASS_LOWER
+    return out
+
+
+def heat_target(labels: np.ndarray, spacing: Sequence[float],
+                sigma_mm: float = HEAT_SIGMA_MM) -> np.ndarray:
+    """A Gaussian at the body centre of every vertebra from C3 down: the centroid of the
+    anterior 35 % of its voxels (the body, whatever the arch looks like)."""
+    heat = np.zeros(labels.shape, np.float32)
+    step = np.asarray(spacing, float)
+    reach = np.ceil(3 * sigma_mm / step).astype(int)
+    boxes = ndimage.find_objects(labels.astype(np.int32))
+    for index, box in enumerate(boxes):
+        label = index + 1
+        if box is None or label < 3:
+            continue
+        idx = np.nonzero(labels[box] == label)
+        if len(idx[0]) < 10:
+            continue
+        ys = idx[1]
+        front = ys <= ys.min() + 0.35 * (ys.max() - ys.min())
+        centre = np.array([idx[a][front].mean() + box[a].start for a in range(3)])
+        lo = np.maximum(np.floor(centre - reach).astype(int), 0)
+        hi = np.minimum(np.ceil(centre + reach).astype(int) + 1, labels.shape)
+        grid = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
+        d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, step, strict=True))
+        sub = heat[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        np.maximum(sub, np.exp(-d2 / (2 * sigma_mm ** 2)).astype(np.float32), out=sub)
+    return heat
+
+
+@dataclass
+class SegCase:
+    """A stage-1 training case on the model grid."""
+
+    image: np.ndarray  # normalised CT
+    classes: np.ndarray  # uint8 stage-1 classes
+    heat: np.ndarray  # float32 heat-map target
+
+
+@dataclass
+class CropSet:
+    """Stage-2 samples of one case: normalised crops (V, D, H, W), 0/1 targets, levels."""
+
+    crops: np.ndarray
+    targets: np.ndarray
+    levels: tuple[str, ...]
+
+
+def _landmarks(ph: phantoms.Phantom) -> dict[str, float]:
+    return {v.name: float(v.center_mm[0]) for v in ph.vertebrae}
+
+
+def _random_anatomy(rng: np.random.Generator) -> dict[str, Any]:
+    return dict(context=True, varied_fractures=True,
+                size_scale=float(rng.uniform(0.8, 1.2)),
+                pose_deg=tuple(float(a) for a in rng.uniform(-15.0, 15.0, size=3)))
+
+
+def _negative(seed: int, rng: np.random.Generator,
+              spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A negative scan on ``spacing`` and its labels (thoracolumbar vertebrae >= 8)."""
+    kind = NEGATIVES[int(rng.integers(0, len(NEGATIVES)))]
+    if kind in ("chest", "abdomen"):
+        region = "thoracic" if kind == "chest" else "lumbar"
+        ph = phantoms.generate(seed, region=region, spacing=tuple(spacing), p_fracture=0.2)
+        labels = np.where(ph.labels > 0, np.maximum(ph.labels, 8), 0).astype(np.uint8)
+        scan = acquisition.CtAcquisition(spacing=tuple(spacing),  # type: ignore[arg-type]
+                                         slice_thickness_mm=float(spacing[0]),
+                                         hu_scale=float(rng.uniform(0.85, 1.15)),
+                                         hu_offset=float(rng.uniform(-150, 150)),
+                                         noise_hu=float(rng.uniform(3, 40)))
+        hu, lab = acquisition.acquire(ph.hu, labels, ph.spacing, scan, rng)
+        assert lab is not None
+        return hu, lab
+    hu = acquisition.negative_volume(kind, rng, spacing)
+    if kind in ("head", "water"):
+        hu = hu * float(rng.uniform(0.85, 1.15)) + float(rng.uniform(-150, 150))
+        hu += rng.normal(0.0, float(rng.uniform(3, 40)), size=hu.shape).astype(np.float32)
+    return hu.astype(np.float32), np.zeros(hu.shape, np.uint8)
+
+
+def seg_case(seed: int, negative_share: float = 0.12) -> SegCase:
+    """A randomised stage-1 case: phantom, acquisition, then the pipeline's 2 mm grid."""
+    rng = np.random.default_rng(seed)
+    grid = _spacing()
+    if rng.random() < negative_share:
+        hu, labels = _negative(seed, rng, grid)
+    else:
+        ph = phantoms.generate(seed, spacing=2.0, p_fracture=0.5, **_random_anatomy(rng))
+        scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape) * 2.0,
+                                              fine=False)
+        acquired, lab = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
+        assert lab is not None
+        hu = resample(acquired, scan.spacing, grid)
+        labels = resample(lab, scan.spacing, grid, order=0)
+    return SegCase(normalise(hu), classes_from_labels(labels), heat_target(labels, grid))
+
+
+def level_crops(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
+                fractured: Sequence[str], rng: np.random.Generator | None) -> CropSet:
+    """Stage-2 crops of every C1..C7 vertebra mostly inside ``labels``' field."""
+    boxes = level_boxes_mm(np.where(labels <= len(LEVELS), labels, 0), spacing)
+    pre = FRACTURE_PREPROCESSING
+    crops, targets, names = [], [], []
+    for level, box in boxes.items():
+        if int((labels == LEVELS.index(level) + 1).sum()) < int(pre["min_voxels"]):
+            continue
+        crop = vertebra_crop(hu, spacing, box, _crop_shape(), float(pre["crop_margin_mm"]), rng=rng)
+        crops.append(normalise_crop(crop))
+        targets.append(int(level in fractured))
+        names.append(level)
+    shape = (0, *_crop_shape())
+    return CropSet(np.stack(crops) if crops else np.zeros(shape, np.float32),
+                   np.asarray(targets, np.float32), tuple(names))
+
+
+def fracture_case(seed: int) -> CropSet:
+    """Randomised stage-2 samples from one phantom rendered at 1 mm and scanned."""
+    rng = np.random.default_rng(seed)
+    anatomy = _random_anatomy(rng)
+    ph = phantoms.generate(seed, spacing=1.0, shape=(215, 140, 140), p_fracture=0.7, **anatomy)
+    scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float), fine=True)
+    # The renderer has no detail finer than 1 mm: finer grids would only interpolate.
+    scan = scan.with_(spacing=tuple(max(1.0, s) for s in scan.spacing))
+    hu, labels = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
+    assert labels is not None
+    fractured = [v.name for v in ph.vertebrae if v.fractured]
+    return level_crops(hu, labels, scan.spacing, fractured, rng)
+
+
+def _map(function: Callable[[int], Any], seeds: Sequence[int], workers: int, progress: bool,
+         label: str) -> list[Any]:
+    out: list[Any] = []
+    with _progress(progress) as bar:
+        task = bar.add_task(label, total=len(seeds), status="")
+        if workers <= 1:
+            for seed in seeds:
+                out.append(function(seed))
+                bar.update(task, advance=1)
+            return out
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=workers,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            for result in pool.map(function, seeds, chunksize=4):
+                out.append(result)
+                bar.update(task, advance=1)
+    return out
+
+
+# ------------------------------------------------------------------- RSNA layout
 
 
 @dataclass(frozen=True)
@@ -175,15 +340,13 @@ class RsnaCervicalSpine:
                                          int(row["patient_overall"])))
         return studies
 
-    def load(self, study: RsnaStudy) -> CtCase:
-        """Load one study onto the model grid (CT resampled, labels placed by affine)."""
+    def load(self, study: RsnaStudy) -> tuple[CtVolume, np.ndarray]:
+        """One study's volume and its labels on the volume's own grid (placed by affine)."""
+        if study.segmentation is None:
+            raise ValueError(f"RSNA study {study.uid} has no segmentation")
         volume = load_ct_series(sorted(study.images.glob("*.dcm")))
-        spacing = _spacing()
-        image = normalise(resample(volume.hu, volume.spacing, spacing))
-        labels = None
-        if study.segmentation is not None:
-            labels = segmentation_on_grid(study.segmentation, volume, spacing, image.shape)
-        return CtCase(study.uid, image, labels, study.fractures, study.patient)
+        labels = segmentation_on_grid(study.segmentation, volume, volume.spacing, volume.hu.shape)
+        return volume, labels
 
 
 def volume_affine(files: Sequence[Path], volume: CtVolume) -> np.ndarray:
@@ -255,106 +418,11 @@ def _series_dir(segmentation: Path, volume: CtVolume) -> Path:
     return root / "train_images" / volume.study_uid
 
 
-# --------------------------------------------------------------------- training
-
-
 def _progress(enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("{task.fields[status]}"), disable=not enabled)
-
-
-def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    probs = torch.softmax(logits, dim=1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].float()
-    dims = (0, 2, 3, 4)
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
-    return 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean()
-
-
-def _random_crop(case: CtCase, crop: Sequence[int], rng: np.random.Generator,
-                 multiple: int) -> tuple[np.ndarray, np.ndarray]:
-    assert case.labels is not None
-    image, labels = case.image, case.labels
-    low = float(image.min())
-    pads = [(0, max(0, c - n)) for c, n in zip(crop, image.shape, strict=True)]
-    if any(p[1] for p in pads):
-        image = np.pad(image, pads, constant_values=low)
-        labels = np.pad(labels, pads)
-    starts = [int(rng.integers(0, n - c + 1)) for n, c in zip(image.shape, crop, strict=True)]
-    box = tuple(slice(s, s + c) for s, c in zip(starts, crop, strict=True))
-    image, labels = image[box], labels[box]
-    if rng.random() < 0.5:  # left-right mirror: anatomy is symmetric enough
-        image, labels = image[:, :, ::-1], labels[:, :, ::-1]
-    image = image * float(rng.uniform(0.93, 1.07)) + float(rng.normal(0.0, 0.03))
-    assert all(n % multiple == 0 for n in image.shape)
-    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(labels)
-
-
-def train_segmentation(cases: Sequence[CtCase], budget: Budget, seed: int,
-                       progress: bool) -> torch.nn.Module:
-    """Train stage 1 on ``cases`` (those with labels) and return the model in eval mode."""
-    usable = [c for c in cases if c.labels is not None]
-    if not usable:
-        raise ValueError("no case has a segmentation to train stage 1 on")
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    name, kwargs = SEG_ARCH
-    model = architecture(name, **kwargs).to(memory_format=torch.channels_last_3d)
-    multiple = model.multiple  # type: ignore[attr-defined]
-    steps = max(1, budget.seg_epochs * len(usable) // budget.seg_batch)
-    with torch.no_grad():
-        # Start from "everything is background" (about 98 % of voxels), so the first
-        # steps go into finding vertebrae rather than learning the class prior.
-        last = model.full[-1]  # type: ignore[index]
-        last.bias.zero_()
-        last.bias[0] = 3.0
-    class_weights = torch.tensor([1.0] + [3.0] * len(LEVELS))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=5e-3, total_steps=steps,
-                                                   pct_start=0.1)
-    model.train()
-    with _progress(progress) as bar:
-        task = bar.add_task("stage 1: vertebra segmentation", total=steps, status="")
-        for step in range(steps):
-            batch = [_random_crop(usable[int(i)], budget.seg_crop, rng, multiple)
-                     for i in rng.integers(0, len(usable), size=budget.seg_batch)]
-            x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None])
-            y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64))
-            logits = model(x.contiguous(memory_format=torch.channels_last_3d))
-            loss = F.cross_entropy(logits, y, weight=class_weights) + _soft_dice_loss(logits, y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            bar.update(task, advance=1, status=f"loss {loss.item():.3f}")
-            if step % 20 == 0:
-                log.debug("stage 1 step %d loss %.4f", step, loss.item())
-    return model.eval()
-
-
-def predict_labels(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
-    """Stage-1 labels for a normalised model-grid image (torch, as the pipeline does)."""
-    low = float(SEGMENTATION_PREPROCESSING["hu_window"][0]) / float(
-        SEGMENTATION_PREPROCESSING["hu_scale"])
-    padded, unpad = pad_to_multiple(image, int(SEGMENTATION_PREPROCESSING["pad_multiple"]), low)
-    x = torch.from_numpy(padded)[None, None]
-    with torch.inference_mode():
-        logits = model(x)
-    return clean_labels(logits[0].argmax(0).numpy().astype(np.uint8)[unpad])
-
-
-def dice_per_level(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Dice of each of C1..C7 (NaN where a level is absent from both)."""
-    scores = np.full(len(LEVELS), np.nan)
-    for i in range(len(LEVELS)):
-        p, t = predicted == i + 1, truth == i + 1
-        total = int(p.sum() + t.sum())
-        if total:
-            scores[i] = 2.0 * float((p & t).sum()) / total
-    return scores
 
 
 def roc_auc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
@@ -377,88 +445,229 @@ def roc_auc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.nda
     return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def _crop_shape() -> tuple[int, int, int]:
-    d, h, w = (int(n) for n in FRACTURE_PREPROCESSING["crop_shape"])
-    return d, h, w
+
+# --------------------------------------------------------------------- training
 
 
-def _margin_vox() -> np.ndarray:
-    return float(FRACTURE_PREPROCESSING["crop_margin_mm"]) / np.asarray(_spacing())
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def case_crops(case: CtCase, labels: np.ndarray,
-               rng: np.random.Generator | None = None) -> np.ndarray:
-    crops, _ = vertebra_crops(case.image, labels, _crop_shape(), _margin_vox(),
-                              int(FRACTURE_PREPROCESSING["min_voxels"]), rng=rng)
-    return crops
+def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].float()
+    dims = (0, 2, 3, 4)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean()
 
 
-def train_fracture(samples: Sequence[tuple[np.ndarray, np.ndarray]], budget: Budget, seed: int,
-                   progress: bool) -> torch.nn.Module:
-    """Train stage 2 on (crops (7, D, H, W), targets (8,)) samples; eval-mode model."""
+def _random_crop(case: SegCase, crop: Sequence[int],
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    image, classes, heat = case.image, case.classes, case.heat
+    low = float(SEGMENTATION_PREPROCESSING["hu_window"][0]) / float(SEGMENTATION_PREPROCESSING["hu_scale"])
+    pads = [(0, max(0, c - n)) for c, n in zip(crop, image.shape, strict=True)]
+    if any(p[1] for p in pads):
+        image = np.pad(image, pads, constant_values=low)
+        classes = np.pad(classes, pads)
+        heat = np.pad(heat, pads)
+    starts = [int(rng.integers(0, n - c + 1)) for n, c in zip(image.shape, crop, strict=True)]
+    box = tuple(slice(s, s + c) for s, c in zip(starts, crop, strict=True))
+    image, classes, heat = image[box], classes[box], heat[box]
+    if rng.random() < 0.5:  # left-right mirror: anatomy is symmetric enough
+        image, classes, heat = image[:, :, ::-1], classes[:, :, ::-1], heat[:, :, ::-1]
+    return (np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(classes),
+            np.ascontiguousarray(heat))
+
+
+def train_segmentation(cases: Sequence[SegCase], budget: Budget, seed: int,
+                       progress: bool) -> torch.nn.Module:
+    """Train stage 1 (classes + heat map) and return the model in eval mode, on the CPU."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    name, kwargs = FRACTURE_ARCH
-    model = architecture(name, **kwargs)
-    steps = max(1, budget.fracture_epochs * len(samples) // budget.fracture_batch)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=steps,
-                                                   pct_start=0.15)
-    targets_all = np.stack([t for _, t in samples])
-    rate = targets_all[:, : len(LEVELS)].mean()
-    pos_weight = torch.tensor([min(8.0, (1 - rate) / max(rate, 1e-3))] * len(LEVELS) + [1.0])
+    device = _device()
+    name, kwargs = SEG_ARCH
+    model = architecture(name, **kwargs).to(device)
+    with torch.no_grad():
+        # Start from "everything is background" (about 97 % of voxels) and a cold heat map.
+        last = model.full[-1]  # type: ignore[index]
+        last.bias.zero_()
+        last.bias[0] = 3.0
+        last.bias[len(SEG_CLASSES)] = -4.0
+    class_weights = torch.tensor([1.0, 3.0, 3.0, 2.0, 2.0], device=device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=4e-3, total_steps=budget.seg_steps,
+                                                   pct_start=0.1)
     model.train()
     with _progress(progress) as bar:
-        task = bar.add_task("stage 2: fracture classifier", total=steps, status="")
-        for _ in range(steps):
-            chosen = rng.integers(0, len(samples), size=budget.fracture_batch)
-            crops = np.stack([samples[int(i)][0] for i in chosen])
-            if rng.random() < 0.5:
-                crops = crops[..., ::-1]  # left-right mirror
-            crops = crops * rng.uniform(0.93, 1.07) + rng.normal(0.0, 0.03)
-            x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
-            y = torch.from_numpy(targets_all[chosen].astype(np.float32))
-            logits = model.logits(x)  # type: ignore[operator]
-            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+        task = bar.add_task("stage 1: vertebrae and levels", total=budget.seg_steps, status="")
+        for _ in range(budget.seg_steps):
+            batch = [_random_crop(cases[int(i)], budget.seg_crop, rng)
+                     for i in rng.integers(0, len(cases), size=budget.seg_batch)]
+            x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
+            y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64)).to(device)
+            h = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
+            x = x * float(rng.uniform(0.95, 1.05)) + float(rng.normal(0.0, 0.02))
+            out = model(x)
+            logits, heat_logit = out[:, : len(SEG_CLASSES)], out[:, len(SEG_CLASSES)]
+            heat_loss = F.binary_cross_entropy_with_logits(heat_logit, h, weight=1.0 + 30.0 * h)
+            loss = (F.cross_entropy(logits, y, weight=class_weights) + _soft_dice_loss(logits, y)
+                    + 2.0 * heat_loss)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             schedule.step()
             bar.update(task, advance=1, status=f"loss {loss.item():.3f}")
-    return model.eval()
+    return model.cpu().eval()
 
 
-def _targets(case: CtCase) -> np.ndarray:
-    return np.concatenate([case.fractures, [case.patient]]).astype(np.float32)
+def train_fracture(sets: Sequence[CropSet], budget: Budget, seed: int,
+                   progress: bool) -> torch.nn.Module:
+    """Train stage 2 on every crop of ``sets``; eval-mode model on the CPU."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = _device()
+    crops = np.concatenate([s.crops for s in sets if len(s.targets)])
+    targets = np.concatenate([s.targets for s in sets if len(s.targets)])
+    name, kwargs = FRACTURE_ARCH
+    model = architecture(name, **kwargs).to(device)
+    rate = float(targets.mean()) if len(targets) else 0.5
+    pos_weight = torch.tensor(min(6.0, (1 - rate) / max(rate, 1e-3)), device=device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3,
+                                                   total_steps=budget.fracture_steps, pct_start=0.15)
+    model.train()
+    with _progress(progress) as bar:
+        task = bar.add_task("stage 2: fracture per vertebra", total=budget.fracture_steps, status="")
+        for _ in range(budget.fracture_steps):
+            chosen = rng.integers(0, len(targets), size=budget.fracture_batch)
+            x = crops[chosen]
+            if rng.random() < 0.5:
+                x = x[..., ::-1]  # left-right mirror
+            x = x * rng.uniform(0.93, 1.07) + rng.normal(0.0, 0.03)
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(device)
+            yt = torch.from_numpy(targets[chosen]).to(device)
+            logits = model.logits(xt)[:, 0]  # type: ignore[operator]
+            loss = F.binary_cross_entropy_with_logits(logits, yt, pos_weight=pos_weight)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            bar.update(task, advance=1, status=f"loss {loss.item():.3f}")
+    return model.cpu().eval()
 
 
-def evaluate(seg_model: torch.nn.Module, fracture_model: torch.nn.Module,
-             cases: Sequence[CtCase]) -> dict[str, float]:
-    """End-to-end metrics: stage-1 Dice against truth, stage-2 AUC on stage-1 crops."""
-    dice: list[np.ndarray] = []
-    vertebra_scores, vertebra_truth, patient_scores, patient_truth = [], [], [], []
-    for case in cases:
-        predicted = predict_labels(seg_model, case.image)
-        if case.labels is not None:
-            dice.append(dice_per_level(predicted, case.labels))
-        with torch.inference_mode():
-            crops = torch.from_numpy(case_crops(case, predicted))[None]
-            probabilities = fracture_model(crops)[0].numpy()
-        vertebra_scores += probabilities[: len(LEVELS)].tolist()
-        vertebra_truth += case.fractures.tolist()
-        patient_scores.append(float(probabilities[len(LEVELS)]))
-        patient_truth.append(case.patient)
-    metrics: dict[str, float] = {
-        "vertebra_fracture_auc": round(roc_auc(vertebra_truth, vertebra_scores), 4),
-        "patient_fracture_auc": round(roc_auc(patient_truth, patient_scores), 4),
-        "cases": len(cases),
+# ---------------------------------------------------------------- validation
+
+
+@dataclass
+class ValidationCase:
+    volume: CtVolume
+    labels: np.ndarray  # truth on the volume grid (RSNA numbering)
+    fractured: tuple[str, ...]
+    negative: bool
+
+
+def validation_case(seed: int) -> ValidationCase:
+    """A validation scan drawn like the training ones (fine acquisition grid, >= 0.6 mm)."""
+    rng = np.random.default_rng(seed)
+    if rng.random() < 0.1:
+        hu, labels = _negative(seed, rng, (2.0, 1.0, 1.0))
+        volume = CtVolume(hu, (2.0, 1.0, 1.0), tuple(str(i) for i in range(hu.shape[0])), "v", "v")
+        return ValidationCase(volume, labels, (), True)
+    ph = phantoms.generate(seed, spacing=1.0, shape=(215, 140, 140), p_fracture=0.5,
+                           **_random_anatomy(rng))
+    scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float), fine=True)
+    scan = scan.with_(spacing=tuple(max(0.7, s) for s in scan.spacing))
+    hu, labels = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
+    assert labels is not None
+    in_field = [v.name for v in ph.vertebrae if v.fractured
+                and (labels == phantoms.LEVEL_LABELS[v.name]).sum() > 0]
+    volume = CtVolume(hu, scan.spacing, tuple(str(i) for i in range(hu.shape[0])), "v", "v")  # type: ignore[arg-type]
+    return ValidationCase(volume, labels, tuple(in_field), False)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(float(centre - half), 4), round(float(centre + half), 4))
+
+
+def validate(engines: Callable[[str], Any], cases: Sequence[ValidationCase],
+             progress: bool) -> tuple[dict[str, Any], float]:
+    """Run the real pipeline on ``cases``; choose the threshold; return metrics and it."""
+    pipeline = CervicalSpineCtFracture()
+    per_level: dict[str, tuple[list[int], list[float]]] = {level: ([], []) for level in LEVELS}
+    dice: dict[str, list[float]] = {level: [] for level in LEVELS}
+    patient_truth, patient_score = [], []
+    negatives_flagged = wrong_levels = labelled = 0
+    with _progress(progress) as bar:
+        task = bar.add_task("validation", total=len(cases), status="")
+        for case in cases:
+            findings = pipeline.analyse(case.volume, engines)
+            bar.update(task, advance=1)
+            if case.negative:
+                negatives_flagged += int(findings.performed)
+                continue
+            status = {s.site: s.assessment for s in findings.site_status}
+            scores = {f.site: f.probability for f in findings.findings if f.site}
+            predicted = (findings.segmentation.labels if findings.segmentation is not None
+                         else np.zeros(case.labels.shape, np.uint8))
+            for number, level in enumerate(LEVELS, start=1):
+                truth = case.labels == number
+                if status.get(level) is AssessmentValues.ASSESSED and level in scores:
+                    mine = predicted == number
+                    if truth.sum():
+                        dice[level].append(2 * float((mine & truth).sum()) / float(mine.sum() + truth.sum()))
+                        overlap = np.bincount(case.labels[mine], minlength=len(LEVELS) + 4)
+                        labelled += 1
+                        wrong_levels += int(int(np.argmax(overlap[1:])) + 1 != number)
+                    per_level[level][0].append(int(level in case.fractured))
+                    per_level[level][1].append(scores[level])
+            if scores:
+                patient_truth.append(int(bool(case.fractured)))
+                patient_score.append(max(scores.values()))
+    threshold = choose_threshold(patient_truth, patient_score, TARGET_SPECIFICITY)
+    metrics: dict[str, Any] = {"cases": len(cases), "negatives": sum(c.negative for c in cases)}
+    for level in LEVELS:
+        truth, score = per_level[level]
+        metrics[f"auc_{level}"] = round(roc_auc(truth, score), 4)
+        metrics[f"n_{level}"] = f"{sum(truth)}+/{len(truth) - sum(truth)}-"
+        metrics[f"dice_{level}"] = round(float(np.mean(dice[level])), 4) if dice[level] else float("nan")
+    all_truth = sum((per_level[level][0] for level in LEVELS), [])
+    all_score = sum((per_level[level][1] for level in LEVELS), [])
+    metrics["vertebra_fracture_auc"] = round(roc_auc(all_truth, all_score), 4)
+    metrics["patient_fracture_auc"] = round(roc_auc(patient_truth, patient_score), 4)
+    metrics["dice_mean_c1_c7"] = round(float(np.nanmean([metrics[f"dice_{lv}"] for lv in LEVELS])), 4)
+    metrics["wrong_level_share"] = round(wrong_levels / max(labelled, 1), 4)
+    metrics["negatives_with_findings"] = negatives_flagged
+    truth = np.asarray(patient_truth, bool)
+    called = np.asarray(patient_score) >= threshold
+    tp, tn = int((called & truth).sum()), int((~called & ~truth).sum())
+    metrics["operating_point"] = {
+        "threshold": round(threshold, 4),
+        "patient_sensitivity": round(tp / max(int(truth.sum()), 1), 4),
+        "patient_sensitivity_ci95": list(wilson(tp, int(truth.sum()))),
+        "patient_specificity": round(tn / max(int((~truth).sum()), 1), 4),
+        "patient_specificity_ci95": list(wilson(tn, int((~truth).sum()))),
+        "n_patients": f"{int(truth.sum())}+/{int((~truth).sum())}-",
+        "chosen_for": f"patient-level specificity >= {TARGET_SPECIFICITY} on the validation cohort",
     }
-    if dice:
-        per_level = np.nanmean(np.stack(dice), axis=0)
-        metrics["dice_mean_c1_c7"] = round(float(np.nanmean(per_level)), 4)
-        metrics.update({f"dice_{level}": round(float(d), 4)
-                        for level, d in zip(LEVELS, per_level, strict=True)})
-    return metrics
+    return metrics, threshold
+
+
+def choose_threshold(truth: Sequence[int], scores: Sequence[float], specificity: float) -> float:
+    """The lowest threshold whose specificity on (truth, scores) reaches ``specificity``."""
+    negatives = np.sort(np.asarray([s for t, s in zip(truth, scores, strict=True) if not t]))
+    if not len(negatives):
+        return 0.5
+    index = int(np.ceil(specificity * len(negatives))) - 1
+    value = float(negatives[min(index, len(negatives) - 1)])
+    return float(min(0.99, np.nextafter(value, 1.0)))
 
 
 # ------------------------------------------------------------------------ export
@@ -487,43 +696,41 @@ def export_segmentation(model: torch.nn.Module, folder: Path) -> Path:
 def export_fracture(model: torch.nn.Module, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    dummy = torch.zeros(2, len(LEVELS), *_crop_shape())
+    dummy = torch.zeros(2, 3, *_crop_shape())
     with warnings.catch_warnings():
-        # The GRUs start from zero states made inside the graph, so any batch size works
+        # The GRU starts from zero states made inside the graph, so any batch size works
         # (tested), whatever the exporter's generic warning about batch sizes says.
         warnings.filterwarnings("ignore", message=".*batch_size other than 1.*")
-        _export_onnx(model.eval(), dummy, path)
+        torch.onnx.export(
+            model.eval(), (dummy,), str(path), dynamo=False,
+            input_names=["crops"], output_names=["probabilities"], opset_version=17,
+            dynamic_axes={"crops": {0: "batch", 1: "vertebrae"},
+                          "probabilities": {0: "batch", 1: "vertebrae"}},
+        )
     torch.save(model.state_dict(), folder / "model.pt")
     return path
 
 
-def _export_onnx(model: torch.nn.Module, dummy: torch.Tensor, path: Path) -> None:
-    torch.onnx.export(
-        model, (dummy,), str(path), dynamo=False,
-        input_names=["crops"], output_names=["probabilities"], opset_version=17,
-        dynamic_axes={"crops": {0: "batch"}, "probabilities": {0: "batch"}},
-    )
-
-
-def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, float]) -> list[Path]:
+def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
+                threshold: float) -> list[Path]:
     seg_dir, fracture_dir = out / SEGMENTATION_MODEL, out / FRACTURE_MODEL
-    seg_metrics = {k: v for k, v in metrics.items() if k.startswith("dice") or k == "cases"}
-    fracture_metrics = {k: v for k, v in metrics.items() if "auc" in k or k == "cases"}
+    seg_metrics = {k: v for k, v in metrics.items()
+                   if k.startswith(("dice", "wrong_level", "negatives", "cases"))}
+    fracture_metrics = {k: v for k, v in metrics.items()
+                        if k.startswith(("auc", "n_", "vertebra", "patient", "operating", "cases"))}
     seg = ModelCard(
         name=SEGMENTATION_MODEL,
         version=VERSION,
         task="segmentation",
-        description="Cervical spine CT stage 1: 3-D U-Net labelling C1..C7 "
-                    "(8 classes with background) on a 2 mm grid.",
+        description="Cervical spine CT stage 1: 3-D U-Net on a 2 mm grid giving per voxel "
+                    "background / C1 / C2 / C3-C7 / thoracolumbar vertebra plus a heat map at "
+                    "each vertebral body; the pipeline numbers C3-C7 by counting from C2 or T1.",
         inputs=(TensorSpec("ct", (-1, 1, -1, -1, -1)),),
-        outputs=(TensorSpec("logits", (-1, 8, -1, -1, -1)),),
-        labels={0: "background", **{i + 1: level for i, level in enumerate(LEVELS)}},
+        outputs=(TensorSpec("logits", (-1, len(SEG_CLASSES) + 1, -1, -1, -1)),),
+        labels={**dict(enumerate(SEG_CLASSES)), len(SEG_CLASSES): "vertebral body heat map"},
         preprocessing=dict(SEGMENTATION_PREPROCESSING),
-        weights={
-            **provenance,
-            "sha256": _sha256(seg_dir / "model.onnx"),
-            "metrics": seg_metrics,
-        },
+        weights={**provenance, "sha256": _sha256(seg_dir / "model.onnx"),
+                 "metrics": {"validation": seg_metrics}},
         intended_use=INTENDED_USE,
         clinical_use=False,
         folder=seg_dir,
@@ -532,20 +739,15 @@ def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, float]
         name=FRACTURE_MODEL,
         version=VERSION,
         task="classification",
-        description="Cervical spine CT stage 2: per-vertebra fracture probability from 2.5-D "
-                    "crops around each stage-1 vertebra mask, with a GRU over C1..C7; "
-                    "outputs C1..C7 then patient-level.",
-        inputs=(TensorSpec("crops", (-1, len(LEVELS), *_crop_shape())),),
-        outputs=(TensorSpec("probabilities", (-1, len(LEVELS) + 1)),),
-        labels={**{i: level for i, level in enumerate(LEVELS)}, len(LEVELS): "patient"},
-        preprocessing={**FRACTURE_PREPROCESSING,
-                       "spacing_mm": list(SEGMENTATION_PREPROCESSING["spacing_mm"])},
-        weights={
-            **provenance,
-            "sha256": _sha256(fracture_dir / "model.onnx"),
-            "metrics": fracture_metrics,
-            "finding": "fracture",
-        },
+        description="Cervical spine CT stage 2: fracture probability of each identified "
+                    "vertebra from a 2.5-D crop of the source CT around it (each vertebra on its "
+                    "own; the patient level is derived from the vertebrae by the pipeline).",
+        inputs=(TensorSpec("crops", (-1, -1, *_crop_shape())),),
+        outputs=(TensorSpec("probabilities", (-1, -1)),),
+        labels={0: "fracture"},
+        preprocessing={**FRACTURE_PREPROCESSING, "threshold": round(threshold, 4)},
+        weights={**provenance, "sha256": _sha256(fracture_dir / "model.onnx"),
+                 "metrics": {"validation": fracture_metrics}, "finding": "fracture"},
         intended_use=INTENDED_USE,
         clinical_use=False,
         folder=fracture_dir,
@@ -567,120 +769,84 @@ def _save(card: ModelCard, arch: tuple[str, dict[str, Any]]) -> Path:
 # --------------------------------------------------------------------------- run
 
 
-def _rsna_cases(root: Path, progress: bool) -> list[CtCase]:
+def _engines(folder: Path) -> Callable[[str], Any]:
+    """The exported models on ONNX Runtime (CPU), as a worker without a GPU runs them."""
+    from spine_node.inference.runtime.selection import load_engine
+
+    loaded: dict[str, Any] = {}
+
+    def provider(name: str) -> Any:
+        if name not in loaded:
+            loaded[name] = load_engine(name, folder, backends=("onnxruntime-cpu",))
+        return loaded[name]
+
+    return provider
+
+
+def _rsna_data(root: Path, progress: bool, rng: np.random.Generator) -> tuple[
+        list[SegCase], list[CropSet], list[ValidationCase]]:
     layout = RsnaCervicalSpine(root)
-    studies = layout.studies()
-    cases = []
+    studies = [s for s in layout.studies() if s.segmentation is not None]
+    order = rng.permutation(len(studies))
+    held = {int(i) for i in order[: max(1, len(studies) // 10)]} if len(studies) > 1 else set()
+    seg_cases, crop_sets, validation = [], [], []
     with _progress(progress) as bar:
         task = bar.add_task("loading RSNA studies", total=len(studies), status="")
-        for study in studies:
-            cases.append(layout.load(study))
+        for index, study in enumerate(studies):
+            volume, labels = layout.load(study)
+            fractured = tuple(level for level, f in zip(LEVELS, study.fractures, strict=True) if f)
+            if index in held:
+                validation.append(ValidationCase(volume, labels, fractured, False))
+            else:
+                grid = _spacing()
+                on_grid = resample(labels, volume.spacing, grid, order=0)
+                seg_cases.append(SegCase(normalise(resample(volume.hu, volume.spacing, grid)),
+                                         classes_from_labels(on_grid), heat_target(on_grid, grid)))
+                crop_sets.append(level_crops(volume.hu, labels, volume.spacing, fractured,
+                                             np.random.default_rng(index)))
             bar.update(task, advance=1)
-    return cases
-
-
-def _hold_out(cases: Sequence[CtCase],
-              rng: np.random.Generator) -> tuple[list[CtCase], list[CtCase]]:
-    """About 10 % of the segmented and of the unsegmented studies held out for the card's
-    metrics, never every segmented study (stage 1 needs them)."""
-    held: list[CtCase] = []
-    kept: list[CtCase] = []
-    for group in ([c for c in cases if c.labels is not None],
-                  [c for c in cases if c.labels is None]):
-        order = rng.permutation(len(group))
-        count = len(group) // 10
-        if group and group[0].labels is None:
-            count = max(1, count)
-        held += [group[i] for i in order[:count]]
-        kept += [group[i] for i in order[count:]]
-    return held, kept
-
-
-def _fracture_samples(cases: Sequence[CtCase], seg_model: torch.nn.Module | None,
-                      rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for case in cases:
-        labels = case.labels
-        if labels is None:
-            assert seg_model is not None
-            labels = predict_labels(seg_model, case.image)
-        yield case_crops(case, labels, rng=rng), _targets(case)
-
-
-def _phantom_fracture_samples(seeds: Sequence[int],
-                              seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    samples = []
-    for phantom_seed in seeds:
-        # More fractured phantoms than the 50 % of the validation set: more positives.
-        case = phantom_case(phantom_seed, p_fracture=0.7)
-        assert case.labels is not None
-        samples.append((case_crops(case, case.labels, rng=rng), _targets(case)))
-    return samples
-
-
-def _phantom_fracture_job(seeds: Sequence[int], budget: Budget, seed: int) -> bytes:
-    """Stage 2 on phantoms in a worker process; returns the trained state dict."""
-    torch.set_num_threads(1)
-    model = train_fracture(_phantom_fracture_samples(seeds, seed), budget, seed, progress=False)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getvalue()
+    return seg_cases, crop_sets, validation
 
 
 def run(options: TrainOptions) -> dict[str, Any]:
-    """Train both stages, evaluate on held-out data, export ONNX and write the cards."""
+    """Train both stages, export ONNX, choose the operating point on validation data
+    through the real pipeline, and write the cards."""
+    from functools import partial
+
     torch.set_num_threads(max(1, options.threads))
     budget = Budget.quick() if options.quick else Budget()
-    if options.epochs is not None:
-        budget = Budget(**{**budget.__dict__, "seg_epochs": options.epochs,
-                           "fracture_epochs": options.epochs})
+    if options.budget == "gpu":
+        budget = Budget.gpu()
+    if options.epochs is not None:  # a multiplier of the optimiser steps
+        budget = replace(budget, seg_steps=budget.seg_steps * options.epochs,
+                         fracture_steps=budget.fracture_steps * options.epochs)
+    workers = max(1, min(budget.workers, options.threads))
     started = time.monotonic()
     rng = np.random.default_rng(options.seed)
-    seed0 = TRAIN_SEEDS.start + options.seed * 1000
+    seed0 = TRAIN_SEEDS.start + options.seed * 10_000
     if options.data is None:
-        seg_seeds = range(seed0, seed0 + budget.seg_cases)
-        fracture_seeds = range(seed0 + budget.seg_cases,
-                               seed0 + budget.seg_cases + budget.fracture_cases)
-        validation_seeds = range(VALIDATION_SEEDS.start,
-                                 VALIDATION_SEEDS.start + budget.validation_cases)
-        seg_cases = phantom_cases(seg_seeds)
-        validation = phantom_cases(validation_seeds)
-        trained_on = (f"synthetic phantoms (spine-node inference.phantoms, seeds "
-                      f"{seg_seeds.start}-{fracture_seeds.stop - 1})")
-        validated_on = (f"held-out synthetic phantoms (seeds {validation_seeds.start}-"
-                        f"{validation_seeds.stop - 1})")
+        seg_seeds = list(range(seed0, seed0 + budget.seg_cases))
+        fracture_seeds = list(range(seed0 + 5_000, seed0 + 5_000 + budget.fracture_cases))
+        validation_seeds = list(range(VALIDATION_SEEDS.start,
+                                      VALIDATION_SEEDS.start + budget.validation_cases))
+        seg_cases = _map(partial(seg_case, negative_share=budget.negative_share), seg_seeds,
+                         workers, options.progress, "stage 1 cases (phantom + acquisition)")
+        crop_sets = _map(fracture_case, fracture_seeds, workers, options.progress,
+                         "stage 2 crops (phantom at 1 mm + acquisition)")
+        validation = _map(validation_case, validation_seeds, workers, options.progress,
+                          "validation scans")
+        trained_on = (f"synthetic phantoms (spine-node inference.phantoms with context, random "
+                      f"anatomy and acquisition; seeds {seed0}-{seed0 + 5_000 + budget.fracture_cases - 1})")
+        validated_on = (f"synthetic phantoms, validation seeds {validation_seeds[0]}-{validation_seeds[-1]} "
+                        "(same generator); test cohorts and a second generator: bench/RESULTS.md")
     else:
-        cases = _rsna_cases(options.data, options.progress)
-        validation, seg_cases = _hold_out(cases, rng)
+        seg_cases, crop_sets, validation = _rsna_data(options.data, options.progress, rng)
         trained_on = f"RSNA 2022 Cervical Spine Fracture Detection ({len(seg_cases)} studies)"
         validated_on = f"RSNA 2022, {len(validation)} held-out studies"
-    parallel = options.data is None and options.threads >= 2
-    if parallel:
-        # Stage 2 trains on phantom crops around the true masks, so it need not wait for
-        # stage 1: run it in a second process with one thread.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            job = pool.submit(_phantom_fracture_job, list(fracture_seeds), budget,
-                              options.seed + 1)
-            torch.set_num_threads(max(1, options.threads))
-            seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress)
-            seg_seconds = time.monotonic() - started
-            state = job.result()
-        name, kwargs = FRACTURE_ARCH
-        fracture_model = architecture(name, **kwargs)
-        fracture_model.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
-        fracture_model.eval()
-        torch.set_num_threads(max(1, options.threads))
-    else:
-        seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress)
-        seg_seconds = time.monotonic() - started
-        if options.data is None:
-            samples = _phantom_fracture_samples(list(fracture_seeds), options.seed + 1)
-        else:
-            samples = list(_fracture_samples(seg_cases, seg_model, rng))
-        fracture_model = train_fracture(samples, budget, options.seed + 1, options.progress)
+    data_seconds = time.monotonic() - started
+    seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress)
+    fracture_model = train_fracture(crop_sets, budget, options.seed + 1, options.progress)
     train_seconds = time.monotonic() - started
-    metrics = evaluate(seg_model, fracture_model, validation)
 
     out = Path(options.out)
     export_segmentation(seg_model, out / SEGMENTATION_MODEL)
@@ -689,14 +855,18 @@ def run(options: TrainOptions) -> dict[str, Any]:
         "trained_on": trained_on,
         "validated_on": validated_on,
         "recipe": "spine-node train ct-cspine"
+                  + (" --budget gpu" if options.budget == "gpu" else "")
                   + (f" --epochs {options.epochs}" if options.epochs is not None else ""),
         "seed": options.seed,
         "torch": str(torch.__version__),
+        "device": str(_device()),
         "threads": options.threads,
-        "training_seconds": {"stage1": round(seg_seconds, 1),
-                             "total": round(train_seconds, 1)},
+        "training_seconds": {"data": round(data_seconds, 1), "total": round(train_seconds, 1)},
     }
-    cards = write_cards(out, provenance, metrics)
+    # Cards first with a provisional threshold, so the pipeline can load the exports.
+    write_cards(out, provenance, {}, float(FRACTURE_PREPROCESSING["threshold"]))
+    metrics, threshold = validate(_engines(out), validation, options.progress)
+    cards = write_cards(out, provenance, metrics, threshold)
     log.info("ct-cspine trained in %.0f s: %s", train_seconds, metrics)
     return {"cards": [str(c) for c in cards], "metrics": metrics,
             "seconds": round(time.monotonic() - started, 1)}
