@@ -505,11 +505,19 @@ def evaluate_case(cohort: Cohort | str, seed: int, models: ModelProvider,
     A :class:`PipelineError` is the pipeline refusing the input (``error_kind``
     ``"refused"``, scored as nothing found). Any other exception propagates, unless
     ``keep_going``: then the case is ``"crashed"``, scored as nothing found, and counted
-    apart so a long run survives one bad case without hiding it.
+    apart so a long run survives one bad case without hiding it; a generator failure
+    then gives a record with ``error_kind`` ``"generator"`` that the metrics leave out.
     """
     cohort = COHORTS[cohort] if isinstance(cohort, str) else cohort
     start = time.perf_counter()
-    case = make_case(cohort, seed, perturbation)
+    try:
+        case = make_case(cohort, seed, perturbation)
+    except Exception as exc:
+        if not keep_going:
+            raise
+        # Not the pipeline's doing: the case is left out of every metric and counted.
+        log.error("%s seed %d: the generator failed: %s: %s", cohort.name, seed, type(exc).__name__, exc)
+        return {"seed": seed, "error_kind": "generator", "error": f"{type(exc).__name__}: {exc}"}
     generated = time.perf_counter() - start
     try:
         findings, uids, path, seconds = run_pipeline(case, models, via)
@@ -576,10 +584,12 @@ def summarise(name: str, records: Sequence[Mapping[str, Any]], negative: bool = 
       share of fracture-free cases with any present finding.
     * Negatives: not assessable = not performed, refused, or no level assessed.
     """
+    not_drawn = sum(1 for r in records if r["error_kind"] == "generator")
+    records = [r for r in records if r["error_kind"] != "generator"]
     n = len(records)
     timing = [r["seconds"] for r in records if not math.isnan(r["seconds"])]
     out: dict[str, Any] = {
-        "cohort": name, "n": n, "negative": negative,
+        "cohort": name, "n": n, "negative": negative, "generator_failed": not_drawn,
         "refused": sum(1 for r in records if r["error_kind"] == "refused"),
         "crashed": sum(1 for r in records if r["error_kind"] == "crashed"),
         "not_performed": sum(1 for r in records if r["not_performed_reason"]),
@@ -761,6 +771,11 @@ def _fci(entry: Mapping[str, Any], key: str = "share") -> str:
     return f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def _n(result: Mapping[str, Any]) -> str:
+    failed = result.get("generator_failed", 0)
+    return f"{result['n']}" + (f" (+{failed} the generator failed on)" if failed else "")
+
+
 def _auc_cell(entry: Mapping[str, Any]) -> str:
     if entry["auc"] is None:
         return f"n/a ({entry['positives']}+/{entry['negatives']}-)"
@@ -777,7 +792,7 @@ def tables(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str
         for r in positive:
             la = r["level_accuracy"]
             rows.append([
-                r["cohort"], str(r["n"]), _f(r["dice_mean"]),
+                r["cohort"], _n(r), _f(r["dice_mean"]),
                 f"{_f(la['right']['share'], 2)} / {_f(la['unlabelled']['share'], 2)} / "
                 f"{_f(la['wrong']['share'], 2)} ({la['vertebrae']})",
                 _fci(la["right_or_unlabelled"]), _auc_cell(r["auc_vertebra"]),
@@ -798,7 +813,7 @@ def tables(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str
                 f"{r['auc_level'][k]['auc']:.2f} ({r['auc_level'][k]['positives']}+)" for k in LEVELS)])
         out.append(("Per level", ["cohort", "metric", *LEVELS], rows))
     if negative:
-        rows = [[r["cohort"], str(r["n"]), _fci(r["not_assessable"]), str(r["segments_total"]),
+        rows = [[r["cohort"], _n(r), _fci(r["not_assessable"]), str(r["segments_total"]),
                  str(r["segments_max"]), str(r["present_total"]), str(r["crashed"]),
                  _f(r["seconds_mean"], 2)]
                 for r in negative]
@@ -927,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv_used = sys.argv[1:] if argv is None else argv
     models_seen = sorted({f"{m['name']} {m['version']} ({m['backend']}, sha256 {m['weights']}...)"
-                          for r in results.values() for rec in r.get("records", ()) for m in rec["models"]})
+                          for r in results.values() for rec in r.get("records", ()) for m in rec.get("models", ())})
     meta = {
         "command": "python -m bench.eval_ct" + (" " + shlex.join(argv_used) if argv_used else ""),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -176,3 +176,16 @@ def test_predicted_labels_rejects_frames_that_do_not_match() -> None:
     with pytest.raises(ValueError, match="4 of 14 slices without a frame"):
         eval_ct.predicted_labels(findings, uids, case.labels.shape)
     assert math.isnan(eval_ct.summarise("empty", [])["dice_mean"] or float("nan"))
+
+
+def test_generator_failures_are_left_out_and_counted() -> None:
+    case = _toy_case()
+    uids = tuple(f"1.2.3.{k}" for k in range(14))
+    findings = _findings(case.labels.copy(), uids, {"C2": 0.9, "C5": 0.8, "C3": 0.1}, 0.9)
+    record = eval_ct.score_case(case, findings, case.labels.copy())
+    record.update(seconds=1.0, generate_seconds=0.1, path="analyse", error_kind=None)
+    failed = {"seed": 2, "error_kind": "generator", "error": "ValueError: broken"}
+    summary = eval_ct.summarise("toy", [record, failed])
+    assert summary["n"] == 1 and summary["generator_failed"] == 1
+    assert summary["dice_mean"] == 1.0 and summary["level_accuracy"]["right"]["k"] == 7
+    assert "+1 the generator failed on" in eval_ct._n(summary)
