@@ -179,3 +179,30 @@ def test_dicom_missing_view_and_spacing(tmp_path: Path) -> None:
     cr = pydicom.dcmread(xray.write_dicom(rad, tmp_path / "cr.dcm", seed=3, modality="CR", view_position="",
                                           write_spacing=False, body_part="NECK"))
     assert cr.ViewPosition == "" and "PixelSpacing" not in cr and cr.BodyPartExamined == "NECK"
+
+
+@pytest.mark.parametrize("view", ["AP", "LAT"])
+def test_lumbar_levels_labels_and_findings(view: str) -> None:
+    rad = gen(21, view=view, kind="lspine", pixel_spacing_mm=0.3, fracture=True, dislocation=False)
+    assert {"L1", "L2", "L3", "L4", "L5"} <= set(rad.levels)
+    assert rad.fracture and rad.finding_levels["fracture"] in ("T12", "L1", "L2", "L3", "L4", "L5")
+    expected = {0, 1, 2, 3, 4} if view == "LAT" else {0, 1, 2, 3}  # no prevertebral label below the neck
+    assert set(np.unique(rad.structures)) == expected
+    img = rad.image.astype(float)
+    assert img[rad.structures == 1].mean() > img[rad.tissues == 2].mean()
+
+
+@pytest.mark.parametrize("kind", ["chest", "hand", "noise", "ct_slice", "blank"])
+def test_negatives_have_no_spine(kind: str) -> None:
+    rad = gen(4, view="AP", kind=kind, pixel_spacing_mm=0.3, fracture=True, dislocation=True)
+    assert rad.kind == kind and rad.image.dtype == np.uint16 and rad.image.max() <= 4095
+    assert not rad.structures.any()
+    assert not rad.fracture and not rad.dislocation and rad.levels == ()
+    assert rad.image.std() > 1.0
+    if kind in ("chest", "hand"):
+        assert {1, 2, 3} <= set(np.unique(rad.tissues))
+        img = rad.image.astype(float)
+        assert img[rad.tissues == 1].mean() > img[rad.tissues == 3].mean()
+    if kind == "ct_slice":
+        assert rad.image.shape == (512, 512)
+        assert rad.image.min() < 100 and rad.image.max() > 1900  # air and cortical bone in HU + 1024

@@ -20,6 +20,18 @@ Anatomy (dimensions from the literature, scaled by one per-patient factor):
   whose posterior wall lies 3-5 mm in front of C2-C4 and 12-18 mm in front of C5-C7;
   shoulders (soft tissue, humeral heads, clavicles) over C7-T1 on the lateral view,
   upper thorax and lung apices.
+- lumbar (``kind="lspine"``): T11-L5 and S1 (bodies 38-51 mm wide, 28-37 mm deep, 23-28 mm
+  high; 7-12 mm discs, L4-L5 tallest), pedicles seen end-on on AP (8 mm at L1 to 13 mm at
+  L5), articular columns, laminae, spinous and transverse processes (L3 longest), lordosis
+  35-60 degrees concentrated low, sacral slope 30-48 degrees, sacrum S2-S5 and alae, iliac
+  wings with the crest near L4-L5, acetabula and femoral heads, floating ribs, abdomen,
+  buttocks and 6-21 bowel gas bubbles; 85 % of the cervical attenuation (higher kVp).
+- negatives: ``"chest"`` (PA chest: thorax, lungs cut by the heart, twelve rib pairs,
+  clavicles, thoracic spine), ``"hand"`` (radius, ulna, carpals, metacarpals, phalanges),
+  ``"noise"`` (uniform noise), ``"ct_slice"`` (a 512 x 512 axial CT slice in HU + 1024:
+  body, fat, bowel gas, vertebral body, canal and arch) and ``"blank"`` (an exposure with
+  nothing in the beam). Their ``structures`` are all 0 and they have no findings; chest and
+  hand have tissue labels, a blank is all open beam, noise and CT slices are all 0.
 
 Views: ``"LAT"`` (beam left-right; the patient faces either side of the image) and
 ``"AP"`` (beam anterior-posterior, patient's right on the image left), of the same patient
@@ -78,8 +90,8 @@ from scipy import ndimage
 logger = logging.getLogger(__name__)
 
 VIEWS = ("AP", "LAT")
-SPINE_KINDS = ("cspine",)
-NEGATIVE_KINDS: tuple[str, ...] = ()
+SPINE_KINDS = ("cspine", "lspine")
+NEGATIVE_KINDS = ("chest", "hand", "noise", "ct_slice", "blank")
 KINDS = SPINE_KINDS + NEGATIVE_KINDS
 
 # Linear attenuation (1/mm) at an effective energy near 45 keV. Bone and air are given as the
@@ -92,7 +104,7 @@ MU_LUNG = -0.017
 MU_ENAMEL = 0.16
 MU_LEAD_TRANSMISSION = 0.02
 
-MAGNIFICATION = {"LAT": 1.10, "AP": 1.08}
+MAGNIFICATION = {("cspine", "LAT"): 1.10, ("cspine", "AP"): 1.08, ("lspine", "LAT"): 1.15, ("lspine", "AP"): 1.12}
 
 # Stored value = offset + gain * (-ln(counts / photons)); 12-bit.
 MAX_STORED = 4095
@@ -259,10 +271,11 @@ class _Patient:
 
 
 def _build_column(rng: np.random.Generator, table: list[tuple], discs: dict[str, float], scale: float,
-                  lordosis_deg: float, incline_deg: float, coronal_deg: float) -> list[_Vertebra]:
-    """Stack bodies bottom-up along a curve whose tilt falls linearly by ``lordosis_deg``."""
+                  lordosis_deg: float, incline_deg: float, coronal_deg: float, power: float = 1.0) -> list[_Vertebra]:
+    """Stack bodies bottom-up along a curve whose tilt falls by ``lordosis_deg`` from bottom to top
+    (``power`` < 1 puts more of it low in the column, as in the lumbar spine)."""
     n = len(table)
-    phis = [math.radians(incline_deg + lordosis_deg / 2 - lordosis_deg * i / (n - 1)) for i in range(n)]
+    phis = [math.radians(incline_deg + lordosis_deg / 2 - lordosis_deg * (i / (n - 1)) ** power) for i in range(n)]
     psis = [math.radians(coronal_deg * math.sin(math.pi * i / (n - 1))) for i in range(n)]
     p = np.zeros(3)
     out: list[_Vertebra] = []
@@ -494,6 +507,287 @@ def _cspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
 
 
 # ---------------------------------------------------------------------------------------
+# lumbar anatomy
+
+# name, body width, depth, height (mm), canal AP, spinous length, spinous angle (deg below horizontal)
+_LUMBAR = [
+    ("S1", 50.0, 37.0, 28.0, 16.0, 18.0, 20.0),
+    ("L5", 51.0, 36.0, 26.0, 17.0, 22.0, 5.0),
+    ("L4", 49.0, 35.0, 27.0, 16.0, 28.0, 5.0),
+    ("L3", 47.0, 34.0, 27.0, 16.0, 30.0, 5.0),
+    ("L2", 44.0, 32.0, 26.0, 17.0, 30.0, 8.0),
+    ("L1", 42.0, 30.0, 25.0, 17.0, 28.0, 10.0),
+    ("T12", 40.0, 29.0, 24.0, 17.0, 26.0, 20.0),
+    ("T11", 38.0, 28.0, 23.0, 16.0, 26.0, 35.0),
+]
+_LUMBAR_DISC = {"S1": 11.0, "L5": 12.0, "L4": 11.0, "L3": 10.0, "L2": 9.0, "L1": 8.0, "T12": 7.0}
+_LUMBAR_TRANSVERSE = {"L1": 15.0, "L2": 20.0, "L3": 27.0, "L4": 23.0, "L5": 20.0, "T12": 8.0, "T11": 10.0}
+
+
+def _lumbar_arch_prims(v: _Vertebra, spinous_len: float, spinous_deg: float, scale: float,
+                       rng: np.random.Generator) -> list[_Prim]:
+    """Lumbar pedicles (seen end-on on AP), facets, laminae, spinous and transverse processes."""
+    g = v.index
+    prims: list[_Prim] = []
+    y_wall = -v.d / 2
+    y_sl = y_wall - v.canal
+    level = int(v.name[1]) if v.name.startswith("L") else 0
+    pw = (7.0 + 1.2 * level) * scale  # pedicle width, L1 8 mm to L5 13 mm
+    for side in (-1.0, 1.0):
+        converge = math.radians(8.0 + 4.0 * level)
+        axis = np.array([-side * math.sin(converge), -math.cos(converge), 0.0])
+        pc = np.array([side * (v.w / 2 - 0.12 * v.w - pw / 2 + 2.0), y_wall - 6.0 * scale, 0.18 * v.h])
+        prims += _shell(v.local(pc), v.R @ _frame(axis), [pw / 2, 9.0 * scale, 7.5 * scale], 1.6, tag="pedicle",
+                        group=g)
+        # articular processes: a column each side, the facet joints between neighbours
+        fc = np.array([side * (v.w / 2 - 0.12 * v.w + 2.0 * scale), y_wall - 0.75 * v.canal, 0.05 * v.h])
+        reach = v.h / 2 + 3.0 * scale
+        prims.append(_Prim(v.local(fc), v.R, np.array([6.5, 7.5, 9.0]) * scale, MU_CORTICAL * 0.7, cyl=True,
+                           top=(reach, 0.15), bot=(-reach, 0.15), tag="pillar", tissue=1, group=g))
+        a = fc + np.array([-side * 2.0 * scale, -2.0 * scale, -0.1 * v.h])
+        b = np.array([0.0, y_sl - 1.0 * scale, -0.1 * v.h])
+        prims += _shell(v.local((a + b) / 2), v.R @ _frame(b - a), [3.5 * scale, np.linalg.norm(b - a) / 2 + 2.0,
+                                                                    10.0 * scale], 1.2, tag="lamina", group=g)
+        tl = _LUMBAR_TRANSVERSE.get(v.name, 0.0) * scale
+        if tl > 0:
+            tc = np.array([side * (v.w / 2 - 0.12 * v.w + tl / 2 + 4.0 * scale), y_wall - 8.0 * scale, 0.1 * v.h])
+            prims += _shell(v.local(tc), v.R @ _frame([side, -0.15, -0.1]), [4.0 * scale, tl / 2 + 3.0, 5.0 * scale],
+                            1.0, tag="transverse", group=g)
+    alpha = math.radians(spinous_deg + rng.uniform(-4, 4))
+    axis = np.array([0.0, -math.cos(alpha), -math.sin(alpha)])
+    length = spinous_len * scale * rng.uniform(0.9, 1.1)
+    sc = np.array([0.0, y_sl, -0.1 * v.h]) + axis * length / 2
+    prims += _shell(v.local(sc), v.R @ _frame(axis, [0.0, 0.0, 1.0]), [4.0 * scale, length / 2 + 2.0, 10.0 * scale],
+                    1.2, tag="spinous", group=g)
+    return prims
+
+
+def _lspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
+    scale = size_scale * rng.uniform(0.92, 1.08)
+    lordosis = rng.uniform(35.0, 60.0)
+    sacral_slope = rng.uniform(30.0, 48.0)
+    coronal = rng.uniform(-6.0, 6.0)
+    column = _build_column(rng, _LUMBAR, _LUMBAR_DISC, scale, lordosis, sacral_slope - lordosis / 2, coronal,
+                           power=0.6)
+    by = {v.name: v for v in column}
+    prims: list[_Prim] = []
+    for v, row in zip(column, _LUMBAR, strict=True):
+        name, *_dims, spinous_len, spinous_deg = row
+        prims += _lumbar_arch_prims(v, spinous_len, spinous_deg, scale, rng)
+    s1 = by["S1"]
+    # sacrum S2-S5 below S1, fused, curving backwards; alae beside S1
+    top = s1.local([0.0, 0.0, -s1.h / 2])
+    phi = math.asin(float(s1.R[1, 2]))
+    for k, (w, d, h) in enumerate([(40, 30, 22), (32, 24, 18), (24, 18, 14), (16, 12, 10)]):
+        phi += math.radians(rng.uniform(8.0, 14.0))
+        R = _rx(phi)
+        c = top - R @ np.array([0.0, 0.0, h * scale / 2])
+        seg = _Vertebra(f"S{k + 2}", c, R, w * scale, d * scale, h * scale, 10.0)
+        prims += [pp for pp in _body_prims(seg, 1.0, -1)]
+        for pp in prims[-2:]:
+            pp.tag = ""
+        prims += _shell(seg.local([0.0, -seg.d / 2 - 8.0 * scale, 0.0]), R, [10 * scale, 5 * scale, h * scale / 2],
+                        1.0)
+        top = c - R @ np.array([0.0, 0.0, h * scale / 2])
+    for side in (-1.0, 1.0):
+        prims += _shell(s1.local([side * (s1.w / 2 + 20.0 * scale), -6.0 * scale, -4.0 * scale]), s1.R,
+                        [24 * scale, 24 * scale, 22 * scale], 1.5)
+        # iliac wing: a broad thin plate from the sacroiliac joint up to a crest at L4-L5
+        crest_z = float(by["L4"].corner("bp")[2]) + rng.uniform(-10.0, 10.0) * scale
+        wing_c = np.array([side * 88.0 * scale, float(s1.c[1]) - 5.0 * scale, crest_z - 55.0 * scale])
+        wing_R = _frame([side * 0.45, 1.0, 0.0])
+        prims += _shell(wing_c, wing_R, [7.0 * scale, 72.0 * scale, 58.0 * scale], 2.0,
+                        mu_inner=MU_TRABECULAR * 0.5)
+        # acetabular roof, femoral head, ischium and pubis
+        hip = np.array([side * 92.0 * scale, float(s1.c[1]) + 45.0 * scale, float(s1.c[2]) - 115.0 * scale])
+        prims += _shell(hip + np.array([side * 5.0, 0.0, 22.0]) * scale, np.eye(3), [30 * scale, 28 * scale,
+                                                                                     12 * scale], 2.0)
+        prims += _shell(hip, np.eye(3), [24 * scale] * 3, 2.0)
+        prims += _shell(hip + np.array([side * 10.0, -5.0, -12.0]) * scale, np.eye(3), [9 * scale, 9 * scale,
+                                                                                        22 * scale], 1.5)
+        prims += _shell(hip + np.array([-side * 45.0, 25.0, -25.0]) * scale, _frame([side, 0.3, 0.0]),
+                        [8 * scale, 42 * scale, 8 * scale], 1.5)
+    # floating ribs on T11 and T12, curving out and down
+    for name in ("T11", "T12"):
+        v = by[name]
+        for side in (-1.0, 1.0):
+            start = v.local([side * (v.w / 2 + 8.0 * scale), -v.d / 2 - 6.0 * scale, 0.0])
+            length = (120.0 if name == "T12" else 170.0) * scale
+            for k in range(5):
+                f = (k + 0.5) / 5
+                ang = math.radians(20 + 70 * f)
+                pt = start + np.array([side * math.sin(ang) * length * f * 0.8,
+                                       math.cos(ang) * length * f * 0.6 - 12.0 * scale * f,
+                                       -length * f * 0.35])
+                prims += _shell(pt, _frame([side * math.sin(ang), math.cos(ang) * 0.7, -0.35]),
+                                [4.5 * scale, length / 10 + 4.0, 6.0 * scale], 1.2, group=v.index)
+    # soft tissue: abdomen, pelvis and buttocks, bowel gas
+    l3 = by["L3"]
+    depth = rng.uniform(95.0, 130.0) * scale
+    abd_c = np.array([0.0, float(l3.corner("ta")[1]) + depth - 2 * depth * 0.55, float(l3.c[2])])
+    prims.append(_Prim(abd_c, np.eye(3), np.array([rng.uniform(140, 175) * scale, depth, 1.0]), MU_SOFT, cyl=True,
+                       top=(350.0, 0.0), bot=(-400.0, 0.0), tissue=2))
+    for side in (-1.0, 1.0):
+        prims.append(_ell(np.array([side * 40.0 * scale, float(s1.c[1]) - 70.0 * scale, float(s1.c[2]) - 90 * scale]),
+                          [80 * scale, 60 * scale, 80 * scale], MU_SOFT, tissue=2))
+    n_gas = int(rng.integers(6, 22))
+    z_lo, z_hi = float(s1.c[2]) - 60.0 * scale, float(by["L1"].c[2]) + 20.0 * scale
+    for _ in range(n_gas):
+        frame_loop = rng.random() < 0.5  # colon along the frame, small bowel centrally
+        x = rng.choice([-1.0, 1.0]) * rng.uniform(80, 120) if frame_loop else rng.uniform(-80, 80)
+        gc = np.array([x * scale, float(l3.corner("ta")[1]) + rng.uniform(10, 90) * scale, rng.uniform(z_lo, z_hi)])
+        semi = rng.uniform(6.0, 28.0, size=3) * scale
+        semi[1] = min(semi[1], 25.0 * scale)
+        prims.append(_ell(gc, list(semi), MU_AIR, _rx(rng.uniform(-1, 1)) @ _ry(rng.uniform(-1, 1))))
+    centre = by["L3"].c + np.array([0.0, 0.0, -10.0]) * scale
+    return _Patient("lspine", column, prims, facing_left=bool(rng.random() < 0.5), centre=centre,
+                    fov_rows_mm=float(rng.uniform(330.0, 400.0)), fov_aspect=float(rng.uniform(0.62, 0.8)))
+
+
+# ---------------------------------------------------------------------------------------
+# negatives: chest, hand (rendered like the spine), noise, CT slice, blank
+
+_THORACIC = [(f"T{12 - i}", 26.0 + 1.2 * (11 - i), 22.0 + (11 - i) * 0.8, 17.0 + (11 - i) * 0.6, 15.0, 25.0, 45.0)
+             for i in range(12)]
+
+
+def _chest_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
+    """PA chest: thorax, lungs cut by the heart, twelve rib pairs, clavicles, thoracic spine."""
+    scale = size_scale * rng.uniform(0.9, 1.1)
+    column = _build_column(rng, _THORACIC, {name: 5.0 for name, *_ in _THORACIC}, scale, -rng.uniform(20, 45),
+                           rng.uniform(-5, 5), rng.uniform(-5, 5))
+    prims: list[_Prim] = []
+    for v in column:
+        prims += _body_prims(v, 1.0 * scale, -1)
+        prims += _shell(v.local([0.0, -v.d / 2 - v.canal - 10.0 * scale, -6.0 * scale]),
+                        v.R @ _frame([0.0, -0.6, -0.8]), [3 * scale, 14 * scale, 4 * scale], 0.8)
+    top = column[-1].c
+    semi_x, semi_y = rng.uniform(135, 165) * scale, rng.uniform(95, 120) * scale
+    mid_z = float(top[2]) - 150.0 * scale
+    body_c = np.array([0.0, float(top[1]) + 40.0 * scale, mid_z])
+    prims.append(_Prim(body_c, np.eye(3), np.array([semi_x, semi_y, 1.0]), MU_SOFT, cyl=True,
+                       top=(170.0 * scale, 0.0), bot=(-400.0, 0.0), tissue=2))
+    for side in (-1.0, 1.0):
+        prims.append(_ell(body_c + np.array([side * 0.45 * semi_x, 0.0, 30.0 * scale]),
+                          [0.42 * semi_x, 0.8 * semi_y, 125.0 * scale], MU_LUNG))
+        prims.append(_ell(np.array([side * (semi_x + 10.0), float(top[1]), float(top[2]) + 20.0 * scale]),
+                          [55 * scale, 60 * scale, 50 * scale], MU_SOFT, tissue=2))
+        a = np.array([side * 20.0 * scale, float(top[1]) + 70.0 * scale, float(top[2]) - 10.0 * scale])
+        b = np.array([side * 0.95 * semi_x, float(top[1]) + 10.0 * scale, float(top[2]) + 15.0 * scale])
+        for k in range(4):
+            f = (k + 0.5) / 4
+            prims += _shell(a * (1 - f) + b * f, _frame(b - a), [6 * scale, np.linalg.norm(b - a) / 8 + 4, 5 * scale],
+                            1.5)
+    # heart: soft tissue where the left lung would be (cancels the lung there), diaphragm domes via the lungs
+    heart_c = body_c + np.array([25.0, 15.0, -55.0]) * scale
+    prims.append(_ell(heart_c, [65 * scale, 50 * scale, 60 * scale], -MU_LUNG * 0.9))
+    # ribs: each a chain around the thorax, sloping down towards the front
+    for i, v in enumerate(reversed(column)):  # T1 first
+        rib_z = float(v.c[2])
+        radius_x = semi_x * (0.55 + 0.4 * min(i, 6) / 6)
+        radius_y = semi_y * (0.6 + 0.35 * min(i, 6) / 6)
+        for side in (-1.0, 1.0):
+            n = 9
+            for k in range(n):
+                t0, t1 = math.pi * 0.88 * k / n, math.pi * 0.88 * (k + 1) / n
+                pts = []
+                for t in (t0, t1):
+                    pts.append(np.array([side * radius_x * math.sin(t), float(v.c[1]) - radius_y * 0.25
+                                         - radius_y * 0.55 * math.cos(t) + radius_y * 0.3,
+                                         rib_z - 55.0 * scale * (t / math.pi) ** 1.3]))
+                a, b = pts
+                prims += _shell((a + b) / 2, _frame(b - a, [0.0, 0.0, 1.0]),
+                                [3.0 * scale, np.linalg.norm(b - a) / 2 + 2.0, 5.5 * scale], 1.0)
+    return _Patient("chest", [], prims, facing_left=bool(rng.random() < 0.5), centre=body_c + np.array([0, 0, 20.0]),
+                    fov_rows_mm=float(rng.uniform(360.0, 430.0)), fov_aspect=float(rng.uniform(0.85, 1.0)))
+
+
+def _hand_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
+    """PA hand: radius and ulna, carpals, metacarpals, phalanges in soft tissue, fingers spread."""
+    scale = size_scale * rng.uniform(0.85, 1.1)
+    prims: list[_Prim] = []
+    wrist = np.array([0.0, 0.0, 0.0])
+    # forearm and palm soft tissue (the hand lies flat: its thickness runs along the AP beam)
+    prims.append(_ell(wrist + np.array([0.0, 0.0, -90.0]) * scale, [32 * scale, 20 * scale, 100 * scale], MU_SOFT,
+                      tissue=2))
+    prims.append(_ell(wrist + np.array([0.0, 0.0, 50.0]) * scale, [45 * scale, 16 * scale, 50 * scale], MU_SOFT,
+                      tissue=2))
+    for side, off in ((-1.0, 10.0), (1.0, 12.0)):
+        prims += _shell(wrist + np.array([side * off, 0.0, -70.0]) * scale, np.eye(3),
+                        [(11.0 if side > 0 else 7.0) * scale, 8 * scale, 60 * scale], 2.0)
+    for k in range(8):
+        cx = (-18 + 12 * (k % 4)) * scale
+        cz = (12 + 14 * (k // 4)) * scale
+        prims += _shell(wrist + np.array([cx, 0.0, cz]), np.eye(3), [6 * scale, 6 * scale, 6.5 * scale], 1.0)
+    spread = rng.uniform(0.0, 0.25)
+    lengths = [(45, 32, 0, 22), (64, 40, 24, 18), (64, 45, 28, 19), (58, 42, 26, 18), (52, 33, 18, 17)]
+    for i, (meta, prox, middle, distal) in enumerate(lengths):
+        base_x = (-24 + 13 * i) * scale if i else -30 * scale
+        angle = (i - 2) * spread + (-0.7 if i == 0 else 0.0)
+        direction = np.array([math.sin(angle), 0.0, math.cos(angle)])
+        p = wrist + np.array([base_x, 0.0, 32.0 * scale])
+        for j, length in enumerate((meta, prox, middle, distal)):
+            if length == 0:
+                continue
+            length *= scale
+            c = p + direction * length / 2
+            width = (5.0 if j == 0 else 4.5 - 0.7 * j) * scale
+            R = _frame(direction, [0.0, 1.0, 0.0])
+            prims += _shell(c, R, [width, length / 2, width * 0.8], 1.0)
+            prims.append(_ell(c, [width + 5.0 * scale, length / 2 + 3.0, width + 3.0 * scale], MU_SOFT, R, tissue=2))
+            p = p + direction * (length + 1.5 * scale)
+    return _Patient("hand", [], prims, facing_left=bool(rng.random() < 0.5), centre=np.array([0.0, 0.0, 30.0]) * scale,
+                    fov_rows_mm=float(rng.uniform(240.0, 300.0)), fov_aspect=float(rng.uniform(0.75, 0.85)))
+
+
+def _flat(kind: str, seed: int, view: str, pixel_spacing_mm: float, fov_scale: float,
+          photons: float) -> HeldoutRadiograph:
+    """Images that are not radiographs of anatomy: uniform noise, an axial CT slice, a blank exposure."""
+    rng = np.random.default_rng([seed, 5, VIEWS.index(view)])
+    tissues: np.ndarray
+    if kind == "ct_slice":
+        n = 512
+        spacing = float(rng.uniform(0.6, 0.9)) * fov_scale
+        yy, xx = (np.mgrid[0:n, 0:n] - (n - 1) / 2) * spacing
+        hu = np.full((n, n), -1000.0, np.float32)
+        ax, ay = rng.uniform(140, 175), rng.uniform(100, 125)
+        body = (xx / ax) ** 2 + (yy / ay) ** 2 <= 1
+        hu[body] = -100.0  # subcutaneous fat
+        hu[(xx / (ax - 12)) ** 2 + (yy / (ay - 12)) ** 2 <= 1] = 40.0
+        for _ in range(int(rng.integers(3, 10))):  # bowel gas
+            gx, gy, r = rng.uniform(-90, 90), rng.uniform(-70, 10), rng.uniform(6, 22)
+            hu[(xx - gx) ** 2 + (yy - gy) ** 2 <= r * r] = -1000.0
+        cy = ay - 60.0  # vertebral body centre, posterior third of the body
+        vb = (xx / 22.0) ** 2 + ((yy - cy) / 17.0) ** 2
+        hu[vb <= 1] = 1000.0
+        hu[vb <= 0.85] = 220.0
+        canal = xx ** 2 + (yy - cy - 28.0) ** 2 <= 10.0 ** 2
+        ring = (xx ** 2 + (yy - cy - 28.0) ** 2 <= 17.0 ** 2) & ~canal
+        hu[ring & (yy > cy + 12)] = 700.0
+        hu[(np.abs(xx) <= 4) & (yy > cy + 40) & (yy < cy + 68)] = 700.0
+        hu[canal] = 20.0
+        hu += rng.normal(0.0, 12.0, hu.shape).astype(np.float32)
+        image = np.clip(np.rint(hu + 1024.0), 0, MAX_STORED).astype(np.uint16)
+        tissues = np.zeros((n, n), np.uint8)
+        return HeldoutRadiograph(image, (spacing, spacing), view, kind, np.zeros((n, n), np.uint8), tissues, False,
+                                 False, ())
+    rows = int(round(rng.uniform(200, 240) / pixel_spacing_mm))
+    cols = int(round(rows * rng.uniform(0.8, 0.86)))
+    spacing = pixel_spacing_mm * fov_scale
+    if kind == "noise":
+        mean, spread = rng.uniform(800, 3000), rng.uniform(100, 900)
+        image = np.clip(rng.uniform(mean - spread, mean + spread, (rows, cols)), 0, MAX_STORED)
+        tissues = np.zeros((rows, cols), np.uint8)
+    else:  # blank: an exposure with nothing in the beam
+        counts = photons + math.sqrt(photons) * rng.standard_normal((rows, cols))
+        p = np.log(photons / np.maximum(counts, 0.5))
+        image = np.clip(rng.uniform(80, 250) + rng.uniform(360, 420) * p, 0, MAX_STORED)
+        tissues = np.full((rows, cols), 3, np.uint8)
+    return HeldoutRadiograph(np.rint(image).astype(np.uint16), (spacing, spacing), view, kind,
+                             np.zeros((rows, cols), np.uint8), tissues, False, False, ())
+
+
+# ---------------------------------------------------------------------------------------
 # findings
 
 
@@ -584,10 +878,10 @@ def _add_bodies(pat: _Patient) -> None:
 class _Grid:
     """Pixel <-> in-plane world coordinates (a, b): LAT a = y (anterior), AP a = x (left); b = z."""
 
-    def __init__(self, rows: int, cols: int, spacing: float, view: str, centre_ab: tuple[float, float],
+    def __init__(self, rows: int, cols: int, spacing: float, magnification: float, centre_ab: tuple[float, float],
                  rotation_deg: float, flip: bool) -> None:
         self.rows, self.cols = rows, cols
-        m = MAGNIFICATION[view]
+        m = magnification
         th = math.radians(rotation_deg)
         cos, sin = math.cos(th), math.sin(th)
         f = -1.0 if flip else 1.0
@@ -889,14 +1183,27 @@ def generate(seed: int, *, view: str = "LAT", kind: str = "cspine", p_fracture: 
         raise ValueError(f"blur_px {blur_px}: expected >= 0")
     if not 0.3 <= size_scale <= 3.0:
         raise ValueError(f"size_scale {size_scale}: expected 0.3-3.0")
+    if kind in ("noise", "ct_slice", "blank"):
+        return _flat(kind, seed, view, pixel_spacing_mm, fov_scale, photons)
     rng_anat, rng_find, rng_acq, rng_noise = _rngs(seed, view)
     draw_fracture = rng_find.random() < p_fracture
     draw_dislocation = rng_find.random() < p_dislocation
     has_fracture = draw_fracture if fracture is None else bool(fracture)
     has_dislocation = draw_dislocation if dislocation is None else bool(dislocation)
-    pat = _cspine_patient(rng_anat, size_scale)
-    _apply_findings(pat, rng_find, fracture=has_fracture, dislocation=has_dislocation,
-                    candidates=["C2", "C3", "C4", "C5", "C6", "C7"])
+    if kind == "cspine":
+        pat = _cspine_patient(rng_anat, size_scale)
+        candidates = ["C2", "C3", "C4", "C5", "C6", "C7"]
+    elif kind == "lspine":
+        pat = _lspine_patient(rng_anat, size_scale)
+        candidates = ["T12", "L1", "L2", "L3", "L4", "L5"]
+    else:  # chest, hand: anatomy without spine labels or findings
+        pat = _chest_patient(rng_anat, size_scale) if kind == "chest" else _hand_patient(rng_anat, size_scale)
+        candidates = []
+        has_fracture = has_dislocation = False
+        for prim in pat.prims:
+            prim.tag = ""
+    if candidates:
+        _apply_findings(pat, rng_find, fracture=has_fracture, dislocation=has_dislocation, candidates=candidates)
     _add_bodies(pat)
     spacing_eff = pixel_spacing_mm * fov_scale
     rows = int(round(pat.fov_rows_mm / pixel_spacing_mm))
@@ -905,8 +1212,11 @@ def generate(seed: int, *, view: str = "LAT", kind: str = "cspine", p_fracture: 
     ia = 1 if view == "LAT" else 0
     centre_ab = (float(pat.centre[ia]) + jitter[0] - (8.0 if view == "LAT" else 0.0), float(pat.centre[2]) + jitter[1])
     # LAT: a = anterior; a patient facing the image left has a growing to the left
-    grid = _Grid(rows, cols, spacing_eff, view, centre_ab, rotation_deg, flip=view == "LAT" and pat.facing_left)
+    grid = _Grid(rows, cols, spacing_eff, MAGNIFICATION.get((kind, view), 1.05), centre_ab, rotation_deg,
+                 flip=view == "LAT" and pat.facing_left)
     total, structures, bone, soft = _render(pat, view, grid)
+    if kind in ("lspine", "chest"):
+        total *= np.float32(0.85)  # 85-90 kVp for the abdomen: every attenuation a little lower
     field = _collimation(rows, cols, rng_acq)
     lead = np.zeros((rows, cols), bool)
     if rng_acq.random() < 0.6:
@@ -931,7 +1241,7 @@ def generate(seed: int, *, view: str = "LAT", kind: str = "cspine", p_fracture: 
         col, row = grid.to_pixel(np.array([[v.c[ia], v.c[2]]]))[0]
         if 0 <= row < rows and 0 <= col < cols and field[int(row), int(col)]:
             visible.append(v.name)
-    c1_seen = "C2" in visible
+    c1_seen = kind == "cspine" and "C2" in visible
     levels = tuple((["C1"] if c1_seen else []) + visible)
     shown_fracture = has_fracture and pat.finding_levels.get("fracture") in visible
     shown_dislocation = has_dislocation and pat.finding_levels.get("dislocation") in visible
