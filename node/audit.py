@@ -199,6 +199,8 @@ EVENT_KINDS: tuple[str, ...] = (
     "job.retried",
     "job.cancelled",
     "result.superseded",
+    "result.sanitised",
+    "notice.created",
     "dispatch.sent",
     "dispatch.failed",
     "dispatch.dead",

@@ -395,6 +395,8 @@ class DispatchSettings(_Section):
     backoff_initial_s: float = 5.0
     backoff_max_s: float = 600.0
     calling_ae_title: str = "SPINE_NODE"
+    # A job that fails for good still sends an SR saying "analysis not performed" and why.
+    send_failure_notices: bool = True
 
     _calling = field_validator("calling_ae_title")(lambda cls, v: validate_ae_title(v))
 

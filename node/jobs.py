@@ -329,6 +329,7 @@ def claim_job(db: Database, settings: Settings, job_id: int, *, worker: str | No
             if done.rowcount == 1:  # type: ignore[attr-defined]
                 record_event(session, "job.failed", error[:_ERROR_MAX], job_id=job_id,
                              study_uid=job.study_uid, series_uid=job.series_uid)
+                _failure_notice(session, settings, job, worker_lost=False)
             return None
         attempt = job.attempts + 1
         done = session.execute(update(Job).where(*guard).values(
@@ -359,6 +360,14 @@ def receiving_inputs(session: Session, series_uids: Sequence[str]) -> list[str]:
 def _superseded(series_uids: Sequence[str]) -> str:
     return (f"superseded: input series {', '.join(series_uids)} received more instances; "
             "the job re-runs over the whole series once it is complete")
+
+
+def _failure_notice(session: Session, settings: Settings, job: Job, *, worker_lost: bool) -> None:
+    """A job that used up its attempts still sends an SR saying the analysis was not done."""
+    from spine_node.node import notices  # loads highdicom only when a job gives up
+
+    notices.record_not_performed(session, settings, job,
+                                 notices.gave_up_reason(job.attempts, worker_lost=worker_lost))
 
 
 def _owned(claim: Claim) -> tuple[Any, ...]:
@@ -509,8 +518,12 @@ def _supersede_results(session: Session, claim: Claim, new_uids: Sequence[str]) 
                           "by": list(new_uids)})
 
 
-def record_failure(db: Database, claim: Claim, error: str) -> bool:
-    """Mark the job failed with a readable ``error`` (a :class:`NodeError` message)."""
+def record_failure(db: Database, claim: Claim, error: str,
+                   on_failed: Callable[[Session], object] | None = None) -> bool:
+    """Mark the job failed with a readable ``error`` (a :class:`NodeError` message).
+
+    ``on_failed`` (the job's not-performed notice) adds its rows in the same commit.
+    """
     error = error[:_ERROR_MAX] or "failed"
     with db.session() as session:
         done = session.execute(update(Job).where(*_owned(claim)).values(
@@ -520,13 +533,16 @@ def record_failure(db: Database, claim: Claim, error: str) -> bool:
         record_event(session, "job.failed", error, job_id=claim.job_id,
                      study_uid=claim.study_uid, series_uid=claim.series_uid,
                      details={"attempt": claim.attempt})
+        if on_failed is not None:
+            on_failed(session)
     return True
 
 
-def release_after_error(db: Database, settings: Settings, claim: Claim, error: str) -> str:
+def release_after_error(db: Database, settings: Settings, claim: Claim, error: str,
+                        on_failed: Callable[[Session], object] | None = None) -> str:
     """After an unexpected error: back to queued for another attempt, or failed when spent.
 
-    Returns the new state.
+    Returns the new state. ``on_failed`` runs in the same commit when the job fails.
     """
     spent = claim.attempt >= settings.worker.max_attempts
     state = JobState.FAILED.value if spent else JobState.QUEUED.value
@@ -542,6 +558,8 @@ def release_after_error(db: Database, settings: Settings, claim: Claim, error: s
             record_event(session, "job.failed" if spent else "job.error", text,
                          job_id=claim.job_id, study_uid=claim.study_uid,
                          series_uid=claim.series_uid, details={"attempt": claim.attempt})
+            if spent and on_failed is not None:
+                on_failed(session)
     return state
 
 
@@ -586,6 +604,8 @@ def _requeue_lost(session: Session, settings: Settings, now: datetime,
             log.warning("job %d: %s", job.id, error)
             record_event(session, kind, error, job_id=job.id, study_uid=job.study_uid,
                          series_uid=job.series_uid, details={"attempt": job.attempts})
+            if kind == "job.failed":
+                _failure_notice(session, settings, job, worker_lost=True)
 
 
 def _resend_stale(session: Session, settings: Settings, now: datetime,

@@ -28,8 +28,8 @@ from spine_node.inference.findings import Findings
 from spine_node.inference.pixels import pixel_budget
 from spine_node.inference.runtime import EngineProvider
 from spine_node.inference.series import SeriesRef
-from spine_node.node import metrics, results, supersede
-from spine_node.node.audit import Database, Series
+from spine_node.node import metrics, notices, results, supersede
+from spine_node.node.audit import Database, Series, record_event
 from spine_node.node.config import Settings
 from spine_node.node.domain import JobState
 from spine_node.node.errors import NodeError, SpoolError
@@ -150,11 +150,13 @@ def _read(path: Path, headers_only: bool = False) -> Dataset:
     try:
         return dcmread(path, stop_before_pixels=headers_only)
     except (InvalidDicomError, OSError, ValueError) as exc:
-        raise SpoolError(f"cannot read spooled instance {path.name}: {exc}") from exc
+        # pydicom's message may quote a data element value: its class only.
+        raise SpoolError(f"cannot read spooled instance {path.name}: {results.safe_error(exc)}") from exc
 
 
 def encode_results(findings: Findings, inputs: Sequence[SeriesRef],
-                   settings: Settings) -> list[Dataset]:
+                   settings: Settings, db: Database | None = None,
+                   claim: Claim | None = None) -> list[Dataset]:
     """Turn ``findings`` into DICOM objects (SEG, SR) with :mod:`spine_node.node.results`.
 
     Result objects take only the sources' attributes (identity, geometry), never their
@@ -162,7 +164,15 @@ def encode_results(findings: Findings, inputs: Sequence[SeriesRef],
     for a 300-slice CT).
     """
     sources = [_read(path, headers_only=True) for ref in inputs for path in ref.files()]
-    return results.encode(findings, sources,
+    # Patient/study values invalid for their VR are left out; the audit names the keywords.
+    clean = results.sanitise_sources(sources)
+    if clean.changed and db is not None and claim is not None:
+        with db.session() as session:
+            record_event(session, "result.sanitised", "source attributes with invalid values "
+                         "blanked or dropped in the results", job_id=claim.job_id,
+                         study_uid=claim.study_uid, series_uid=claim.series_uid,
+                         details={"blanked": list(clean.blanked), "dropped": list(clean.dropped)})
+    return results.encode(findings, clean.datasets,
                           options=results.ResultsOptions.from_settings(settings))
 
 
@@ -207,7 +217,7 @@ def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
     if not isinstance(findings, Findings):
         raise PipelineError(f"pipeline {claim.pipeline!r} returned {type(findings).__name__}, "
                             "expected Findings")
-    datasets = encode_results(findings, inputs, settings)
+    datasets = encode_results(findings, inputs, settings, db, claim)
     # A re-run with new UIDs (grown series, other model) names the SR it replaces.
     supersede.add_predecessors(datasets, supersede.prior_reports(db, claim))
     written = write_results(datasets, settings.storage.results)
@@ -252,12 +262,22 @@ def run_job(self: Any, *, job_id: int) -> str:
             return JobState.FAILED.value
         except (NodeError, InferenceError) as exc:
             log.info("job %d failed: %s", job_id, exc)
-            record_failure(db, claim, f"{type(exc).__name__}: {exc}")
+            # The job's "analysis not performed" SR is recorded with the failure.
+            record_failure(db, claim, f"{type(exc).__name__}: {exc}",
+                           on_failed=notices.for_claim(db, settings, claim, notices.failure_reason(exc)))
             return JobState.FAILED.value
         except Exception as exc:
-            log.exception("job %d: unexpected error", job_id)
-            release_after_error(db, settings, claim, f"unexpected {type(exc).__name__}: {exc}")
-            raise
+            # Not our own error: its message (pydicom's, highdicom's) may quote a data
+            # element value, so only its class and where it came from are kept.
+            log.error("job %d: unexpected error: %s", job_id, notices.safe_traceback(exc))
+            last = claim.attempt >= settings.worker.max_attempts
+            release_after_error(db, settings, claim,
+                                f"unexpected {type(exc).__name__} (message withheld)",
+                                on_failed=notices.for_claim(db, settings, claim,
+                                                            notices.failure_reason(exc)) if last else None)
+            # Celery logs what the task raises: the class, never the original message.
+            raise RuntimeError(f"job {job_id}: unexpected {type(exc).__name__} "
+                               "(message withheld)") from None
     if beat.lost or not record_success(db, settings, claim, outcome):
         return "discarded"
     log.info("job %d succeeded with %d result(s)", job_id, len(outcome.results))

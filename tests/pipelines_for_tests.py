@@ -21,7 +21,15 @@ import numpy as np
 from pydicom import dcmread
 
 from spine_node.inference.errors import PipelineError
-from spine_node.inference.findings import Finding, Findings, LabelMap, ModelInfo, Segment
+from spine_node.inference.findings import (
+    AssessmentValues,
+    Finding,
+    Findings,
+    LabelMap,
+    ModelInfo,
+    Segment,
+    SiteStatus,
+)
 from spine_node.inference.pipelines import ModelProvider, register
 from spine_node.inference.series import SeriesRef
 from tests.jobs_samples import BONE_HU, hounsfield
@@ -95,3 +103,59 @@ class Broken:
 @register(BROKEN)
 def _broken_factory() -> Broken:
     return Broken()
+
+
+ABSTAIN = "test-abstain"
+ABSTAIN_REASON = "Cervical spine not in the field of view"
+
+
+class Abstain:
+    """A pipeline that looks at its input and declines it: the node sends "not performed".
+
+    Every level C1..C7 is reported not in the field of view, with a note, as a pipeline
+    does when the series shows no cervical spine.
+    """
+
+    name = ABSTAIN
+
+    def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings:
+        series = inputs[0]
+        uids = tuple(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+                     for path in series.files())
+        return Findings(
+            pipeline=ABSTAIN,
+            model=ModelInfo(name=ABSTAIN, version="1", backend="none", trained_on="nothing"),
+            study_uid=series.study_uid,
+            series_uids=(series.series_uid,),
+            source_sop_instance_uids=uids,
+            not_performed_reason=ABSTAIN_REASON,
+            site_status=tuple(SiteStatus(f"C{n}", AssessmentValues.NOT_IN_FIELD,
+                                         "no cervical spine in the series") for n in range(1, 8)),
+            notes=("The series was checked for a cervical spine only",),
+        )
+
+
+@register(ABSTAIN)
+def _abstain_factory() -> Abstain:
+    return Abstain()
+
+
+REFUSE = "test-refuse"
+#: The refusing pipeline's error text: it quotes a value from the file, as careless code
+#: might; it must never reach the SR, the job row, the audit or the log of the notice.
+REFUSE_MESSAGE_PREFIX = "cannot use this series of patient "
+
+
+class Refuse:
+    """A pipeline that fails on purpose with a PipelineError quoting the patient's name."""
+
+    name = REFUSE
+
+    def run(self, inputs: Sequence[SeriesRef], models: ModelProvider) -> Findings:
+        first = dcmread(inputs[0].files()[0], stop_before_pixels=True)
+        raise PipelineError(REFUSE_MESSAGE_PREFIX + str(first.get("PatientName", "")))
+
+
+@register(REFUSE)
+def _refuse_factory() -> Refuse:
+    return Refuse()
