@@ -891,8 +891,15 @@ def _landmark_z(skel: Skeleton, name: str) -> tuple[np.ndarray, np.ndarray]:
     if name == "C1":
         return skel.c1.at((0, 0, 8.0)), skel.c1.at((0, 0, -8.0))
     lv = skel.levels[name]
-    top = lv.H / 2 + (15.5 if name == "C2" else 0)
-    return lv.frame.at((0, 0, top)), lv.frame.at((0, 0, -lv.H / 2))
+    return lv.frame.at((0, 0, lv.H / 2)), lv.frame.at((0, 0, -lv.H / 2))
+
+
+def _level_extent(skel: Skeleton, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A level's whole craniocaudal extent (C2 from the dens tip), for levels_in_field."""
+    if name == "C2":
+        lv = skel.levels[name]
+        return lv.frame.at((0, -1.0, lv.H / 2 + 15.5)), lv.frame.at((0, 0, -lv.H / 2))
+    return _landmark_z(skel, name)
 
 
 def _check(name: str, value: object, allowed: Sequence[object]) -> None:
@@ -952,13 +959,14 @@ def generate(seed: int, *, kind: str = "cspine", p_fracture: float = 0.5, fractu
             breaks[lvl] = _plan_fracture(fk, skel.levels[lvl], sub)
     top_pt = _landmark_z(skel, start)[0]
     bot_pt = _landmark_z(skel, stop)[1]
-    margin_top = rng.uniform(2, 12)
-    margin_bot = rng.uniform(2, 12)
+    # the operator's slack beyond the landmarks: small at a vertebra (C1 stays out of a scan from C2)
+    margin_top = rng.uniform(0, 15) if start in ("skull_base", "vertex") else rng.uniform(1, 6)
+    margin_bot = rng.uniform(1, 6)
     geo = _Geometry.build(rng, spacing, fov_mm, size_scale, rotation_deg, top_pt, bot_pt, margin_top, margin_bot,
                           skel, fov_default=(140, 180))
     scene = geo.scene(slice_thickness_mm)
     _paint_neck(scene, skel, rng, bone, breaks)
-    levels_in = tuple(n for n in CERVICAL if geo.fraction_inside(*_landmark_z(skel, n)) >= 0.5)
+    levels_in = tuple(n for n in CERVICAL if geo.fraction_inside(*_level_extent(skel, n)) >= 0.5)
     return geo.acquire(scene, nrng, kind, fractures, levels_in, hu_offset, hu_scale, noise_hu, slice_thickness_mm)
 
 
