@@ -509,10 +509,11 @@ class AssociationHandler:
                 return
             state, reason = self._serve()
         except PeerTimedOut as exc:
-            log.warning("aborting association from %s: timed out (%s)", self.host, exc)
             self._send_quietly(abort_pdu(0x02, 0x00))
             reason = "timed out"
-            if not self.associated:
+            if self.associated:
+                log.warning("aborting association from %s: timed out (%s)", self.host, exc)
+            else:  # counted and logged per host and interval: a flood of these is one line
                 self.receiver.record_refused_host(self.host, self.port, "association request timed out")
         except PeerGone:
             pass
