@@ -6,6 +6,7 @@ When a peer is missing the test is skipped with the reason, except under CI
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -26,6 +28,21 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("SPINE_NODE_REQUIRE_PEERS") == "1":
         pytest.fail(f"required peer missing: {reason}")
     pytest.skip(reason)
+
+
+# What a test that trains, exports or runs a torch model needs beyond ``pip install -e ".[dev]"``.
+TRAIN_EXTRA = 'the training extra: pip install -e ".[train]" (CPU torch first where there is no GPU)'
+
+
+def require_module(name: str, reason: str = TRAIN_EXTRA) -> ModuleType:
+    """Import ``name`` for a test module or test, like ``pytest.importorskip``, but a module
+    that is not installed fails instead of skipping under ``SPINE_NODE_REQUIRE_PEERS=1``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if os.environ.get("SPINE_NODE_REQUIRE_PEERS") == "1":
+            pytest.fail(f"required module {name} missing ({exc}); install {reason}", pytrace=False)
+        pytest.skip(f"{name} not installed; needs {reason}", allow_module_level=True)
 
 
 def dcmtk(tool: str) -> str:

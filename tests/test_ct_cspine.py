@@ -19,8 +19,9 @@ from spine_node.inference.card import ModelCard
 from spine_node.inference.findings import AssessmentValues
 from spine_node.inference.runtime.base import Engine
 from spine_node.inference.series import SeriesRef
+from tests.peers import require_module
 
-torch = pytest.importorskip("torch")
+torch = require_module("torch")
 ort = pytest.importorskip("onnxruntime")
 
 from spine_node.inference.pipelines import ct_cspine  # noqa: E402

@@ -22,8 +22,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("onnx")
+from tests.peers import require_module
+
+torch = require_module("torch")
+require_module("onnx")
 
 from torch import nn  # noqa: E402
 

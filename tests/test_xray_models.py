@@ -12,8 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.peers import require_module
+
 pytest.importorskip("onnxruntime")
-pytest.importorskip("torch")  # the phantom views come from the training module
+require_module("torch")  # the phantom views come from the training module
 pytest.importorskip("scipy")  # the phantoms need it
 
 from spine_node.engines import ENGINES_DIR  # noqa: E402

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.peers import require_module
+
+torch = require_module("torch")
 ort = pytest.importorskip("onnxruntime")
-Image = pytest.importorskip("PIL.Image")
+Image = require_module("PIL.Image")
 
 from spine_node.inference.card import ModelCard  # noqa: E402
 from spine_node.inference.pipelines.xray import LAT_STRUCTURES  # noqa: E402
