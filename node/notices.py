@@ -58,6 +58,7 @@ _REASONS: dict[str, tuple[str, str]] = {
     "SpoolError": ("input-unreadable", "The images could not be read"),
     "ResultsError": ("results-error", "The results could not be encoded as DICOM"),
     "NodeError": ("node-error", "The analysis could not be completed"),
+    "MemoryError": ("out-of-memory", "The images are too large for this analysis on this node"),
 }
 _UNEXPECTED = ("internal-error", "The analysis stopped on an internal error")
 _GAVE_UP = ("gave-up", "The analysis did not finish (stopped after {attempts} attempt(s))")

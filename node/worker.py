@@ -258,7 +258,9 @@ def run_job(self: Any, *, job_id: int) -> str:
             # Fails this job only: re-raised, Celery would stop the whole worker
             # ("Unrecoverable error"). What the pipeline held is freed with its frames.
             log.warning("job %d failed: out of memory", job_id)
-            record_failure(db, claim, "MemoryError: the pipeline ran out of memory on this input")
+            record_failure(db, claim, "MemoryError: the pipeline ran out of memory on this input",
+                           on_failed=notices.for_claim(db, settings, claim,
+                                                       notices.failure_reason(MemoryError())))
             return JobState.FAILED.value
         except (NodeError, InferenceError) as exc:
             log.info("job %d failed: %s", job_id, exc)

@@ -69,6 +69,7 @@ def test_failure_reasons_come_from_the_class_never_the_message() -> None:
     # A subclass without an entry of its own gets its base's sentence.
     assert notices.failure_reason(type("OddResultsError", (ResultsError,), {})(secret)).code == "results-error"
     assert notices.failure_reason(NodeError(secret)).code == "node-error"
+    assert notices.failure_reason(MemoryError()).code == "out-of-memory"
     unexpected = notices.failure_reason(ValueError(f"Unable to convert '{secret}' to 'DA'"))
     assert unexpected.code == "internal-error" and secret not in unexpected.text
     # A not-assessable error's message is written for the radiologist: it is the reason.
