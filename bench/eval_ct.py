@@ -829,8 +829,9 @@ def markdown(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) 
              f"Models: {', '.join(meta['models']) or 'none loaded'}; pipeline entry: "
              f"{', '.join(meta['paths']) or '-'}. Seeds from {meta['seed_base']} up, the same seeds "
              "for every perturbation of a generator. 95 % CIs: Wilson for shares, DeLong for "
-             "per-level and patient AUC, cluster bootstrap over cases for the vertebra AUC. "
-             "Definitions: `bench/eval_ct.py` (`summarise`).", ""]
+             "per-level and patient AUC, cluster bootstrap over cases for the vertebra AUC; an AUC "
+             "of 0 or 1 (no overlapping scores) has a zero-width interval, so read its n. "
+             f"Code: {meta['commit']}. Definitions: `bench/eval_ct.py` (`summarise`).", ""]
     for title, header, rows in tables(results):
         lines += [f"### {title}", "", "| " + " | ".join(header) + " |",
                   "| " + " | ".join("---" for _ in header) + " |"]
@@ -863,6 +864,21 @@ def print_tables(results: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------- main
+
+
+def source_commit() -> str:
+    """The repository's commit, and whether the pipeline or model files differ from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "inference", "engines"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"commit {commit}" + (" with uncommitted changes under inference/ or engines/" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -952,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "elapsed_s": round(elapsed, 1),
         "seed_base": args.seed_base,
+        "commit": source_commit(),
         "n_per_cohort": {name: results[name].get("n", 0) for name in names},
         "models": models_seen,
         "paths": sorted({p for r in results.values() for p in r.get("path", [])}),
