@@ -5,15 +5,19 @@ Run from the repository root::
     python -m bench.eval_ct --n 8 --cohorts same,cross,negatives     # a quick look
     python -m bench.eval_ct --n 200 --jobs 2 --write                  # the full run
 
-Each case is drawn from a seed, run through the pipeline's public interface
-(``CervicalSpineCtFracture.analyse`` on a :class:`CtVolume` when the pipeline has it, else
-the volume written as a DICOM series and ``run``), and scored against the generator's
-truth on the source grid. Cohorts (``--cohorts``, comma separated; ``all`` is the default):
+Each case is drawn from a seed, run through the pipeline's public interface and scored
+against the generator's truth on the source grid. ``--via`` picks the entry:
+``analyse`` hands ``CervicalSpineCtFracture.analyse`` the volume (no DICOM, so the
+header checks of ``load_ct_series`` - slice thickness, pixel size, coverage - are not
+made), ``dicom`` writes the volume as a CT series for ``run``, which reads it as the
+node does, and ``auto`` (the default) takes ``analyse`` where the pipeline has it.
+Cohorts (``--cohorts``, comma separated; ``all`` is the default):
 
 * ``same``: :func:`spine_node.inference.phantoms.generate`, the training generator, on
-  seeds from 9_200_000 up (training and validation seeds lie below 9_000_000);
+  its default cervical grid (2 mm, 160 x 128 x 128 mm) and seeds from 9_200_000 up (the
+  training recipe draws 10_000..199_999 and validates on 500_000..500_999);
 * ``cross``: ``spine_node.inference.heldout.ct.generate(kind="cspine")``, a generator the
-  models never saw (skipped with a note while it is not installed);
+  models never saw, on its default grid (skipped with a note while it is not installed);
 * ``<generator>/<perturbation>`` for each generator and each of ``clinical_grid``
   (1 x 0.5 x 0.5 mm), ``3mm`` (3 mm slices with a 3 mm slice profile), ``hu+100``,
   ``hu-100`` (calibration offsets), ``size+15``, ``size-15``, ``rot10`` (10 degrees
