@@ -117,6 +117,18 @@ def printable(text: str) -> str:
     return _UNSAFE.sub(_escape, text)
 
 
+def printable_clipped(text: str, limit: int) -> str:
+    """:func:`printable`, at most ``limit`` characters, never ending inside an escape."""
+    out, size = [], 0
+    for character in text:
+        piece = printable(character)
+        if size + len(piece) > limit:
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
 class ProtocolViolation(Exception):
     """The peer broke PS3.8: the association is aborted with ``reason``."""
 
@@ -552,7 +564,15 @@ class AssociationHandler:
         # chokes on is still audited, escaped (printable), never raw.
         called_raw = bytes(body[4:20]).decode("latin-1").strip(" \0")
         calling_raw = bytes(body[20:36]).decode("latin-1").strip(" \0")
-        self.info = AssociationInfo(printable(calling_raw)[:16], printable(called_raw)[:16], self.host, self.port)
+        self.info = AssociationInfo(printable_clipped(calling_raw, 16), printable_clipped(called_raw, 16),
+                                    self.host, self.port)
+        # PS3.5 AE: the default repertoire without control characters or backslash. Refused
+        # here, before the decoder (whose own log would echo them raw).
+        for raw, why in ((calling_raw, "calling AE title not valid"), (called_raw, "called AE title not valid")):
+            if raw != printable(raw) or not raw.strip():
+                self._send_quietly(reject_pdu(0x01, 0x01, 0x03 if raw is calling_raw else 0x07))
+                self.receiver.association_rejected(self.info, why)
+                return False
         try:
             pdu = A_ASSOCIATE_RQ()
             pdu.decode(header + bytes(body))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import threading
 from collections.abc import Iterator
 from io import BytesIO
@@ -37,6 +38,7 @@ from spine_node.node.scp import (
 from spine_node.node.uids import derive_uid
 from tests.dicom_factory import real_ct
 from tests.nodeproc import table_rows, wait_for
+from tests.peers import dcmtk
 from tests.scu import (
     CT_IMAGE_STORAGE,
     _recv_exact,
@@ -278,3 +280,68 @@ def test_elements_past_the_head_are_checked_through_the_file(live: Receiver) -> 
     # Neither the refused file nor the one made ahead for a next C-STORE is left behind.
     wait_for(lambda: [a for a in table_rows(live.db.url, Association) if a.state == "released"])
     assert not list(live.incoming_dir.iterdir())
+
+
+# -- association requests: called AE title, context IDs, hostile AE titles ---------------------------
+
+def _associate_rq(called: bytes = b"SPINE_NODE", calling: bytes = b"RAWPEER",
+                  context_ids: tuple[int, ...] = (1,)) -> bytes:
+    def item(kind: int, payload: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(payload)) + payload
+    contexts = b"".join(item(0x20, bytes([cid, 0, 0, 0]) + item(0x30, CT_IMAGE_STORAGE.encode())
+                             + item(0x40, ExplicitVRLittleEndian.encode())) for cid in context_ids)
+    variable = item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + item(0x50, item(0x51, struct.pack(">L", 16384)))
+    body = struct.pack(">HH", 1, 0) + called.ljust(16) + calling.ljust(16) + bytes(32) + variable
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def _answer(port: int, request: bytes) -> bytes:
+    """The node's first PDU (header and body) in answer to ``request``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(request)
+        header = _recv_exact(sock, 6)
+        return header + _recv_exact(sock, struct.unpack(">L", header[2:])[0])
+
+
+def test_wrong_called_ae_title_is_rejected(live: Receiver) -> None:
+    wrong = subprocess.run([dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "WRONG", "127.0.0.1", str(live.port)],
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode != 0 and "rejected" in (wrong.stdout + wrong.stderr).lower()
+    right = subprocess.run([dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "SPINE_NODE", "127.0.0.1",
+                            str(live.port)], capture_output=True, text=True, timeout=60)
+    assert right.returncode == 0, right.stderr
+    # A-ASSOCIATE-RJ: rejected permanent (1), by the service user (1), called AE title not recognized (7)
+    assert _answer(live.port, _associate_rq(called=b"WRONG"))[:10] == bytes([3, 0, 0, 0, 0, 4, 0, 1, 1, 7])
+    rows = wait_for(lambda: [a for a in table_rows(live.db.url, Association)
+                             if a.reason == "called AE title not recognized"])
+    assert rows[0].called_ae_title == "WRONG" and rows[0].calling_ae_title == "MODALITY"
+
+
+@pytest.mark.parametrize("live", [{"dicom": {"check_called_ae_title": False}}], indirect=True)
+def test_called_ae_title_check_can_be_turned_off(live: Receiver) -> None:
+    assert _answer(live.port, _associate_rq(called=b"ANY-SCP"))[0] == 0x02
+
+
+def test_duplicate_presentation_context_ids_are_rejected(live: Receiver) -> None:
+    answer = _answer(live.port, _associate_rq(context_ids=(1, 3, 1)))
+    assert answer[0] == 0x03, f"expected an A-ASSOCIATE-RJ, got PDU type 0x{answer[0]:02X}"
+    rows = wait_for(lambda: [a for a in table_rows(live.db.url, Association)
+                             if a.reason == "duplicate presentation context IDs"])
+    assert rows[0].state == "rejected"
+
+
+@pytest.mark.parametrize("live", [{"dicom": {"allowed_calling_ae_titles": ["MODALITY"]}}], indirect=True)
+def test_hostile_calling_ae_titles_are_escaped_in_the_log_and_audited(live: Receiver,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    hostile = [b"EV\x00L", b"\x1b[2J\x1b]0;X\x07", b"A\xff\xfeB", b"C\\D"]
+    with caplog.at_level("INFO"):
+        for calling in hostile:
+            answer = _answer(live.port, _associate_rq(calling=calling))
+            assert answer[0] in (0x03, 0x07), answer[:10]  # rejected, or aborted as undecodable
+        rows = wait_for(lambda: len(rows := [a for a in table_rows(live.db.url, Association)
+                                             if a.state == "rejected"]) == len(hostile) and rows)
+    titles = sorted(row.calling_ae_title for row in rows)
+    assert titles == sorted(["EV\\x00L", "\\x1b[2J\\x1b]0;X", "A\\xff\\xfeB", "C\\x5cD"]), titles
+    text = caplog.text
+    assert not any(ch in text for ch in "\x00\x1b\x07\xff\xfe"), "raw control bytes reached the log"
+    assert "EV\\x00L" in text
