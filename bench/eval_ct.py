@@ -107,13 +107,15 @@ class Perturbation:
 
     #: output grid (z, y, x) in mm; a None entry keeps the generator's default on that axis
     spacing: tuple[float | None, float | None, float | None] | None = None
-    #: slice profile width (mm); thicker than the z spacing means a blurred, thick slice
+    #: slice profile width (mm); the training generator's volume is then rendered at
+    #: <= 0.5 mm along z and averaged over the profile
     slice_thickness_mm: float | None = None
     hu_offset: float = 0.0
     hu_scale: float = 1.0
     size_scale: float | None = None
     #: (axial, lateral bend, flexion) degrees, or one number: that many degrees about one
-    #: axis picked per case from its seed, with a random sign
+    #: axis picked per case from its seed, with a random sign, the other two at 0 (the
+    #: generator's own pose variation is replaced)
     rotation_deg: tuple[float, float, float] | float | None = None
     #: (top, bottom) vertebrae of the field, e.g. ("C2", "T1")
     z_range: tuple[str, str] | None = None
@@ -258,6 +260,10 @@ def _same_case(cohort: Cohort, seed: int, p: Perturbation) -> Case:
     if p.noise_hu is not None:
         kwargs["noise_hu"] = p.noise_hu
     if cohort.negative:
+        unsupported = [k for k in ("spacing", "slice_thickness_mm", "z_range", "fov_mm") if getattr(p, k) is not None]
+        if unsupported:
+            raise ValueError(f"{cohort.name}: {', '.join(unsupported)} not supported for "
+                             "training-generator negatives (they keep the generator's grid)")
         ph = phantoms.generate(seed, region=cohort.kind, **kwargs)
         hu, labels, spacing = ph.hu, np.zeros(ph.shape, np.uint8), ph.spacing
         return Case(seed, _calibrate(hu, p), spacing, labels, {}, {})
@@ -525,6 +531,7 @@ def evaluate_case(cohort: Cohort | str, seed: int, models: ModelProvider,
     generated = time.perf_counter() - start
     try:
         findings, uids, path, seconds = run_pipeline(case, models, via)
+        predicted, others = predicted_labels(findings, uids, case.hu.shape)
     except Exception as exc:
         if not isinstance(exc, PipelineError) and not keep_going:
             raise
@@ -535,7 +542,6 @@ def evaluate_case(cohort: Cohort | str, seed: int, models: ModelProvider,
         record.update(path="", seconds=float("nan"), generate_seconds=generated, error_kind=kind,
                       shape=list(case.hu.shape), spacing=list(case.spacing))
         return record
-    predicted, others = predicted_labels(findings, uids, case.hu.shape)
     record = score_case(case, findings, predicted, others)
     record.update(path=path, seconds=seconds, generate_seconds=generated, error_kind=None,
                   shape=list(case.hu.shape), spacing=list(case.spacing))
