@@ -208,6 +208,39 @@ def _plane_in_frame(c: np.ndarray, R: np.ndarray, point: np.ndarray, normal: np.
     return float(p[2] - b * p[1]), float(b)
 
 
+def _polyline(points: list[np.ndarray], semi: list[tuple[float, float]] | tuple[float, float], t: float, *,
+              mu_outer: float = MU_CORTICAL, mu_inner: float = MU_TRABECULAR, tag: str = "", group: int = -1,
+              tissue: int = 1, up: tuple[float, float, float] = (0.0, 0.0, 1.0), up_frame: bool = False) -> list[_Prim]:
+    """A bent rod (rib, clavicle, mandible, airway): elliptic cylinders joined on bisecting planes,
+    so that neighbours neither overlap nor gap (no beads where ellipsoid chains would overlap)."""
+    pts = [np.asarray(p, dtype=float) for p in points]
+    axes = [(b - a) / np.linalg.norm(b - a) for a, b in zip(pts[:-1], pts[1:], strict=True)]
+    semis = semi if isinstance(semi, list) else [semi] * len(axes)
+    prims: list[_Prim] = []
+    for i, ez in enumerate(axes):
+        c = (pts[i] + pts[i + 1]) / 2
+        half = float(np.linalg.norm(pts[i + 1] - pts[i])) / 2
+        bend = axes[i + 1] if i + 1 < len(axes) else (axes[i - 1] if i > 0 else np.asarray(up, dtype=float))
+        if up_frame:  # keep the semi-axes facing ``up`` (the airway's AP depth)
+            bend = np.asarray(up, dtype=float)
+        ey = bend - np.dot(bend, ez) * ez
+        if np.linalg.norm(ey) < 1e-6:
+            ey = np.asarray(up, dtype=float) - np.dot(up, ez) * ez
+        if np.linalg.norm(ey) < 1e-6:
+            ey = np.array([1.0, 0.0, 0.0]) - ez[0] * ez
+        ey = ey / np.linalg.norm(ey)
+        R = np.stack([np.cross(ey, ez), ey, ez], axis=1)
+        top = _plane_in_frame(c, R, pts[i + 1], ez + axes[i + 1]) if i + 1 < len(axes) else (half, 0.0)
+        bot = _plane_in_frame(c, R, pts[i], axes[i - 1] + ez) if i > 0 else (-half, 0.0)
+        sa, sb = semis[i]
+        prims.append(_Prim(c, R, np.array([sa, sb, half]), mu_outer, cyl=True, top=top, bot=bot, tag=tag,
+                           tissue=tissue, group=group))
+        if mu_inner != mu_outer and sa - t > 0.3 and sb - t > 0.3:
+            prims.append(_Prim(c, R, np.array([sa - t, sb - t, half]), mu_inner - mu_outer, cyl=True, top=top,
+                               bot=bot, group=group))
+    return prims
+
+
 @dataclass
 class _Vertebra:
     name: str
@@ -222,6 +255,7 @@ class _Vertebra:
     top_cut: tuple[float, float] | None = None  # body top plane after a compression (a, b)
     bot_cut: tuple[float, float] | None = None
     fracture: dict[str, float | str] | None = None
+    airway: tuple[float, float] = (0.0, 0.0)  # (LR, AP) semi-axes of the airway in front of it
 
     def local(self, p: list[float] | np.ndarray) -> np.ndarray:
         return self.c + self.R @ np.asarray(p, dtype=float)
@@ -399,26 +433,10 @@ def _cspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
         name, *_dims, spinous_len, spinous_deg = row
         prims += _arch_prims(v, spinous_len, spinous_deg, scale, rng, bifid=name in ("C2", "C3", "C4", "C5", "C6"),
                              thoracic=name.startswith("T"))
-    # airway: one cylinder per level between mid-disc planes, in front of the prevertebral tissue
-    order = column  # bottom-up
-    for i, v in enumerate(order):
-        lo = order[i - 1] if i > 0 else None
-        hi = order[i + 1] if i + 1 < len(order) else None
-        semi_ap = (7.0 if v.name in ("C2", "C3", "C4", "C5") else 8.0) * scale
-        semi_lr = (12.0 if v.name in ("C2", "C3", "C4") else 9.0) * scale
-        ac = v.local([0.0, v.d / 2 + v.prevert + semi_ap, 0.0])
-        if hi is not None:
-            mid = (v.corner("ta") + v.corner("tp") + hi.corner("ba") + hi.corner("bp")) / 4
-            top = _plane_in_frame(ac, v.R, mid, (v.R[:, 2] + hi.R[:, 2]) / 2)
-        else:
-            top = (v.h / 2 + 10.0 * scale, 0.0)
-        if lo is not None:
-            mid = (v.corner("ba") + v.corner("bp") + lo.corner("ta") + lo.corner("tp")) / 4
-            bot = _plane_in_frame(ac, v.R, mid, (v.R[:, 2] + lo.R[:, 2]) / 2)
-        else:
-            bot = (-v.h / 2 - 80.0, 0.0)
-        prims.append(_Prim(ac, v.R, np.array([semi_lr, semi_ap, 1.0]), MU_AIR, cyl=True, top=top, bot=bot,
-                           group=v.index if v.name != "C2" else top_group))
+    # airway (built after the findings, see _add_airway): wider in the pharynx than the trachea
+    for v in column:
+        v.airway = ((12.0 if v.name in ("C2", "C3", "C4") else 9.0) * scale,
+                    (7.0 if v.name in ("C2", "C3", "C4", "C5") else 8.0) * scale)
     # nasopharynx above C2
     naso = c1_centre + c2.R @ np.array([0.0, 5.0 * scale + adi + 8.0 * scale + 4.0 * scale + 8.0 * scale,
                                         16.0 * scale])
@@ -451,14 +469,15 @@ def _cspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
     for side in (-1.0, 1.0):
         angle_p = np.array([side * 44.0 * scale, float(c2.corner("ta")[1]) + 18.0 * scale, angle_z])
         condyle = c1_centre + np.array([side * 48.0, 8.0, 26.0]) * scale
-        head += _shell((angle_p + condyle) / 2, _frame(condyle - angle_p, [0.0, 1.0, 0.0]),
-                       [3.0 * scale, np.linalg.norm(condyle - angle_p) / 2, 12.0 * scale], 1.5)
+        notch = (angle_p + condyle) / 2 + np.array([0.0, 6.0 * scale, 0.0])
+        head += _polyline([angle_p, notch, condyle], (3.0 * scale, 13.0 * scale), 1.5, up=(0.0, 1.0, 0.0))
         chin = np.array([0.0, arch_c[1] + 22.0 * scale, angle_z - 8.0 * scale])
-        for k in range(3):
-            f = (k + 0.5) / 3
+        body_pts = []
+        for f in np.linspace(0.0, 1.0, 5):
             pt = angle_p * (1 - f) + chin * f
             pt[0] = side * 44.0 * scale * (1 - f) ** 0.7
-            head += _shell(pt, _frame(chin - angle_p), [4.0 * scale, 14.0 * scale, 13.0 * scale], 1.5)
+            body_pts.append(pt)
+        head += _polyline(body_pts, (4.0 * scale, 12.0 * scale), 1.5)
     hyoid_c = by["C3"].local([0.0, by["C3"].d / 2 + 32.0 * scale, -2.0 * scale])
     hyoid = [_ell(hyoid_c, [11 * scale, 4 * scale, 3 * scale], MU_CORTICAL * 0.7, tissue=1)]
     for side in (-1.0, 1.0):
@@ -488,10 +507,9 @@ def _cspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
         # clavicle from the sternal notch to the acromion
         a = np.array([side * 22.0 * scale, float(t1.corner("ta")[1]) + 38.0 * scale, float(t1.c[2]) - 18.0 * scale])
         b = np.array([side * 148.0 * scale, float(c7.c[1]) - 8.0 * scale, shoulder_z + 40.0 * scale])
-        for k in range(4):
-            f = (k + 0.5) / 4
-            pt = a * (1 - f) + b * f + np.array([0.0, 10.0 * scale * math.sin(math.pi * f), 0.0])
-            prims += _shell(pt, _frame(b - a), [6.0 * scale, np.linalg.norm(b - a) / 8 + 4.0, 5.5 * scale], 1.5)
+        pts = [a * (1 - f) + b * f + np.array([0.0, 12.0 * scale * math.sin(math.pi * f), 0.0])
+               for f in np.linspace(0.0, 1.0, 6)]
+        prims += _polyline(pts, (5.5 * scale, 5.0 * scale), 1.5)
         # scapula: a thin plate behind the upper thorax
         prims += _shell(np.array([side * 95.0 * scale, float(t1.c[1]) - 55.0 * scale, shoulder_z - 70.0 * scale]),
                         _frame([side * 0.8, 0.6, 0.0]), [3.5 * scale, 50.0 * scale, 70.0 * scale], 1.2)
@@ -613,14 +631,13 @@ def _lspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
         for side in (-1.0, 1.0):
             start = v.local([side * (v.w / 2 + 8.0 * scale), -v.d / 2 - 6.0 * scale, 0.0])
             length = (120.0 if name == "T12" else 170.0) * scale
-            for k in range(5):
-                f = (k + 0.5) / 5
+            pts = []
+            for f in np.linspace(0.0, 1.0, 6):
                 ang = math.radians(20 + 70 * f)
-                pt = start + np.array([side * math.sin(ang) * length * f * 0.8,
-                                       math.cos(ang) * length * f * 0.6 - 12.0 * scale * f,
-                                       -length * f * 0.35])
-                prims += _shell(pt, _frame([side * math.sin(ang), math.cos(ang) * 0.7, -0.35]),
-                                [4.5 * scale, length / 10 + 4.0, 6.0 * scale], 1.2, group=v.index)
+                pts.append(start + np.array([side * math.sin(ang) * length * f * 0.8,
+                                             math.cos(ang) * length * f * 0.6 - 12.0 * scale * f,
+                                             -length * f * 0.35]))
+            prims += _polyline(pts, (4.5 * scale, 6.0 * scale), 1.2, group=v.index)
     # soft tissue: abdomen, pelvis and buttocks, bowel gas
     l3 = by["L3"]
     depth = rng.uniform(95.0, 130.0) * scale
@@ -674,10 +691,8 @@ def _chest_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
                           [55 * scale, 60 * scale, 50 * scale], MU_SOFT, tissue=2))
         a = np.array([side * 20.0 * scale, float(top[1]) + 70.0 * scale, float(top[2]) - 10.0 * scale])
         b = np.array([side * 0.95 * semi_x, float(top[1]) + 10.0 * scale, float(top[2]) + 15.0 * scale])
-        for k in range(4):
-            f = (k + 0.5) / 4
-            prims += _shell(a * (1 - f) + b * f, _frame(b - a), [6 * scale, np.linalg.norm(b - a) / 8 + 4, 5 * scale],
-                            1.5)
+        prims += _polyline([a * (1 - f) + b * f + np.array([0.0, 12.0 * scale * math.sin(math.pi * f), 0.0])
+                            for f in np.linspace(0.0, 1.0, 6)], (5.5 * scale, 5.0 * scale), 1.5)
     # heart: soft tissue where the left lung would be (cancels the lung there), diaphragm domes via the lungs
     heart_c = body_c + np.array([25.0, 15.0, -55.0]) * scale
     prims.append(_ell(heart_c, [65 * scale, 50 * scale, 60 * scale], -MU_LUNG * 0.9))
@@ -687,17 +702,11 @@ def _chest_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
         radius_x = semi_x * (0.55 + 0.4 * min(i, 6) / 6)
         radius_y = semi_y * (0.6 + 0.35 * min(i, 6) / 6)
         for side in (-1.0, 1.0):
-            n = 9
-            for k in range(n):
-                t0, t1 = math.pi * 0.88 * k / n, math.pi * 0.88 * (k + 1) / n
-                pts = []
-                for t in (t0, t1):
-                    pts.append(np.array([side * radius_x * math.sin(t), float(v.c[1]) - radius_y * 0.25
-                                         - radius_y * 0.55 * math.cos(t) + radius_y * 0.3,
-                                         rib_z - 55.0 * scale * (t / math.pi) ** 1.3]))
-                a, b = pts
-                prims += _shell((a + b) / 2, _frame(b - a, [0.0, 0.0, 1.0]),
-                                [3.0 * scale, np.linalg.norm(b - a) / 2 + 2.0, 5.5 * scale], 1.0)
+            pts = [np.array([side * radius_x * math.sin(t), float(v.c[1]) - radius_y * 0.25
+                             - radius_y * 0.55 * math.cos(t) + radius_y * 0.3,
+                             rib_z - 55.0 * scale * (t / math.pi) ** 1.3])
+                   for t in np.linspace(0.05, math.pi * 0.88, 12)]
+            prims += _polyline(pts, (3.0 * scale, 5.5 * scale), 1.0)
     return _Patient("chest", [], prims, facing_left=bool(rng.random() < 0.5), centre=body_c + np.array([0, 0, 20.0]),
                     fov_rows_mm=float(rng.uniform(360.0, 430.0)), fov_aspect=float(rng.uniform(0.85, 1.0)))
 
@@ -835,6 +844,20 @@ def _apply_findings(pat: _Patient, rng: np.random.Generator, *, fracture: bool, 
                 u.c = u.c + move
 
 
+def _add_airway(pat: _Patient) -> None:
+    """Air column in front of the prevertebral tissue, through the (possibly moved) vertebrae."""
+    col = [v for v in pat.vertebrae if v.airway[0] > 0]
+    if not col:
+        return
+    pts = [v.local([0.0, v.d / 2 + v.prevert + v.airway[1], 0.0]) for v in col]
+    low, high = col[0], col[-1]
+    pts.insert(0, pts[0] - low.R[:, 2] * 70.0)
+    pts.append(pts[-1] + high.R[:, 2] * (high.h / 2 + 8.0))
+    semis = [col[0].airway] + [col[min(i, len(col) - 1)].airway for i in range(len(col))]
+    pat.prims += _polyline(pts, semis, 0.0, mu_outer=MU_AIR, mu_inner=MU_AIR, tissue=0, up=(0.0, 1.0, 0.0),
+                           up_frame=True)
+
+
 def _add_bodies(pat: _Patient) -> None:
     """Vertebral bodies, built last so that they carry the fracture and the translation."""
     for v in pat.vertebrae:
@@ -937,8 +960,7 @@ def _path_length(p: _Prim, view: str, a: np.ndarray, b: np.ndarray) -> np.ndarra
     qn0, qn1 = q[0] / np.float32(s[0]), q[1] / np.float32(s[1])
     dn0, dn1 = d[0] / s[0], d[1] / s[1]
     A = dn0 * dn0 + dn1 * dn1
-    if A < 1e-12:
-        raise ValueError(f"beam runs along a cylinder axis (view {view}); expected an oblique or crossing beam")
+    A = max(A, 1e-9)  # a rod along the beam: its planes bound the chord
     B = qn0 * np.float32(dn0) + qn1 * np.float32(dn1)
     C = qn0 * qn0 + qn1 * qn1 - 1.0
     D = B * B - np.float32(A) * C
@@ -1204,6 +1226,7 @@ def generate(seed: int, *, view: str = "LAT", kind: str = "cspine", p_fracture: 
             prim.tag = ""
     if candidates:
         _apply_findings(pat, rng_find, fracture=has_fracture, dislocation=has_dislocation, candidates=candidates)
+    _add_airway(pat)
     _add_bodies(pat)
     spacing_eff = pixel_spacing_mm * fov_scale
     rows = int(round(pat.fov_rows_mm / pixel_spacing_mm))
