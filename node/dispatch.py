@@ -7,6 +7,9 @@ warning status counts as an attempt: a refused connection, a rejected associatio
 abort, a failure status. After an attempt the row waits ``backoff_initial_s`` doubling up
 to ``backoff_max_s``; after ``max_attempts`` it is dead until an admin retries it. So a
 PACS that refuses forever costs a bounded number of attempts, never a loop.
+
+Not-performed notices (:mod:`spine_node.node.notices`) are result rows like any other and
+go the same way. Error texts name statuses and classes, never a peer's free-text comment.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from sqlalchemy import select, update
 
 from spine_node.node import metrics
@@ -161,8 +165,8 @@ def send_batch(destination: Destination, batch: list[_Item],
         try:
             datasets[item.dispatch_id] = dcmread(item.path)
         except Exception as exc:  # missing or unreadable result file
-            outcomes[item.dispatch_id] = _Attempt(False, None,
-                                                  f"cannot read result file: {exc}")
+            outcomes[item.dispatch_id] = _Attempt(
+                False, None, f"cannot read result file {item.path.name}: {type(exc).__name__}")
     if not datasets:
         return outcomes
     ae = AE(ae_title=destination.calling_ae_title or settings.dispatch.calling_ae_title)
@@ -206,14 +210,28 @@ def send_batch(destination: Destination, batch: list[_Item],
             elif status == 0x0000 or status in _WARNINGS:
                 outcomes[dispatch_id] = _Attempt(True, f"0x{status:04X}", None)
             else:
-                comment = response.get("ErrorComment", "")
-                error = f"C-STORE failed with status 0x{status:04X}"
-                outcomes[dispatch_id] = _Attempt(
-                    False, f"0x{status:04X}", f"{error}: {comment}" if comment else error)
+                outcomes[dispatch_id] = _Attempt(False, f"0x{status:04X}", _store_failure(response))
     finally:
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def _store_failure(response: Dataset) -> str:
+    """A failed C-STORE by its status and the standard's meaning of it.
+
+    The peer's Error Comment is not kept: a PACS may quote the data element it rejected
+    ("invalid PatientBirthDate '1980-01-01'"), and this text goes to the audit and the log.
+    """
+    status = int(response.Status)
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status) or GENERAL_STATUS.get(status)
+    text = f"C-STORE failed with status 0x{status:04X}"
+    if meaning:
+        text += f" ({meaning[1]})"
+    comment = str(response.get("ErrorComment", "") or "")
+    if comment:
+        text += f"; the peer's error comment ({len(comment)} characters) is not kept"
+    return text
 
 
 def _record(db: Database, settings: Settings, destination: str, batch: list[_Item],

@@ -324,3 +324,17 @@ def test_headers_read_back_from_bytes_keep_raw_values() -> None:
     buffer.seek(0)
     read = dcmread(buffer)
     assert type(read.get_item("PatientBirthDate")).__name__ == "RawDataElement"
+
+
+def test_a_peers_error_comment_is_not_kept() -> None:
+    """A PACS may quote what it rejected; dispatch errors go to the audit and the log."""
+    from pydicom import Dataset
+
+    from spine_node.node.dispatch import _store_failure
+
+    response = Dataset()
+    response.Status = 0xA900
+    response.ErrorComment = "PatientBirthDate '1980-01-01' invalid"
+    text = _store_failure(response)
+    assert "0xA900" in text and "Does Not Match SOP Class" in text
+    assert "1980" not in text and "PatientBirthDate" not in text
