@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -69,3 +70,30 @@ def preexec_die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     return _set
+
+
+def wait_for_database(check: Callable[[], bool], where: str, *, retry_s: float = 5.0,
+                      repeat_s: float = 60.0, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Call ``check`` until it answers instead of raising; return its answer.
+
+    A process started while its database is down (a host booting, PostgreSQL restarting)
+    waits for it: one line says so, another every ``repeat_s`` while it lasts, and one
+    when it is back; never a traceback. ``where`` names the database without a password.
+    """
+    started = time.monotonic()
+    said = 0.0
+    while True:
+        try:
+            answer = check()
+        except Exception as exc:  # noqa: BLE001 - any driver error means "not yet"
+            now = time.monotonic()
+            if not said or now - said >= repeat_s:
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                log.warning("database %s not reachable (%s%s); waiting, retrying every %.0f s",
+                            where, type(exc).__name__, f": {first}" if first else "", retry_s)
+                said = now
+            sleep(retry_s)
+            continue
+        if said:
+            log.warning("database %s reachable after %.0f s", where, time.monotonic() - started)
+        return answer

@@ -30,7 +30,7 @@ from spine_node.inference.runtime import EngineProvider
 from spine_node.inference.series import SeriesRef
 from spine_node.node import metrics, notices, results, supersede
 from spine_node.node.audit import Database, Series, record_event
-from spine_node.node.config import Settings
+from spine_node.node.config import Settings, redact_url
 from spine_node.node.domain import JobState
 from spine_node.node.errors import NodeError, SpoolError
 from spine_node.node.jobs import (
@@ -51,6 +51,7 @@ from spine_node.node.jobs import (
     record_success,
     release_after_error,
 )
+from spine_node.node.lifetime import wait_for_database
 from spine_node.node.spool import Spool
 from spine_node.node.uids import validate_uid
 
@@ -308,7 +309,8 @@ def run_worker(settings: Settings, queues: Sequence[str], concurrency: int,
     import_pipeline_modules(settings)
     app = celery_app(settings)
     db = app.database()
-    if not db.is_current():
+    # Started before its database (a host booting): wait for it, one line at a time.
+    if not wait_for_database(db.is_current, redact_url(settings.database_url)):
         raise NodeError("the database has no schema; run `spine-node db upgrade` first")
     # Unique also among containers that share the host's network and so its name.
     hostname = f"spine-{os.getpid()}@{local_host_id()}"
