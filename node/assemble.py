@@ -49,7 +49,12 @@ class SeriesTracker:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        """Flush soon, on the tracker's thread (an association ended; never blocks)."""
+        self._wake.set()
 
     def add(self, info: InstanceInfo, size: int, *, calling_ae_title: str = "",
             replaced: bool = False) -> None:
@@ -70,6 +75,7 @@ class SeriesTracker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -81,7 +87,11 @@ class SeriesTracker:
 
     def _run(self) -> None:
         failing_since: float | None = None
-        while not self._stop.wait(self.flush_interval_s):
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
                 self.flush()
             except Exception as exc:  # noqa: BLE001 - counts stay in memory; retried next time

@@ -45,10 +45,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom.presentation import AllStoragePresentationContexts
+from sqlalchemy.orm import Session
 
 from spine_node.node import metrics
 from spine_node.node.assemble import SeriesTracker
 from spine_node.node.audit import Association, Database, record_event, utcnow
+from spine_node.node.bookkeeping import Backlog
 from spine_node.node.config import Settings, TLSSettings
 from spine_node.node.deflated import DeflateMalformed, inspect_deflated
 from spine_node.node.errors import OutOfSpaceError, SpoolError
@@ -408,6 +410,9 @@ class Receiver:
         self.db = db
         self.spool = Spool(settings.storage.spool, settings.storage.min_free_mb << 20)
         self.tracker = tracker or SeriesTracker(db)
+        # Association rows and refusal events: written behind, never on an association
+        # thread (a frozen database would stall C-ECHO and C-STORE answers).
+        self.backlog = Backlog(db)
         self.incoming_dir = self.spool.root / ".incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self._free_checked_at = 0.0
@@ -444,6 +449,7 @@ class Receiver:
         server.start()
         self.server = server
         self.tracker.start()
+        self.backlog.start()
         self._refusals_stop.clear()
         self._refusals_thread = threading.Thread(target=self._refusal_flusher, name="refusal-audit", daemon=True)
         self._refusals_thread.start()
@@ -466,6 +472,7 @@ class Receiver:
             self._refusals_wake.set()
             self._refusals_thread.join(10)
             self._refusals_thread = None
+        self.backlog.stop()
         self.tracker.stop()
 
     def _clean_incoming(self) -> None:
@@ -487,28 +494,30 @@ class Receiver:
                            peer_host=peer.peer_host[:64], peer_port=peer.peer_port, **state)
 
     def association_accepted(self, peer: AssociationInfo) -> _AssocStats:
-        row_id: int | None = None
-        try:
-            with self.db.session() as session:
-                row = self._association_row(peer, state="accepted")
-                session.add(row)
-                session.flush()
-                row_id = row.id
-        except Exception as exc:  # noqa: BLE001 - the association proceeds without its row
-            self._audit_failed("association", exc)
+        stats = _AssocStats(None)
+        started = utcnow()
+
+        def write(session: Session) -> None:
+            row = self._association_row(peer, state="accepted", started_at=started)
+            session.add(row)
+            session.flush()
+            stats.row_id = row.id
+
+        self.backlog.put(write)
         metrics.ASSOCIATIONS.labels(outcome="accepted").inc()
-        return _AssocStats(row_id)
+        return stats
 
     def association_rejected(self, peer: AssociationInfo, reason: str) -> None:
-        try:
-            with self.db.session() as session:
-                row = self._association_row(peer, state="rejected", reason=reason, ended_at=utcnow())
-                session.add(row)
-                session.flush()
-                record_event(session, "association.rejected", reason, association_id=row.id,
-                             details={"calling_ae_title": peer.calling_ae_title, "peer": row.peer_host})
-        except Exception as exc:  # noqa: BLE001
-            self._audit_failed("rejected association", exc)
+        ended = utcnow()
+
+        def write(session: Session) -> None:
+            row = self._association_row(peer, state="rejected", reason=reason, started_at=ended, ended_at=ended)
+            session.add(row)
+            session.flush()
+            record_event(session, "association.rejected", reason, association_id=row.id,
+                         details={"calling_ae_title": peer.calling_ae_title, "peer": row.peer_host})
+
+        self.backlog.put(write)
         metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
         log.warning("rejected association from %s@%s: %s", peer.calling_ae_title, peer.peer_host, reason)
 
@@ -567,32 +576,27 @@ class Receiver:
 
     def association_ended(self, stats: _AssocStats, state: str, reason: str) -> None:
         """``state`` is "released" or "aborted" (then ``reason`` says how)."""
-        try:
-            self._record_ended(stats, state, reason)
-        except Exception as exc:  # noqa: BLE001
-            self._audit_failed("end of association", exc)
-        try:
-            self.tracker.flush()
-        except Exception as exc:  # noqa: BLE001 - counts stay in memory for the next flush
-            self._audit_failed("series counts", exc)
-        self.sweep_incoming()
+        ended = utcnow()
+        received, failed, size = stats.received, stats.failed, stats.bytes
 
-    def _record_ended(self, stats: _AssocStats, state: str, reason: str) -> None:
-        if stats.row_id is None:
-            return
-        with self.db.session() as session:
-            row = session.get(Association, stats.row_id)
-            if row is not None:
-                row.state = state
-                row.ended_at = utcnow()
-                row.instances_received = stats.received
-                row.instances_failed = stats.failed
-                row.bytes_received = stats.bytes
-                if state == "aborted":
-                    row.reason = reason
-                    record_event(session, "association.aborted", reason,
-                                 association_id=row.id,
-                                 details={"instances_received": stats.received})
+        def write(session: Session) -> None:
+            # The accepted row was written before (the backlog keeps order).
+            row = session.get(Association, stats.row_id) if stats.row_id is not None else None
+            if row is None:
+                return
+            row.state = state
+            row.ended_at = ended
+            row.instances_received = received
+            row.instances_failed = failed
+            row.bytes_received = size
+            if state == "aborted":
+                row.reason = reason
+                record_event(session, "association.aborted", reason, association_id=row.id,
+                             details={"instances_received": received})
+
+        self.backlog.put(write)
+        self.tracker.wake()  # counts written now, by the tracker's thread
+        self.sweep_incoming()
 
     def sweep_incoming(self, max_age_s: float | None = None) -> int:
         """Remove temp files no live transfer can still be writing; return how many."""
@@ -685,13 +689,13 @@ class Receiver:
         metrics.INSTANCES_REFUSED.labels(status=f"0x{status:04X}").inc()
         sop = sop_instance if is_valid_uid(sop_instance) else "(invalid UID)"
         log.warning("refused instance %s: 0x%04X %s", sop, status, reason)
-        try:
-            with self.db.session() as session:
-                record_event(session, "instance.refused", reason,
-                             association_id=stats.row_id if stats else None,
-                             details={"status": f"0x{status:04X}", "sop_instance_uid": sop})
-        except Exception as exc:  # noqa: BLE001 - the answer matters more than the audit row
-            self._audit_failed("refused instance", exc)
+
+        def write(session: Session) -> None:
+            record_event(session, "instance.refused", reason,
+                         association_id=stats.row_id if stats else None,
+                         details={"status": f"0x{status:04X}", "sop_instance_uid": sop})
+
+        self.backlog.put(write)  # the answer never waits for the audit row
         return status, reason
 
 

@@ -25,6 +25,8 @@ from tests.peers import dcmtk, free_port, postgres_database, postgres_url
 from tests.scu import association, echo_ok, store
 
 MiB = 1 << 20
+# storescu as a modality sending folders to the node's AE title.
+PUSH = ("-aet", "MODALITY", "-aec", "SPINE_NODE", "+sd")
 
 
 @pytest.fixture()
@@ -83,7 +85,9 @@ def test_disk_below_floor_answers_out_of_resources_then_resumes(tmp_path: Path, 
         stored = {p.name for p in spool.rglob("*.dcm")}
         assert stored == {f"{dcmread(f).SOPInstanceUID}.dcm" for f in files[:3]}
         assert not any((spool / ".incoming").iterdir())
-        refused = [e for e in table_rows(node.database_url, AuditEvent) if e.kind == "instance.refused"]
+        # Audit rows are written behind receive: wait for them.
+        refused = wait_for(lambda: len(r := [e for e in table_rows(node.database_url, AuditEvent)
+                                             if e.kind == "instance.refused"]) >= 2 and r)
         assert len(refused) == 2 and all(e.details["status"] == "0xA700" for e in refused)
 
 
@@ -120,7 +124,7 @@ def test_emergency_cleaning_deletes_oldest_finished_series_only(tmp_path: Path, 
     spine, chest = list(study)
     with _node(tmp_path, small_volume, SPINE_NODE_STORAGE__MIN_FREE_MB="2",
                SPINE_NODE_STORAGE__EMERGENCY_FREE_MB="8") as node:
-        push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1", str(node.port),
+        push = subprocess.run([dcmtk("storescu"), *PUSH, "127.0.0.1", str(node.port),
                                str(tmp_path / "retention")], capture_output=True, text=True, timeout=120)
         assert push.returncode == 0, push.stderr
         _wait_states(node.database_url, {spine: "routed", chest: "skipped"})
@@ -142,7 +146,7 @@ def test_emergency_cleaning_deletes_oldest_finished_series_only(tmp_path: Path, 
         assert {r.series_uid for r in table_rows(node.database_url, Series)} == set()
         assert [j.state for j in table_rows(node.database_url, Job)] == ["succeeded"]
         # Still above the receive floor: the study can be sent again, and counts start afresh.
-        again = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1", str(node.port),
+        again = subprocess.run([dcmtk("storescu"), *PUSH, "127.0.0.1", str(node.port),
                                 str(tmp_path / "retention")], capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stderr
         rows = _wait_states(node.database_url, {spine: "routed"})
@@ -155,7 +159,7 @@ def test_age_retention_deletes_old_series(tmp_path: Path) -> None:
     # 0.00003 days is about 2.6 seconds.
     env = {"SPINE_NODE_STORAGE__RETENTION_DAYS": "0.00003"}
     with NodeProcess(tmp_path / "node", url, env=env) as node:
-        push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1", str(node.port),
+        push = subprocess.run([dcmtk("storescu"), *PUSH, "127.0.0.1", str(node.port),
                                str(tmp_path / "aged")], capture_output=True, text=True, timeout=120)
         assert push.returncode == 0, push.stderr
         chest = list(study)[1]
@@ -209,7 +213,7 @@ def test_database_outage_during_run_loses_no_instance(tmp_path: Path) -> None:
                 assert echo_ok(node.port)
                 connections(False)
                 try:
-                    push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1",
+                    push = subprocess.run([dcmtk("storescu"), *PUSH, "127.0.0.1",
                                            str(node.port), str(tmp_path / "outage")],
                                           capture_output=True, text=True, timeout=120)
                     assert push.returncode == 0, push.stderr
@@ -240,7 +244,7 @@ def test_sqlite_locked_for_a_while_loses_no_instance(tmp_path: Path) -> None:
         lock = sqlite3.connect(db_path, timeout=5, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")
         try:
-            push = subprocess.Popen([dcmtk("storescu"), "-aet", "MODALITY", "+sd", "127.0.0.1", str(node.port),
+            push = subprocess.Popen([dcmtk("storescu"), *PUSH, "127.0.0.1", str(node.port),
                                      str(tmp_path / "locked")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
             time.sleep(5)
@@ -304,3 +308,94 @@ def test_a_restarted_node_counts_quiet_periods_from_its_restart(tmp_path: Path) 
         assert row.state == "receiving" and row.instance_count == 2
         assert row.last_received_at >= started, (row.last_received_at, started)
         assert "quiet period counts from now" in node.log()
+
+
+def test_worker_started_while_the_database_is_down_waits_for_it(tmp_path: Path) -> None:
+    """``spine-node worker`` before its database: one line saying it waits (no traceback),
+    then it starts by itself once PostgreSQL lets it in."""
+    import json
+    import signal
+
+    from spine_node.node.db_migrate import upgrade
+
+    with postgres_database() as url:
+        upgrade(url)
+        name = url.rsplit("/", 1)[1]
+        admin = create_engine(postgres_url(), isolation_level="AUTOCOMMIT")
+
+        def connections(allowed: bool) -> None:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+                if not allowed:
+                    conn.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                         f"WHERE datname = '{name}'")
+
+        log_path = tmp_path / "worker.log"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
+               "SPINE_NODE_DATABASE_URL": url, "SPINE_NODE_STORAGE__DATA_DIR": str(tmp_path / "data"),
+               "SPINE_NODE_WORKER__PIPELINE_MODULES": json.dumps([])}
+        connections(False)
+        try:
+            with log_path.open("wb") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "spine_node.node.cli", "worker", "--queues", "cpu"],
+                                        cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            try:
+                wait_for(lambda: "not reachable" in log_path.read_text() or proc.poll() is not None, timeout=60)
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                connections(True)
+                wait_for(lambda: "reachable after" in log_path.read_text() or proc.poll() is not None, timeout=60)
+                wait_for(lambda: " ready." in log_path.read_text() or proc.poll() is not None, timeout=60)
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                text = log_path.read_text()
+                assert "Traceback" not in text
+                waiting = [line for line in text.splitlines() if "not reachable" in line]
+                assert len(waiting) == 1 and "password" not in waiting[0].lower(), waiting
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+        finally:
+            connections(True)
+            admin.dispose()
+
+
+def test_frozen_database_never_holds_up_echo_or_store(tmp_path: Path) -> None:
+    """PostgreSQL stops answering (as after SIGSTOP: connections accepted, no replies).
+    C-ECHO and C-STORE go on being answered; once it answers again, every instance is
+    counted and every association has its audit row."""
+    from sqlalchemy.engine import make_url
+
+    from spine_node.node.audit import Association
+    from spine_node.node.db_migrate import upgrade
+    from tests.freezable import FreezableRelay
+
+    study = _instance_files(tmp_path, "frozen", count=8)
+    with postgres_database() as url:
+        upgrade(url)
+        real = make_url(url)
+        relay = FreezableRelay(real.host or "127.0.0.1", real.port or 5432)
+        relayed = real.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False)
+        try:
+            with NodeProcess(tmp_path / "node", relayed) as node:
+                assert echo_ok(node.port)
+                relay.freeze()
+                try:
+                    timeouts = ["-to", "10", "-ta", "10", "-td", "10", "-aec", "SPINE_NODE"]
+                    echo = subprocess.run([dcmtk("echoscu"), *timeouts, "-aet", "MODALITY", "127.0.0.1",
+                                           str(node.port)], capture_output=True, text=True, timeout=60)
+                    assert echo.returncode == 0, echo.stderr
+                    push = subprocess.run([dcmtk("storescu"), *timeouts, "-aet", "MODALITY", "+sd", "127.0.0.1",
+                                           str(node.port), str(tmp_path / "frozen")],
+                                          capture_output=True, text=True, timeout=60)
+                    assert push.returncode == 0, push.stderr
+                    assert len(list((node.data_dir / "spool").rglob("*.dcm"))) == 8
+                finally:
+                    relay.thaw()
+                rows = _wait_states(url, dict(zip(study, ("routed", "skipped"), strict=True)))
+                assert [rows[uid].instance_count for uid in study] == [4, 4]
+                # Three associations (the first C-ECHO, the frozen C-ECHO, the store), all audited.
+                released = wait_for(lambda: len(r := [a for a in table_rows(url, Association)
+                                                      if a.state == "released"]) >= 3 and r)
+                assert sorted(a.instances_received for a in released) == [0, 0, 8]
+        finally:
+            relay.close()
