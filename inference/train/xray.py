@@ -36,7 +36,8 @@ Pass ``data=<root>`` to train on a real dataset laid out like the seed projects'
 Greyscale images are read bone-bright; DICOM files go through the same reader as the
 pipelines (MONOCHROME1 inverted, rescale applied).
 
-Run ``spine-node train xray`` to regenerate all six demo models (TIME_PLACEHOLDER), or
+Run ``spine-node train xray`` to regenerate all six demo models (11 min 26 s of wall time on 2 CPU cores,
+peak memory 1.3 GB: README, Models), or
 ``spine-node train <model-name>`` for one.
 """
 
