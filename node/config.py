@@ -320,7 +320,10 @@ def default_routes() -> list[Route]:
         ),
         Route(
             name="xray-cspine",
-            match=RouteMatch(modality=_XRAY, body_part=["CSPINE", "NECK"]),
+            # The cervical classifier reads lateral views only; an empty ViewPosition still
+            # goes (the pipeline's view gate decides from the image).
+            match=RouteMatch(modality=_XRAY, body_part=["CSPINE", "NECK"],
+                             view_position=["LL", "RL", "LAT*", ""]),
             pipelines=["xray-cspine-classify"],
         ),
         Route(
