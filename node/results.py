@@ -705,7 +705,7 @@ def build_report(
             ]
         else:
             groups = [_not_performed_group(findings, sources, reason_code)]
-        groups += _site_status_groups(findings, groups, sources, reason_code)
+        groups += _site_status_groups(findings, groups, reason_code)
         library = list(sources) if len(sources) <= options.image_library_max_images else []
         report = _measurement_report(context, codes.procedure_reported(modality), groups, library)
         _add_texts(report, findings)
@@ -842,7 +842,7 @@ def _group_sources(sources: Sequence[Dataset]) -> list[hd.sr.SourceImageForMeasu
 
 
 def _site_status_groups(
-    findings: Findings, groups: list[Any], sources: Sequence[Dataset], reason_code: str | None
+    findings: Findings, groups: list[Any], reason_code: str | None
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     """Add each site's status to its finding's group; new groups for the other sites."""
     by_site: dict[str | None, Any] = {}
@@ -861,13 +861,22 @@ def _site_status_groups(
             items.append(_text(f"{status.site}: {value.meaning.lower()}: {reason}"))
         group = by_site.get(status.site)
         if group is None:
+            try:
+                site_code = codes.finding_site(status.site)
+            except codes.UnknownCodeError:
+                # A site key without a code still gets listed: the spine, named in the text.
+                log.info("site %r has no code; listed under the spine", status.site)
+                site_code = codes.SPINE
+                if not reason:
+                    items.append(_text(f"{status.site}: {value.meaning.lower()}"))
+            # No image references per site: the evidence lists the sources once, and 7
+            # groups x 300 slices would cost what the image library cost (see options).
             group = hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=result_uid(findings, f"site-{status.site}", reason_code),
                     identifier=f"{status.site} {value.meaning.lower()}"[:64],
                 ),
-                finding_sites=[hd.sr.FindingSite(anatomic_location=codes.finding_site(status.site))],
-                source_images=_group_sources(sources),
+                finding_sites=[hd.sr.FindingSite(anatomic_location=site_code)],
             )
             by_site[status.site] = group
             extra.append(group)

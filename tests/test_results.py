@@ -892,6 +892,15 @@ def test_every_site_appears_with_its_status(tmp_path: Path) -> None:
     assert "Note: Pixel spacing assumed 0.5 mm" in text
 
 
+def test_a_site_without_a_code_is_still_listed(tmp_path: Path) -> None:
+    sources = ct_series(slices=2)
+    findings = not_performed(sources, "Only 2 slices")
+    findings.site_status = (SiteStatus("C1-C2 joint", AssessmentValues.NOT_ASSESSABLE),)
+    paths = write_results(encode(findings, sources), tmp_path)
+    assert_valid(paths)
+    assert "C1-C2 joint: not assessable" in text_of(pydicom.dcmread(paths[0]))
+
+
 def test_view_sites_have_codes_and_unknown_statuses_fail() -> None:
     assert codes.finding_site("LAT") == hd.sr.CodedConcept.from_code(pydicom_codes.SCT.LateralProjection)
     assert codes.finding_site("AP").value == "399348003"
