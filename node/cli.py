@@ -19,7 +19,7 @@ from rich.text import Text
 
 from spine_node.node.audit import EVENT_KINDS
 from spine_node.node.config import Settings, load_settings, redact_url
-from spine_node.node.domain import SeriesState
+from spine_node.node.domain import DispatchState, JobState, SeriesState
 from spine_node.node.errors import NodeError
 
 if TYPE_CHECKING:
@@ -646,7 +646,7 @@ def worker_command(
 
 @jobs_app.command("list")
 def jobs_list(
-    state: Annotated[str | None, typer.Option("--state", "-s", help="Only this state.")] = None,
+    state: Annotated[str | None, typer.Option("--state", "-s", help=_states_help(JobState))] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N jobs.")] = 50,
 ) -> None:
     """List jobs, newest first."""
@@ -760,7 +760,7 @@ def workers_table(status: QueueStatus) -> Table:
 
 @dispatch_app.command("list")
 def dispatch_list(
-    state: Annotated[str | None, typer.Option("--state", "-s", help="Only this state.")] = None,
+    state: Annotated[str | None, typer.Option("--state", "-s", help=_states_help(DispatchState))] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N.")] = 50,
 ) -> None:
     """List dispatches, newest first."""
