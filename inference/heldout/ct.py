@@ -795,7 +795,7 @@ def _vertebra_parts(lv: Level, br: _Break | None) -> list[_Part]:
                                  scale=(1, 1, 1.3), blend=1.5))  # pedicle
             px, py = s * (cw / 2 + 5.0), b + 8.0
             hp = (lv.H + lv.disc) / 2 - 0.8
-            parts.append(tilted_box((px, py, 0.0), (5.2, 5.5, hp), 40 if name != "C7" else 50, 1.4, blend=1.5))
+            parts.append(tilted_box((px, py, 0.0), (5.2, 5.5, hp), 40 if name != "C7" else 50, 3.0, blend=1.5))
             parts += tube([(s * (cw / 2 + 3.0), b + 11.0, -1.0), (s * cw / 4, b + cd + 0.8, -2.0),
                            (0, b + cd + 2.0, -2.5)], 2.0, (1, 1, 2.5), blend=1.5)  # lamina
             fx, fy = s * (cw / 2 + 2.8), b * 0.25
@@ -1164,16 +1164,19 @@ def _paint_neck(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: Bone
     fat_post = rng.uniform(4, 14)
     neck_w = rng.uniform(52, 64)
     shoulder = rng.uniform(150, 185)
+    # (z, centre y, half width, half depth, exponent): skin ~50 mm in front of the bodies' centres and
+    # 65-85 mm behind them (posterior neck muscles), widening into the shoulders below C7
+    back = rng.uniform(62, 80)
     table = [
         (zb + 30, yb - 5, 70, 80, 2.2),
-        (zb, yb - 10, neck_w + 8, 62, 2.2),
-        (lz("C3"), ly("C3") - 18, neck_w, 58, 2.3),
-        (lz("C5"), ly("C5") - 22, neck_w, 56, 2.4),
-        (lz("C7"), ly("C7") - 25, neck_w + 12, 60, 2.6),
-        (lz("T1"), ly("T1") - 35, shoulder * 0.7, 75, 2.8),
-        (lz("T2"), ly("T2") - 50, shoulder, 95, 3.0),
-        (lz("T4"), ly("T4") - 70, shoulder, 110, 3.0),
-        (lz("T12"), ly("T12") - 80, shoulder * 0.9, 115, 2.6),
+        (zb, yb + 5, neck_w + 8, 68, 2.2),
+        (lz("C3"), ly("C3") + (back - 50) / 2, neck_w, (back + 50) / 2, 2.3),
+        (lz("C5"), ly("C5") + (back - 52) / 2, neck_w, (back + 52) / 2, 2.4),
+        (lz("C7"), ly("C7") + (back + 8 - 55) / 2, neck_w + 12, (back + 8 + 55) / 2, 2.6),
+        (lz("T1"), ly("T1") + (back + 15 - 70) / 2, shoulder * 0.7, (back + 15 + 70) / 2, 2.8),
+        (lz("T2"), ly("T2") - 8, shoulder, 95, 3.0),
+        (lz("T4"), ly("T4") - 40, shoulder, 110, 3.0),
+        (lz("T12"), ly("T12") - 50, shoulder * 0.9, 115, 2.6),
     ]
     hi = zb + 25
     outline = [_column(skel, table, hi_z=hi), supell(head.at((0, 5, 40)), (76, 100, 96), blend=20.0),
@@ -1391,10 +1394,11 @@ def _paint_viscera(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: B
     for s in (-1, 1):
         path = [h.at((s * 26, -12, -5))] + [front(n, 8 if n in ("C2", "C3") else 14, s * (22 + 2 * i))
                                             for i, n in enumerate(("C2", "C3", "C4", "C5", "C6", "C7", "T1"))]
-        sc.paint(IDENTITY, tube(path, 9.0, (1.2, 1, 1)), -90.0, tex=8.0)
-        sc.paint(IDENTITY, tube(path, 3.6), 42.0)
+        mid = [p + np.array([s * 4.0, 1.0, 0.0]) for p in path]
+        sc.paint(IDENTITY, tube(mid, 6.5, (1.7, 1, 1)), -70.0, tex=8.0)
+        sc.paint(IDENTITY, tube(path, 3.4), 42.0)
         jug = [p + np.array([s * 8.0, 2.0, 0.0]) for p in path]
-        sc.paint(IDENTITY, tube(jug, 5.0, (1.2, 1, 1)), 40.0)
+        sc.paint(IDENTITY, tube(jug, 4.5, (1.3, 1, 1)), 38.0)
 
 
 # --------------------------------------------------------------------------- DICOM
