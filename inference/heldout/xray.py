@@ -54,8 +54,9 @@ source-object distance) is 1.10 on LAT and 1.08 on AP, so a 5 mm translation mea
 5.5 mm on a lateral detector. ``photons`` is the mean count per pixel in the open beam;
 noise is Poisson (Anscombe-transformed normal draws from a fixed per-pixel stream, so a
 change in one region leaves the noise elsewhere unchanged). Collimation edges (outside the
-field: 0.5 % transmission, bright), lead "L"/"R" markers (tissues label 0) and unsharp-mask
-processing are drawn per image.
+field: 0.5 % transmission, bright), lead "L"/"R" markers (tissues label 0), the anode heel
+effect (+-12 % across the field), and processing (dynamic range compression, unsharp mask,
+window offset and gain) are drawn per image.
 
 Masks (same geometry as the image; rotation, facing and field applied to both, blur and
 noise to neither), ``structures``:
@@ -157,9 +158,10 @@ def _frame(axis: np.ndarray | list[float], up: np.ndarray | list[float] = (0.0, 
 
 @dataclass
 class _Prim:
-    """Ellipsoid (``cyl=False``) or elliptic cylinder along local z' cut by two planes.
+    """Ellipsoid (``cyl=False``) or elliptic cylinder along local z', cut by two planes.
 
-    Planes (cylinder only): z' <= top[0] + top[1] * y' and z' >= bot[0] + bot[1] * y'.
+    Planes: z' <= top[0] + top[1] * y' and z' >= bot[0] + bot[1] * y' (infinite: no cut; a
+    cylinder needs both).
     """
 
     c: np.ndarray
@@ -486,7 +488,8 @@ def _cspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
     # soft tissue: head, face, neck, shoulders, thorax
     head.append(_ell(skull_c + np.array([0.0, 8.0, 0.0]) * scale, [78 * scale, 102 * scale, 96 * scale],
                      MU_SOFT, tissue=2))
-    head.append(_ell(c1_centre + np.array([0.0, 52.0, -6.0]) * scale, [52 * scale, 42 * scale, 45 * scale],
+    # lower face in front of the neck (overlapping it little: soft tissue is a union, not a sum)
+    head.append(_ell(c1_centre + np.array([0.0, 68.0, -4.0]) * scale, [48 * scale, 34 * scale, 42 * scale],
                      MU_SOFT, tissue=2))
     for p in head:
         p.group = top_group
@@ -494,9 +497,12 @@ def _cspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
     c4 = by["C4"]
     neck_c = np.array([0.0, float(c4.corner("ta")[1]) - 14.0 * scale, float(c4.c[2])])
     neck_semi = np.array([rng.uniform(52, 62), rng.uniform(55, 66), 1.0]) * scale
-    prims.append(_Prim(neck_c, np.eye(3), neck_semi, MU_SOFT, cyl=True, top=(float(c1_centre[2] - neck_c[2]) + 40.0,
-                                                                                0.0),
+    # the neck ends at C1 in a half-ellipsoid dome that fades into the head: no step edge
+    neck_top = float(c1_centre[2] - neck_c[2])
+    prims.append(_Prim(neck_c, np.eye(3), neck_semi, MU_SOFT, cyl=True, top=(neck_top, 0.0),
                        bot=(-400.0, 0.0), tissue=2))
+    prims.append(_Prim(neck_c + np.array([0.0, 0.0, neck_top]), np.eye(3),
+                       np.array([neck_semi[0], neck_semi[1], 70.0 * scale]), MU_SOFT, bot=(0.0, 0.0), tissue=2))
     c7, t1 = by["C7"], by["T1"]
     # shoulder soft tissue tops out between C6 and T1 (depressed shoulders show C7)
     shoulder_z = float(c7.c[2]) + rng.uniform(-70.0, -35.0) * scale
@@ -608,8 +614,9 @@ def _lspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
                         1.0)
         top = c - R @ np.array([0.0, 0.0, h * scale / 2])
     for side in (-1.0, 1.0):
-        prims += _shell(s1.local([side * (s1.w / 2 + 20.0 * scale), -6.0 * scale, -4.0 * scale]), s1.R,
-                        [24 * scale, 24 * scale, 22 * scale], 1.5)
+        # sacral ala: a flat wing of mostly trabecular bone beside S1
+        prims += _shell(s1.local([side * (s1.w / 2 + 18.0 * scale), -8.0 * scale, -6.0 * scale]), s1.R,
+                        [22 * scale, 18 * scale, 14 * scale], 1.0, mu_outer=MU_CORTICAL * 0.6)
         # iliac wing: a broad thin plate from the sacroiliac joint up to a crest at L4-L5
         crest_z = float(by["L4"].corner("bp")[2]) + rng.uniform(-10.0, 10.0) * scale
         wing_c = np.array([side * 88.0 * scale, float(s1.c[1]) - 5.0 * scale, crest_z - 55.0 * scale])
@@ -949,6 +956,7 @@ def _path_length(p: _Prim, view: str, a: np.ndarray, b: np.ndarray) -> np.ndarra
     q = [np.float32(R[ia, k]) * da + np.float32(R[2, k]) * db + np.float32(R[ib, k] * off) for k in range(3)]
     d = R[ib, :]  # beam direction in local coordinates
     s = p.s
+    cut = math.isfinite(p.top[0]) or math.isfinite(p.bot[0])
     if not p.cyl:
         qn = [q[k] / np.float32(s[k]) for k in range(3)]
         dn = d / s
@@ -956,14 +964,15 @@ def _path_length(p: _Prim, view: str, a: np.ndarray, b: np.ndarray) -> np.ndarra
         B = qn[0] * np.float32(dn[0]) + qn[1] * np.float32(dn[1]) + qn[2] * np.float32(dn[2])
         C = qn[0] * qn[0] + qn[1] * qn[1] + qn[2] * qn[2] - 1.0
         D = B * B - np.float32(A) * C
-        return np.float32(2.0 / A) * np.sqrt(np.maximum(D, 0.0))
-    qn0, qn1 = q[0] / np.float32(s[0]), q[1] / np.float32(s[1])
-    dn0, dn1 = d[0] / s[0], d[1] / s[1]
-    A = dn0 * dn0 + dn1 * dn1
-    A = max(A, 1e-9)  # a rod along the beam: its planes bound the chord
-    B = qn0 * np.float32(dn0) + qn1 * np.float32(dn1)
-    C = qn0 * qn0 + qn1 * qn1 - 1.0
-    D = B * B - np.float32(A) * C
+        if not cut:
+            return np.float32(2.0 / A) * np.sqrt(np.maximum(D, 0.0))
+    else:
+        qn0, qn1 = q[0] / np.float32(s[0]), q[1] / np.float32(s[1])
+        dn0, dn1 = d[0] / s[0], d[1] / s[1]
+        A = max(dn0 * dn0 + dn1 * dn1, 1e-9)  # a rod along the beam: its planes bound the chord
+        B = qn0 * np.float32(dn0) + qn1 * np.float32(dn1)
+        C = qn0 * qn0 + qn1 * qn1 - 1.0
+        D = B * B - np.float32(A) * C
     sq = np.sqrt(np.maximum(D, 0.0))
     lo = (-B - sq) / np.float32(A)
     hi = (-B + sq) / np.float32(A)
@@ -1132,6 +1141,12 @@ def _expose(line_integral: np.ndarray, *, spacing: float, photons: float, blur_p
             field_mask: np.ndarray, lead: np.ndarray) -> np.ndarray:
     """Beer-Lambert, scatter, blur, Poisson noise, log and 12-bit processing."""
     primary = np.exp(-line_integral, dtype=np.float32)
+    # anode heel effect: up to +-12 % exposure from one edge to the other, along rows or columns
+    heel = np.float32(rng.uniform(-0.12, 0.12))
+    if rng.random() < 0.5:
+        primary *= (1 + heel * np.linspace(-1, 1, primary.shape[0], dtype=np.float32))[:, None]
+    else:
+        primary *= (1 + heel * np.linspace(-1, 1, primary.shape[1], dtype=np.float32))[None, :]
     primary[~field_mask] *= 0.005
     primary[lead] *= MU_LEAD_TRANSMISSION
     # scatter: a broad blur (sigma ~ 30 mm) of what the tissue scatters, ~ P exp(-P) (none from the open beam)
