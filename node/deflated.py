@@ -30,7 +30,7 @@ MAX_INFLATED = 1 << 30
 MAX_INFLATE_RATIO = 100
 _RATIO_FLOOR = 64 << 20
 # An identifying value longer than this is invalid anyway; only its start is kept.
-_MAX_CAPTURE = 1024
+_MAX_CAPTURE = 64 << 10
 
 _LONG_LENGTH_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}

@@ -50,7 +50,8 @@ def _push_pynetdicom(port: int, studies: list[dict[str, list[Path]]]) -> list[li
 
 
 def _push_storescu(port: int, tmp_path: Path, count: int) -> list[subprocess.CompletedProcess[str]]:
-    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", f"PEER{i}", "+sd", "127.0.0.1", str(port),
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", f"PEER{i}", "-aec", "SPINE_NODE", "+sd", "127.0.0.1",
+                               str(port),
                                str(tmp_path / f"study{i}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(count)]
     done = []

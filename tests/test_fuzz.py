@@ -8,9 +8,12 @@ exception type comes out, and nothing a peer sends can make a path leave the spo
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import random
 import struct
 import tempfile
+import zlib
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -18,16 +21,22 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
 )
 
+from spine_node.inference.errors import PipelineError
+from spine_node.inference.pixels import check_pixel_data, pixel_budget
 from spine_node.node.config import Route, RouteMatch
+from spine_node.node.deflated import DeflateMalformed, inspect_deflated
 from spine_node.node.errors import InvalidUIDError
 from spine_node.node.receive import HeaderWalk, PastHead, StoreRejected, check_structure, inspect_dataset, read_header
 from spine_node.node.route import SeriesFacts, matches, plan
@@ -293,11 +302,160 @@ def test_structure_check_passes_every_readable_real_file(scratch: Path) -> None:
                 ds.save_as(out, enforce_file_format=True)
         except Exception:  # noqa: BLE001 - pydicom's deliberately broken samples
             continue
-        has_pixels = check_structure(out, syntax)
-        if syntax.is_deflated:  # inflated and bounded, but not walked
-            assert has_pixels is None, name
-            checked += 1
-            continue
+        has_pixels = check_structure(out, syntax)  # deflated too: walked while inflating
         assert has_pixels == any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)), name
         checked += 1
     assert checked > 50
+
+
+# -- deflated data sets and compressed pixel data ---------------------------------------------------
+# Deflated data sets are walked while inflating (node/deflated.py), never inflated whole;
+# that walk must give the plain walk's verdict on the same data set. Compressed pixel data
+# is checked before decoding (inference/pixels.py): only PipelineError may come out.
+
+def _deflate(data: bytes) -> bytes:
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return deflater.compress(data) + deflater.flush()
+
+
+def _deflated_verdict(file_start: bytes, deflated: bytes) -> object:
+    """Verdict of the receive check on a deflated file: (has pixels, info) or a status."""
+    data = file_start + deflated
+    try:
+        return inspect_deflated(lambda offset, count: data[offset:offset + count], len(file_start), len(data))
+    except StoreRejected as exc:
+        return exc.status
+    except DeflateMalformed:
+        return 0xC210
+
+
+def _plain_verdict(data: bytes, start: int) -> object:
+    try:
+        return inspect_dataset(data, start, ExplicitVRLittleEndian)
+    except StoreRejected as exc:
+        return exc.status
+
+
+@pytest.fixture(scope="module")
+def plain_seeds(seeds: list[tuple[bytes, str]]) -> list[tuple[bytes, int]]:
+    """Explicit VR little endian files (those a deflated data set inflates to): (file, data set start)."""
+    out = []
+    for data, syntax in seeds:
+        if syntax == ExplicitVRLittleEndian:
+            out.append((data, 144 + struct.unpack_from("<L", data, 140)[0]))
+    ds = dcmread(BytesIO(seeds[4][0]))  # the deflated sample, re-encoded explicit
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    out.append((data, 144 + struct.unpack_from("<L", data, 140)[0]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def compressed_seeds() -> list[Dataset]:
+    """Real pixel data in the compressed syntaxes whose headers pixels.py reads."""
+    out = []
+    for syntax in (JPEG2000Lossless, JPEGLSLossless, RLELossless):
+        ds = real_ct()
+        ds.compress(syntax)
+        out.append(ds)
+    path = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    assert path is not None
+    out.append(dcmread(path))
+    return out
+
+
+def _deflated_case(rng: random.Random, plain_seeds: list[tuple[bytes, int]]) -> str:
+    """One mutated data set, deflated: the bounded walk agrees with the plain walk."""
+    data, start = rng.choice(plain_seeds)
+    ops = _random_ops(rng, len(data) - start)
+    plain = data[:start] + _mutate(data[start:], ops)
+    deflated = _deflate(plain[start:])
+    if rng.random() < 0.3:  # the compressed bytes themselves broken: any verdict, no other error
+        broken = _mutate(deflated, _random_ops(rng, len(deflated)))
+        verdict = _deflated_verdict(plain[:start], broken)
+        assert verdict in (0xC210, 0xC220, 0xA900) or isinstance(verdict, tuple), verdict
+        return "deflate-broken"
+    assert _deflated_verdict(plain[:start], deflated) == _plain_verdict(plain, start), ops
+    return "deflate"
+
+
+def _pixel_case(rng: random.Random, compressed_seeds: list[Dataset]) -> str:
+    """Mutated encapsulated pixel data and pixel attributes: checked, or PipelineError."""
+    ds = copy.copy(rng.choice(compressed_seeds))
+    if rng.random() < 0.5:
+        value = ds.PixelData
+        ds.PixelData = _mutate(value, _random_ops(rng, len(value)))
+    if rng.random() < 0.5:
+        keyword = rng.choice(["Rows", "Columns", "NumberOfFrames", "BitsAllocated", "SamplesPerPixel"])
+        setattr(ds, keyword, rng.choice([0, 1, 3, 8, 12, 16, 128, 4096, 16384, 65535]))
+    try:
+        with pixel_budget(1 << 29):
+            check_pixel_data([ds], "fuzz")
+    except PipelineError:
+        return "pixels-refused"
+    return "pixels-passed"
+
+
+def _header_case(rng: random.Random, seeds: list[tuple[bytes, str]], spool: Spool) -> str:
+    """A mutated file through the one-walk receive check; an accepted one maps inside the spool."""
+    data, syntax = rng.choice(seeds[:4])
+    start = 144 + struct.unpack_from("<L", data, 140)[0]
+    mutant = data[:start] + _mutate(data[start:], _random_ops(rng, len(data) - start))
+    try:
+        verdict = inspect_dataset(mutant, start, syntax)
+    except StoreRejected as exc:
+        assert exc.status in (0xC210, 0xC220)
+        return "header-refused"
+    assert verdict is not None
+    info = verdict[1]
+    target = spool.instance_path(info.study_uid, info.series_uid, info.sop_instance_uid)
+    assert target.resolve().is_relative_to(spool.root.resolve())
+    return "header-accepted"
+
+
+def _random_ops(rng: random.Random, size: int) -> list[tuple[str, int, object]]:
+    ops: list[tuple[str, int, object]] = []
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(["flip", "flip", "truncate", "insert", "length"])
+        where = rng.randrange(max(size, 1))
+        if kind == "flip":
+            ops.append((kind, where, rng.randrange(256)))
+        elif kind == "truncate":
+            ops.append((kind, where, 0))
+        elif kind == "insert":
+            ops.append((kind, where, bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))))
+        else:
+            ops.append((kind, where, rng.choice([0xFFFFFFFF, 0x7FFFFFF0, 0xFFFFFFFE, 0, 1, 0x10000])))
+    return ops
+
+
+def test_fuzz_corpus(seeds: list[tuple[bytes, str]], plain_seeds: list[tuple[bytes, int]],
+                     compressed_seeds: list[Dataset], scratch: Path) -> None:
+    """FUZZ_CASES (default 10,000) seeded random cases over the header walk, the deflated walk
+    and the pixel checks: no exception but the documented ones. ``FUZZ_SEED`` repeats a run."""
+    cases = int(os.environ.get("FUZZ_CASES", "10000"))
+    seed = int(os.environ.get("FUZZ_SEED", str(random.randrange(1 << 32))))
+    rng = random.Random(seed)
+    spool = Spool(scratch / "corpus-spool")
+    outcomes: dict[str, int] = {}
+    for index in range(cases):
+        kind = rng.random()
+        try:
+            if kind < 0.4:
+                outcome = _header_case(rng, seeds, spool)
+            elif kind < 0.75:
+                outcome = _deflated_case(rng, plain_seeds)
+            else:
+                outcome = _pixel_case(rng, compressed_seeds)
+        except AssertionError as exc:
+            raise AssertionError(f"case {index} of FUZZ_SEED={seed}: {exc}") from None
+        except Exception as exc:
+            raise AssertionError(f"case {index} of FUZZ_SEED={seed}: unexpected {type(exc).__name__}: {exc}") from exc
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    print(f"\nfuzz corpus FUZZ_SEED={seed}: {outcomes}")
+    assert sum(outcomes.values()) == cases
+    # Every path was taken, both ways where there are two.
+    assert {"header-refused", "header-accepted", "deflate", "pixels-refused", "pixels-passed"} <= set(outcomes)
+    assert not any(spool.root.rglob("*.dcm"))

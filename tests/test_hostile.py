@@ -344,7 +344,8 @@ def test_every_accepted_compressed_syntax_has_a_decoder() -> None:
 def test_big_endian_file_is_converted_by_storescu_and_stored(node: NodeProcess, work: Path) -> None:
     ds = _instance(derive_uid("hostile", work.name), 7)
     path = _write(ds, work / "big.dcm", ExplicitVRBigEndian)
-    push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "127.0.0.1", str(node.port), str(path)],
+    push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "SPINE_NODE", "127.0.0.1", str(node.port),
+                           str(path)],
                           capture_output=True, text=True, timeout=60)
     assert push.returncode == 0, push.stderr
     stored = dcmread(_stored(node, ds))
@@ -356,7 +357,8 @@ def test_file_without_preamble_and_meta_is_sent_by_storescu_and_stored(node: Nod
     ds = _instance(derive_uid("hostile", work.name), 7)
     path = work / "bare.dcm"
     path.write_bytes(_encoded(ds, ImplicitVRLittleEndian))
-    push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "127.0.0.1", str(node.port), str(path)],
+    push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "SPINE_NODE", "127.0.0.1", str(node.port),
+                           str(path)],
                           capture_output=True, text=True, timeout=60)
     assert push.returncode == 0, push.stderr
     assert dcmread(_stored(node, ds)).SOPInstanceUID == ds.SOPInstanceUID

@@ -108,8 +108,8 @@ def test_tls_with_server_certificate_only(tmp_path: Path, pki: dict[str, Path]) 
         # DCMTK verifies the node's certificate against the CA; no client certificate.
         echo = _dcmtk("echoscu", node.port, "+tla", "+cf", str(pki["ca"]))
         assert echo.returncode == 0, echo.stderr
-        push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "+tla", "+cf", str(pki["ca"]),
-                               "127.0.0.1", str(node.port), *map(str, files)],
+        push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "SPINE_NODE", "+tla", "+cf",
+                               str(pki["ca"]), "127.0.0.1", str(node.port), *map(str, files)],
                               capture_output=True, text=True, timeout=60)
         assert push.returncode == 0, push.stderr
         for path in files:
@@ -176,8 +176,8 @@ def test_no_phi_in_logs_audit_rows_or_cli_output(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'node.db'}"
     env = {"SPINE_NODE_LOG_LEVEL": "DEBUG"}
     with NodeProcess(tmp_path / "node", url, env=env) as node:
-        push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "127.0.0.1", str(node.port),
-                               *map(str, files)], capture_output=True, text=True, timeout=60)
+        push = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "SPINE_NODE", "127.0.0.1",
+                               str(node.port), *map(str, files)], capture_output=True, text=True, timeout=60)
         assert push.returncode == 0, push.stderr
         statuses = []
         with association(node.port) as assoc:
