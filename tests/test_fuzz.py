@@ -383,7 +383,7 @@ def _deflated_case(rng: random.Random, plain_seeds: list[tuple[bytes, int]]) -> 
 
 def _pixel_case(rng: random.Random, compressed_seeds: list[Dataset]) -> str:
     """Mutated encapsulated pixel data and pixel attributes: checked, or PipelineError."""
-    ds = copy.copy(rng.choice(compressed_seeds))
+    ds = copy.deepcopy(rng.choice(compressed_seeds))  # setting a value changes the shared element
     if rng.random() < 0.5:
         value = ds.PixelData
         ds.PixelData = _mutate(value, _random_ops(rng, len(value)))
