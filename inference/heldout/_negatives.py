@@ -25,11 +25,11 @@ def generate_negative(kind: str, seed: int, rng: np.random.Generator, nrng: np.r
         fov_default = (200.0, 240.0)
     elif kind == "chest":
         top, bot = L["T2"].frame.at((0, 0, 10)), L["T10"].frame.at((0, 0, -11))
-        centre = L["T6"].frame.at((0, -70, 0))
+        centre = L["T6"].frame.at((0, -40, 0))
         fov_default = (240.0, 300.0)
     elif kind == "abdomen":
         top, bot = L["T12"].frame.at((0, 0, 12)), L["L5"].frame.at((0, 0, -30))
-        centre = L["L3"].frame.at((0, -60, 0))
+        centre = L["L3"].frame.at((0, -30, 0))
         fov_default = (240.0, 300.0)
     else:  # phantoms without anatomy: a 150-250 mm long stack at the head end
         length = rng.uniform(150, 250)
@@ -86,7 +86,7 @@ def _chest(sc: ct._Scene, skel: Skeleton, rng: np.random.Generator, bone: BoneHu
     L = skel.levels
     names = ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12"]
     hw, ap = rng.uniform(150, 180), rng.uniform(100, 125)
-    _torso(sc, skel, rng, _rows(skel, names, hw, ap, ap - 55))
+    _torso(sc, skel, rng, _rows(skel, names, hw, ap, ap - rng.uniform(80, 95)))  # 80-95 mm behind the bodies
     for s in (-1, 1):
         lung = supell(L["T6"].frame.at((s * 68, -25, -5)), (hw - 85, ap - 30, 120), 2.3)
         lung.coarse = 3
@@ -108,18 +108,27 @@ def _chest(sc: ct._Scene, skel: Skeleton, rng: np.random.Generator, bone: BoneHu
         for s in (-1, 1):
             pts = ct._rib_points(lv, s, number, rng)
             sc.paint_bone(lv.frame, tube(pts[:-1], 3.8, (1, 1, 1.5), blend=1.0), bone.cortical, bone.cancellous, 0.9)
-    sternum = supcyl(L["T5"].frame.at((0, -ap * 1.7 + 35, 0)), 16, 6, 70, 2.2, 2.0)
-    sc.paint_bone(IDENTITY, [sternum], bone.cortical, bone.cancellous, 1.0)
+    for n in names[1:10]:  # costal cartilage towards the sternum
+        lv = L[n]
+        for s in (-1, 1):
+            pts = ct._rib_points(lv, s, int(n[1:]), rng)
+            ster = np.array([s * 14.0, pts[-1][1] - 10, pts[-1][2] - 4])
+            sc.paint(lv.frame, tube([pts[-2], pts[-1], ster], 3.5, (1, 1, 1.5)), 120.0, tex=10.0)
+    t5 = L["T5"].frame
+    front = float(ct._rib_points(L["T5"], 1, 5, np.random.default_rng(0))[-1][1]) - 12
+    sternum = supcyl((0, front, -10), 16, 6, 75, 2.2, 2.0)
+    sc.paint_bone(t5, [sternum], bone.cortical, bone.cancellous, 1.0)
     for s in (-1, 1):
-        scap = supcyl(L["T5"].frame.at((s * 95, 45, 10)), 30, 3, 60, 2.5, 2.0)
-        sc.paint_bone(L["T5"].frame.rotated("z", s * 35), [scap], bone.cortical, bone.cancellous, 1.2)
+        # scapula: a plate behind the upper ribs, turned about 35 degrees from the coronal plane
+        fr = ct.Frame(t5.at((s * 85, 50, 20)), t5.F @ ct._rot("z", -s * 30))
+        sc.paint_bone(fr, [supcyl((0, 0, 0), 35, 2.5, 65, 2.5, 1.5)], bone.cortical, bone.cancellous, 1.0)
 
 
 def _abdomen(sc: ct._Scene, skel: Skeleton, rng: np.random.Generator, bone: BoneHu) -> None:
     L = skel.levels
     names = ["T11", "T12", "L1", "L2", "L3", "L4", "L5"]
     hw, ap = rng.uniform(140, 175), rng.uniform(100, 130)
-    _torso(sc, skel, rng, _rows(skel, names, hw, ap, ap - 40))
+    _torso(sc, skel, rng, _rows(skel, names, hw, ap, ap - rng.uniform(85, 100)))
     liver = supell(L["T12"].frame.at((-65, -55, 10)), (75, 80, 75), 2.2)
     liver.coarse = 3
     sc.paint(IDENTITY, [liver], 58.0, tex=4.0)
@@ -141,8 +150,9 @@ def _abdomen(sc: ct._Scene, skel: Skeleton, rng: np.random.Generator, bone: Bone
             sc.paint(IDENTITY, [capsule(c - d * 0.7, c + d * 0.7, rng.uniform(3, 9))], -1000.0)
     ct._paint_spine(sc, skel, bone, {}, names, labelled=False, atlas=False)
     for s in (-1, 1):
-        ilium = supcyl(L["L5"].frame.at((s * 85, 10, -20)), 40, 4, 30, 2.5, 2.0)
-        sc.paint_bone(L["L5"].frame.rotated("z", -s * 40), [ilium], bone.cortical, bone.cancellous, 1.2)
+        # iliac wing: a curved plate flaring laterally and forwards from the sacroiliac region
+        fr = ct.Frame(L["L5"].frame.at((s * 70, 5, -25)), L["L5"].frame.F @ ct._rot("z", s * 40))
+        sc.paint_bone(fr, [supcyl((0, 0, 0), 45, 5, 28, 2.5, 2.5)], bone.cortical, bone.cancellous, 1.5)
 
 
 def _water(sc: ct._Scene, geo: ct._Geometry, rng: np.random.Generator) -> None:

@@ -1250,19 +1250,22 @@ def _paint_spine(sc: _Scene, skel: Skeleton, bone: BoneHu, breaks: dict[str, _Br
 
 
 def _rib_points(lv: Level, side: int, number: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Rib path from head to the costochondral junction, in the vertebra's frame."""
+    """Rib path in the vertebra's frame: head on the body, tubercle at the transverse process tip, then an
+    elliptic arc round the chest, dropping towards its anterior end; the last point is the costochondral
+    junction."""
     a, b = lv.W / 2, lv.D / 2
-    pts = [np.array([side * (a + 1.5), b * 0.4, lv.H / 2 - (3 if number > 1 else 6)]),
-           np.array([side * (lv.tp / 2 - 4), b + 12.0, 0.0])]
-    half_w = {1: 52, 2: 78, 3: 92}.get(number, 100 + number * 4) + rng.uniform(-5, 5)
-    depth = {1: 55, 2: 80, 3: 95}.get(number, 100 + number * 4)
-    drop = {1: 30, 2: 50, 3: 60}.get(number, 70)
-    cy = b + 14 - depth / 2 - 2
-    for t in np.linspace(0.15, 1.0, 9):
-        ang = math.pi * (0.15 + 0.85 * t)
-        pts.append(np.array([side * half_w * math.sin(ang) * (1 - 0.2 * t * t),
-                             cy - depth / 2 * math.cos(ang) * 1.0 - (b + 12 - cy) * 0,
-                             -drop * t ** 1.4]))
+    tub = np.array([side * (lv.tp / 2 - 3), b + 12.0, 0.0])
+    pts = [np.array([side * (a + 1.5), b * 0.4, lv.H / 2 - (3 if number > 1 else 6)]), tub]
+    # half width and half depth of the rib's arc: the upper thoracic cage widens quickly
+    half_w = {1: 50, 2: 74, 3: 88, 4: 98, 5: 106}.get(number, 112) * rng.uniform(0.93, 1.07)
+    half_d = {1: 36, 2: 52, 3: 64, 4: 72, 5: 80}.get(number, 86) * rng.uniform(0.93, 1.07)
+    drop = {1: 28, 2: 45, 3: 60}.get(number, 75)
+    th0 = math.asin(min(0.95, abs(tub[0]) / half_w))
+    vc = tub[1] - half_d * math.cos(th0)
+    th1 = math.pi * (0.80 if number == 1 else 0.86)
+    for t in np.linspace(0.12, 1.0, 10):
+        th = th0 + (th1 - th0) * t
+        pts.append(np.array([side * half_w * math.sin(th), vc + half_d * math.cos(th), -drop * t**1.3]))
     return pts
 
 
@@ -1276,9 +1279,9 @@ def _paint_ribs(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: Bone
             r = 5.0 if number == 1 else 3.6
             sc.paint_bone(lv.frame, tube(pts[:-1], r, scale, blend=1.0), bone.cortical, bone.cancellous * 0.9, 0.9)
             # costal cartilage to the sternum
-            end = pts[-2]
-            ster = np.array([s * 14.0, end[1] - 8, end[2] - 6])
-            sc.paint(lv.frame, tube([end, pts[-1], ster], 3.5, scale), 120.0, tex=10.0)
+            end = pts[-1]
+            ster = np.array([s * 14.0, end[1] - 10, end[2] - 4])
+            sc.paint(lv.frame, tube([pts[-2], end, ster], 3.5, scale), 120.0, tex=10.0)
 
 
 def _paint_head(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: BoneHu, neck: bool) -> None:
