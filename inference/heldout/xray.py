@@ -46,6 +46,10 @@ line through a body (2-4 mm gap, 1-3 mm anterior step-off and up to 1 mm lateral
 (1-3 mm lateral on AP). The flags say what the image shows: a finding whose vertebra is
 outside the exposed field is reported False.
 
+Distractors a real film has: degenerated discs (35-60 % height at 1-3 levels in about a
+third of patients) with anterior osteophytes (labelled as body), earrings, necklaces,
+dental fillings and abdominal clips (steel, no tissue label).
+
 Acquisition: ``pixel_spacing_mm`` is the detector pixel at ``fov_scale=1``; the image keeps
 its matrix when ``fov_scale`` changes and its pixel spacing becomes
 ``pixel_spacing_mm * fov_scale`` (a wider field, anatomy smaller in pixels), which is what
@@ -103,6 +107,7 @@ MU_TRABECULAR = 0.022
 MU_AIR = -MU_SOFT
 MU_LUNG = -0.017
 MU_ENAMEL = 0.16
+MU_METAL = 0.8  # steel jewellery, dental fillings, clips
 MU_LEAD_TRANSMISSION = 0.02
 
 MAGNIFICATION = {("cspine", "LAT"): 1.10, ("cspine", "AP"): 1.08, ("lspine", "LAT"): 1.15, ("lspine", "AP"): 1.12}
@@ -307,7 +312,8 @@ class _Patient:
 
 
 def _build_column(rng: np.random.Generator, table: list[tuple], discs: dict[str, float], scale: float,
-                  lordosis_deg: float, incline_deg: float, coronal_deg: float, power: float = 1.0) -> list[_Vertebra]:
+                  lordosis_deg: float, incline_deg: float, coronal_deg: float, power: float = 1.0,
+                  narrowing: dict[str, float] | None = None) -> list[_Vertebra]:
     """Stack bodies bottom-up along a curve whose tilt falls by ``lordosis_deg`` from bottom to top
     (``power`` < 1 puts more of it low in the column, as in the lumbar spine)."""
     n = len(table)
@@ -324,10 +330,43 @@ def _build_column(rng: np.random.Generator, table: list[tuple], discs: dict[str,
         top = p + R @ np.array([0.0, 0.0, h])
         if name in discs and i + 1 < n:
             mid = _rx((phis[i] + phis[i + 1]) / 2) @ _ry((psis[i] + psis[i + 1]) / 2)
-            p = top + mid @ np.array([0.0, 0.0, discs[name] * scale * rng.uniform(0.85, 1.15)])
+            height = discs[name] * scale * rng.uniform(0.85, 1.15) * (narrowing or {}).get(name, 1.0)
+            p = top + mid @ np.array([0.0, 0.0, height])
         else:
             p = top
     return out
+
+
+def _draw_narrowing(rng: np.random.Generator, names: list[str], p: float) -> dict[str, float]:
+    """Degenerated discs (named by the body below them): 1-3 of ``names`` at 35-60 % height."""
+    if rng.random() >= p:
+        return {}
+    picks = rng.choice(names, size=int(rng.integers(1, min(3, len(names)) + 1)), replace=False)
+    return {str(name): float(rng.uniform(0.35, 0.6)) for name in picks}
+
+
+def _osteophytes(column: list[_Vertebra], narrowing: dict[str, float], rng: np.random.Generator,
+                 scale: float) -> list[_Prim]:
+    """Anterior lips of bone at the corners beside a narrowed disc (part of the body, label 1)."""
+    prims: list[_Prim] = []
+    for i, v in enumerate(column):
+        if v.name not in narrowing or i + 1 >= len(column):
+            continue
+        for u, corner, dz in ((v, "ta", -1.0), (column[i + 1], "ba", 1.0)):
+            size = rng.uniform(1.0, 2.5) * scale
+            c = u.corner(corner) + u.R @ np.array([0.0, size * 0.6, dz * size * 0.6])
+            prims.append(_Prim(c, u.R, np.array([u.w * 0.3, size, size * 0.8]), MU_CORTICAL * 0.8, tag="body",
+                               tissue=1, group=u.index))
+    return prims
+
+
+def _metal(rng: np.random.Generator, spots: list[tuple[np.ndarray, float]], p: float) -> list[_Prim]:
+    """Foreign bodies (earrings, necklace beads, clips): small, very dense, no tissue label."""
+    prims: list[_Prim] = []
+    for centre, size in spots:
+        if rng.random() < p:
+            prims.append(_ell(centre, list(rng.uniform(0.4, 1.0, size=3) * size), MU_METAL))
+    return prims
 
 
 def _body_prims(v: _Vertebra, t: float, group: int) -> list[_Prim]:
@@ -404,7 +443,8 @@ def _cspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
     lordosis = rng.uniform(5.0, 35.0)
     incline = rng.uniform(-4.0, 10.0)
     coronal = rng.uniform(-4.0, 4.0)
-    column = _build_column(rng, _CERVICAL, _CERVICAL_DISC, scale, lordosis, incline, coronal)
+    narrowing = _draw_narrowing(rng, ["C3", "C4", "C5", "C6", "C7"], 0.35)
+    column = _build_column(rng, _CERVICAL, _CERVICAL_DISC, scale, lordosis, incline, coronal, narrowing=narrowing)
     by = {v.name: v for v in column}
     for v in column:
         v.prevert = _PREVERT[v.name] * scale * rng.uniform(0.85, 1.15)
@@ -524,8 +564,18 @@ def _cspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
     for side in (-1.0, 1.0):
         prims.append(_ell(thorax_c + np.array([side * 58.0, 10.0, 70.0]) * scale, [48 * scale, 60 * scale, 100 * scale],
                           MU_LUNG))
+    prims += _osteophytes(column, narrowing, rng, scale)
+    # jewellery and dental work: earrings, necklace beads, fillings
+    spots = [(c1_centre + np.array([side * 62.0, 12.0, -2.0]) * scale, 3.0 * scale) for side in (-1.0, 1.0)]
+    spots += [(arch_c + np.array([side * 20.0, -8.0, -3.0]) * scale, 3.5 * scale) for side in (-1.0, 1.0)]
+    if rng.random() < 0.15:
+        z = float(by["C7"].c[2]) - 10.0 * scale
+        for k in range(16):
+            th = 2 * math.pi * k / 16
+            spots.append((np.array([neck_semi[0] * 1.02 * math.sin(th), neck_c[1] + neck_semi[1] * 1.02 * math.cos(th),
+                                    z + 25.0 * scale * math.cos(th)]), 2.5 * scale))
+    prims += _metal(rng, spots, 0.25)
     centre = (c1_centre + by["C7"].c) / 2
-    centre = centre + np.array([0.0, 0.0, 0.0])
     return _Patient("cspine", column, prims, facing_left=bool(rng.random() < 0.5), centre=centre,
                     fov_rows_mm=float(rng.uniform(200.0, 240.0)), fov_aspect=float(rng.uniform(0.8, 0.86)))
 
@@ -591,8 +641,9 @@ def _lspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
     lordosis = rng.uniform(35.0, 60.0)
     sacral_slope = rng.uniform(30.0, 48.0)
     coronal = rng.uniform(-6.0, 6.0)
+    narrowing = _draw_narrowing(rng, ["S1", "L5", "L4", "L3"], 0.4)
     column = _build_column(rng, _LUMBAR, _LUMBAR_DISC, scale, lordosis, sacral_slope - lordosis / 2, coronal,
-                           power=0.6)
+                           power=0.6, narrowing=narrowing)
     by = {v.name: v for v in column}
     prims: list[_Prim] = []
     for v, row in zip(column, _LUMBAR, strict=True):
@@ -663,6 +714,13 @@ def _lspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
         semi = rng.uniform(6.0, 28.0, size=3) * scale
         semi[1] = min(semi[1], 25.0 * scale)
         prims.append(_ell(gc, list(semi), MU_AIR, _rx(rng.uniform(-1, 1)) @ _ry(rng.uniform(-1, 1))))
+    prims += _osteophytes(column, narrowing, rng, scale)
+    # an umbilical piercing or surgical clips
+    spots = [(abd_c + np.array([0.0, depth - 4.0 * scale, -20.0 * scale]), 3.0 * scale)]
+    front = float(l3.corner("ta")[1])
+    spots += [(np.array([rng.uniform(-60, 60) * scale, front + rng.uniform(20, 80) * scale, rng.uniform(z_lo, z_hi)]),
+               3.5 * scale) for _ in range(3)]
+    prims += _metal(rng, spots, 0.12)
     centre = by["L3"].c + np.array([0.0, 0.0, -10.0]) * scale
     return _Patient("lspine", column, prims, facing_left=bool(rng.random() < 0.5), centre=centre,
                     fov_rows_mm=float(rng.uniform(330.0, 400.0)), fov_aspect=float(rng.uniform(0.62, 0.8)))
