@@ -15,7 +15,6 @@ from scipy import ndimage
 from spine_node.inference.heldout import xray
 from tests.peers import tool
 
-
 SPACING = 0.25  # mm: coarser than the 0.15 mm default keeps the module fast; geometry is the same
 
 
@@ -210,3 +209,18 @@ def test_negatives_have_no_spine(kind: str) -> None:
     if kind == "ct_slice":
         assert rad.image.shape == (512, 512)
         assert rad.image.min() < 100 and rad.image.max() > 1900  # air and cortical bone in HU + 1024
+
+
+def test_write_set_pairs_dicom_and_truth(tmp_path: Path) -> None:
+    import json
+
+    out = xray.write_set(tmp_path / "set", range(3, 4), kind="cspine", pixel_spacing_mm=0.4)
+    truth = [json.loads(line) for line in (out / "truth.jsonl").read_text().splitlines()]
+    assert [t["view"] for t in truth] == ["AP", "LAT"]
+    for t in truth:
+        ds = pydicom.dcmread(out / t["file"])
+        masks = np.load(out / t["file"].replace(".dcm", ".npz"))
+        assert masks["structures"].shape == ds.pixel_array.shape
+        assert ds.BodyPartExamined == "CSPINE" and t["kind"] == "cspine"
+    assert pydicom.dcmread(out / truth[0]["file"]).StudyInstanceUID == pydicom.dcmread(
+        out / truth[1]["file"]).StudyInstanceUID
