@@ -580,7 +580,9 @@ def summarise(name: str, records: Sequence[Mapping[str, Any]], negative: bool = 
     * Level accuracy over true vertebrae with >= 50 % of their voxels in the field: *right*
       when the predicted level covering most of it has its name, *unlabelled* when
       predicted C1..C7 labels cover < 10 % of it or the pipeline calls that level not
-      assessable, *wrong* otherwise (a shifted label). Bar: right + unlabelled >= 95 %.
+      assessable, *wrong* otherwise (a shifted label). Bar: right + unlabelled >= 95 %;
+      read it with ``assessed_in_field`` (the share of those vertebrae the pipeline
+      assessed), since a pipeline that abstains on everything meets it.
     * Fracture AUC per level and pooled over vertebrae (in the field as above; a level the
       pipeline did not assess scores 0, so a missed level is a missed fracture); pooled
       CIs by a cluster bootstrap over cases (a patient's vertebrae are not independent),
@@ -805,14 +807,14 @@ def tables(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str
                 r["cohort"], _n(r), _f(r["dice_mean"]),
                 f"{_f(la['right']['share'], 2)} / {_f(la['unlabelled']['share'], 2)} / "
                 f"{_f(la['wrong']['share'], 2)} ({la['vertebrae']})",
-                _fci(la["right_or_unlabelled"]), _auc_cell(r["auc_vertebra"]),
+                _fci(la["right_or_unlabelled"]), _fci(r["assessed_in_field"]), _auc_cell(r["auc_vertebra"]),
                 _auc_cell(r["auc_patient"]), _fci(r["sensitivity"]), _fci(r["specificity"]),
                 _fci(r["fracture_free_with_present"]),
                 f"{r['not_performed']} / {r['refused']} / {r['crashed']}", _f(r["seconds_mean"], 2),
             ])
         out.append(("Fracture cohorts", [
             "cohort", "n", "Dice C1-C7", "levels right / unlab. / wrong (n)",
-            "right or unlab.", "vertebra AUC", "patient AUC", "sensitivity",
+            "right or unlab.", "assessed", "vertebra AUC", "patient AUC", "sensitivity",
             "specificity", "fracture-free with a present finding",
             "not perf. / refused / crashed", "s / case"], rows))
         rows = []
