@@ -59,7 +59,8 @@ source-object distance) is 1.10 on LAT and 1.08 on AP, so a 5 mm translation mea
 noise is Poisson (Anscombe-transformed normal draws from a fixed per-pixel stream, so a
 change in one region leaves the noise elsewhere unchanged). Collimation edges (outside the
 field: 0.5 % transmission, bright), lead "L"/"R" markers (tissues label 0), the anode heel
-effect (+-12 % across the field), and processing (dynamic range compression, unsharp mask,
+effect (+-12 % across the field), scintillator blur of the noise, faint anti-scatter grid
+lines (30 % of images), and processing (dynamic range compression, unsharp mask,
 window offset and gain) are drawn per image.
 
 Masks (same geometry as the image; rotation, facing and field applied to both, blur and
@@ -77,7 +78,7 @@ beam, 0 outside the collimated field and under lead markers.
 
 Speed (``OMP_NUM_THREADS=1 python -m inference.heldout.xray --bench 4``, 2-core development
 machine shared with other work, so CPU time is the figure that holds): a cervical radiograph of
-about 1550 x 1260 pixels takes 0.64 s of CPU (median of 8, max 0.79 s); a lumbar one at 0.15 mm
+about 1550 x 1260 pixels takes 0.75 s of CPU (median of 6, max 0.82 s); a lumbar one at 0.15 mm
 (about 2570 x 1950) 1.9 s. ``python -m inference.heldout.xray --out DIR --seeds 0 100`` writes
 AP + LAT DICOM files, ``.npz`` masks and ``truth.jsonl`` (see ``write_set``).
 """
@@ -1225,6 +1226,14 @@ def _expose(line_integral: np.ndarray, *, spacing: float, photons: float, blur_p
     counts = np.square(np.sqrt(lam + 0.375) + 0.5 * z) - 0.375
     # not rounded: an energy-integrating detector, and a tiny change of lam stays a tiny change
     counts = np.maximum(counts, 0.5)
+    # light spread in the scintillator blurs the noise too (correlated, not white, noise)
+    counts = ndimage.gaussian_filter(counts, sigma=rng.uniform(0.3, 0.8), mode="nearest")
+    if rng.random() < 0.3:
+        # stationary anti-scatter grid: faint lines every 2-4 pixels along rows or columns
+        period = rng.uniform(2.2, 4.0)
+        lines = 1 - np.float32(rng.uniform(0.003, 0.012)) * (np.cos(
+            2 * np.pi * np.arange(counts.shape[1] if rng.random() < 0.5 else counts.shape[0]) / period) > 0.6)
+        counts = counts * (lines[None, :] if lines.size == counts.shape[1] else lines[:, None]).astype(np.float32)
     p = np.log(np.float32(photons) / counts.astype(np.float32))
     # processing as on a DX workstation: dynamic range compression (subtract part of a 15 mm
     # blur, so neck and shoulders both show), then an unsharp mask, then a linear map to 12 bits
