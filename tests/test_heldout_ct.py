@@ -112,6 +112,30 @@ def test_jefferson_and_dens_fractures_break_c1_and_c2() -> None:
     assert w1 > w0
 
 
+def test_drawn_fractures_lie_in_the_field() -> None:
+    for seed in range(5):
+        args = dict(spacing=(3.0, 2.0, 2.0), z_range=("C3", "C7"))
+        case = generate(seed, p_fracture=1.0, **args)  # type: ignore[arg-type]
+        assert 1 <= len(case.fractures) <= 2
+        assert set(case.fractures) <= set(case.levels_in_field)  # T1 is not in a field that ends at C7
+        assert generate(seed, p_fracture=0.0, **args).fractures == {}  # type: ignore[arg-type]
+
+
+def test_noise_and_slice_thickness() -> None:
+    args = dict(spacing=(1.0, 1.0, 1.0), z_range=("C4", "C6"), fov_mm=(120.0, 40.0), p_fracture=0)
+    clean = generate(13, noise_hu=0.0, **args)  # type: ignore[arg-type]
+    noisy = generate(13, noise_hu=20.0, **args)  # type: ignore[arg-type]
+    air = clean.hu < -990
+    assert air.mean() > 0.05 and clean.hu[air].std() < 3
+    assert 12 < (noisy.hu - clean.hu)[air].std() < 40
+    thick = generate(13, noise_hu=0.0, slice_thickness_mm=3.0, **args)  # type: ignore[arg-type]
+    assert thick.slice_thickness_mm == 3.0 and clean.slice_thickness_mm == 1.0
+    assert thick.hu.shape == clean.hu.shape and np.array_equal(thick.labels, clean.labels)
+    # a thicker slice profile removes detail along z (the curvature along z, not smooth ramps)
+    curv = lambda hu: float(np.abs(np.diff(hu, n=2, axis=0)).mean())  # noqa: E731
+    assert curv(thick.hu) < 0.6 * curv(clean.hu)
+
+
 @pytest.mark.parametrize("kind", ["head", "chest", "abdomen", "air", "water", "noise"])
 def test_negatives_have_no_cervical_labels(kind: str) -> None:
     case = generate(4, kind=kind, spacing=(3.0, 2.0, 2.0))

@@ -674,6 +674,11 @@ def _plan_fracture(kind: str, lv: Level | None, rng: np.random.Generator) -> _Br
     """Fracture geometry in the vertebra's local frame."""
     br = _Break()
     gap = rng.uniform(1.0, 3.0)
+    if lv is None and kind == "line":
+        # C1 posterior arch fracture: both sides of the posterior arch broken, the ring barely spread
+        cuts = [180 + rng.uniform(15, 45), 180 - rng.uniform(15, 45)]
+        br.fragments = _sector_fragments((0, 6.0, 0), cuts, gap, rng.uniform(0, 1.0))
+        return br
     if kind == "jefferson":
         n = int(rng.integers(2, 5))
         pool = [rng.uniform(10, 35), -rng.uniform(10, 35), 180 - rng.uniform(15, 45), 180 + rng.uniform(15, 45)]
@@ -937,11 +942,19 @@ def generate(seed: int, *, kind: str = "cspine", p_fracture: float = 0.5, fractu
     _check("z_range stop", stop, LANDMARKS)
     if LANDMARKS.index(stop) < LANDMARKS.index(start):
         raise ValueError(f"z_range={z_range!r}; expected the start above the stop")
-    # fractures
+    top_pt = _landmark_z(skel, start)[0]
+    bot_pt = _landmark_z(skel, stop)[1]
+    # the operator's slack beyond the landmarks: small at a vertebra (C1 stays out of a scan from C2)
+    margin_top = rng.uniform(0, 15) if start in ("skull_base", "vertex") else rng.uniform(1, 6)
+    margin_bot = rng.uniform(1, 6)
+    geo = _Geometry.build(rng, spacing, fov_mm, size_scale, rotation_deg, top_pt, bot_pt, margin_top, margin_bot,
+                          skel, fov_default=(140, 180))
+    in_field = [n for n in LEVELS if geo.fraction_inside(*_level_extent(skel, n)) >= 0.5]
+    # fractures: drawn only among the levels in the field
     if fractures is None:
         fractures = {}
-        if frng.random() < p_fracture:
-            fractures = _draw_fractures(frng, int(frng.integers(1, 3)))
+        if in_field and frng.random() < p_fracture:
+            fractures = _draw_fractures(frng, int(frng.integers(1, 3)), in_field)
     for lvl, fk in fractures.items():
         _check("fracture level", lvl, LEVELS)
         _check(f"fracture kind at {lvl}", fk, FRACTURE_KINDS)
@@ -951,31 +964,25 @@ def generate(seed: int, *, kind: str = "cspine", p_fracture: float = 0.5, fractu
             raise ValueError(f"fracture {lvl}={fk!r}; 'dens' and 'hangman' are C2 fractures")
     breaks: dict[str, _Break] = {}
     for lvl in sorted(fractures):
-        fk = fractures[lvl]
         sub = np.random.default_rng([seed, 41, LABEL_OF[lvl]])
-        if lvl == "C1":
-            breaks[lvl] = _plan_fracture("jefferson", None, sub)
-        else:
-            breaks[lvl] = _plan_fracture(fk, skel.levels[lvl], sub)
-    top_pt = _landmark_z(skel, start)[0]
-    bot_pt = _landmark_z(skel, stop)[1]
-    # the operator's slack beyond the landmarks: small at a vertebra (C1 stays out of a scan from C2)
-    margin_top = rng.uniform(0, 15) if start in ("skull_base", "vertex") else rng.uniform(1, 6)
-    margin_bot = rng.uniform(1, 6)
-    geo = _Geometry.build(rng, spacing, fov_mm, size_scale, rotation_deg, top_pt, bot_pt, margin_top, margin_bot,
-                          skel, fov_default=(140, 180))
+        breaks[lvl] = _plan_fracture(fractures[lvl], skel.levels.get(lvl), sub)
     scene = geo.scene(slice_thickness_mm)
     _paint_neck(scene, skel, rng, bone, breaks)
     levels_in = tuple(n for n in CERVICAL if geo.fraction_inside(*_level_extent(skel, n)) >= 0.5)
     return geo.acquire(scene, nrng, kind, fractures, levels_in, hu_offset, hu_scale, noise_hu, slice_thickness_mm)
 
 
-def _draw_fractures(rng: np.random.Generator, count: int) -> dict[str, str]:
+def _draw_fractures(rng: np.random.Generator, count: int, in_field: Sequence[str]) -> dict[str, str]:
+    # roughly the clinical distribution: C2 and C5-C6 most often
+    pool = [n for n in ("C1", "C2", "C2", "C3", "C4", "C5", "C5", "C6", "C6", "C7", "T1") if n in in_field]
+    if not pool:
+        return {}
     out: dict[str, str] = {}
+    count = min(count, len(set(pool)))
     while len(out) < count:
-        lvl = str(rng.choice(["C1", "C2", "C2", "C3", "C4", "C5", "C5", "C6", "C6", "C7", "T1"]))
+        lvl = str(rng.choice(pool))
         if lvl == "C1":
-            kind = "jefferson"
+            kind = str(rng.choice(["jefferson", "jefferson", "line"]))
         elif lvl == "C2":
             kind = str(rng.choice(["dens", "dens", "hangman", "line"]))
         else:
