@@ -329,12 +329,16 @@ def _grid(spacing: Sequence[float | None] | None,
 
 
 def _calibrate(hu: np.ndarray, p: Perturbation) -> np.ndarray:
-    """A calibration error, then the range a 12-bit scanner stores (as the DICOM writer
-    clips, so both pipeline entries see the same numbers)."""
-    if p.hu_scale == 1.0 and p.hu_offset == 0.0:
-        return hu.astype(np.float32, copy=False)
-    out = hu * np.float32(p.hu_scale) + np.float32(p.hu_offset)
-    return np.clip(out, -1024.0, 3071.0).astype(np.float32)
+    """A calibration error, then what a scanner stores: whole HU in the 12-bit range (as
+    the DICOM writer does, so ``analyse`` and ``run`` see the same numbers)."""
+    out = hu
+    if p.hu_scale != 1.0 or p.hu_offset != 0.0:
+        out = hu * np.float32(p.hu_scale) + np.float32(p.hu_offset)
+    return _stored(out)
+
+
+def _stored(hu: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(hu), -1024.0, 3071.0).astype(np.float32)
 
 
 def _cross_case(cohort: Cohort, seed: int, p: Perturbation) -> Case:
@@ -366,7 +370,7 @@ def _cross_case(cohort: Cohort, seed: int, p: Perturbation) -> Case:
     in_field = {k: (1.0 if k in listed else 0.0) for k in LEVELS if counts[k] > 0 or k in listed}
     fractured = {k: k in ct.fractures for k in in_field}
     spacing = tuple(float(s) for s in ct.spacing)
-    return Case(seed, np.asarray(ct.hu, np.float32), spacing, labels, in_field,  # type: ignore[arg-type]
+    return Case(seed, _stored(np.asarray(ct.hu)), spacing, labels, in_field,  # type: ignore[arg-type]
                 fractured)
 
 
