@@ -310,6 +310,7 @@ class _Patient:
     centre: np.ndarray  # world point the field centres on
     fov_rows_mm: float
     fov_aspect: float  # cols / rows
+    lat_shift_mm: float = -8.0  # LAT field centre behind ``centre`` (on the canal rather than the bodies)
     moved_from: int = -1  # dislocation: vertebrae with index >= this moved (and groups above)
     finding_levels: dict[str, str] = field(default_factory=dict)
     masks2d: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
@@ -727,7 +728,8 @@ def _lspine_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
     prims += _metal(rng, spots, 0.12)
     centre = by["L3"].c + np.array([0.0, 0.0, -10.0]) * scale
     return _Patient("lspine", column, prims, facing_left=bool(rng.random() < 0.5), centre=centre,
-                    fov_rows_mm=float(rng.uniform(330.0, 400.0)), fov_aspect=float(rng.uniform(0.62, 0.8)))
+                    fov_rows_mm=float(rng.uniform(330.0, 400.0)), fov_aspect=float(rng.uniform(0.62, 0.8)),
+                    lat_shift_mm=-(by["L3"].d / 2 + 12.0 * scale))
 
 
 # ---------------------------------------------------------------------------------------
@@ -801,7 +803,7 @@ def _hand_patient(rng: np.random.Generator, size_scale: float) -> _Patient:
     lengths = [(45, 32, 0, 22), (64, 40, 24, 18), (64, 45, 28, 19), (58, 42, 26, 18), (52, 33, 18, 17)]
     for i, (meta, prox, middle, distal) in enumerate(lengths):
         base_x = (-24 + 13 * i) * scale if i else -30 * scale
-        angle = (i - 2) * spread + (-0.7 if i == 0 else 0.0)
+        angle = (i - 2) * spread + (-0.55 if i == 0 else 0.0)
         direction = np.array([math.sin(angle), 0.0, math.cos(angle)])
         p = wrist + np.array([base_x, 0.0, 32.0 * scale])
         for j, length in enumerate((meta, prox, middle, distal)):
@@ -1318,7 +1320,8 @@ def generate(seed: int, *, view: str = "LAT", kind: str = "cspine", p_fracture: 
     cols = int(round(pat.fov_rows_mm * pat.fov_aspect / pixel_spacing_mm))
     jitter = rng_acq.uniform(-10.0, 10.0, size=2)
     ia = 1 if view == "LAT" else 0
-    centre_ab = (float(pat.centre[ia]) + jitter[0] - (8.0 if view == "LAT" else 0.0), float(pat.centre[2]) + jitter[1])
+    centre_ab = (float(pat.centre[ia]) + jitter[0] + (pat.lat_shift_mm if view == "LAT" else 0.0),
+                 float(pat.centre[2]) + jitter[1])
     # LAT: a = anterior; a patient facing the image left has a growing to the left
     grid = _Grid(rows, cols, spacing_eff, MAGNIFICATION.get((kind, view), 1.05), centre_ab, rotation_deg,
                  flip=view == "LAT" and pat.facing_left)
