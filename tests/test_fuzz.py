@@ -459,3 +459,63 @@ def test_fuzz_corpus(seeds: list[tuple[bytes, str]], plain_seeds: list[tuple[byt
     # Every path was taken, both ways where there are two.
     assert {"header-refused", "header-accepted", "deflate", "pixels-refused", "pixels-passed"} <= set(outcomes)
     assert not any(spool.root.rglob("*.dcm"))
+
+
+def test_live_receive_of_mutated_data_sets(plain_seeds: list[tuple[bytes, int]], tmp_path: Path) -> None:
+    """FUZZ_LIVE_CASES (default 300) mutated data sets sent to a live receiver in this process,
+    plain, deflated and JPEG 2000: every one answered with a documented status on an
+    association that stays up, nothing left in .incoming, nothing outside the spool."""
+    from spine_node.node.audit import Database
+    from spine_node.node.config import load_settings
+    from spine_node.node.db_migrate import upgrade
+    from spine_node.node.receive import Receiver
+    from tests.scu import CT_IMAGE_STORAGE, raw_associate, raw_store, release
+
+    cases = int(os.environ.get("FUZZ_LIVE_CASES", "300"))
+    seed = int(os.environ.get("FUZZ_SEED", str(random.randrange(1 << 32))))
+    rng = random.Random(seed)
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    settings = load_settings(dicom={"host": "127.0.0.1", "port": 0},
+                             storage={"data_dir": tmp_path / "node", "min_free_mb": 0}, database_url=url)
+    receiver = Receiver(settings, Database(url))
+    receiver.start()
+    j2k = real_ct()
+    j2k.compress(JPEG2000Lossless)
+    buffer = BytesIO()
+    j2k.save_as(buffer, enforce_file_format=True)
+    j2k_file = buffer.getvalue()
+    j2k_seed = (j2k_file, 144 + struct.unpack_from("<L", j2k_file, 140)[0])
+    ct_seeds = [seed_ for seed_ in plain_seeds if b"1.2.840.10008.5.1.4.1.1.2\0" in seed_[0][:400]]
+    statuses: dict[int, int] = {}
+    try:
+        for syntax in (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, JPEG2000Lossless):
+            sock = raw_associate(receiver.port, CT_IMAGE_STORAGE, syntax)
+            try:
+                for message_id in range(1, cases // 3 + 1):
+                    data, start = j2k_seed if syntax == JPEG2000Lossless else rng.choice(ct_seeds)
+                    dataset = _mutate(data[start:], _random_ops(rng, len(data) - start))
+                    if syntax == DeflatedExplicitVRLittleEndian:
+                        dataset = _deflate(dataset)
+                    # The seed's own SOP Instance UID: intact, the instance is stored.
+                    sop = str(dcmread(BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+                    status = raw_store(sock, CT_IMAGE_STORAGE, sop, dataset, message_id=message_id)
+                    assert status in (0x0000, 0xA900, 0xC210, 0xC220, 0xC221), \
+                        f"FUZZ_SEED={seed}: status 0x{status:04X}"
+                    statuses[status] = statuses.get(status, 0) + 1
+            finally:
+                release(sock)
+    finally:
+        receiver.stop()
+    print(f"\nlive fuzz FUZZ_SEED={seed}: {({f'0x{k:04X}': v for k, v in statuses.items()})}")
+    root = receiver.spool.root
+    assert not any((root / ".incoming").iterdir())
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if path.is_file() and relative.parts[0] not in (".incoming", ".trash"):
+            study, series, name = relative.parts
+            assert is_valid_uid(study) and is_valid_uid(series) and is_valid_uid(name[:-4])
+    for path in tmp_path.rglob("*"):  # nothing but the node's own folders and database
+        assert path.resolve().is_relative_to(tmp_path.resolve())
+        assert path.relative_to(tmp_path).parts[0] in ("node", "node.db", "node.db-journal", "node.db-wal",
+                                                       "node.db-shm"), path
