@@ -5,6 +5,11 @@ Run from the repository root::
     python -m bench.eval_ct --n 8 --cohorts same,cross,negatives     # a quick look
     python -m bench.eval_ct --n 200 --jobs 2 --write                  # the full run
 
+Cost per case on one core of a 2-core machine under load (generation + pipeline): 1-2 s
+for the training generator's cohorts, 10-15 s for the cross generator's (its analytic
+renderer dominates), ~40 s for its clinical grid, ~25 s for its chest and abdomen.
+``--n-per cross=50,...`` sizes cohorts apart; clinical-grid cohorts default to at most 50.
+
 Each case is drawn from a seed, run through the pipeline's public interface and scored
 against the generator's truth on the source grid. ``--via`` picks the entry:
 ``analyse`` hands ``CervicalSpineCtFracture.analyse`` the volume (no DICOM, so the
@@ -77,6 +82,8 @@ LEVELS: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 #: Truth labels of the generators (RSNA numbering): C1..C7 are 1..7.
 TRUTH_LABEL: dict[str, int] = {name: i + 1 for i, name in enumerate(LEVELS)}
 SEED_BASE = 9_200_000
+#: Default cap on cases for the clinical-grid cohorts (volumes ~10x the default grid's).
+BIG_GRID_CASES = 50
 #: A vertebra counts as "in the field" (level accuracy, fracture truth) with at least this
 #: share of its voxels inside the scanned volume.
 IN_FIELD_SHARE = 0.5
@@ -219,6 +226,22 @@ def cross_generator() -> Any | None:
 
 def cohort_seeds(n: int, base: int = SEED_BASE) -> list[int]:
     return list(range(base, base + n))
+
+
+def cohort_counts(names: Sequence[str], n: int, overrides: str = "") -> dict[str, int]:
+    """Cases per cohort: ``n``, at most :data:`BIG_GRID_CASES` for clinical-grid cohorts,
+    and ``overrides`` (``"name=count,..."``) over both."""
+    counts = {name: min(n, BIG_GRID_CASES) if name.endswith("/clinical_grid") else n for name in names}
+    for item in (part.strip() for part in overrides.split(",")):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        if name not in COHORTS or not value.strip().isdigit() or int(value) < 1:
+            raise SystemExit(f"bad --n-per entry {item!r}; expected cohort=count with a known cohort "
+                             "and a count >= 1")
+        if name in counts:
+            counts[name] = int(value)
+    return counts
 
 
 # ------------------------------------------------------------------------- cases
@@ -901,6 +924,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.eval_ct", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200, help="cases per cohort (default: %(default)s)")
+    parser.add_argument("--n-per", default="",
+                        help="per-cohort case counts, e.g. cross=100,neg/chest=40; clinical_grid "
+                             f"cohorts default to at most {BIG_GRID_CASES} (their volumes are 10x larger)")
     parser.add_argument("--cohorts", default="all", help="comma list (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
@@ -937,8 +963,8 @@ def main(argv: list[str] | None = None) -> int:
                              "skipped": f"{CROSS_MODULE} not installed"}
         else:
             runnable.append(name)
-    seeds = cohort_seeds(args.n, args.seed_base)
-    tasks = [(name, seed) for name in runnable for seed in seeds]
+    counts = cohort_counts(runnable, args.n, args.n_per)
+    tasks = [(name, seed) for name in runnable for seed in cohort_seeds(counts[name], args.seed_base)]
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in runnable}
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -171,6 +171,11 @@ def test_expand_cohorts() -> None:
     assert len(eval_ct.expand_cohorts("all")) == len(eval_ct.COHORTS)
     with pytest.raises(SystemExit, match="unknown cohort 'spine'"):
         eval_ct.expand_cohorts("same,spine")
+    counts = eval_ct.cohort_counts(["same", "same/clinical_grid", "cross"], 200, "cross=30")
+    assert counts == {"same": 200, "same/clinical_grid": eval_ct.BIG_GRID_CASES, "cross": 30}
+    assert eval_ct.cohort_counts(["same/clinical_grid"], 8) == {"same/clinical_grid": 8}
+    with pytest.raises(SystemExit, match="bad --n-per entry 'cross=0'"):
+        eval_ct.cohort_counts(["cross"], 8, "cross=0")
 
 
 def test_predicted_labels_rejects_frames_that_do_not_match() -> None:
