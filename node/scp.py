@@ -568,9 +568,10 @@ class AssociationHandler:
                                     self.host, self.port)
         # PS3.5 AE: the default repertoire without control characters or backslash. Refused
         # here, before the decoder (whose own log would echo them raw).
-        for raw, why in ((calling_raw, "calling AE title not valid"), (called_raw, "called AE title not valid")):
+        for raw, why, diagnostic in ((calling_raw, "calling AE title not valid", 0x03),
+                                     (called_raw, "called AE title not valid", 0x07)):
             if raw != printable(raw) or not raw.strip():
-                self._send_quietly(reject_pdu(0x01, 0x01, 0x03 if raw is calling_raw else 0x07))
+                self._send_quietly(reject_pdu(0x01, 0x01, diagnostic))
                 self.receiver.association_rejected(self.info, why)
                 return False
         try:
