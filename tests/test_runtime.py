@@ -731,7 +731,7 @@ def test_cli_import_list_show_validate(engines_dir: Path, tmp_path: Path) -> Non
     (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
     done = _cli("models", "import", str(source / "model.onnx"), "--card",
                 str(tmp_path / "wrong.yaml"), "--engines-dir", target)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "card dtype uint8 but ONNX dtype float32" in done.stderr
     assert not (tmp_path / "repo" / "cls2d-wrong").exists()
 
@@ -743,4 +743,4 @@ def test_cli_import_list_show_validate(engines_dir: Path, tmp_path: Path) -> Non
     assert "invalid" in done.stdout and "scores" in done.stdout
 
     done = _cli("models", "show", "nothing", "--engines-dir", target)
-    assert done.returncode == 1 and "no model 'nothing'" in done.stderr
+    assert done.returncode == 2 and "no model 'nothing'" in done.stderr
