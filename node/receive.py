@@ -15,7 +15,6 @@ import errno
 import logging
 import mmap
 import os
-import shutil
 import socket
 import ssl
 import struct
@@ -53,6 +52,7 @@ from spine_node.node.audit import Association, Database, record_event, utcnow
 from spine_node.node.bookkeeping import Backlog
 from spine_node.node.config import Settings, TLSSettings
 from spine_node.node.deflated import DeflateMalformed, inspect_deflated
+from spine_node.node.diskspace import SpaceGuard
 from spine_node.node.errors import OutOfSpaceError, SpoolError
 from spine_node.node.header import (
     HEADER_TAG_NUMBERS,
@@ -415,8 +415,8 @@ class Receiver:
         self.backlog = Backlog(db)
         self.incoming_dir = self.spool.root / ".incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
-        self._free_checked_at = 0.0
-        self._free_ok = True
+        # The free-space floor, held per write of every incoming data set.
+        self.space = SpaceGuard(self.spool.root, self.spool.min_free_bytes)
         self._audit_warned_at = -1e9
         self.server: DicomServer | None = None
         # Refused connections, (host, reason) -> (count, last port): written by a flusher
@@ -620,14 +620,7 @@ class Receiver:
         return HeaderWalk(meta_length, transfer_syntax)
 
     def _space_ok(self) -> bool:
-        # A good answer is cached for half a second; a bad one is checked again each
-        # time, so receive resumes as soon as space returns.
-        now = time.monotonic()
-        if not self._free_ok or now - self._free_checked_at > 0.5:
-            free = shutil.disk_usage(self.spool.root).free
-            self._free_ok = free >= self.spool.min_free_bytes
-            self._free_checked_at = now
-        return self._free_ok
+        return self.space.ok()
 
     def store(self, stats: _AssocStats | None, incoming: IncomingFile, request_sop_class: str,
               request_sop_instance: str, transfer_syntax: str, calling_ae_title: str) -> tuple[int, str]:
@@ -639,8 +632,8 @@ class Receiver:
         placed = False
         try:
             if incoming.out_of_space:
-                self._free_ok = False
-                raise StoreRejected(STATUS_OUT_OF_RESOURCES, "spool volume full while receiving")
+                self.space.full()
+                raise StoreRejected(STATUS_OUT_OF_RESOURCES, "spool volume full (or at its floor) while receiving")
             if not self._space_ok():
                 raise StoreRejected(STATUS_OUT_OF_RESOURCES, "spool below free-space floor")
             # Structure first: a truncated data set is "cannot understand", even where
@@ -667,7 +660,7 @@ class Receiver:
             return self.refuse(stats, STATUS_OUT_OF_RESOURCES, str(exc), request_sop_instance)
         except (SpoolError, OSError) as exc:
             if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-                self._free_ok = False
+                self.space.full()
                 return self.refuse(stats, STATUS_OUT_OF_RESOURCES, "spool volume full", request_sop_instance)
             return self.refuse(stats, STATUS_SPOOL_WRITE_FAILED, f"spool write failed: {type(exc).__name__}",
                                request_sop_instance)

@@ -261,11 +261,14 @@ class IncomingFile:
     """
 
     def __init__(self, folder: Path, meta: bytes, made: tuple[int, str] | None = None,
-                 walk: Any = None) -> None:
+                 walk: Any = None, space: Any = None) -> None:
         # ``made``: a temporary file created ahead (see AssociationHandler._make_spare).
         # ``walk``: the header check (receive.HeaderWalk), begun once the head is complete.
+        # ``space``: the free-space floor (diskspace.SpaceGuard): each write takes its bytes
+        # first, and a write that would cross the floor is handled like a full disk.
         self.fd, self.name = made if made is not None else make_temp_file(folder)
         self.walk = walk
+        self.space = space
         self.meta_length = len(meta)
         self.size = 0  # bytes written to the file
         self.out_of_space = False
@@ -279,6 +282,11 @@ class IncomingFile:
         if self.out_of_space:
             return
         length = len(data)
+        if self.space is not None and not self.space.take(length):
+            self.out_of_space = True
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            return
         head_done = False
         if len(self.head) < HEAD_BYTES:
             self.head += data[:HEAD_BYTES - len(self.head)]
@@ -752,7 +760,8 @@ class AssociationHandler:
             meta = file_meta(message.sop_class, message.sop_instance, transfer_syntax, self.info.calling_ae_title)
             spare, self.spare = self.spare, None
             message.incoming = IncomingFile(self.receiver.incoming_dir, meta, spare,
-                                            self.receiver.header_walk(len(meta), transfer_syntax))
+                                            self.receiver.header_walk(len(meta), transfer_syntax),
+                                            getattr(self.receiver, "space", None))
             self.message = message
         elif has_data:
             message.discard = True

@@ -19,6 +19,7 @@ from pydicom import dcmread
 from sqlalchemy import create_engine, update
 
 from spine_node.node.audit import AuditEvent, Job, Series
+from spine_node.node.uids import derive_uid
 from tests.dicom_factory import write_study
 from tests.nodeproc import REPO, NodeProcess, table_rows, wait_for
 from tests.peers import dcmtk, free_port, postgres_database, postgres_url
@@ -75,7 +76,7 @@ def test_disk_below_floor_answers_out_of_resources_then_resumes(tmp_path: Path, 
         with association(node.port) as assoc:
             assert store(assoc, files[0]) == 0
             filler = _fill(small_volume, 3 * MiB)
-            time.sleep(0.7)  # the free-space check is cached for half a second
+            time.sleep(0.3)  # past the guard's last look at the volume (every 0.25 s)
             assert store(assoc, files[1]) == 0xA700
             assert store(assoc, files[1]) == 0xA700
             filler.unlink()
@@ -399,3 +400,82 @@ def test_frozen_database_never_holds_up_echo_or_store(tmp_path: Path) -> None:
                 assert sorted(a.instances_received for a in released) == [0, 0, 8]
         finally:
             relay.close()
+
+
+def _big_instances(folder: Path, seed: str, count: int, side: int = 1024) -> list[Path]:
+    """``count`` CT instances of ``side`` x ``side`` 16-bit pixels (2 MiB at 1024)."""
+    from tests.dicom_factory import real_ct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = derive_uid("big", seed), derive_uid("big", seed, "series")
+    paths = []
+    for index in range(count):
+        ds = real_ct()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = derive_uid(series, str(index))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = index + 1
+        ds.Rows = ds.Columns = side
+        ds.PixelData = bytes(2 * side * side)
+        path = folder / f"{index:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+class _LowestFree:
+    """Samples a volume's free space while a flood runs; keeps the lowest seen."""
+
+    def __init__(self, volume: Path) -> None:
+        import shutil
+        import threading
+
+        self.volume = volume
+        self.lowest = shutil.disk_usage(volume).free
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import shutil
+
+        while not self._stop.is_set():
+            self.lowest = min(self.lowest, shutil.disk_usage(self.volume).free)
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.lowest
+
+
+@pytest.mark.parametrize("associations", [1, 8])
+def test_floor_holds_under_a_full_speed_flood(tmp_path: Path, small_volume: Path, associations: int) -> None:
+    """40 MiB sent as fast as storescu can at a 24 MiB volume with an 8 MiB floor: free space
+    never goes below the floor (by more than one network read), and what was answered
+    success is in the spool."""
+    floor = 8 * MiB
+    files = _big_instances(tmp_path / "big", f"flood{associations}", 20)
+    folders = []
+    for part in range(associations):
+        folder = tmp_path / f"part{part}"
+        folder.mkdir()
+        for path in files[part::associations]:
+            os.link(path, folder / path.name)
+        folders.append(folder)
+    with _node(tmp_path, small_volume, SPINE_NODE_STORAGE__MIN_FREE_MB=str(floor // MiB)) as node:
+        watch = _LowestFree(small_volume)
+        pushes = [subprocess.Popen([dcmtk("storescu"), *PUSH, "127.0.0.1", str(node.port), str(folder)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                  for folder in folders]
+        for push in pushes:
+            push.communicate(timeout=120)
+        lowest = watch.stop()
+        import shutil
+
+        free = shutil.disk_usage(small_volume).free
+        stored = list((small_volume / "spool").rglob("*.dcm"))
+        assert 0 < len(stored) < len(files)  # the floor was reached
+        assert free >= floor, (free, floor)
+        assert lowest >= floor - MiB, (lowest, floor)
+        wait_for(lambda: not any((small_volume / "spool" / ".incoming").iterdir()), timeout=30)
