@@ -65,6 +65,7 @@ def _head(sc: ct._Scene, skel: Skeleton, rng: np.random.Generator, bone: BoneHu)
 def _torso(sc: ct._Scene, skel: Skeleton, rng: np.random.Generator, rows: list[tuple[float, float, float, float,
                                                                                          float]]) -> None:
     fat = rng.uniform(8, 25)
+    sc.set_width(rows)
     outer = ct._column(skel, rows)
     sc.paint(IDENTITY, [outer], -95.0, tex=8.0)
     sc.paint(IDENTITY, [ct._column(skel, rows, inset=fat, post_extra=5)], 48.0, tex=6.0)

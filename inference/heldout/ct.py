@@ -361,6 +361,7 @@ class _Scene:
         self.hu = np.full(shape, -1000.0, dtype=np.float32)
         self.tex = np.zeros(shape, dtype=np.float32)
         self.labels = np.zeros(shape, dtype=np.uint8)
+        self.width_mm: np.ndarray | None = None  # patient width per slice, for noise and streaks
         self.aa = float(np.mean(spacing))  # coverage ramp width (mm)
         dz, dy, dx = spacing
         self.D = np.diag([dx, dy, -dz])  # index (i, j, k) -> world offset
@@ -447,6 +448,15 @@ class _Scene:
                 np.minimum(D[rel], d, out=D[rel])
         return box, D
 
+    def set_width(self, table: Sequence[tuple[float, float, float, float, float]]) -> None:
+        """Patient width per render slice, from an outline table (z, cy, half width, half depth, n)."""
+        tb = np.array(sorted(table))
+        nz, ny, nx = self.shape
+        idx = np.stack([np.full(nz, nx / 2), np.full(nz, ny / 2), np.arange(nz)], 1)
+        world = self.w0 + idx @ self.D.T
+        z_anat = (world @ self.A.T + self.b)[:, 2]
+        self.width_mm = 2 * np.interp(z_anat, tb[:, 0], tb[:, 2]) * self.scale
+
     def coverage(self, D: Arr) -> Arr:
         return np.clip(np.float32(0.5) - D * np.float32(self.scale / self.aa), 0, 1)
 
@@ -521,6 +531,7 @@ class Level:
     sp_tilt: float  # spinous process slope below horizontal (deg)
     tp: float  # transverse process span tip to tip
     frame: Frame = field(default_factory=lambda: IDENTITY)
+    osteo: float = 0.0  # anterior osteophytes at both endplates (mm), with a narrowed disc: spondylosis
 
 
 # name, W, D, H, disc, canal AP, canal W, spinous length, spinous slope, TP span
@@ -581,8 +592,15 @@ def _layout(rng: np.random.Generator) -> Skeleton:
     levels: dict[str, Level] = {}
     pos = np.zeros(3)
     prev: Level | None = None
-    for i, d in enumerate(_DIMS):
-        lv = Level(*d)
+    made = [Level(*d) for d in _DIMS]
+    # cervical spondylosis in about half of the patients: narrowed discs with osteophytes, mostly C5-C7
+    if rng.random() < 0.45:
+        for k in {int(x) for x in rng.choice([1, 2, 3, 3, 4, 4, 5], size=int(rng.integers(1, 4)))}:
+            made[k].disc *= rng.uniform(0.35, 0.7)
+            size = rng.uniform(1.5, 4.0)
+            made[k].osteo = max(made[k].osteo, size)
+            made[k + 1].osteo = max(made[k + 1].osteo, size * rng.uniform(0.6, 1.0))
+    for i, lv in enumerate(made):
         if prev is not None:
             phm = math.radians((phis[i - 1] + phis[i]) / 2)
             step = prev.H / 2 + prev.disc + lv.H / 2
@@ -849,6 +867,13 @@ def _vertebra_parts(lv: Level, br: _Break | None) -> list[_Part]:
             else:
                 parts.append(capsule(sp0, tip, 3.0, 2.6, (0.9, 1, 1.5), blend=2.0))
                 parts.append(supell(tip, (3.5, 3.5, 4.0), blend=1.5))
+    if lv.osteo > 0:
+        o = lv.osteo
+        for sgn in (-1, 1):  # lips on the anterior rims, curving towards the disc
+            parts.append(capsule((-a * 0.55, -b + 0.8, sgn * (hh - 0.8)), (a * 0.55, -b + 0.8, sgn * (hh - 0.8)),
+                                 1.0, scale=(1.0, 0.45 * o + 0.3, 0.35 * o + 0.3), blend=1.5))
+            parts.append(capsule((0, -b - 0.1 * o, sgn * (hh - 0.5)), (0, -b - 0.45 * o, sgn * (hh + 0.35 * o)),
+                                 0.4 * o + 0.5, scale=(2.5, 1.0, 1.0), blend=1.5))
     return parts
 
 
@@ -1102,10 +1127,21 @@ class _Geometry:
         if sigma_n > 0:
             # quantum noise, correlated in-plane by the reconstruction kernel
             gain = _blur3(noise, 1, 0.7) * _blur3(noise, 2, 0.7)
-            # more noise where more tissue is in the slice (shoulders), as with a fixed tube current
-            body = (hu[:, ::4, ::4] > -500).mean(axis=(1, 2))
-            factor = (0.8 + 0.9 * body / max(float(body.max()), 1e-6)).astype(np.float32)
+            # more noise through a wider patient (the shoulders), as with a fixed tube current
+            if scene.width_mm is not None:
+                width = scene.width_mm if r == 1 else scene.width_mm[np.round(centre).astype(int)]
+                factor = (0.8 + 0.9 * np.clip((width - 110) / 250, 0, 1)).astype(np.float32)
+                wide = np.clip((width - 230) / 120, 0, 1)
+            else:
+                factor = np.ones(hu.shape[0], dtype=np.float32)
+                wide = np.zeros(hu.shape[0])
             hu += noise * (np.float32(sigma_n / gain) * factor[:, None, None])
+            # photon starvation through the shoulders: streaks running left-right in the widest slices
+            if wide.any():
+                bands = nrng.standard_normal((hu.shape[0], hu.shape[1])).astype(np.float32)
+                ndimage.gaussian_filter1d(bands, 1.2, axis=1, output=bands)
+                bands *= np.float32(1.5 * sigma_n * 2.5) * wide[:, None].astype(np.float32)
+                hu += bands[:, :, None] * (hu > -500)
         del noise
         hu = hu * np.float32(hu_scale) + np.float32(hu_offset)
         np.clip(hu, -1024, 3071, out=hu)
@@ -1186,6 +1222,7 @@ def _paint_neck(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: Bone
         (lz("T12"), ly("T12") - 50, shoulder * 0.9, 115, 2.6),
     ]
     hi = zb + 25
+    sc.set_width(table)
     outline = [_column(skel, table, hi_z=hi), supell(head.at((0, 5, 40)), (76, 100, 96), blend=20.0),
                supell(head.at((0, -62, -25)), (52, 40, 42), blend=18.0)]
     outline[1].coarse = outline[2].coarse = 4
@@ -1206,8 +1243,20 @@ def _paint_neck(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: Bone
         sc.paint(IDENTITY, [supell(skel.c1.at((s * 20, -30, -12)), (9, 12, 22))], -90.0, tex=8.0)
     # head: scalp is the outline; vault, brain, skull base
     _paint_head(sc, skel, rng, bone, neck=True)
-    # airway, esophagus, vessels, thyroid
-    _paint_viscera(sc, skel, rng, bone)
+    # airway, esophagus, vessels, thyroid; some C-spine CTs are CT angiograms
+    contrast = rng.random() < 0.15
+    artery = rng.uniform(250, 450) if contrast else rng.uniform(35, 50)
+    vein = rng.uniform(120, 250) if contrast else rng.uniform(30, 45)
+    _paint_viscera(sc, skel, rng, bone, artery, vein)
+    # vertebral arteries: up through the transverse foramina of C6-C1, then over the C1 posterior arch
+    for s in (-1, 1):
+        path = [L["C7"].frame.at((s * (L["C7"].cw / 2 + 6), -4, -6))]
+        for n in ("C6", "C5", "C4", "C3"):
+            lv = L[n]
+            path.append(lv.frame.at((s * (lv.cw / 2 + 2.8), lv.D / 2 * 0.25, -0.5)))
+        path += [L["C2"].frame.at((s * 17.5, 2.0, 0.5)), skel.c1.at((s * 28.0, 3.5, 0.0)),
+                 skel.c1.at((s * 24.0, 14.0, 5.0)), skel.c1.at((s * 12.0, 24.0, 5.0))]
+        sc.paint(IDENTITY, tube(path, 2.0), artery)
     # spinal canal contents
     canal = [head.at((0, 14, 30)), head.at((0, 16, 8)), skel.c1.at((0, 14, 0))]
     for n in skel.order[:10]:
@@ -1366,7 +1415,8 @@ def _paint_head(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: Bone
     sc.paint(h, [supell(p, (3.0, 3.5, 5.0)) for p in teeth_up[1:] + teeth_lo[1:]], enamel)
 
 
-def _paint_viscera(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: BoneHu) -> None:
+def _paint_viscera(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: BoneHu, artery: float,
+                   vein: float) -> None:
     L = skel.levels
     h = skel.head
 
@@ -1399,16 +1449,16 @@ def _paint_viscera(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: B
         sc.paint(IDENTITY, tube(eso[1:], 1.5, (2, 1, 1)), -1000.0)
     # thyroid lobes
     for s in (-1, 1):
-        sc.paint(IDENTITY, [supell(front("C7", 20, s * 17, 4), (8, 10, 22))], 95.0, tex=5.0)
+        sc.paint(IDENTITY, [supell(front("C7", 20, s * 17, 4), (8, 10, 22))], 95.0 + (vein - 40) * 0.4, tex=5.0)
     # carotid sheaths: fat, carotid, jugular
     for s in (-1, 1):
         path = [h.at((s * 26, -12, -5))] + [front(n, 8 if n in ("C2", "C3") else 14, s * (22 + 2 * i))
                                             for i, n in enumerate(("C2", "C3", "C4", "C5", "C6", "C7", "T1"))]
         mid = [p + np.array([s * 4.0, 1.0, 0.0]) for p in path]
         sc.paint(IDENTITY, tube(mid, 6.5, (1.7, 1, 1)), -70.0, tex=8.0)
-        sc.paint(IDENTITY, tube(path, 3.4), 42.0)
+        sc.paint(IDENTITY, tube(path, 3.4), artery)
         jug = [p + np.array([s * 8.0, 2.0, 0.0]) for p in path]
-        sc.paint(IDENTITY, tube(jug, 4.5, (1.3, 1, 1)), 38.0)
+        sc.paint(IDENTITY, tube(jug, 4.5, (1.3, 1, 1)), vein)
 
 
 # --------------------------------------------------------------------------- DICOM
