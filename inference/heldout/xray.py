@@ -945,8 +945,9 @@ def _add_bodies(pat: _Patient) -> None:
             pat.prims.append(_Prim(v.c.copy(), v.R, np.array([v.w / 2 - t, v.d / 2 - t, 1.0]), MU_TRABECULAR * 1.6,
                                    cyl=True, top=(a - t, b), bot=(a - t - 3.0, b), group=v.index))
             z_ant = a + b * v.d / 2
-            pat.prims.append(_Prim(v.local([0.0, v.d / 2, z_ant - 1.5]), v.R, np.array([v.w / 2 - 1.0, 1.2, 1.6]),
-                                   MU_CORTICAL, tag="body", tissue=1, group=v.index))
+            pat.prims.append(_Prim(v.local([0.0, v.d / 2 - 0.3, z_ant - 1.5]), v.R,
+                                   np.array([v.w / 2 - 1.0, 1.0, 1.6]), MU_CORTICAL * 0.35, tag="body", tissue=1,
+                                   group=v.index))
             continue
         cut, slope, gap = float(frac["cut"]), float(frac["slope"]), float(frac["gap"])
         lower = _Vertebra(v.name, v.c.copy(), v.R, v.w, v.d, v.h, v.canal, index=v.index)
