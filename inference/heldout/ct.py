@@ -43,6 +43,25 @@ maxillary sinuses, brain with ventricles and CSF. Neck: skin, subcutaneous fat, 
 with fat planes, pharynx/larynx/trachea, esophagus, thyroid, carotid sheaths, hyoid,
 thyroid cartilage, spinal cord in CSF in epidural fat, lung apices.
 
+Variation: size (``size_scale``), lordosis, kyphosis and head posture, per-level rotation, bone density
+(age), cervical spondylosis in ~45 % (one to three narrowed discs with anterior osteophytes), CT
+angiography in ~15 % (arteries 250-450 HU), fat thickness, neck and shoulder width.
+
+Fractures (``fractures`` or drawn with ``p_fracture`` among the levels in the field)
+-------------------------------------------------------------------------------------
+A broken bone is split into fragments by planes (or, for the C1 ring, by angular sectors); each
+fragment keeps its own cortex, the fracture surfaces show bare cancellous bone across a 1-3 mm gap
+of soft-tissue density, and one fragment moves 0-3 mm. "line": a plane of any orientation through
+the body, or through one side of the arch (pedicle/lamina), of C2-T3; at C1 both sides of the
+posterior arch. "compression": 20-50 % loss of height at the superior endplate, usually as an
+anterior wedge (the disc above fills the depression). "burst": uniform height loss, the body
+widened 6-18 % and a posterosuperior fragment pushed 1.5-3.5 mm into the canal. "jefferson": the C1
+ring broken in two to four places (anterior and posterior arches), each piece moved outward so
+the lateral masses spread 1-4 mm each side. "dens": type II (at the base of the dens) or type III
+(into the C2 body), tilted up to 20-35 degrees, the dens displaced up to 3 mm. "hangman": both
+pars interarticularis of C2 cut by one oblique coronal plane, the body slipping forward. Labels
+keep the whole vertebra (the gap included).
+
 Acquisition
 -----------
 Slice profile along z (box of ``slice_thickness_mm`` convolved with a 0.25 mm Gaussian;
