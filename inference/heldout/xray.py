@@ -46,7 +46,8 @@ line through a body (2-4 mm gap, 1-3 mm anterior step-off and up to 1 mm lateral
 (1-3 mm lateral on AP). The flags say what the image shows: a finding whose vertebra is
 outside the exposed field is reported False.
 
-Distractors a real film has: degenerated discs (35-60 % height at 1-3 levels in about a
+Every bone of a patient is scaled by one bone density factor (0.7-1.15: osteopenic to
+dense). Distractors a real film has: degenerated discs (35-60 % height at 1-3 levels in about a
 third of patients) with anterior osteophytes (labelled as body), earrings, necklaces,
 dental fillings and abdominal clips (steel, no tissue label).
 
@@ -183,6 +184,7 @@ class _Prim:
     tag: str = ""  # structure tag of an outer surface ("" for none)
     tissue: int = 0  # 1 bone outline, 2 soft tissue outline, 0 neither
     group: int = -1  # vertebra index it moves with (dislocation), -1 fixed
+    bone: bool = False  # scaled by the patient's bone density (the inner parts of bones too)
 
     def corners(self) -> np.ndarray:
         sx, sy = float(self.s[0]), float(self.s[1])
@@ -202,10 +204,10 @@ def _shell(c: np.ndarray, R: np.ndarray, s: list[float] | np.ndarray, t: float, 
            group: int = -1, mu_outer: float = MU_CORTICAL, mu_inner: float = MU_TRABECULAR) -> list[_Prim]:
     """A bone ellipsoid: cortical outer, trabecular inside ``t`` mm deeper."""
     s = np.asarray(s, dtype=float)
-    prims = [_Prim(np.asarray(c, float), R, s, mu_outer, tag=tag, tissue=1, group=group)]
+    prims = [_Prim(np.asarray(c, float), R, s, mu_outer, tag=tag, tissue=1, group=group, bone=True)]
     inner = s - t
     if np.all(inner > 0.3):
-        prims.append(_Prim(np.asarray(c, float), R, inner, mu_inner - mu_outer, group=group))
+        prims.append(_Prim(np.asarray(c, float), R, inner, mu_inner - mu_outer, group=group, bone=True))
     return prims
 
 
@@ -245,10 +247,10 @@ def _polyline(points: list[np.ndarray], semi: list[tuple[float, float]] | tuple[
         bot = _plane_in_frame(c, R, pts[i], axes[i - 1] + ez) if i > 0 else (-half, 0.0)
         sa, sb = semis[i]
         prims.append(_Prim(c, R, np.array([sa, sb, half]), mu_outer, cyl=True, top=top, bot=bot, tag=tag,
-                           tissue=tissue, group=group))
+                           tissue=tissue, group=group, bone=tissue == 1))
         if mu_inner != mu_outer and sa - t > 0.3 and sb - t > 0.3:
             prims.append(_Prim(c, R, np.array([sa - t, sb - t, half]), mu_inner - mu_outer, cyl=True, top=top,
-                               bot=bot, group=group))
+                               bot=bot, group=group, bone=tissue == 1))
     return prims
 
 
@@ -378,9 +380,10 @@ def _body_prims(v: _Vertebra, t: float, group: int) -> list[_Prim]:
     top = v.top_cut if v.top_cut else (v.h / 2, 0.0)
     bot = v.bot_cut if v.bot_cut else (-v.h / 2, 0.0)
     s = np.array([v.w / 2, v.d / 2, v.h / 2])
-    outer = _Prim(v.c.copy(), v.R, s, MU_CORTICAL, cyl=True, top=top, bot=bot, tag="body", tissue=1, group=group)
+    outer = _Prim(v.c.copy(), v.R, s, MU_CORTICAL, cyl=True, top=top, bot=bot, tag="body", tissue=1, group=group,
+                  bone=True)
     inner = _Prim(v.c.copy(), v.R, s - np.array([t, t, 0.0]), MU_TRABECULAR - MU_CORTICAL, cyl=True,
-                  top=(top[0] - t * 0.8, top[1]), bot=(bot[0] + t * 0.8, bot[1]), group=group)
+                  top=(top[0] - t * 0.8, top[1]), bot=(bot[0] + t * 0.8, bot[1]), group=group, bone=True)
     return [outer, inner]
 
 
@@ -943,7 +946,7 @@ def _add_bodies(pat: _Patient) -> None:
             a, b = v.top_cut
             # impacted trabeculae: a dense band under the collapsed endplate; buckled anterior cortex
             pat.prims.append(_Prim(v.c.copy(), v.R, np.array([v.w / 2 - t, v.d / 2 - t, 1.0]), MU_TRABECULAR * 1.6,
-                                   cyl=True, top=(a - t, b), bot=(a - t - 3.0, b), group=v.index))
+                                   cyl=True, top=(a - t, b), bot=(a - t - 3.0, b), group=v.index, bone=True))
             z_ant = a + b * v.d / 2
             pat.prims.append(_Prim(v.local([0.0, v.d / 2 - 0.3, z_ant - 1.5]), v.R,
                                    np.array([v.w / 2 - 1.0, 1.0, 1.6]), MU_CORTICAL * 0.35, tag="body", tissue=1,
@@ -1316,6 +1319,11 @@ def generate(seed: int, *, view: str = "LAT", kind: str = "cspine", p_fracture: 
         _apply_findings(pat, rng_find, fracture=has_fracture, dislocation=has_dislocation, candidates=candidates)
     _add_airway(pat)
     _add_bodies(pat)
+    # bone density of this patient (osteopenic to dense), drawn after the anatomy it scales
+    density = rng_anat.uniform(0.7, 1.15)
+    for prim in pat.prims:
+        if prim.bone or prim.tissue == 1:
+            prim.mu *= density
     spacing_eff = pixel_spacing_mm * fov_scale
     rows = int(round(pat.fov_rows_mm / pixel_spacing_mm))
     cols = int(round(pat.fov_rows_mm * pat.fov_aspect / pixel_spacing_mm))
