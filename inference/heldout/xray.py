@@ -55,10 +55,11 @@ Acquisition: ``pixel_spacing_mm`` is the detector pixel at ``fov_scale=1``; the 
 its matrix when ``fov_scale`` changes and its pixel spacing becomes
 ``pixel_spacing_mm * fov_scale`` (a wider field, anatomy smaller in pixels), which is what
 ``HeldoutRadiograph.pixel_spacing_mm`` reports. Magnification (source-image over
-source-object distance) is 1.10 on LAT and 1.08 on AP, so a 5 mm translation measures
-5.5 mm on a lateral detector. ``photons`` is the mean count per pixel in the open beam;
-noise is Poisson (Anscombe-transformed normal draws from a fixed per-pixel stream, so a
-change in one region leaves the noise elsewhere unchanged). Collimation edges (outside the
+source-object distance) is 1.10 on LAT and 1.08 on AP (lumbar 1.15 and 1.12; negatives
+1.05), so a 5 mm cervical translation measures 5.5 mm on a lateral detector. ``photons``
+is the mean count per pixel in the open beam; noise is Poisson (Anscombe-transformed
+normal draws from a fixed per-pixel stream, so a change in one region leaves the noise
+elsewhere unchanged), then blurred a little as light spreads in the scintillator. Collimation edges (outside the
 field: 0.5 % transmission, bright), lead "L"/"R" markers (tissues label 0), the anode heel
 effect (+-12 % across the field), scintillator blur of the noise, faint anti-scatter grid
 lines (30 % of images), and processing (dynamic range compression, unsharp mask,
@@ -67,14 +68,15 @@ window offset and gain) are drawn per image.
 Masks (same geometry as the image; rotation, facing and field applied to both, blur and
 noise to neither), ``structures``:
 
-- LAT: 1 vertebral body (C2 with its dens, C3 down), 2 posterior elements (pedicles,
-  pillars, laminae, spinous and transverse processes, all of C1), 3 disc (the quadrilateral
-  between adjacent endplates), 4 spinal canal (posterior body wall to spinolaminar line, where
-  no bone of 1-2 projects), 5 prevertebral soft tissue (anterior body line to airway,
-  C2-C7);
+- LAT: 1 vertebral body (C2 with its dens and every body below it, T1-T2 included; T11-S1
+  on lumbar, osteophytes included), 2 posterior elements (pedicles, pillars or articular
+  processes, laminae, spinous and transverse processes, all of C1), 3 disc (the
+  quadrilateral between adjacent endplates), 4 spinal canal (posterior body wall to
+  spinolaminar line, where no bone of 1-2 projects), 5 prevertebral soft tissue (anterior
+  body line to airway, C2-C7; cervical only);
 - AP: 1 vertebral body, 2 pedicle, 3 spinous process (2 and 3 drawn over 1).
 
-``tissues``: 1 bone (any bone on the ray), 2 soft tissue (more than 1 mm on the ray), 3 open
+``tissues``: 1 bone (more than 0.2 mm of bone on the ray), 2 soft tissue (more than 1 mm on the ray), 3 open
 beam, 0 outside the collimated field and under lead markers.
 
 Speed (``OMP_NUM_THREADS=1 python -m inference.heldout.xray --bench 4``, 2-core development
