@@ -113,9 +113,11 @@ def _sources(settings: Settings, session: Session, study_uid: str,
              series_uids: Sequence[str]) -> list[Dataset]:
     """Headers of the job's spooled instances (unreadable files are skipped)."""
     spool = Spool(Path(settings.storage.spool))
-    studies = dict(session.execute(select(Series.series_uid, Series.study_uid).where(
-        Series.series_uid.in_(list(series_uids)))).all())
-    sources = []
+    studies: dict[str, str] = {
+        series: study for series, study in session.execute(
+            select(Series.series_uid, Series.study_uid).where(
+                Series.series_uid.in_(list(series_uids))))}
+    sources: list[Dataset] = []
     for uid in series_uids:
         study = studies.get(uid, study_uid)
         if not (is_valid_uid(study) and is_valid_uid(uid)):
