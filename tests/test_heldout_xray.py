@@ -142,6 +142,10 @@ def test_bad_arguments_name_the_value() -> None:
         gen(1, view="OBLIQUE")
     with pytest.raises(ValueError, match="'knee'"):
         gen(1, kind="knee")
+    with pytest.raises(ValueError, match="-3"):
+        xray.generate(-3)
+    with pytest.raises(ValueError, match="'MR'"):
+        xray.write_dicom(gen(1, view="AP"), Path("unused.dcm"), seed=1, modality="MR")
 
 
 @pytest.mark.parametrize("modality", ["DX", "CR"])

@@ -1284,6 +1284,8 @@ def generate(seed: int, *, view: str = "LAT", kind: str = "cspine", p_fracture: 
              pixel_spacing_mm: float = 0.15, fov_scale: float = 1.0, photons: float = 3e4, blur_px: float = 0.0,
              rotation_deg: float = 0.0, size_scale: float = 1.0) -> HeldoutRadiograph:
     """One held-out radiograph; the same seed gives the same patient and findings in every view."""
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed {seed!r}: expected a non-negative integer")
     if view not in VIEWS:
         raise ValueError(f"view {view!r}: expected one of {VIEWS}")
     if kind not in KINDS:
