@@ -78,7 +78,7 @@ def test_c1_is_a_ring_without_a_body_and_the_dens_rises_through_it() -> None:
     assert np.median(case.hu[c2]) > 250
 
 
-@pytest.mark.parametrize("kind", ["compression", "line", "burst"])
+@pytest.mark.parametrize("kind", ["compression", "line", "burst", "teardrop", "spinous"])
 def test_forced_fracture_changes_voxels_only_near_its_level(kind: str) -> None:
     args = dict(spacing=COARSE, z_range=("C2", "T1"), fov_mm=(120.0, 130.0))
     intact = generate(11, fractures={}, **args)  # type: ignore[arg-type]

@@ -94,7 +94,8 @@ LEVELS: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "T1", "T2",
 CERVICAL: tuple[str, ...] = LEVELS[:7]
 LABEL_OF: dict[str, int] = {name: i + 1 for i, name in enumerate(LEVELS)}
 KINDS: tuple[str, ...] = ("cspine", "head", "chest", "abdomen", "air", "water", "noise")
-FRACTURE_KINDS: tuple[str, ...] = ("line", "compression", "burst", "jefferson", "dens", "hangman")
+FRACTURE_KINDS: tuple[str, ...] = ("line", "compression", "burst", "teardrop", "spinous", "jefferson", "dens",
+                                   "hangman")
 # Landmarks z_range understands, top to bottom.
 LANDMARKS: tuple[str, ...] = ("vertex", "skull_base") + LEVELS
 
@@ -764,6 +765,24 @@ def _plan_fracture(kind: str, lv: Level | None, rng: np.random.Generator) -> _Br
                                             (0, rng.uniform(1.5, 3.5), 0),
                                             lambda u, v, w: np.maximum(v - np.float32(b + 1), np.abs(u) - a))
         return br
+    if kind == "teardrop":
+        # the anteroinferior corner of the body broken off and pushed forwards and down
+        n = np.array([0.0, -1.0, -rng.uniform(0.6, 1.4)])
+        p0 = (0.0, -b + lv.D * rng.uniform(0.25, 0.4), -hh + lv.H * rng.uniform(0.25, 0.4))
+        br.fragments = _plane_fragments(n, p0, rng.uniform(0.8, 2.0), (0, -rng.uniform(0.5, 3), -rng.uniform(0, 1.5)),
+                                        lambda u, v, w: v - np.float32(b - 2))
+        return br
+    if kind == "spinous":
+        # clay-shoveler's: the spinous process broken across, its tip displaced downwards
+        thoracic = not lv.name.startswith("C")
+        sp0 = np.array([0, b + lv.cd + (2.5 if thoracic else 2.0), -4.0 if thoracic else -2.5])
+        t = math.radians(lv.sp_tilt)
+        axis = np.array([0, math.cos(t), -math.sin(t)])
+        p0 = sp0 + axis * lv.sp * rng.uniform(0.35, 0.7)
+        n = axis + np.array([rng.normal(0, 0.15), 0, rng.normal(0, 0.3)])
+        br.fragments = _plane_fragments(n, p0, gap, (0, rng.uniform(0, 1.5), -rng.uniform(1, 3.5)),
+                                        lambda u, v, w: np.maximum(np.float32(b + lv.cd) - v, np.abs(u) - 9))
+        return br
     # "line": one fracture plane through the body or through one side of the arch
     if rng.random() < 0.6:
         n = _unit(rng)
@@ -827,6 +846,10 @@ def _vertebra_parts(lv: Level, br: _Break | None) -> list[_Part]:
     if lumbar or not cerv:
         # a kidney-shaped posterior wall: hollow the middle of the posterior surface a little
         parts.append(cut(supcyl((0, b + 3.2, 0), a * 0.45, 4.0, hh + 2, 2.0, 1.0)))
+    # slightly concave endplates (the disc fills them) and the basivertebral venous foramen
+    for sgn in (-1, 1):
+        parts.append(cut(supell((0, -0.5, sgn * (hh + 3.0 - 0.9)), (a * 0.62, b * 0.62, 3.0))))
+    parts.append(cut(capsule((0, b + 1.0, 0), (0, b - 4.5, 0), 1.0, scale=(1, 1, 1.8))))
     ped_y0 = b - 2.0
     for s in (-1, 1):
         if cerv:
@@ -1030,7 +1053,8 @@ def _draw_fractures(rng: np.random.Generator, count: int, in_field: Sequence[str
         elif lvl == "C2":
             kind = str(rng.choice(["dens", "dens", "hangman", "line"]))
         else:
-            kind = str(rng.choice(["line", "line", "compression", "burst"]))
+            kind = str(rng.choice(["line", "line", "line", "compression", "compression", "burst", "teardrop",
+                                   "spinous"]))
         out[lvl] = kind
     return out
 
