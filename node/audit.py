@@ -223,6 +223,21 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: Seconds a new PostgreSQL connection may take (a server that accepts TCP and never
+#: answers, e.g. stopped, would otherwise hold the caller for ever).
+CONNECT_TIMEOUT_S = 10
+
+
+def _postgres_timeouts(url: str) -> dict[str, Any]:
+    """libpq options bounding every call: connecting, a statement, waiting for a lock,
+    and noticing a peer host that is gone (TCP keepalives)."""
+    if not url.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
+        return {}
+    return {"connect_timeout": CONNECT_TIMEOUT_S,
+            "options": "-c statement_timeout=60000 -c lock_timeout=30000",
+            "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
+
 class Database:
     """One engine and session factory per process (never one per request)."""
 
@@ -235,7 +250,8 @@ class Database:
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
+            self.engine = create_engine(url, pool_pre_ping=True, pool_timeout=10,
+                                        connect_args=_postgres_timeouts(url))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

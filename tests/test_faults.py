@@ -479,3 +479,35 @@ def test_floor_holds_under_a_full_speed_flood(tmp_path: Path, small_volume: Path
         assert free >= floor, (free, floor)
         assert lowest >= floor - MiB, (lowest, floor)
         wait_for(lambda: not any((small_volume / "spool" / ".incoming").iterdir()), timeout=30)
+
+
+def test_a_frozen_database_fails_a_new_connection_in_bounded_time(tmp_path: Path) -> None:
+    """A new connection to a PostgreSQL that accepts TCP and never answers raises after the
+    connect timeout instead of holding its caller for ever."""
+    import threading
+
+    from sqlalchemy.engine import make_url
+
+    from spine_node.node.audit import CONNECT_TIMEOUT_S, Database
+    from tests.freezable import FreezableRelay
+
+    with postgres_database() as url:
+        real = make_url(url)
+        relay = FreezableRelay(real.host or "127.0.0.1", real.port or 5432)
+        db = Database(real.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False))
+        outcome: list[BaseException | bool] = []
+        try:
+            relay.freeze()
+
+            def call() -> None:
+                try:
+                    outcome.append(db.is_current())
+                except Exception as exc:  # noqa: BLE001 - what the test looks at
+                    outcome.append(exc)
+
+            threading.Thread(target=call, daemon=True).start()
+            wait_for(lambda: outcome, timeout=CONNECT_TIMEOUT_S + 20)
+            assert isinstance(outcome[0], Exception) and "timeout" in str(outcome[0]).lower(), outcome
+        finally:
+            relay.close()
+            db.dispose()
