@@ -149,7 +149,9 @@ def serve(
         cfg.dicom.processes = processes
     from spine_node.node.route import check_route_pipelines
 
-    check_route_pipelines(cfg)  # a route naming no pipeline would fail every job it makes
+    # A route naming no pipeline would fail every job it makes. Checked in a child process:
+    # serve itself never runs a pipeline and need not hold their modules.
+    check_route_pipelines(cfg, isolated=True)
     # Metrics from every receive process are summed through files in this folder; it must
     # be set before prometheus_client is first imported (spine_node.node.metrics, via spine_node.node.service).
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(cfg.storage.data_dir / "metrics"))
@@ -406,13 +408,14 @@ def pipelines_list() -> None:
     from spine_node.node.route import known_pipelines, unknown_route_pipelines
 
     cfg = settings()
+    known = known_pipelines(cfg)
     table = Table("pipeline", "models", "routes", title="pipelines")
-    for name in known_pipelines(cfg):
+    for name in known:
         routes = [route.name for route in cfg.routes if name in route.pipelines]
         table.add_row(name, ", ".join(pipelines.model_names(name)) or "-",
                       ", ".join(routes) or "[dim]none[/dim]")
     console.print(table)
-    unknown = unknown_route_pipelines(cfg)
+    unknown = unknown_route_pipelines(cfg, known)
     if unknown:
         for route, missing in unknown.items():
             _error(f"route {route!r} names unknown pipeline(s) {', '.join(map(repr, missing))}")

@@ -180,13 +180,38 @@ def route_study(session: Session, routes: Sequence[Route], completed: CompletedS
     return jobs
 
 
-def known_pipelines(settings: Settings) -> list[str]:
+# Run by known_pipelines(isolated=True) in a child interpreter: imports the site modules
+# (argv) as a worker does, then prints one pipeline name per line, or the module that failed.
+_LIST_PIPELINES = """
+import importlib, sys
+for module in sys.argv[1:]:
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        sys.exit(f"cannot import worker.pipeline_modules entry {module!r}: {exc}")
+from spine_node.inference import pipelines
+print("\\n".join(pipelines.names()))
+"""
+
+
+def known_pipelines(settings: Settings, *, isolated: bool = False) -> list[str]:
     """The pipeline names a worker configured by ``settings`` can run.
 
     The built-in pipelines register when first looked up; ``worker.pipeline_modules``
     (site plug-ins) are imported first, as a worker does. Pipelines import numpy and
-    scipy, never torch.
+    scipy, never torch. ``isolated``: find them in a child interpreter, so that a
+    long-lived process (``serve``) does not keep the pipelines' modules (about 20 MiB).
     """
+    if isolated:
+        import subprocess
+        import sys
+
+        done = subprocess.run([sys.executable, "-c", _LIST_PIPELINES, *settings.worker.pipeline_modules],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            raise ConfigError(f"cannot list the pipelines: {lines[-1]}")
+        return done.stdout.split()
     import importlib
 
     from spine_node.inference import pipelines
@@ -199,17 +224,18 @@ def known_pipelines(settings: Settings) -> list[str]:
     return pipelines.names()
 
 
-def unknown_route_pipelines(settings: Settings) -> dict[str, list[str]]:
-    """Route name -> the pipelines it names that no module registers."""
-    known = set(known_pipelines(settings))
-    unknown = {route.name: [p for p in route.pipelines if p not in known] for route in settings.routes}
+def unknown_route_pipelines(settings: Settings, known: Iterable[str]) -> dict[str, list[str]]:
+    """Route name -> the pipelines it names that are not ``known``."""
+    names = set(known)
+    unknown = {route.name: [p for p in route.pipelines if p not in names] for route in settings.routes}
     return {name: missing for name, missing in unknown.items() if missing}
 
 
-def check_route_pipelines(settings: Settings) -> None:
+def check_route_pipelines(settings: Settings, *, isolated: bool = False) -> None:
     """Raise :class:`ConfigError` naming any route whose pipeline does not exist."""
-    unknown = unknown_route_pipelines(settings)
+    known = known_pipelines(settings, isolated=isolated)
+    unknown = unknown_route_pipelines(settings, known)
     if unknown:
         which = "; ".join(f"route {name!r} names unknown pipeline(s) {', '.join(map(repr, missing))}"
                           for name, missing in unknown.items())
-        raise ConfigError(f"{which}; known pipelines: {', '.join(known_pipelines(settings))}")
+        raise ConfigError(f"{which}; known pipelines: {', '.join(known)}")

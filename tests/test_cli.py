@@ -172,6 +172,16 @@ def test_a_route_naming_an_unknown_pipeline_stops_serve_and_routes_test(tmp_path
     assert not (tmp_path / "spine-node-data").exists()
 
 
+def test_serve_checks_pipelines_of_site_modules_too(tmp_path):
+    routes = '[{"name": "site", "match": {"modality": ["CT"]}, "pipelines": ["test-bone-threshold"]}]'
+    line = one_error_line(run_cli("serve", cwd=tmp_path, env={"SPINE_NODE_ROUTES": routes}))
+    assert "route 'site' names unknown pipeline(s) 'test-bone-threshold'" in line
+    line = one_error_line(run_cli("serve", cwd=tmp_path, env={
+        "SPINE_NODE_ROUTES": routes, "SPINE_NODE_WORKER__PIPELINE_MODULES": '["no_such_site_module"]'}))
+    assert "cannot import worker.pipeline_modules entry 'no_such_site_module'" in line
+    # With the module, the route is valid and serve starts (test_metrics, test_end_to_end).
+
+
 def test_pipelines_list_shows_models_and_routes(tmp_path):
     done = run_cli("pipelines", "list", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
