@@ -62,7 +62,8 @@ normal draws from a fixed per-pixel stream, so a change in one region leaves the
 elsewhere unchanged), then blurred a little as light spreads in the scintillator. Collimation edges (outside the
 field: 0.5 % transmission, bright), lead "L"/"R" markers (tissues label 0), the anode heel
 effect (+-12 % across the field), scintillator blur of the noise, faint anti-scatter grid
-lines (30 % of images), and processing (dynamic range compression, unsharp mask,
+lines (30 % of images), a turn of the patient by up to 6 degrees about the vertical axis,
+and processing (dynamic range compression, unsharp mask,
 window offset and gain) are drawn per image.
 
 Masks (same geometry as the image; rotation, facing and field applied to both, blur and
@@ -920,6 +921,17 @@ def _apply_findings(pat: _Patient, rng: np.random.Generator, *, fracture: bool, 
                 u.c = u.c + move
 
 
+def _turn(pat: _Patient, rot: np.ndarray) -> None:
+    """Rotate the whole patient (primitives and vertebra frames) about its field centre."""
+    o = pat.centre
+    for prim in pat.prims:
+        prim.c = o + rot @ (prim.c - o)
+        prim.R = rot @ prim.R
+    for v in pat.vertebrae:
+        v.c = o + rot @ (v.c - o)
+        v.R = rot @ v.R
+
+
 def _add_airway(pat: _Patient) -> None:
     """Air column in front of the prevertebral tissue, through the (possibly moved) vertebrae."""
     col = [v for v in pat.vertebrae if v.airway[0] > 0]
@@ -1328,6 +1340,11 @@ def generate(seed: int, *, view: str = "LAT", kind: str = "cspine", p_fracture: 
     for prim in pat.prims:
         if prim.bone or prim.tissue == 1:
             prim.mu *= density
+    # positioning: the patient turned a few degrees about the vertical axis, differently per view
+    # (doubled contours of pillars, mandible and ribs, as on real films)
+    yaw = math.radians(rng_acq.uniform(-6.0, 6.0))
+    _turn(pat, np.array([[math.cos(yaw), -math.sin(yaw), 0.0], [math.sin(yaw), math.cos(yaw), 0.0],
+                         [0.0, 0.0, 1.0]]))
     spacing_eff = pixel_spacing_mm * fov_scale
     rows = int(round(pat.fov_rows_mm / pixel_spacing_mm))
     cols = int(round(pat.fov_rows_mm * pat.fov_aspect / pixel_spacing_mm))
