@@ -130,6 +130,8 @@ class CtVolume:
     row_direction: tuple[float, float, float] = (1.0, 0.0, 0.0)
     column_direction: tuple[float, float, float] = (0.0, 1.0, 0.0)
     frame_of_reference_uid: str = ""
+    #: the stated slice thickness (mm); None: the slice spacing
+    slice_thickness_mm: float | None = None
 
     def to_source_frames(self, labels: np.ndarray) -> np.ndarray:
         """A canonical ``(z, y, x)`` array as frames in the stored pixel orientation."""
@@ -210,9 +212,6 @@ def load_ct_series(files: Sequence[Path], gates: Gates = GATES) -> CtVolume:
     # Axial only: rows along +-x, columns along +-y (a few degrees of gantry tilt allowed).
     if abs(row_dir[0]) < 0.98 or abs(col_dir[1]) < 0.98:
         raise NotAssessableError("The slices are not axial")
-    if max(pixel_spacing) > gates.max_pixel_mm:
-        raise NotAssessableError(f"Pixels of {max(pixel_spacing):.2g} mm are coarser than the "
-                                 f"{gates.max_pixel_mm:g} mm the analysis needs")
     normal = np.cross(row_dir, col_dir)
     shape = (int(first.Rows), int(first.Columns))
     for ds in slices:
@@ -230,12 +229,7 @@ def load_ct_series(files: Sequence[Path], gates: Gates = GATES) -> CtVolume:
         raise PipelineError(f"{PIPELINE_NAME}: two slices share a position")
     spacing_z = float(np.median(steps))
     thickness = _number(first, "SliceThickness") or spacing_z
-    if spacing_z > gates.max_slice_spacing_mm or thickness > gates.max_slice_spacing_mm + 0.5:
-        raise NotAssessableError(f"Slices are {max(spacing_z, thickness):.2g} mm thick or apart; "
-                                 f"the analysis needs slices of at most 3 mm")
-    if spacing_z * (len(slices) - 1) < gates.min_coverage_mm:
-        raise NotAssessableError(f"The series covers only {spacing_z * (len(slices) - 1):.0f} mm "
-                                 "of the body; a cervical spine needs more")
+    check_geometry((spacing_z, pixel_spacing[0], pixel_spacing[1]), len(slices), thickness, gates)
     if steps.max() > 1.5 * spacing_z:
         log.warning("CT series %s has uneven slice spacing (%.2f..%.2f mm); resampling "
                     "assumes %.2f mm", first.SeriesInstanceUID, steps.min(), steps.max(),
@@ -263,7 +257,27 @@ def load_ct_series(files: Sequence[Path], gates: Gates = GATES) -> CtVolume:
         row_direction=tuple(float(v) for v in row_dir),  # type: ignore[arg-type]
         column_direction=tuple(float(v) for v in col_dir),  # type: ignore[arg-type]
         frame_of_reference_uid=str(first.FrameOfReferenceUID),
+        slice_thickness_mm=thickness,
     )
+
+
+def check_geometry(spacing: Sequence[float], slices: int, thickness: float | None = None,
+                   gates: Gates = GATES) -> None:
+    """Raise :class:`NotAssessableError` where the grid is outside what the models know."""
+    spacing_z, row_mm, column_mm = (float(v) for v in spacing)
+    thickness = thickness or spacing_z
+    if max(row_mm, column_mm) > gates.max_pixel_mm:
+        raise NotAssessableError(f"Pixels of {max(row_mm, column_mm):.2g} mm are coarser than the "
+                                 f"{gates.max_pixel_mm:g} mm the analysis needs")
+    if spacing_z > gates.max_slice_spacing_mm or thickness > gates.max_slice_spacing_mm + 0.5:
+        raise NotAssessableError(f"Slices are {max(spacing_z, thickness):.2g} mm thick or apart; "
+                                 f"the analysis needs slices of at most 3 mm")
+    if slices < gates.min_slices:
+        raise NotAssessableError(f"Only {slices} slice{'s' if slices != 1 else ''}; the analysis "
+                                 f"needs a volume of at least {gates.min_slices} slices")
+    if spacing_z * (slices - 1) < gates.min_coverage_mm:
+        raise NotAssessableError(f"The series covers only {spacing_z * (slices - 1):.0f} mm "
+                                 "of the body; a cervical spine needs more")
 
 
 # ------------------------------------------------------------------ preprocessing
@@ -407,7 +421,9 @@ def _find_vertebrae(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
             mask = instances == index
             if int(mask.sum()) < 20:
                 continue
-            kinds = classes[mask]
+            # The kind is the body's (around the peak): a long, steep spinous process may
+            # look thoracic, the body is what tells.
+            kinds = classes[pieces == index]
             kind = CLASS_LOWER if (kinds == CLASS_LOWER).mean() > 0.5 else CLASS_SUBAXIAL
             peak_z = float(np.nonzero(pieces == index)[0].mean())
             found.append(describe(kind, mask, anchor_z=peak_z))
@@ -425,9 +441,28 @@ def _find_vertebrae(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     return sorted(found, key=lambda v: v.anchor_z)
 
 
+def has_ribs(image: np.ndarray, vertebra: _Vertebra, spacing: Sequence[float],
+             bone: float = 0.2, lateral_mm: float = 38.0) -> bool:
+    """Whether bone lies beside ``vertebra`` where only a rib can be: more than
+    ``lateral_mm`` to either side of it, level with it, not in front of its body (the
+    clavicles are). ``image`` is normalised CT (``bone`` = 200 HU)."""
+    z, y, x = np.nonzero(vertebra.mask)
+    sz, sy, sx = (float(v) for v in spacing)
+    z0, z1 = int(z.min()), int(z.max()) + 1
+    ys = (np.arange(image.shape[1]) - y.mean()) * sy
+    xs = (np.arange(image.shape[2]) - x.mean()) * sx
+    window = (np.abs(xs)[None, :] > lateral_mm) & (ys[:, None] > -15.0) & (ys[:, None] < 45.0)
+    dense = (image[z0:z1] > bone) & window[None]
+    return bool(dense[..., xs < 0].sum() >= 4 and dense[..., xs > 0].sum() >= 4)
+
+
 def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarray,
-                    spacing: Sequence[float], gates: Gates = GATES) -> LevelMap:
-    """Name the vertebrae stage 1 found by anatomy (see the module docstring)."""
+                    spacing: Sequence[float], gates: Gates = GATES,
+                    image: np.ndarray | None = None) -> LevelMap:
+    """Name the vertebrae stage 1 found by anatomy (see the module docstring).
+
+    With ``image`` (the normalised model-grid CT), T1 serves as an anchor only where ribs
+    are seen beside it (:func:`has_ribs`)."""
     sz = float(spacing[0])
     extent = classes.shape[0] * sz
     vertebrae = _find_vertebrae(classes, confidence, heat, spacing, gates)
@@ -466,7 +501,8 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                     break
                 down[i] = f"C{3 + n}"
         up: dict[int, str] = {}
-        if lowers and subs and linked(vertebrae[subs[-1]], vertebrae[lowers[0]]):
+        t1_seen = bool(lowers) and (image is None or has_ribs(image, vertebrae[lowers[0]], spacing))
+        if t1_seen and subs and linked(vertebrae[subs[-1]], vertebrae[lowers[0]]):
             for n, i in enumerate(reversed(subs)):
                 if n and not linked(vertebrae[i], vertebrae[subs[len(subs) - n]]):
                     break
@@ -594,7 +630,8 @@ def segment(engine: object, volume: CtVolume,
     outputs = engine.infer({card.inputs[0].name: padded[None, None]})  # type: ignore[attr-defined]
     logits = _single_output(outputs, card)[0][(slice(None), *unpad)]
     classes, confidence, heat = split_stage1(logits)
-    return identify_levels(classes, confidence, heat, spacing, gates), spacing  # type: ignore[return-value]
+    levels = identify_levels(classes, confidence, heat, spacing, gates, image=image)
+    return levels, spacing  # type: ignore[return-value]
 
 
 def classify(engine: object, volume: CtVolume, levels: LevelMap,
@@ -659,10 +696,15 @@ class CervicalSpineCtFracture:
         return self.analyse(volume, models)
 
     def analyse(self, volume: CtVolume, models: ModelProvider, gates: Gates = GATES) -> Findings:
-        """The pipeline on a volume already in memory (what :meth:`run` does after loading)."""
+        """The pipeline on a volume already in memory (what :meth:`run` does after loading,
+        the grid checks included)."""
         segmenter = models(SEGMENTATION_MODEL)
         classifier = models(FRACTURE_MODEL)
         infos = (model_info(segmenter), model_info(classifier))
+        try:
+            check_geometry(volume.spacing, volume.hu.shape[0], volume.slice_thickness_mm, gates)
+        except NotAssessableError as exc:
+            return _not_performed(str(exc), volume, infos)
         levels, model_spacing = segment(segmenter, volume, gates)
         if not levels.assessed:
             if levels.vertebrae_found:

@@ -104,8 +104,8 @@ class Budget:
     seg_steps: int = 900
     seg_batch: int = 1
     seg_crop: tuple[int, int, int] = (80, 64, 64)
-    fracture_cases: int = 260
-    fracture_steps: int = 1200
+    fracture_cases: int = 120
+    fracture_steps: int = 1500
     fracture_batch: int = 24
     validation_cases: int = 60
     negative_share: float = 0.12
@@ -119,8 +119,8 @@ class Budget:
     @classmethod
     def gpu(cls) -> Budget:
         """For a machine with a CUDA GPU and many cores (``--budget gpu``)."""
-        return cls(seg_cases=1400, seg_steps=5000, seg_batch=4, fracture_cases=1400,
-                   fracture_steps=6000, fracture_batch=96, validation_cases=200, workers=16)
+        return cls(seg_cases=900, seg_steps=3500, seg_batch=4, fracture_cases=600,
+                   fracture_steps=4000, fracture_batch=96, validation_cases=150, workers=16)
 
 
 def _spacing() -> tuple[float, float, float]:
@@ -207,7 +207,8 @@ def _negative(seed: int, rng: np.random.Generator,
     kind = NEGATIVES[int(rng.integers(0, len(NEGATIVES)))]
     if kind in ("chest", "abdomen"):
         region = "thoracic" if kind == "chest" else "lumbar"
-        ph = phantoms.generate(seed, region=region, spacing=tuple(spacing), p_fracture=0.2)
+        ph = phantoms.generate(seed, region=region, spacing=tuple(spacing), p_fracture=0.2,
+                               p_dislocation=0.0)
         labels = np.where(ph.labels > 0, np.maximum(ph.labels, 8), 0).astype(np.uint8)
         scan = acquisition.CtAcquisition(spacing=tuple(spacing),  # type: ignore[arg-type]
                                          slice_thickness_mm=float(spacing[0]),
@@ -259,18 +260,23 @@ def level_crops(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
                    np.asarray(targets, np.float32), tuple(names))
 
 
-def fracture_case(seed: int) -> CropSet:
-    """Randomised stage-2 samples from one phantom rendered at 1 mm and scanned."""
+def fracture_case(seed: int, scans: int = 3) -> CropSet:
+    """Randomised stage-2 samples from one phantom rendered at 1 mm and scanned ``scans``
+    times (rendering is the expensive part; each scan has its own acquisition)."""
     rng = np.random.default_rng(seed)
-    anatomy = _random_anatomy(rng)
-    ph = phantoms.generate(seed, spacing=1.0, shape=(215, 140, 140), p_fracture=0.7, **anatomy)
-    scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float), fine=True)
-    # The renderer has no detail finer than 1 mm: finer grids would only interpolate.
-    scan = scan.with_(spacing=tuple(max(1.0, s) for s in scan.spacing))
-    hu, labels = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
-    assert labels is not None
+    anatomy = {**_random_anatomy(rng), "context": False}  # crops need the neck, not the cranium
+    ph = phantoms.generate(seed, spacing=1.0, shape=(150, 128, 128), p_fracture=0.7, **anatomy)
     fractured = [v.name for v in ph.vertebrae if v.fractured]
-    return level_crops(hu, labels, scan.spacing, fractured, rng)
+    sets = []
+    for _ in range(scans):
+        scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float), fine=True)
+        # The renderer has no detail finer than 1 mm: finer grids would only interpolate.
+        scan = scan.with_(spacing=tuple(max(1.0, s) for s in scan.spacing))
+        hu, labels = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
+        assert labels is not None
+        sets.append(level_crops(hu, labels, scan.spacing, fractured, rng))
+    return CropSet(np.concatenate([c.crops for c in sets]), np.concatenate([c.targets for c in sets]),
+                   sum((c.levels for c in sets), ()))
 
 
 def _map(function: Callable[[int], Any], seeds: Sequence[int], workers: int, progress: bool,
@@ -508,7 +514,9 @@ def train_segmentation(cases: Sequence[SegCase], budget: Budget, seed: int,
             y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64)).to(device)
             h = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
             x = x * float(rng.uniform(0.95, 1.05)) + float(rng.normal(0.0, 0.02))
-            out = model(x)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(x)
+            out = out.float()
             logits, heat_logit = out[:, : len(SEG_CLASSES)], out[:, len(SEG_CLASSES)]
             heat_loss = F.binary_cross_entropy_with_logits(heat_logit, h, weight=1.0 + 30.0 * h)
             loss = (F.cross_entropy(logits, y, weight=class_weights) + _soft_dice_loss(logits, y)
@@ -547,7 +555,8 @@ def train_fracture(sets: Sequence[CropSet], budget: Budget, seed: int,
             x = x * rng.uniform(0.93, 1.07) + rng.normal(0.0, 0.03)
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(device)
             yt = torch.from_numpy(targets[chosen]).to(device)
-            logits = model.logits(xt)[:, 0]  # type: ignore[operator]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model.logits(xt)[:, 0].float()  # type: ignore[operator]
             loss = F.binary_cross_entropy_with_logits(logits, yt, pos_weight=pos_weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -814,6 +823,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
     from functools import partial
 
     torch.set_num_threads(max(1, options.threads))
+    torch.backends.cudnn.benchmark = True
     budget = Budget.quick() if options.quick else Budget()
     if options.budget == "gpu":
         budget = Budget.gpu()
@@ -844,9 +854,13 @@ def run(options: TrainOptions) -> dict[str, Any]:
         trained_on = f"RSNA 2022 Cervical Spine Fracture Detection ({len(seg_cases)} studies)"
         validated_on = f"RSNA 2022, {len(validation)} held-out studies"
     data_seconds = time.monotonic() - started
+    log.info("ct-cspine: %d stage-1 cases, %d stage-2 crops, %d validation scans in %.0f s",
+             len(seg_cases), sum(len(c.targets) for c in crop_sets), len(validation), data_seconds)
     seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress)
+    log.info("ct-cspine: stage 1 trained at %.0f s", time.monotonic() - started)
     fracture_model = train_fracture(crop_sets, budget, options.seed + 1, options.progress)
     train_seconds = time.monotonic() - started
+    log.info("ct-cspine: stage 2 trained at %.0f s", train_seconds)
 
     out = Path(options.out)
     export_segmentation(seg_model, out / SEGMENTATION_MODEL)
