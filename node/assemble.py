@@ -73,17 +73,32 @@ class SeriesTracker:
             self._thread = threading.Thread(target=self._run, name="series-tracker", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the flush thread and write what is pending, within about ``timeout_s``.
+
+        A frozen database must not hold up the node's stop: counts not written by then
+        are rebuilt from the spool at the next start (``recover_from_spool``).
+        """
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=timeout_s / 2)
             self._thread = None
-        try:
-            self.flush()
-        except Exception as exc:  # noqa: BLE001 - the files are safe in the spool
+        failed: list[str] = []
+
+        def last_flush() -> None:
+            try:
+                self.flush()
+            except Exception as exc:  # noqa: BLE001 - the files are safe in the spool
+                failed.append(type(exc).__name__)
+
+        final = threading.Thread(target=last_flush, name="series-tracker-stop", daemon=True)
+        final.start()
+        final.join(timeout_s / 2)
+        if final.is_alive() or failed:
             log.warning("series counts of %d series not written at stop (%s); they are rebuilt from "
-                        "the spool at the next start", self.pending_series, type(exc).__name__)
+                        "the spool at the next start", self.pending_series,
+                        failed[0] if failed else "database did not answer")
 
     def _run(self) -> None:
         failing_since: float | None = None

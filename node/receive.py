@@ -470,7 +470,7 @@ class Receiver:
         if self._refusals_thread is not None:
             self._refusals_stop.set()
             self._refusals_wake.set()
-            self._refusals_thread.join(10)
+            self._refusals_thread.join(2)  # its rows wait in memory if the database hangs
             self._refusals_thread = None
         self.backlog.stop()
         self.tracker.stop()
