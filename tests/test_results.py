@@ -266,6 +266,9 @@ def test_standard_codes_agree_with_the_dicom_dictionary() -> None:
     concepts += [codes.finding(kind) for kind in codes.finding_kinds()]
     concepts += [codes.PROBABILITY, codes.UNIT_NO_UNITS, codes.PRESENT, codes.ABSENT]
     concepts += [codes.procedure_reported(m) for m in ("CT", "CR", "MR")]
+    concepts += [codes.CENTER, codes.NOT_PERFORMED, codes.AI_ANALYSIS, codes.SITE_ASSESSMENT]
+    concepts += [codes.assessment(value) for value in AssessmentValues]
+    concepts += list(codes.VIEWS.values())
     for concept in concepts:
         if concept.scheme_designator == codes.PRIVATE_SCHEME:
             assert concept.value in (codes.__doc__ or "")
