@@ -82,9 +82,10 @@ beam, 0 outside the collimated field and under lead markers.
 
 Speed (``OMP_NUM_THREADS=1 python -m inference.heldout.xray --bench 4``, 2-core development
 machine shared with other work, so CPU time is the figure that holds): a cervical radiograph of
-about 1550 x 1260 pixels takes 0.75 s of CPU (median of 6, max 0.82 s); a lumbar one at 0.15 mm
-(about 2570 x 1950) 1.9 s. ``python -m inference.heldout.xray --out DIR --seeds 0 100`` writes
-AP + LAT DICOM files, ``.npz`` masks and ``truth.jsonl`` (see ``write_set``).
+about 1400-1550 x 1160-1260 pixels takes 0.62 s of CPU (median of 8, max 0.93 s; wall 1.6 s
+at a load average of 11); a lumbar one at 0.15 mm (about 2450 x 1860) 1.7 s.
+``python -m inference.heldout.xray --out DIR --seeds 0 100`` writes AP + LAT DICOM files,
+``.npz`` masks and ``truth.jsonl`` (see ``write_set``).
 """
 
 from __future__ import annotations
