@@ -15,7 +15,7 @@ from scipy import ndimage
 from spine_node.inference.heldout import xray
 from tests.peers import tool
 
-SPACING = 0.25  # mm: coarser than the 0.15 mm default keeps the module fast; geometry is the same
+SPACING = 0.3  # mm: coarser than the 0.15 mm default keeps the module fast; geometry is the same
 
 
 @functools.cache
@@ -99,7 +99,7 @@ def test_dislocation_translates_the_column_above() -> None:
 
 
 def test_forcing_off_reports_no_finding() -> None:
-    for seed in range(4):
+    for seed in (0, 1):
         rad = gen(seed, view="LAT", fracture=False, dislocation=False, p_fracture=1.0, p_dislocation=1.0)
         assert not rad.fracture and not rad.dislocation and not rad.finding_levels
 
