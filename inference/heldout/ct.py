@@ -298,7 +298,7 @@ def _upsample(c: Arr, f: int, shape: tuple[int, ...]) -> Arr:
 def _blur3(a: Arr, axis: int, sigma: float) -> float:
     """In-place 3-tap Gaussian-like blur along axis (sigma in voxels, up to ~0.8); returns the noise gain
     (the factor by which it scales the standard deviation of white noise)."""
-    if sigma <= 0.05:
+    if sigma <= 0.3:  # the neighbours' weight would be below 0.4 %
         return 1.0
     if sigma > 0.8:
         ndimage.gaussian_filter1d(a, sigma, axis=axis, output=a, mode="nearest", truncate=3.0)
@@ -849,7 +849,7 @@ def _vertebra_parts(lv: Level, br: _Break | None) -> list[_Part]:
     # slightly concave endplates (the disc fills them) and the basivertebral venous foramen
     for sgn in (-1, 1):
         parts.append(cut(supell((0, -0.5, sgn * (hh + 3.0 - 0.9)), (a * 0.62, b * 0.62, 3.0))))
-    parts.append(cut(capsule((0, b + 1.0, 0), (0, b - 4.5, 0), 1.0, scale=(1, 1, 1.8))))
+    parts.append(cut(capsule((0, b + 1.0, 0), (0, b - 3.0, 0), 0.8, scale=(1, 1, 1.4))))
     ped_y0 = b - 2.0
     for s in (-1, 1):
         if cerv:
@@ -1184,7 +1184,8 @@ class _Geometry:
                 bands = nrng.standard_normal((hu.shape[0], hu.shape[1])).astype(np.float32)
                 ndimage.gaussian_filter1d(bands, 1.2, axis=1, output=bands)
                 bands *= np.float32(1.5 * sigma_n * 2.5) * wide[:, None].astype(np.float32)
-                hu += bands[:, :, None] * (hu > -500)
+                for k in np.nonzero(wide)[0]:
+                    hu[k] += bands[k][:, None] * (hu[k] > -500)
         del noise
         hu = hu * np.float32(hu_scale) + np.float32(hu_offset)
         np.clip(hu, -1024, 3071, out=hu)
@@ -1443,7 +1444,7 @@ def _paint_head(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: Bone
         sinus = supell((s * 30, -62, 8), (14, 17, 17))
         sc.paint_bone(h, [sinus], cort, cort * 0.8, 1.0, tex=0.0)
         sc.paint(h, [sinus], -1000.0, inset=1.4)
-    sc.paint_bone(h, [supcyl((0, -58, 5), 0.9, 30, 15, 2.0, 0.4)], cort, cort, 0.9)  # septum
+    sc.paint_bone(h, [supcyl((0, -58, 5), 0.9, 30, 15, 2.0, 0.4)], cort * 0.45, cort * 0.45, 0.9)  # septum
     arch_up = bezier((-28, -35, -22), (0, -100, -22), (28, -35, -22), 10)
     sc.paint_bone(h, tube(arch_up, 4.5, (1, 1, 1.7)), cort, canc, 1.3)
     man = []
