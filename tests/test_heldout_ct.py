@@ -230,6 +230,14 @@ def test_dicom_round_trip_and_dciodvfy(tmp_path: Path) -> None:
         assert not [line for line in text.splitlines() if line.startswith("Error")], text
         warnings += sum(line.startswith("Warning") for line in text.splitlines())
     print(f"dciodvfy warnings over 3 files: {warnings}")
+    # another volume from the same seed is another series of the same study; an empty body part is allowed
+    other = generate(21, spacing=(1.5, 0.8, 0.8), fov_mm=(90.0, 3.0), hu_offset=50.0, fractures={})
+    other_paths = write_dicom(other, tmp_path / "other", seed=21, body_part="")
+    ds = pydicom.dcmread(other_paths[0])
+    assert ds.StudyInstanceUID == first.StudyInstanceUID and ds.SeriesInstanceUID != first.SeriesInstanceUID
+    assert ds.BodyPartExamined == ""
+    out = subprocess.run([dciodvfy, "-new", str(other_paths[0])], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Error" not in out.stdout + out.stderr, out.stdout + out.stderr
 
 
 def test_bad_arguments_name_the_value() -> None:

@@ -1414,7 +1414,7 @@ def _paint_head(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: Bone
 
     skull = _Part(outer.lo, outer.hi, skull_fn, coarse=3, fields=(outer.fn, inner.fn, floor))
     fm = supcyl((0, 17.0, 4), 14.5, 17.5, 14, 2.0, 2.0)  # foramen magnum
-    sc.paint_layers(h, [cavity], [(10.0, 0.0, 0.0), (34.0, 4.0, 2.5)])  # CSF, brain
+    sc.paint_layers(h, [cavity], [(10.0, 0.0, 0.0), (38.0, 4.0, 2.5), (29.0, 3.0, 13.0)])  # CSF, grey, white matter
     for s in (-1, 1):
         sc.paint(h, [supell((s * 9, -5, 55), (7, 22, 8))], 8.0)  # lateral ventricles
     parts: list[_Part] = [skull, cut(fm)]
@@ -1528,14 +1528,17 @@ def write_dicom(case: HeldoutCt, folder: Path, *, seed: int, body_part: str = "C
     folder.mkdir(parents=True, exist_ok=True)
     nz, ny, nx = case.hu.shape
     dz, dy, dx = (float(v) for v in case.spacing)
+    # the study is the seed's patient; the series and its frame of reference are this very volume (one seed
+    # written with other arguments is another series, never the same UIDs for other pixels)
+    content = hashlib.sha256(np.ascontiguousarray(case.hu).tobytes()).hexdigest()[:32]
     study_uid = _uid(seed, "study")
-    series_uid = _uid(seed, "series", case.kind)
-    frame_uid = _uid(seed, "frame")
+    series_uid = _uid(seed, "series", case.kind, content)
+    frame_uid = _uid(seed, "frame", content)
     pixels = np.clip(np.rint(case.hu - _INTERCEPT), 0, 4095).astype(np.int16)
     x0, y0, z0 = case.origin_mm
     paths: list[Path] = []
     for k in range(nz):
-        sop_uid = _uid(seed, "sop", case.kind, k)
+        sop_uid = _uid(seed, "sop", case.kind, content, k)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
         meta.MediaStorageSOPInstanceUID = sop_uid
@@ -1560,6 +1563,8 @@ def write_dicom(case: HeldoutCt, folder: Path, *, seed: int, body_part: str = "C
         ds.PatientBirthDate = ""
         ds.PatientSex = "O"
         ds.BodyPartExamined = body_part
+        if not body_part:
+            ds.Laterality = ""  # type 2C: with no body part the validator cannot rule a paired organ out
         ds.SliceThickness = f"{case.slice_thickness_mm:.4g}"
         ds.KVP = "120"
         ds.PatientPosition = "HFS"
