@@ -1601,16 +1601,30 @@ def write_dicom(case: HeldoutCt, folder: Path, *, seed: int, body_part: str = "C
     return paths
 
 
-def _bench(argv: Sequence[str] | None = None) -> None:
+def _main(argv: Sequence[str] | None = None) -> None:
     import argparse
     import time
 
-    parser = argparse.ArgumentParser(description="Time the held-out CT generator.")
-    parser.add_argument("--bench", type=int, default=5, help="cases (seeds 0..N-1)")
+    parser = argparse.ArgumentParser(description="Time the held-out CT generator, or write cases as DICOM series.")
+    parser.add_argument("--bench", type=int, default=0, help="time N cases (seeds 0..N-1)")
+    parser.add_argument("--write", type=Path, help="write --count cases from --seed as DICOM series under this folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--spacing", default="1.0,0.7,0.7", help="z,y,x mm")
     parser.add_argument("--kind", default="cspine", choices=KINDS)
     args = parser.parse_args(argv)
     spacing = tuple(float(v) for v in args.spacing.split(","))
+    if len(spacing) != 3:
+        parser.error(f"--spacing {args.spacing!r}: expected three mm values z,y,x")
+    if args.write is not None:
+        for seed in range(args.seed, args.seed + args.count):
+            case = generate(seed, kind=args.kind, spacing=spacing)  # type: ignore[arg-type]
+            folder = args.write / f"{args.kind}-{seed}"
+            paths = write_dicom(case, folder, seed=seed, body_part="CSPINE" if args.kind == "cspine" else "")
+            print(f"{folder}: {len(paths)} slices, levels {','.join(case.levels_in_field) or '-'}, "
+                  f"fractures {case.fractures or '-'}")
+    if not args.bench:
+        return
     generate(0, kind=args.kind, fov_mm=(40.0, 20.0))  # warm up imports and caches
     cpu, wall = [], []
     for seed in range(args.bench):
@@ -1623,4 +1637,4 @@ def _bench(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _bench()
+    _main()
