@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -156,6 +157,29 @@ def _association_failure(assoc: Association, destination: Destination) -> str:
             "or no answer in time)")
 
 
+# AEs with an association in progress, so a stopping node can cut them short.
+_IN_FLIGHT: set[AE] = set()
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def abort_in_flight() -> int:
+    """Stop the network threads of every association dispatch has in progress.
+
+    pynetdicom's DUL thread is not a daemon: a PACS that accepted TCP and never answers
+    would keep a stopping process alive for ``acse_timeout_s``. Returns how many were cut.
+    """
+    from pynetdicom.dul import DULServiceProvider
+
+    with _IN_FLIGHT_LOCK:
+        aes = set(_IN_FLIGHT)
+    cut = 0
+    for thread in threading.enumerate():
+        if isinstance(thread, DULServiceProvider) and getattr(thread.assoc, "ae", None) in aes:
+            thread.kill_dul()
+            cut += 1
+    return cut
+
+
 def send_batch(destination: Destination, batch: list[_Item],
                settings: Settings) -> dict[int, _Attempt]:
     """C-STORE ``batch`` to ``destination`` over one association; outcome per dispatch id."""
@@ -181,6 +205,17 @@ def send_batch(destination: Destination, batch: list[_Item],
             wanted.insert(0, own)
     for sop_class, transfer_syntaxes in syntaxes.items():
         ae.add_requested_context(sop_class, transfer_syntaxes)
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT.add(ae)
+    try:
+        return _send(ae, destination, datasets, outcomes)
+    finally:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.discard(ae)
+
+
+def _send(ae: AE, destination: Destination, datasets: dict[int, Dataset],
+          outcomes: dict[int, _Attempt]) -> dict[int, _Attempt]:
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                              tls_args=_tls_args(destination))

@@ -176,6 +176,11 @@ class NodeService:
             # A lane inside a network call (a PACS that never answers) is not waited for
             # to its timeout: its thread is a daemon and its rows are leased, not lost.
             lane.join(timeout=2)
+        if any(lane.busy for lane in self.lanes):
+            from spine_node.node.dispatch import abort_in_flight
+
+            # pynetdicom's network thread is no daemon: it would hold the process.
+            abort_in_flight()
         if self.receiver is not None:
             self.receiver.stop()
         if self.receive_processes is not None:
@@ -211,12 +216,16 @@ class Lane:
         self._stop.set()
         self._wake.set()
 
+    @property
+    def busy(self) -> bool:
+        """True if stopped but its thread is still inside a pass."""
+        return self._thread is not None and self._thread.is_alive()
+
     def join(self, timeout: float) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("%s still busy at stop (a peer not answering); leaving it", self.name)
-            self._thread = None
 
     def _run(self) -> None:
         while not self._stop.is_set():

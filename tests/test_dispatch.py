@@ -202,6 +202,10 @@ class SilentPACS:
 def test_a_pacs_that_never_answers_does_not_hold_up_routing(tmp_path, database_url):
     """Dispatch waits acse_timeout_s on a PACS that accepts and never answers; meanwhile
     the node still completes and routes what it receives (dispatch has its own thread)."""
+    import threading
+
+    from pynetdicom.dul import DULServiceProvider
+
     from spine_node.node.service import NodeService
     from tests.dicom_factory import write_study
     from tests.scu import association, store
@@ -238,6 +242,13 @@ def test_a_pacs_that_never_answers_does_not_hold_up_routing(tmp_path, database_u
             assert time.monotonic() < deadline + 30, f"series still {state}: routing waits for the PACS"
             time.sleep(0.2)
         assert len(pacs.accepted) == 1 and all(d.attempts == 0 for d in _dispatches(db))
+        # Stopping does not wait for the silent PACS either: pynetdicom's network thread
+        # (not a daemon, so it would keep the process alive) is cut short.
+        service.stop()
+        stopped = time.monotonic()
+        while [t for t in threading.enumerate() if isinstance(t, DULServiceProvider) and t.is_alive()]:
+            assert time.monotonic() - stopped < 30, "dispatch's network thread outlives the stop"
+            time.sleep(0.1)
     finally:
         service.stop()
         pacs.close()
