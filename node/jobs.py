@@ -8,7 +8,9 @@ while the pipeline runs, and records the outcome, the result objects and their
 dispatches in one commit. :func:`reconcile` re-sends messages the broker lost and puts
 jobs whose worker died back on the queue, giving up after ``worker.max_attempts``.
 
-The serve loop calls :func:`tick` every few seconds. The ``run_job`` task itself is
+``serve`` runs :func:`reconcile` and dispatch on two threads of their own (``service.Lane``), so a
+broker or PACS that does not answer never holds up routing; :func:`tick` does both in one
+call for callers without a service. The ``run_job`` task itself is
 defined in :mod:`spine_node.node.worker` (the worker side imports this module, never
 the other way round).
 """
@@ -687,7 +689,7 @@ class TickReport:
 
 
 def tick(db: Database, settings: Settings, now: datetime | None = None) -> TickReport:
-    """One pass of the serve loop's job housekeeping: reconcile, send, dispatch.
+    """One pass of job housekeeping: reconcile, send, dispatch (``serve`` runs them on lanes).
 
     Never raises for a broker or network problem (it is logged and the next tick tries
     again), so it is safe to call every few seconds.
