@@ -69,10 +69,12 @@ z is rendered finer and integrated when slices are thicker than 1 mm), in-plane 
 0.3-0.5 mm, noise 5-25 HU (spatially correlated in-plane, stronger in the shoulder
 slices), then ``hu * hu_scale + hu_offset`` and clipping to [-1024, 3071].
 
-Speed (``python -m spine_node.inference.heldout.ct --bench 5``, CPU seconds of one process, numpy and
-scipy single-threaded, median of seeds 0-4, 2026-11 on a shared 2-core build machine): default cspine
-case at (1.0, 0.7, 0.7) mm, about 210 x 230 x 230 voxels: 2.1 s; clinical grid (1.0, 0.5, 0.5): 4.5 s;
-3 mm slices (rendered at 1 mm and integrated): 2.1 s. Wall time was 3x that on the loaded machine.
+Speed (``python -m spine_node.inference.heldout.ct --bench 5 [--spacing z,y,x] [--kind K]``: CPU seconds of
+one process, numpy and scipy single-threaded, median over seeds; measured 2026-11-27 on a shared 2-core
+machine at load average 11, so an idle core is faster): default cspine case at (1.0, 0.7, 0.7) mm, about
+210 x 230 x 230 voxels: 2.6 s; clinical grid (1.0, 0.5, 0.5): 5.5 s; 3 mm slices (rendered at 1 mm and
+integrated): 2.2 s. Negatives at the default grid: head 2.2 s, chest 7.4 s and abdomen 5.1 s (fields of
+240-300 mm), water 3.8 s.
 """
 
 from __future__ import annotations
