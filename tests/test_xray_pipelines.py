@@ -16,21 +16,34 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("scipy")  # the phantoms need it
 
+from spine_node.engines import ENGINES_DIR  # noqa: E402
 from spine_node.inference import phantoms  # noqa: E402
-from spine_node.inference.errors import PipelineError  # noqa: E402
 from spine_node.inference.pipelines import get as get_pipeline  # noqa: E402
 from spine_node.inference.pipelines.xray import (  # noqa: E402
     AP_STRUCTURES,
     LAT_STRUCTURES,
     TISSUES,
-    prepare_radiograph,
+    Grid,
+    _window_to_source,
+    from_canvas,
+    model_window,
+    operating_threshold,
+    pixel_spacing,
     read_radiograph,
-    resize_bilinear,
+    sample_bilinear,
+    to_canvas,
 )
 from spine_node.inference.series import SeriesRef  # noqa: E402
+from tests.xray_dicom import write_test_radiograph  # noqa: E402
 from tests.xray_engines import OrtModels  # noqa: E402
 
 SEED = 97000001
+
+_GATE_CARD = ENGINES_DIR / "xray-view-gate" / "model.yaml"
+#: Tests of the mm grid, the view gate and operating points need weights trained with them.
+needs_gate_weights = pytest.mark.skipif(
+    not _GATE_CARD.is_file(),
+    reason="engines/ has no xray-view-gate (weights predate the mm grid): spine-node train xray")
 
 
 @pytest.fixture(scope="module")
@@ -145,18 +158,22 @@ def test_cspine_pipeline_findings_and_saliency_map(study: dict, models: OrtModel
     assert heat.values[0][~open_beam].mean() > heat.values[0][open_beam].mean()
 
 
+@needs_gate_weights
 def test_cspine_saliency_is_the_models(study: dict, models: OrtModels) -> None:
-    """The pipeline's map is the ONNX graph's saliency output resized to the image."""
+    """The pipeline's map is the ONNX graph's saliency output, placed back on the source
+    pixels from the model's mm grid."""
     lat: SeriesRef = study["lat"]
     engine = models("xray-cspine-classifier")
-    size = tuple(engine.card.preprocessing["size"])
+    card = engine.card
+    size, grid_mm = tuple(card.preprocessing["size"]), float(card.preprocessing["grid_mm"])
     image = read_radiograph(lat.files()[0])
-    outputs = engine.infer({"image": prepare_radiograph(image.pixels, size)[None, None]})
+    outputs = engine.infer({"image": model_window(image.pixels, image.grid(grid_mm), size)[None, None]})
     result = get_pipeline("xray-cspine-classify").run([lat], models)
-    expected = np.clip(resize_bilinear(outputs["saliency"][:, 0], image.shape), 0, 1)
-    np.testing.assert_allclose(result.probability_map.values, expected, atol=1e-5)
+    expected = np.clip(_window_to_source(outputs["saliency"][0, 0], image, grid_mm, size), 0, 1)
+    np.testing.assert_allclose(result.probability_map.values[0], expected, atol=1e-5)
     dislocation = result.findings[1]
     assert dislocation.probability == pytest.approx(float(outputs["probabilities"][0, 2]))
+    assert dislocation.threshold == pytest.approx(operating_threshold(card, "dislocation", "LAT"))
 
 
 @pytest.mark.parametrize("view", ["AP", "LAT"])
@@ -180,8 +197,9 @@ def test_spine_seg_picks_the_model_from_view_position(study: dict, models: OrtMo
         assert score > 0.6, (segment.name, score)
 
 
-def test_spine_seg_without_view_position_is_refused(study: dict, models: OrtModels,
-                                                    tmp_path: Path) -> None:
+@needs_gate_weights
+def test_spine_seg_without_view_position_reads_the_view_from_the_image(
+        study: dict, models: OrtModels, tmp_path: Path) -> None:
     source = study["ap"].files()[0]
     ds = pydicom.dcmread(source)
     del ds.ViewPosition
@@ -190,8 +208,128 @@ def test_spine_seg_without_view_position_is_refused(study: dict, models: OrtMode
     ds.save_as(folder / source.name)
     series = SeriesRef(study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
                        path=folder)
-    with pytest.raises(PipelineError, match="ViewPosition"):
-        get_pipeline("xray-spine-seg").run([series], models)
+    result = get_pipeline("xray-spine-seg").run([series], models)
+    assert result.performed and result.model.name == "xray-spine-unet-ap"
+    assert [(s.site, s.assessment) for s in result.site_status] == [("AP", "assessed")]
+
+
+@needs_gate_weights
+def test_view_position_that_disagrees_with_the_image_is_noted(study: dict, models: OrtModels,
+                                                              tmp_path: Path) -> None:
+    source = study["ap"].files()[0]
+    ds = pydicom.dcmread(source)
+    ds.ViewPosition = "LL"
+    folder = tmp_path / "wrongview"
+    folder.mkdir()
+    ds.save_as(folder / source.name)
+    series = SeriesRef(study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+                       path=folder, view_position="LL")
+    result = get_pipeline("xray-spine-seg").run([series], models)
+    assert result.model.name == "xray-spine-unet-ap"
+    assert any("ViewPosition says LL" in note for note in result.notes)
+
+
+def test_cspine_classifier_does_not_read_an_ap_view(study: dict, models: OrtModels) -> None:
+    """The cervical classifier was trained on LAT views; an AP image is not assessed."""
+    result = get_pipeline("xray-cspine-classify").run([study["ap"]], models)
+    assert not result.performed and result.findings == []
+    assert "AP view" in (result.not_performed_reason or "")
+    assert result.probability_map is None
+
+
+def test_default_routes_keep_ap_away_from_the_lateral_classifier() -> None:
+    from spine_node.node.config import default_routes
+    from spine_node.node.route import SeriesFacts, plan
+
+    def pipelines(view: str) -> set[str]:
+        facts = SeriesFacts(study_uid="1", series_uid=view or "none", modality="DX",
+                            body_part="CSPINE", view_position=view,
+                            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1")
+        return {job.pipeline for job in plan(default_routes(), [facts])}
+
+    assert "xray-cspine-classify" not in pipelines("AP")
+    assert "xray-cspine-classify" in pipelines("LL")
+    assert "xray-cspine-classify" in pipelines("")  # the gate decides from the image
+
+
+def test_masks_stay_on_their_pixels_with_non_square_pixels_and_odd_sizes(
+        study: dict, models: OrtModels, tmp_path: Path) -> None:
+    """The AP phantom resampled to 0.31 x 0.23 mm pixels (an odd matrix): the masks the
+    pipeline returns match the truth resampled the same way as well as on the 2 mm image."""
+    projection = study["AP"]
+    spacing = (0.31, 0.23)
+    rows = int(projection.image.shape[0] * projection.pixel_spacing[0] / spacing[0]) | 1
+    cols = int(projection.image.shape[1] * projection.pixel_spacing[1] / spacing[1]) | 1
+    r = ((np.arange(rows) + 0.5) * spacing[0] / projection.pixel_spacing[0] - 0.5)
+    c = ((np.arange(cols) + 0.5) * spacing[1] / projection.pixel_spacing[1] - 0.5)
+    image = sample_bilinear(projection.image, r, c)
+    nearest_r = np.clip(np.round(r).astype(int), 0, projection.image.shape[0] - 1)
+    nearest_c = np.clip(np.round(c).astype(int), 0, projection.image.shape[1] - 1)
+    truth = projection.structures[np.ix_(nearest_r, nearest_c)]
+    phantoms.write_radiograph(image, tmp_path / "fine", view="AP", seed=SEED + 99,
+                              pixel_spacing=spacing)
+    fine = _series(tmp_path / "fine")
+    coarse = get_pipeline("xray-spine-seg").run([study["ap"]], models).segmentation
+    result = get_pipeline("xray-spine-seg").run([fine], models).segmentation
+    assert result is not None and coarse is not None
+    assert result.labels.shape == (1, rows, cols)
+    names = projection.structure_names
+    for segment in result.segments:
+        value = next(v for v, n in names.items() if n == segment.name)
+        on_fine = _dice(result.labels[0] == segment.label, truth == value)
+        on_coarse = _dice(coarse.labels[0] == segment.label, projection.structures == value)
+        assert on_fine > on_coarse - 0.1, (segment.name, on_fine, on_coarse)
+    # A one-pixel shift of the fine mask would cost more than the tolerance above.
+    body = [s.label for s in result.segments if s.name == "vertebral_body"][0]
+    value = next(v for v, n in names.items() if n == "vertebral_body")
+    shifted = np.roll(result.labels[0] == body, 3, axis=1)
+    assert _dice(shifted, truth == value) < _dice(result.labels[0] == body, truth == value)
+
+
+@pytest.mark.parametrize("pipeline", ["xray-fracture", "xray-cspine-classify", "xray-spine-seg",
+                                      "xray-tissue-seg"])
+def test_noise_is_not_assessable(pipeline: str, models: OrtModels, tmp_path: Path) -> None:
+    """Uniform noise without a pixel size: not performed, no findings, no masks, the
+    assumption and the reason stated."""
+    pixels = np.random.default_rng(3).integers(0, 4096, (1000, 800)).astype(np.uint16)
+    path = write_test_radiograph(tmp_path / "noise.dcm", pixels, view="LL", key="noise")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    series = SeriesRef(study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+                       path=tmp_path, view_position="LL")
+    result = get_pipeline(pipeline).run([series], models)
+    assert not result.performed
+    assert "noise" in (result.not_performed_reason or "")
+    assert result.findings == [] and result.segmentation is None and result.probability_map is None
+    assert any("0.15 mm assumed" in note for note in result.notes)
+
+
+def test_pixel_spacing_sources() -> None:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    assert pixel_spacing(ds) == ((0.15, 0.15), "assumed")
+    ds.ImagerPixelSpacing = [0.2, 0.22]
+    assert pixel_spacing(ds) == ((0.2, 0.22), "ImagerPixelSpacing")
+    ds.EstimatedRadiographicMagnificationFactor = 1.1
+    (row, col), source = pixel_spacing(ds)
+    assert (row, col) == pytest.approx((0.2 / 1.1, 0.22 / 1.1)) and "Magnification" in source
+    ds.PixelSpacing = [0.17, 0.17]
+    assert pixel_spacing(ds)[0] == pytest.approx((0.2 / 1.1, 0.22 / 1.1))  # uncalibrated
+    ds.PixelSpacingCalibrationType = "GEOMETRY"
+    assert pixel_spacing(ds) == ((0.17, 0.17), "PixelSpacing (calibrated)")
+
+
+def test_canvas_round_trip_is_aligned() -> None:
+    """A square drawn in mm lands on the same mm after source -> canvas -> source."""
+    grid = Grid((301, 173), (0.13, 0.29), 1.0)
+    rows = (np.arange(301) + 0.5) * 0.13
+    cols = (np.arange(173) + 0.5) * 0.29
+    square = ((rows[:, None] > 10) & (rows[:, None] < 30) & (cols[None, :] > 12)
+              & (cols[None, :] < 40)).astype(np.float32)
+    canvas = to_canvas(square, grid)
+    assert canvas.shape == (39, 50)
+    back = from_canvas(canvas, grid) > 0.5
+    assert _dice(back, square > 0) > 0.95
 
 
 def test_tissue_seg(study: dict, models: OrtModels) -> None:
@@ -232,5 +370,15 @@ def test_pair_classify_uses_both_views(study: dict, models: OrtModels) -> None:
 
 
 def test_pair_classify_without_lat_says_so(study: dict, models: OrtModels) -> None:
-    with pytest.raises(PipelineError, match="no LAT image"):
-        get_pipeline("xray-pair-classify").run([study["ap"]], models)
+    result = get_pipeline("xray-pair-classify").run([study["ap"]], models)
+    assert not result.performed and result.findings == []
+    assert "no LAT spine radiograph" in (result.not_performed_reason or "")
+
+
+@needs_gate_weights
+def test_findings_use_the_cards_operating_points(study: dict, models: OrtModels) -> None:
+    result = get_pipeline("xray-pair-classify").run([study["lat"], study["ap"]], models)
+    [finding] = result.findings
+    card = models("xray-pair-classifier").card
+    assert finding.threshold == card.weights["operating_points"]["damage"]["pair"]["threshold"]
+    assert finding.threshold != 0.5

@@ -1,4 +1,4 @@
-"""The five spine X-ray model families (torch), small enough to run on a CPU.
+"""The six spine X-ray model families (and the view gate) (torch), small enough to run on a CPU.
 
 Every model takes single-channel radiographs ``(N, 1, H, W)`` normalised to [0, 1] (see
 :func:`spine_node.inference.pipelines.xray.prepare_radiograph`) and returns what the exported ONNX
@@ -13,6 +13,7 @@ family                     inputs                              outputs
                                                                ``saliency`` (N, 1, H, W)
 :class:`UNet2D`            ``image``                           ``probabilities`` (N, 1+K, H, W)
 :class:`XNet`              ``image``                           ``probabilities`` (N, K, H, W)
+:class:`ViewGate`          ``image``                           ``probabilities`` (N, 3)
 =========================  ==================================  ==============================
 
 During training call :meth:`logits` (the raw scores a loss wants); ``forward`` is the
@@ -280,6 +281,37 @@ class XNet(nn.Module):
         d2 = self.dec2(torch.cat([self.up2(b2), d1], dim=1))   # H/2
         d3 = self.dec3(torch.cat([self.up3(d2), e1], dim=1))   # H
         return self.out(d3)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(image), dim=1)
+
+
+@register("xray-view-gate")
+class ViewGate(nn.Module):
+    """Is this a spine radiograph, and which view: not-spine / AP / LAT.
+
+    A small strided CNN over the 2 mm model window with mean + max pooling, so a spine
+    anywhere in the window counts; the pipelines run it before any other X-ray model and
+    only pass an image on to the models trained for its view. Classes: 0 other (not a
+    spine radiograph), 1 AP, 2 LAT.
+    """
+
+    input_names = ("image",)
+    output_names = ("probabilities",)
+
+    def __init__(self, widths: tuple[int, ...] = (12, 24, 48), num_classes: int = 3) -> None:
+        super().__init__()
+        self.encoder = _Encoder(widths)
+        self.head = nn.Linear(2 * self.encoder.out_channels, num_classes)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(image)
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+        return self.head(pooled)
+
+    def training_outputs(self, image: torch.Tensor
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return self.logits(image), ()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(image), dim=1)

@@ -47,6 +47,7 @@ import logging
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,18 +66,25 @@ from spine_node.inference.pipelines.xray import (
     AP_STRUCTURES,
     CSPINE_MODEL,
     FRACTURE_MODEL,
+    GATE_MODEL,
     LAT_STRUCTURES,
     PAIR_MODEL,
     TISSUE_MODEL,
     TISSUES,
     UNET_AP_MODEL,
     UNET_LAT_MODEL,
+    Grid,
+    centre_origin,
     file_sha256,
+    place,
     prepare_radiograph,
     read_radiograph,
     resize_bilinear,
+    to_canvas,
+    window,
 )
 from spine_node.inference.train import TrainOptions
+from spine_node.inference.train import xray_augment as augment
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +153,8 @@ class ImageSet:
     body_masks: tuple[np.ndarray, ...] = ()
     #: Per input, which samples stay valid when mirrored left-right ``(N,)`` (AP views).
     mirrorable: tuple[np.ndarray, ...] = ()
+    #: The view of each sample ("AP", "LAT", "pair", "other"), for per-view metrics.
+    views: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -170,11 +180,19 @@ class Spec:
     crop_steps: int = 0
     crop_size: int = 64
     crop_batch_size: int = 32
+    #: Randomised acquisitions (:mod:`xray_augment`) drawn per phantom view for training.
+    copies: int = 2
+    #: Which views the model reads (the pipelines gate on them; the card states them).
+    views: tuple[str, ...] = ("AP", "LAT")
+
+    @property
+    def grid_mm(self) -> float:
+        return self.cohort.spacing_mm
 
 
 #: How the three classifiers train on phantoms (the MobileNet learns the AP view slower).
 _CLASSIFIER_TRAINING: dict[str, Any] = {"cohort": RADIOGRAPHIC_COHORT, "crop_steps": 2000,
-                                        "steps": 300}
+                                        "steps": 300, "copies": 3}
 
 SPECS: dict[str, Spec] = {
     PAIR_MODEL: Spec(PAIR_MODEL, "xray-pair-classifier", "classification", ("normal", "damage"),
@@ -189,24 +207,30 @@ SPECS: dict[str, Spec] = {
                        ("normal", "fracture", "dislocation"), CLASSIFIER_SIZE,
                        "Cervical spine lateral radiograph normal / fracture / dislocation "
                        "with a class-activation saliency map (second output).",
-                       **_CLASSIFIER_TRAINING),
+                       **{**_CLASSIFIER_TRAINING, "views": ("LAT",)}),
     UNET_AP_MODEL: Spec(UNET_AP_MODEL, "xray-spine-unet", "segmentation",
                         ("background", *AP_STRUCTURES), SEGMENTER_SIZE,
                         "Spine AP radiograph segmentation (vertebral body, pedicle, spinous "
                         "process), 2D U-Net.",
                         {"num_classes": 1 + len(AP_STRUCTURES), "base": 12, "depth": 3},
-                        steps=300),
+                        steps=300, views=("AP",)),
     UNET_LAT_MODEL: Spec(UNET_LAT_MODEL, "xray-spine-unet", "segmentation",
                          ("background", *LAT_STRUCTURES), SEGMENTER_SIZE,
                          "Spine LAT radiograph segmentation (vertebral body, posterior "
                          "elements, disc, spinal canal, prevertebral soft tissue), 2D U-Net.",
                          {"num_classes": 1 + len(LAT_STRUCTURES), "base": 12, "depth": 3},
-                         steps=300),
+                         steps=300, views=("LAT",)),
     TISSUE_MODEL: Spec(TISSUE_MODEL, "xray-tissue-xnet", "segmentation", TISSUES,
                        SEGMENTER_SIZE, "Radiograph tissue segmentation (bone, soft tissue, "
                        "open beam), XNet-style.", {"num_classes": len(TISSUES), "base": 12},
                        steps=300),
+    GATE_MODEL: Spec(GATE_MODEL, "xray-view-gate", "classification", ("other", "AP", "LAT"),
+                     SEGMENTER_SIZE, "View gate: spine AP / spine LAT / not a spine radiograph "
+                     "(noise, blank, CT slices, chest, hand); run before every X-ray model.",
+                     steps=700, batch_size=32, views=("AP", "LAT", "other")),
 }
+#: Junk images per spine phantom in the gate's training and validation data.
+GATE_JUNK_PER_PHANTOM = 2
 
 
 # --------------------------------------------------------------------------- folders
@@ -362,9 +386,10 @@ def _segmentation_set(spec: Spec, images: Sequence[np.ndarray],
 
 @dataclass
 class PhantomViews:
-    """One phantom study as the X-ray recipes use it: DRRs, label maps, findings."""
+    """One phantom study as the X-ray recipes use it: noise-free DRR line integrals on the
+    cohort's grid (the model grid), label maps, findings."""
 
-    ap: np.ndarray          # float32 bone-bright DRR
+    ap: np.ndarray          # float32 line integral (bone bright), AP
     lat: np.ndarray
     ap_structures: np.ndarray   # uint8, 0 none, k = AP_STRUCTURES[k - 1]
     lat_structures: np.ndarray  # uint8, 0 none, k = LAT_STRUCTURES[k - 1]
@@ -381,6 +406,7 @@ class PhantomViews:
     ap_dislocation_map: np.ndarray
     lat_dislocation_map: np.ndarray
     lesions_located: bool   # every lesion has projected body pixels
+    seed: int = 0
 
 
 def _relabel(label: np.ndarray, names: Mapping[int, str], order: Sequence[str]) -> np.ndarray:
@@ -393,16 +419,14 @@ def _relabel(label: np.ndarray, names: Mapping[int, str], order: Sequence[str]) 
 
 
 def phantom_views(seed: int, cohort: PhantomCohort = CT_COHORT) -> PhantomViews:
-    """Render cervical phantom ``seed`` of ``cohort``: AP and LAT DRRs with quantum noise,
-    truth maps."""
+    """Render cervical phantom ``seed`` of ``cohort``: noise-free AP and LAT DRRs (the
+    acquisition is drawn later, per training copy) and truth maps."""
     from spine_node.inference import phantoms
 
     phantom = phantoms.generate(seed, region="cervical", shape=cohort.shape,
                                 spacing=cohort.spacing_mm,
                                 radiographic_findings=cohort.radiographic_findings)
-    rng = np.random.default_rng([seed, 7])
-    photons = float(rng.uniform(1e4, 1e5))
-    views = {view: phantom.radiograph(view, photons=photons, rng=rng) for view in ("AP", "LAT")}
+    views = {view: phantom.radiograph(view) for view in ("AP", "LAT")}
     ap, lat = views["AP"], views["LAT"]
     if ap.structures is None or lat.structures is None or ap.levels is None or lat.levels is None:
         raise RuntimeError("phantom radiographs came without structure or level maps")
@@ -413,7 +437,7 @@ def phantom_views(seed: int, cohort: PhantomCohort = CT_COHORT) -> PhantomViews:
     located = all((ap.levels == label).any() and (lat.levels == label).any()
                   for label in fractured + dislocated)
     return PhantomViews(
-        ap=ap.image, lat=lat.image,
+        ap=ap.line_integral, lat=lat.line_integral,
         ap_structures=_relabel(ap.structures, ap.structure_names, AP_STRUCTURES),
         lat_structures=_relabel(lat.structures, lat.structure_names, LAT_STRUCTURES),
         ap_tissue=_relabel(ap.tissue, ap.tissue_names, TISSUES),
@@ -427,13 +451,65 @@ def phantom_views(seed: int, cohort: PhantomCohort = CT_COHORT) -> PhantomViews:
         ap_dislocation_map=np.isin(ap.levels, dislocated).astype(np.float32),
         lat_dislocation_map=np.isin(lat.levels, dislocated).astype(np.float32),
         lesions_located=bool(located),
+        seed=seed,
     )
 
 
+@dataclass
+class _Acquired:
+    """One randomised acquisition of a sample: windowed inputs and moved truth."""
+
+    images: list[np.ndarray]
+    target: Any
+    lesions: tuple[tuple[np.ndarray, ...], ...]
+    bodies: tuple[np.ndarray, ...]
+
+
+def _acquire_sample(spec: Spec, sample: _Sample, rng: np.random.Generator) -> _Acquired | None:
+    """Draw an acquisition per input view and move the truth with it.
+
+    Classifiers: lesion maps keep only what stays visible; a copy whose lesions are mostly
+    hidden (trimmed field, shutter) is dropped rather than mislabelled. Segmenters: pixels
+    the detector did not see are ignored (-1) by the loss.
+    """
+    grid = spec.grid_mm
+    classifier = spec.task == "classification"
+    inputs = [sample.image] + ([sample.second] if sample.second is not None else [])
+    images, visibles, acquisitions = [], [], []
+    for integral in inputs:
+        acq = augment.draw(rng, max_trim=0.12 if classifier else 0.25)
+        image, valid, visible = augment.acquire(integral, grid, acq, rng)
+        images.append(window(image, valid))
+        visibles.append(visible)
+        acquisitions.append(acq)
+    if not classifier:
+        labels = augment.transform_map(sample.target.astype(np.uint8), acquisitions[0], grid, 0)
+        classes = _structure_labels_to_classes(labels, spec)
+        classes[~visibles[0]] = -1
+        return _Acquired(images, classes, (), ())
+    lesions = []
+    for v, maps in enumerate(sample.lesions):
+        view = v if len(inputs) > 1 else 0
+        moved = []
+        for lesion in maps:
+            shown = augment.transform_map(lesion, acquisitions[view], grid, 1) * visibles[view]
+            if lesion.sum() > 0 and shown.sum() < 0.5 * lesion.sum() * acquisitions[view].scale ** 2:
+                return None
+            moved.append(shown.astype(np.float32))
+        lesions.append(tuple(moved))
+    bodies = tuple(augment.transform_map(body.astype(np.uint8), acquisitions[v], grid, 0).astype(bool)
+                   & visibles[v] for v, body in enumerate(sample.bodies))
+    return _Acquired(images, sample.target, tuple(lesions), bodies)
+
+
 def phantom_sets(spec: Spec, seeds: Sequence[int], progress: Progress | None = None,
-                 workers: int = 1) -> ImageSet:
+                 workers: int = 1, copies: int | None = None, split: int = 0) -> ImageSet:
     """Prepared images and targets for ``spec`` from the phantoms ``seeds``, rendered by
-    ``workers`` processes."""
+    ``workers`` processes, each view acquired ``copies`` times (randomised; ``split``
+    keeps the draws of training and validation apart)."""
+    if spec.name == GATE_MODEL:
+        return gate_set(spec, seeds, progress, workers, copies or spec.copies, split)
+    copies = copies or spec.copies
     images: list[np.ndarray] = []
     seconds: list[np.ndarray] = []
     targets: list[Any] = []
@@ -441,29 +517,85 @@ def phantom_sets(spec: Spec, seeds: Sequence[int], progress: Progress | None = N
     weights: list[float] = []
     bodies: list[tuple[np.ndarray, ...]] = []
     mirrorable: list[tuple[bool, ...]] = []
+    sample_views: list[str] = []
     feature_size = (spec.size[0] // LESION_STRIDE, spec.size[1] // LESION_STRIDE)
+    salt = zlib.crc32(spec.name.encode())
     for views in render_views(seeds, spec.cohort, workers, progress, f"{spec.name}: phantoms"):
-        for sample in _phantom_samples(spec, views):
-            images.append(prepare_radiograph(sample.image, spec.size))
-            if sample.second is not None:
-                seconds.append(prepare_radiograph(sample.second, spec.size))
-            targets.append(sample.target)
-            if sample.lesions:
-                lesions.append(tuple(resize_bilinear(np.stack(maps), feature_size)
-                                     for maps in sample.lesions))
-                weights.append(1.0 if views.lesions_located else 0.0)
-            bodies.append(tuple(resize_bilinear(body.astype(np.float32), spec.size) > 0.5
-                                for body in sample.bodies))
-            mirrorable.append(sample.mirrorable)
+        for s, sample in enumerate(_phantom_samples(spec, views)):
+            for copy in range(copies):
+                rng = np.random.default_rng([views.seed, salt, s, copy, split])
+                acquired = _acquire_sample(spec, sample, rng)
+                if acquired is None:
+                    continue
+                images.append(resize_bilinear(acquired.images[0], spec.size))
+                if len(acquired.images) > 1:
+                    seconds.append(resize_bilinear(acquired.images[1], spec.size))
+                targets.append(acquired.target)
+                sample_views.append(sample.view)
+                if acquired.lesions:
+                    lesions.append(tuple(resize_bilinear(np.stack(maps), feature_size)
+                                         for maps in acquired.lesions))
+                    weights.append(1.0 if views.lesions_located else 0.0)
+                bodies.append(tuple(resize_bilinear(body.astype(np.float32), spec.size) > 0.5
+                                    for body in acquired.bodies))
+                # Flips are part of the acquisitions now, so every view may be mirrored.
+                mirrorable.append(tuple(True for _ in acquired.bodies))
     if spec.task == "segmentation":
-        return _segmentation_set(spec, images,
-                                 [_structure_labels_to_classes(t, spec) for t in targets])
+        result = _segmentation_set(spec, images, targets)
+        result.views = np.asarray(sample_views)
+        return result
     return ImageSet(np.stack(images)[:, None], np.asarray(targets, dtype=np.int64),
                     np.stack(seconds)[:, None] if seconds else None,
                     lesion_maps=tuple(np.stack(group) for group in zip(*lesions, strict=True)),
                     lesion_weight=np.asarray(weights, np.float32) if weights else None,
                     body_masks=tuple(np.stack(group) for group in zip(*bodies, strict=True)),
-                    mirrorable=tuple(np.array(group) for group in zip(*mirrorable, strict=True)))
+                    mirrorable=tuple(np.array(group) for group in zip(*mirrorable, strict=True)),
+                    views=np.asarray(sample_views))
+
+
+def gate_input(pixels: np.ndarray, spacing_mm: tuple[float, float], size: tuple[int, int],
+               grid_mm: float) -> np.ndarray:
+    """The gate's window of an image at ``spacing_mm``, as the pipelines prepare it."""
+    grid = Grid((int(pixels.shape[0]), int(pixels.shape[1])), spacing_mm, grid_mm)
+    canvas = to_canvas(pixels, grid)
+    image, valid = place(canvas, size, centre_origin(canvas.shape, size))
+    return window(image, valid)
+
+
+def gate_set(spec: Spec, seeds: Sequence[int], progress: Progress | None, workers: int,
+             copies: int, split: int) -> ImageSet:
+    """Spine AP / LAT acquisitions of the 2 mm phantoms and junk (:func:`augment.junk`),
+    labelled 1 AP, 2 LAT, 0 other."""
+    from spine_node.inference import phantoms
+
+    images: list[np.ndarray] = []
+    targets: list[int] = []
+    views: list[str] = []
+    grid = spec.grid_mm
+    for views_ in render_views(seeds, spec.cohort, workers, progress, f"{spec.name}: phantoms"):
+        for label, integral in ((1, views_.ap), (2, views_.lat)):
+            for copy in range(copies):
+                rng = np.random.default_rng([views_.seed, 11, label, copy, split])
+                image, valid, _ = augment.acquire(integral, grid, augment.draw(rng), rng)
+                images.append(resize_bilinear(window(image, valid), spec.size))
+                targets.append(label)
+                views.append(spec.labels[label])
+        for k in range(GATE_JUNK_PER_PHANTOM * copies):
+            rng = np.random.default_rng([views_.seed, 12, k, split])
+            kind = augment.JUNK_KINDS[(views_.seed + k) % len(augment.JUNK_KINDS)]
+            if kind == "ct_slice" and k % 2:
+                # A real phantom's axial slice, as a CT image sent to the X-ray route would be.
+                phantom = phantoms.generate(views_.seed + 7919 * (k + 1), region="cervical")
+                hu = phantom.hu[int(rng.integers(10, phantom.hu.shape[0] - 10))]
+                pixels, spacing = np.clip(hu + 1024.0, 0, None), float(phantom.spacing[1])
+            else:
+                shape = (int(rng.integers(24, 160)), int(rng.integers(24, 140)))
+                pixels, spacing = augment.junk(kind, rng, grid, shape)
+            images.append(gate_input(pixels, (spacing, spacing), spec.size, grid))
+            targets.append(0)
+            views.append("other")
+    return ImageSet(np.stack(images)[:, None].astype(np.float32), np.asarray(targets, np.int64),
+                    views=np.asarray(views))
 
 
 @dataclass
@@ -477,6 +609,7 @@ class _Sample:
     #: the view may be mirrored left-right (an AP view; a LAT view keeps anterior left).
     bodies: tuple[np.ndarray, ...] = ()
     mirrorable: tuple[bool, ...] = ()
+    view: str = ""
 
 
 _VIEW_CACHE: dict[tuple[int, str], PhantomViews] = {}
@@ -520,7 +653,7 @@ def render_views(seeds: Sequence[int], cohort: PhantomCohort, workers: int = 1,
 
 
 def _phantom_samples(spec: Spec, views: PhantomViews) -> Iterator[_Sample]:
-    """The training samples of ``spec`` in one phantom study."""
+    """The training samples of ``spec`` in one phantom study (before acquisition)."""
     body = AP_STRUCTURES.index("vertebral_body") + 1
     ap_bodies = views.ap_structures == body
     lat_bodies = views.lat_structures == LAT_STRUCTURES.index("vertebral_body") + 1
@@ -528,24 +661,24 @@ def _phantom_samples(spec: Spec, views: PhantomViews) -> Iterator[_Sample]:
         damage_ap = np.maximum(views.ap_fracture_map, views.ap_dislocation_map)
         damage_lat = np.maximum(views.lat_fracture_map, views.lat_dislocation_map)
         yield _Sample(views.ap, views.lat, int(views.fracture or views.dislocation),
-                      ((damage_ap,), (damage_lat,)), (ap_bodies, lat_bodies), (True, False))
+                      ((damage_ap,), (damage_lat,)), (ap_bodies, lat_bodies), (True, True), "pair")
     elif spec.name == FRACTURE_MODEL:
         yield _Sample(views.lat, None, int(views.fracture), ((views.lat_fracture_map,),),
-                      (lat_bodies,), (False,))
+                      (lat_bodies,), (True,), "LAT")
         yield _Sample(views.ap, None, int(views.fracture), ((views.ap_fracture_map,),),
-                      (ap_bodies,), (True,))
+                      (ap_bodies,), (True,), "AP")
     elif spec.name == CSPINE_MODEL:
         label = 2 if views.cspine_dislocation else 1 if views.cspine_fracture else 0
         yield _Sample(views.lat, None, label,
                       ((views.lat_fracture_map, views.lat_dislocation_map),), (lat_bodies,),
-                      (False,))
+                      (True,), "LAT")
     elif spec.name == UNET_AP_MODEL:
-        yield _Sample(views.ap, None, views.ap_structures)
+        yield _Sample(views.ap, None, views.ap_structures, view="AP")
     elif spec.name == UNET_LAT_MODEL:
-        yield _Sample(views.lat, None, views.lat_structures)
+        yield _Sample(views.lat, None, views.lat_structures, view="LAT")
     elif spec.name == TISSUE_MODEL:
-        yield _Sample(views.ap, None, views.ap_tissue)
-        yield _Sample(views.lat, None, views.lat_tissue)
+        yield _Sample(views.ap, None, views.ap_tissue, view="AP")
+        yield _Sample(views.lat, None, views.lat_tissue, view="LAT")
     else:
         raise KeyError(spec.name)
 
@@ -615,7 +748,7 @@ def train_model(spec: Spec, train: ImageSet, seed: int, steps: int | None = None
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = architecture(spec.architecture, **spec.architecture_kwargs)
+    model = architecture(spec.architecture, **spec.architecture_kwargs).to(_device())
     steps = steps or spec.steps
     images = torch.from_numpy(train.images)
     second = torch.from_numpy(train.second) if train.second is not None else None
@@ -645,7 +778,20 @@ def train_model(spec: Spec, train: ImageSet, seed: int, steps: int | None = None
                 lesion_weight[index] if lesion_weight is not None else None)
 
     _train_phase(spec, model, steps, whole_images, progress, f"{spec.name}: train")
-    return model.eval()
+    return model.cpu().eval()
+
+
+def _device() -> torch.device:
+    """A CUDA GPU when there is one (the batches are drawn on the CPU either way)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    return value
 
 
 def _train_phase(spec: Spec, model: nn.Module, steps: int, next_batch: Callable[[], _Batch],
@@ -657,7 +803,8 @@ def _train_phase(spec: Spec, model: nn.Module, steps: int, next_batch: Callable[
     task = progress.add_task(label, total=steps) if progress else None
     model.train()
     for _ in range(steps):
-        loss = _loss(spec, model, *next_batch())
+        device = next(model.parameters()).device
+        loss = _loss(spec, model, *(_to(part, device) for part in next_batch()))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -814,35 +961,99 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float((prediction & truth).sum()) / total
 
 
-def evaluate(spec: Spec, onnx_path: Path, data: ImageSet) -> dict[str, float]:
-    """Held-out metrics of the exported model: AUC per class, or Dice per structure.
+def wilson(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (``(nan, nan)`` for no trials)."""
+    if total <= 0:
+        return (float("nan"), float("nan"))
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+def operating_point(scores: np.ndarray, positives: np.ndarray) -> dict[str, Any]:
+    """The threshold with the highest Youden J (sensitivity + specificity - 1) on these
+    scores, with its sensitivity and specificity and their 95 % Wilson intervals."""
+    positives = positives.astype(bool)
+    candidates = np.unique(np.concatenate([scores, [0.5]]))
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    best, best_j = 0.5, -2.0
+    for threshold in candidates:
+        flagged = scores >= threshold
+        j = ((flagged & positives).sum() / max(n_pos, 1) + (~flagged & ~positives).sum()
+             / max(n_neg, 1) - 1)
+        if j > best_j + 1e-9:
+            best, best_j = float(threshold), j
+    flagged = scores >= best
+    tp, tn = int((flagged & positives).sum()), int((~flagged & ~positives).sum())
+    return {"threshold": round(best, 4), "n_positive": n_pos, "n_negative": n_neg,
+            "sensitivity": round(tp / max(n_pos, 1), 4),
+            "sensitivity_ci95": [round(v, 4) for v in wilson(tp, n_pos)],
+            "specificity": round(tn / max(n_neg, 1), 4),
+            "specificity_ci95": [round(v, 4) for v in wilson(tn, n_neg)]}
+
+
+def abnormal_scores(spec: Spec, probabilities: np.ndarray) -> dict[str, np.ndarray]:
+    """Score per finding kind the pipelines report (class probability)."""
+    return {key: probabilities[:, k] for k, key in enumerate(spec.labels) if k > 0}
+
+
+def evaluate(spec: Spec, onnx_path: Path, data: ImageSet,
+             points: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
+    """Held-out metrics of the exported model: AUC per class (and per view), or Dice per
+    structure (and per view).
 
     Dice is measured on each source image's own grid, after the class probabilities are
-    resized back the way the pipelines do it.
+    resized back the way the pipelines do it. ``points``, when given, is filled with the
+    operating point of each finding kind per view (:func:`operating_point`).
     """
     outputs = onnx_predict(onnx_path, data)
     probabilities = outputs["probabilities"]
     metrics: dict[str, float] = {"samples": float(len(data))}
+    views = sorted(set(data.views.tolist())) if data.views is not None else []
     if spec.task == "classification":
+        if spec.name == GATE_MODEL:
+            predicted = probabilities.argmax(1)
+            metrics["accuracy"] = float((predicted == data.targets).mean())
+            for k, key in enumerate(spec.labels):
+                chosen = data.targets == k
+                metrics[f"recall_{key}"] = float((predicted[chosen] == k).mean()) if chosen.any() else 1.0
+            return metrics
         for k, key in enumerate(spec.labels[1:], start=1):
             metrics[f"auc_{key}"] = roc_auc(probabilities[:, k], data.targets == k)
+            for view in views if len(views) > 1 else []:
+                chosen = data.views == view
+                metrics[f"auc_{key}_{view}"] = roc_auc(probabilities[chosen, k],
+                                                      data.targets[chosen] == k)
+            if points is not None:
+                points[key] = {}
+                for view in views or ["all"]:
+                    chosen = data.views == view if views else np.ones(len(data), bool)
+                    points[key][view] = operating_point(probabilities[chosen, k],
+                                                        data.targets[chosen] == k)
         metrics["accuracy"] = float((probabilities.argmax(1) == data.targets).mean())
         if len(spec.labels) > 2:
             metrics["auc_abnormal"] = roc_auc(1 - probabilities[:, 0], data.targets > 0)
         return metrics
     first = 1 if spec.labels[0] == "background" else 0
-    overlap = np.zeros(len(spec.labels))
-    total = np.zeros(len(spec.labels))
-    for probability, truth in zip(probabilities, data.source_targets, strict=True):
-        predicted = np.argmax(resize_bilinear(probability, truth.shape), axis=0)
-        labelled = truth >= 0
-        for k in range(first, len(spec.labels)):
-            hit, real = (predicted == k) & labelled, truth == k
-            overlap[k] += (hit & real).sum()
-            total[k] += hit.sum() + real.sum()
-    for k in range(first, len(spec.labels)):
-        metrics[f"dice_{spec.labels[k]}"] = float(2 * overlap[k] / total[k]) if total[k] else 1.0
-    metrics["dice_mean"] = float(np.mean([v for k, v in metrics.items() if k.startswith("dice_")]))
+    groups = {"": np.ones(len(data), bool)}
+    if len(views) > 1:
+        groups.update({f"_{view}": data.views == view for view in views})
+    for suffix, chosen in groups.items():
+        overlap = np.zeros(len(spec.labels))
+        total = np.zeros(len(spec.labels))
+        for i in np.flatnonzero(chosen):
+            truth = data.source_targets[i]
+            predicted = np.argmax(resize_bilinear(probabilities[i], truth.shape), axis=0)
+            labelled = truth >= 0
+            for k in range(first, len(spec.labels)):
+                hit, real = (predicted == k) & labelled, truth == k
+                overlap[k] += (hit & real).sum()
+                total[k] += hit.sum() + real.sum()
+        values = {f"dice_{spec.labels[k]}{suffix}": float(2 * overlap[k] / total[k]) if total[k] else 1.0
+                  for k in range(first, len(spec.labels))}
+        metrics.update(values)
+        metrics[f"dice_mean{suffix}"] = float(np.mean(list(values.values())))
     return metrics
 
 
@@ -897,10 +1108,17 @@ def write_card(spec: Spec, model: nn.Module, folder: Path, weights: dict[str, An
         "labels": {k: key for k, key in enumerate(spec.labels)},
         "preprocessing": {
             "size": list(spec.size),
+            # Physical scale: every radiograph is resampled to this grid from its pixel size
+            # (Pixel Spacing / Imager Pixel Spacing and magnification) before the model.
+            "grid_mm": spec.grid_mm,
+            "field_mm": [round(spec.size[0] * spec.grid_mm, 1), round(spec.size[1] * spec.grid_mm, 1)],
+            "placement": ("tiles over the whole image (half overlap), probabilities averaged"
+                          if spec.task == "segmentation" else "centred window of the field"),
+            "views": list(spec.views),
             "percentiles": [1.0, 99.0],
             "range": [0.0, 1.0],
             "photometric": "bone bright: MONOCHROME1 inverted, modality rescale applied",
-            "resize": "block mean then bilinear (half-pixel centres)",
+            "resize": "block mean then bilinear (half-pixel centres) to grid_mm; not imaged: 0",
             "activation": "softmax",
         },
         "weights": weights,
@@ -925,7 +1143,7 @@ class Plan:
     ``workers``: processes that render the phantoms.
     """
 
-    train_phantoms: int = 500
+    train_phantoms: int = 240
     heldout_phantoms: int = 100
     seed: int = 20260523
     heldout_seed: int = 90000000
@@ -948,14 +1166,18 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
         train_seeds = [plan.seed + i for i in range(plan.train_phantoms)]
         held_seeds = [plan.heldout_seed + i for i in range(plan.heldout_phantoms)]
         train = phantom_sets(spec, train_seeds, progress, plan.workers)
-        held = phantom_sets(spec, held_seeds, progress, plan.workers)
-        cohort = ""
+        held = phantom_sets(spec, held_seeds, progress, plan.workers, copies=1, split=1)
+        cohort = f"; {spec.cohort.spacing_mm:g} mm grid"
         if spec.cohort.radiographic_findings:
-            cohort = (f"; {spec.cohort.spacing_mm:g} mm, radiographic findings only: "
-                      "phantoms.generate(radiographic_findings=True)")
+            cohort += ", radiographic findings only: phantoms.generate(radiographic_findings=True)"
         trained_on = (f"synthetic phantoms (spine-node inference.phantoms DRRs, seeds "
-                      f"{train_seeds[0]}-{train_seeds[-1]}{cohort})")
-        evaluated_on = (f"held-out synthetic phantoms, seeds {held_seeds[0]}-{held_seeds[-1]}")
+                      f"{train_seeds[0]}-{train_seeds[-1]}{cohort}), {spec.copies} randomised "
+                      "acquisitions per view (inference.train.xray_augment: detector 0.1-0.2 mm, "
+                      "3e2-1e5 photons, scatter, blur, rotation up to 15 degrees, flips, "
+                      "patient size, partial coverage, shutters, burned-in markers)")
+        evaluated_on = (f"validation: held-out synthetic phantoms, seeds {held_seeds[0]}-"
+                        f"{held_seeds[-1]}, one randomised acquisition per view; operating "
+                        "points chosen here (Youden J)")
     else:
         load = (load_class_folders if spec.task == "classification"
                 else load_segmentation_folders)
@@ -970,7 +1192,8 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
     onnx_path = folder / "model.onnx"
     export_onnx(model, spec, onnx_path)
     torch.save(model.state_dict(), folder / "model.pt")
-    metrics = evaluate(spec, onnx_path, held)
+    points: dict[str, dict[str, Any]] = {}
+    metrics = evaluate(spec, onnx_path, held, points)
     weights = {
         "trained_on": trained_on,
         "recipe": f"spine-node train {spec.name}",
@@ -985,6 +1208,8 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
     }
     if crop_steps:
         weights["crop_steps"] = crop_steps
+    if points:
+        weights["operating_points"] = points
     limitations = limitations_note(spec, metrics)
     if data is None and spec.cohort.radiographic_findings:
         limitations = " ".join(filter(None, (limitations, RADIOGRAPHIC_LIMITATION)))

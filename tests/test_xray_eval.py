@@ -1,0 +1,118 @@
+"""The committed X-ray demo weights through the pipelines on small FRESH cohorts.
+
+Each cohort goes the production way (DICOM written, read back with its pixel size, view
+gate, the model for the view), through ``bench.eval_xray``. Seeds are offset from the
+benchmark's, training's (20260523 + i) and validation's (90000000 + i). The bars sit
+somewhat below the benchmark figures in bench/RESULTS.md (200 studies per cohort), since a
+20-study cohort is noisy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.peers import require_module
+
+pytest.importorskip("onnxruntime")
+if not (__import__("spine_node.engines", fromlist=["ENGINES_DIR"]).ENGINES_DIR
+        / "xray-view-gate" / "model.yaml").is_file():
+    pytest.skip("engines/ has no xray-view-gate (weights predate the mm grid): "
+                "spine-node train xray", allow_module_level=True)
+pytest.importorskip("scipy")
+require_module("torch")  # the same-generator cohort comes from the training module
+
+from bench import eval_xray  # noqa: E402
+from bench.stats import roc_auc  # noqa: E402
+
+STUDIES = 20
+OFFSET = 5000
+
+
+def _cohort(name: str, count: int = STUDIES) -> list[dict[str, Any]]:
+    seeds = [eval_xray.SEED_BASE[name] + OFFSET + i for i in range(count)]
+    records = [r for seed in seeds for r in eval_xray.evaluate_study(name, seed)]
+    assert not [r for r in records if "error" in r]
+    return records
+
+
+@pytest.fixture(scope="module")
+def same() -> list[dict[str, Any]]:
+    return _cohort("same")
+
+
+@pytest.fixture(scope="module")
+def cross() -> list[dict[str, Any]]:
+    return _cohort("cross")
+
+
+@pytest.fixture(scope="module")
+def rotated() -> list[dict[str, Any]]:
+    return _cohort("rot10")
+
+
+def _auc(records: list[dict[str, Any]], pipeline: str, kind: str, truth: str,
+         views: tuple[str, ...]) -> float:
+    rows = [r for r in records if r["pipeline"] == pipeline and r["view"] in views
+            and f"p_{kind}" in r]
+    y = np.array([bool(r[truth]) for r in rows], int)
+    return roc_auc(y, np.array([r[f"p_{kind}"] for r in rows]))
+
+
+def _dice(records: list[dict[str, Any]], pipeline: str, view: str) -> float:
+    rows = [r for r in records if r["pipeline"] == pipeline and r["view"] == view]
+    assert rows and all("dice" in r for r in rows), "a spine image was refused or not segmented"
+    return float(np.mean([np.mean(list(r["dice"].values())) for r in rows]))
+
+
+def _refused(records: list[dict[str, Any]]) -> float:
+    spine = [r for r in records if r["pipeline"] in ("xray-fracture", "xray-tissue-seg")]
+    return float(np.mean([not r["performed"] for r in spine]))
+
+
+def _check(records: list[dict[str, Any]], bars: dict[str, float]) -> None:
+    got = {
+        "pair": _auc(records, "xray-pair-classify", "damage", "damage", ("pair",)),
+        "fracture": _auc(records, "xray-fracture", "fracture", "fracture", ("AP", "LAT")),
+        "unet-ap": _dice(records, "xray-spine-seg", "AP"),
+        "unet-lat": _dice(records, "xray-spine-seg", "LAT"),
+        "tissue": np.mean([_dice(records, "xray-tissue-seg", v) for v in ("AP", "LAT")]),
+        "refused": _refused(records),
+    }
+    print({k: round(float(v), 3) for k, v in got.items()})
+    for key, bar in bars.items():
+        if key == "refused":
+            assert got[key] <= bar, (key, got[key])
+        else:
+            assert got[key] >= bar, (key, got[key], bar)
+    # The lateral-only classifier never reads an AP image.
+    assert not any(r["performed"] for r in records
+                   if r["pipeline"] == "xray-cspine-classify" and r["view"] == "AP")
+
+
+def test_same_generator_cohort(same: list[dict[str, Any]]) -> None:
+    _check(same, {"pair": 0.85, "fracture": 0.80, "unet-ap": 0.80, "unet-lat": 0.80,
+                  "tissue": 0.85, "refused": 0.05})
+
+
+def test_cross_generator_cohort(cross: list[dict[str, Any]]) -> None:
+    _check(cross, {"pair": 0.60, "fracture": 0.55, "unet-ap": 0.40, "unet-lat": 0.40,
+                   "tissue": 0.60, "refused": 0.10})
+
+
+def test_rotated_cohort(rotated: list[dict[str, Any]]) -> None:
+    _check(rotated, {"pair": 0.60, "fracture": 0.55, "unet-ap": 0.40, "unet-lat": 0.40,
+                     "tissue": 0.60, "refused": 0.10})
+
+
+def test_junk_is_never_read_as_a_spine() -> None:
+    records = _cohort("junk", 3)
+    kinds = {r["kind"] for r in records}
+    assert {"uniform_noise", "blank", "chest", "hand", "ct_slice"} <= kinds
+    performed = [(r["kind"], r["pipeline"]) for r in records if r["performed"]]
+    assert performed == []
+    assert sum(r["present"] for r in records) == 0
+    assert not any(r["mask"] for r in records)
+    assert all(r["reason"].startswith("Not assessable") for r in records)
