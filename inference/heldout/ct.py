@@ -59,7 +59,8 @@ widened 6-18 % and a posterosuperior fragment pushed 1.5-3.5 mm into the canal. 
 ring broken in two to four places (anterior and posterior arches), each piece moved outward so
 the lateral masses spread 1-4 mm each side. "dens": type II (at the base of the dens) or type III
 (into the C2 body), tilted up to 20-35 degrees, the dens displaced up to 3 mm. "hangman": both
-pars interarticularis of C2 cut by one oblique coronal plane, the body slipping forward. Labels
+pars interarticularis of C2 cut by one oblique coronal plane, the body slipping forward. About 60 % of
+fractured cervical levels also get a 3-8 mm prevertebral hematoma (58 HU) that narrows the airway. Labels
 keep the whole vertebra (the gap included).
 
 Acquisition
@@ -708,6 +709,7 @@ class _Break:
     warp_k: float = 1.0
     lost: float = 0.0  # height lost at the superior endplate (mm), for the disc above
     widen: float = 1.0
+    hematoma: float = 0.0  # prevertebral hematoma thickness (mm), 0 for none
 
 
 def _plan_fracture(kind: str, lv: Level | None, rng: np.random.Generator) -> _Break:
@@ -1035,6 +1037,9 @@ def generate(seed: int, *, kind: str = "cspine", p_fracture: float = 0.5, fractu
     for lvl in sorted(fractures):
         sub = np.random.default_rng([seed, 41, LABEL_OF[lvl]])
         breaks[lvl] = _plan_fracture(fractures[lvl], skel.levels.get(lvl), sub)
+        hr = np.random.default_rng([seed, 43, LABEL_OF[lvl]])
+        if lvl in CERVICAL and hr.random() < 0.6:
+            breaks[lvl].hematoma = hr.uniform(3.0, 8.0)
     scene = geo.scene(slice_thickness_mm)
     _paint_neck(scene, skel, rng, bone, breaks)
     levels_in = tuple(n for n in CERVICAL if geo.fraction_inside(*_level_extent(skel, n)) >= 0.5)
@@ -1294,6 +1299,17 @@ def _paint_neck(sc: _Scene, skel: Skeleton, rng: np.random.Generator, bone: Bone
     artery = rng.uniform(250, 450) if contrast else rng.uniform(35, 50)
     vein = rng.uniform(120, 250) if contrast else rng.uniform(30, 45)
     _paint_viscera(sc, skel, rng, bone, artery, vein)
+    # prevertebral hematoma in front of a fractured cervical level (it narrows the airway)
+    for n, br in breaks.items():
+        if br.hematoma <= 0:
+            continue
+        t = br.hematoma
+        if n == "C1":
+            sc.paint(skel.c1, [supell((0, -16.0 - t / 2, 0), (12, t / 2 + 1.5, 14))], 58.0, tex=6.0)
+        else:
+            lv = L[n]
+            sc.paint(lv.frame, [supell((0, -lv.D / 2 - t / 2 - 0.5, 0), (lv.W * 0.45, t / 2 + 1.5, lv.H / 2 + 5))],
+                     58.0, tex=6.0)
     # vertebral arteries: up through the transverse foramina of C6-C1, then over the C1 posterior arch
     for s in (-1, 1):
         path = [L["C7"].frame.at((s * (L["C7"].cw / 2 + 6), -4, -6))]
