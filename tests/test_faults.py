@@ -226,6 +226,12 @@ def test_database_outage_during_run_loses_no_instance(tmp_path: Path) -> None:
                     connections(True)
                 rows = _wait_states(url, {uid: state for uid, state in zip(study, ("routed", "skipped"), strict=True)})
                 assert [rows[uid].instance_count for uid in study] == [4, 4]
+                # The associations of the outage are audited once the database is back.
+                from spine_node.node.audit import Association
+
+                assocs = wait_for(lambda: [a for a in table_rows(url, Association)
+                                           if a.state == "released" and a.instances_received == 8])
+                assert len(assocs) == 1
                 assert "cannot write series counts" in node.log()
                 # Said by the tracker's own flush thread, asynchronously: give it a moment.
                 wait_for(lambda: "database reachable again" in node.log(), timeout=30)
