@@ -538,9 +538,12 @@ class AssociationHandler:
         except PeerGone:
             pass
         except ProtocolViolation as exc:
-            log.warning("aborting association from %s: %s", self.host, printable(str(exc)))
             self._send_quietly(abort_pdu(0x02, exc.reason))
             reason = "peer or network aborted"
+            if self.info is None:  # no association request at all (HTTP, TLS on a plain port, ...)
+                self.receiver.record_refused_host(self.host, self.port, "no valid A-ASSOCIATE-RQ")
+            else:
+                log.warning("aborting association from %s: %s", self.host, printable(str(exc)))
         except Exception:  # noqa: BLE001 - one broken association never takes the listener down
             log.exception("association from %s failed", self.host)
             self._send_quietly(abort_pdu(0x02, 0x00))

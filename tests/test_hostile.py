@@ -433,6 +433,9 @@ def test_garbage_instead_of_an_association_request(node: NodeProcess) -> None:
                 sock.recv(64)
             except (TimeoutError, ConnectionError):
                 pass
+    # Audited, counted per host and interval (not a row per connection).
+    wait_for(lambda: [e for e in _events(node, "association.rejected") if e.message == "no valid A-ASSOCIATE-RQ"],
+             timeout=30)
 
 
 def test_silent_and_stalled_peers_are_dropped_after_the_timeouts(tmp_path: Path) -> None:
