@@ -741,3 +741,49 @@ def _dciodvfy(path: Path) -> tuple[list[str], list[str]]:
                          timeout=60)
     lines = (out.stdout + out.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")], [line for line in lines if line.startswith("Warning")]
+
+
+def test_orthanc_holds_one_content_per_uid_after_a_series_grew(tmp_path, database_url, monkeypatch, workers):
+    """Results over 3 slices reach Orthanc; a 4th slice arrives and the re-run's results
+    follow. Orthanc (which keeps the first copy of a UID) holds 4 objects, each identical
+    to the node's file of that UID, and the newer SR names the older one."""
+    import io
+
+    from tests.orthanc import Orthanc
+
+    with Orthanc(tmp_path / "orthanc") as pacs:
+        env = node_env(tmp_path, database_url, SPINE_NODE_DISPATCH__DESTINATIONS=json.dumps(
+            [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}]))
+        settings = settings_from(env, monkeypatch)
+        db = Database(database_url)
+        _study, _series, files, arrive_late, assembler = _growing_series(settings, db, 4, "grow-o")
+        with db.session() as session:
+            job_id = session.scalar(select(Job.id))
+        send_pending(db, settings)
+        worker = workers(env)
+
+        def all_sent(count: int) -> bool:
+            tick(db, settings)
+            sent = [d for d in dispatches(db) if d.state == "sent"]
+            return len(sent) >= count
+
+        wait_for(lambda: all_sent(2), "the first results in Orthanc")
+        first_sr = next(r for r in results_of(db, job_id) if r.kind == "SR")
+        arrive_late(files[-1])
+        assert assembler.poll(now=utcnow() + timedelta(seconds=1))
+        send_pending(db, settings)
+        wait_for(lambda: all_sent(4), "the re-run's results in Orthanc")
+        assert job_state(db, job_id) == "succeeded", worker.output()
+        ours = {r.sop_instance_uid: dcmread(r.path) for r in results_of(db, job_id)}
+        held = {}
+        for instance in pacs.instances():
+            ds = dcmread(io.BytesIO(pacs.file(instance["ID"])))
+            held[ds.SOPInstanceUID] = ds
+        assert set(held) == set(ours) and len(held) == 4
+        for uid, ds in held.items():
+            assert ds == ours[uid], uid  # same content under each UID
+        newer = next(ds for uid, ds in held.items() if ds.SOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.88.")
+                     and uid != first_sr.sop_instance_uid)
+        referenced = newer.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == first_sr.sop_instance_uid
+        db.dispose()
