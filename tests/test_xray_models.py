@@ -33,6 +33,12 @@ def models() -> OrtModels:
     return OrtModels()
 
 
+def _grid_card(name: str) -> bool:
+    """Weights trained on the mm grid (randomised acquisitions, operating points); the
+    others are the earlier whole-image weights, which the pipelines resize as before."""
+    return "grid_mm" in ModelCard.load(ENGINES_DIR / name).preprocessing
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_cards_are_honest_and_small(name: str) -> None:
     card = ModelCard.load(ENGINES_DIR / name)
@@ -40,7 +46,6 @@ def test_cards_are_honest_and_small(name: str) -> None:
     assert card.clinical_use is False
     assert "not for clinical use" in card.intended_use.lower()
     assert card.trained_on.startswith("synthetic phantoms (spine-node inference.phantoms DRRs")
-    assert "randomised acquisitions" in card.trained_on
     assert card.weights["metrics"]
     assert card.onnx_path.stat().st_size < 10_000_000
     assert (card.folder / "model.pt").stat().st_size < 10_000_000
@@ -48,7 +53,16 @@ def test_cards_are_honest_and_small(name: str) -> None:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_cards_state_the_grid_and_views(name: str) -> None:
+    """Grid-trained cards state grid, field and views (the gate always is); an earlier
+    card states none of them and is read whole-image by the pipelines."""
+    from spine_node.inference.pipelines.xray import _grid_mm
+
     card = ModelCard.load(ENGINES_DIR / name)
+    if not _grid_card(name):
+        assert name != "xray-view-gate"
+        assert _grid_mm(card) is None and "randomised acquisitions" not in card.trained_on
+        return
+    assert "randomised acquisitions" in card.trained_on
     grid = card.preprocessing["grid_mm"]
     size = card.preprocessing["size"]
     assert grid in (1.0, 2.0)
@@ -57,8 +71,18 @@ def test_cards_state_the_grid_and_views(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
-def test_classifier_cards_carry_operating_points(name: str) -> None:
+def test_classifier_cards_carry_operating_points_or_take_the_whole_image(name: str) -> None:
+    """A grid-trained classifier card has per-view operating points; an earlier one has
+    neither grid nor points and the pipelines read it as before (whole image, 0.5)."""
+    from spine_node.inference.pipelines.xray import _grid_mm, card_views, operating_threshold
+
     card = ModelCard.load(ENGINES_DIR / name)
+    if not _grid_card(name):
+        assert _grid_mm(card) is None and "operating_points" not in card.weights
+        assert all(operating_threshold(card, kind, view) == 0.5
+                   for kind, views in CLASSIFIERS[name].items() for view in views)
+        assert card_views(card) == (("LAT",) if name == "xray-cspine-classifier" else ("AP", "LAT"))
+        return
     points = card.weights["operating_points"]
     for kind, views in CLASSIFIERS[name].items():
         for view in views:

@@ -1196,7 +1196,8 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
     metrics = evaluate(spec, onnx_path, held, points)
     weights = {
         "trained_on": trained_on,
-        "recipe": f"spine-node train {spec.name}",
+        "recipe": ("spine-node train xray (the gate trains with the family)" if spec.name == GATE_MODEL
+                   else f"spine-node train {spec.name}"),
         "architecture": {"name": spec.architecture, "kwargs": dict(spec.architecture_kwargs)},
         "seed": plan.seed,
         "train_samples": len(train),
