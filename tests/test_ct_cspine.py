@@ -203,6 +203,39 @@ def test_a_missed_vertebra_between_the_anchors_gives_no_shifted_label() -> None:
     assert levels.status["C5"][0] is not AssessmentValues.ASSESSED
 
 
+def test_a_vertebra_without_a_peak_is_not_assessed_and_shifts_nothing() -> None:
+    """Stage 1 misses C4's body peak: C4 is found only as a piece no peak reached, so it is
+    not assessed, and every level that is given belongs to its own vertebra."""
+    ph = phantoms.generate(9_200_006, context=True, spacing=2.0)
+    classes, confidence, _ = _truth_maps(ph.labels, ph.spacing)
+    heat = recipe.heat_target(np.where(ph.labels == 4, 0, ph.labels), ph.spacing)
+    levels = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing)
+    assert "C4" not in levels.assessed and len(levels.assessed) >= 5
+    truth = np.where(ph.labels <= 7, ph.labels, 0)
+    for level in levels.assessed:
+        number = ct_cspine.LEVELS.index(level) + 1
+        assert _dice(levels.labels, truth, number) > 0.97, level
+
+
+def test_two_vertebrae_in_one_instance_break_the_count() -> None:
+    """Where two vertebrae grew into one instance (too tall, too big), it gets no level and
+    no count runs through it."""
+    ph = phantoms.generate(9_200_007, context=True, spacing=2.0)
+    labels = ph.labels.copy()
+    # C3 and C4 as one vertebra with one body peak: the disc between them filled in.
+    both = ndimage.binary_closing((labels == 3) | (labels == 4), structure=np.ones((7, 1, 1)))
+    labels[both & (labels == 0)] = 3
+    labels[labels == 4] = 3
+    classes, confidence, _ = _truth_maps(labels, ph.spacing)
+    heat = recipe.heat_target(np.where(ph.labels == 4, 0, ph.labels), ph.spacing)
+    levels = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing)
+    truth = np.where(ph.labels <= 7, ph.labels, 0)
+    assert "C3" not in levels.assessed and "C4" not in levels.assessed
+    for level in levels.assessed:
+        number = ct_cspine.LEVELS.index(level) + 1
+        assert _dice(levels.labels, truth, number) > 0.97, level
+
+
 def test_stage1_targets() -> None:
     ph = phantoms.generate(9_200_005, context=True, spacing=2.0)
     classes = recipe.classes_from_labels(ph.labels)

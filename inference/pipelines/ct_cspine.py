@@ -98,6 +98,10 @@ class Gates:
     max_step_ratio: float = 1.7
     #: the end plates of two neighbours are at most this far apart (mm) to count on
     max_neighbour_gap_mm: float = 12.0
+    #: a vertebra taller than this many median steps, or a subaxial one bigger than this
+    #: many times the median, is two grown into one: it breaks the count
+    max_height_steps: float = 2.2
+    max_size_ratio: float = 1.7
 
 
 GATES = Gates()
@@ -487,9 +491,18 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
         steps = np.diff([vertebrae[i].anchor_z for i in subs + lowers[:1]])
         typical = float(np.median(steps)) if len(steps) else 16.0
         typical = float(np.clip(typical, 10.0, 24.0))
+        sizes = [int(vertebrae[i].mask.sum()) for i in subs]
+        usual = float(np.median(sizes)) if sizes else 0.0
+
+        def plausible(v: _Vertebra) -> bool:
+            # Two vertebrae grown into one (a missed peak) are too tall or too big for one.
+            return (v.bottom_z - v.top_z <= gates.max_height_steps * typical
+                    and (not usual or v.kind != CLASS_SUBAXIAL
+                         or int(v.mask.sum()) <= gates.max_size_ratio * usual))
 
         def linked(upper: _Vertebra, lower: _Vertebra) -> bool:
-            return (lower.anchor_z - upper.anchor_z <= gates.max_step_ratio * typical
+            return (plausible(upper) and plausible(lower)
+                    and lower.anchor_z - upper.anchor_z <= gates.max_step_ratio * typical
                     and lower.top_z - upper.bottom_z <= gates.max_neighbour_gap_mm)
 
         down: dict[int, str] = {}
