@@ -344,12 +344,12 @@ def test_pipeline_end_to_end_from_dicom(engines: dict[str, OnnxCpuEngine],
     ph = phantoms.generate(9_100_001, shape=(100, 128, 128), spacing=(1.6, 1.0, 1.0),
                            fractures={"C6": "wedge"}, p_dislocation=0)
     ref = _series(ph, tmp_path / "series")
+    paths = phantoms.write_ct_series(ph, tmp_path / "series")  # the same files, in slice order
     findings = pipelines.get("ct-cspine-fracture").run([ref], lambda name: engines[name])
 
     assert findings.pipeline == "ct-cspine-fracture" and findings.performed
     assert findings.study_uid == ref.study_uid and findings.series_uids == (ref.series_uid,)
     # Frames follow the slices head first, whatever order the files came in.
-    paths = sorted((tmp_path / "series").iterdir())
     uid_of = {p.name: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
     assert findings.source_sop_instance_uids == tuple(uid_of[p.name] for p in paths)
     seg = findings.segmentation
