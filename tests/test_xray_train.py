@@ -276,8 +276,8 @@ def test_junk_kinds_draw(kind: str) -> None:
 
 
 def test_metric_helpers() -> None:
-    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
-    assert roc_auc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    assert roc_auc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
     a = np.zeros((4, 4), bool)
     a[:2] = True
     assert dice(a, a) == 1.0

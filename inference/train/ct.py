@@ -79,6 +79,7 @@ from spine_node.inference.pipelines.ct_cspine import (
     vertebra_crop,
 )
 from spine_node.inference.train import TrainOptions
+from spine_node.inference.train.stats import roc_auc, wilson
 
 log = logging.getLogger(__name__)
 
@@ -438,26 +439,6 @@ def _progress(enabled: bool) -> Any:
                     TimeElapsedColumn(), TextColumn("{task.fields[status]}"), disable=not enabled)
 
 
-def roc_auc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with tie correction)."""
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    positives, negatives = int(y.sum()), int((~y).sum())
-    if not positives or not negatives:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_scores = s[order]
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 
 # --------------------------------------------------------------------- training
 
@@ -609,16 +590,6 @@ def validation_case(seed: int) -> ValidationCase:
     return ValidationCase(volume, labels, tuple(in_field), False)
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (round(float(centre - half), 4), round(float(centre + half), 4))
-
-
 def validate(engines: Callable[[str], Any], cases: Sequence[ValidationCase],
              progress: bool) -> tuple[dict[str, Any], float]:
     """Run the real pipeline on ``cases``; choose the threshold; return metrics and it."""
@@ -673,9 +644,9 @@ def validate(engines: Callable[[str], Any], cases: Sequence[ValidationCase],
     metrics["operating_point"] = {
         "threshold": round(threshold, 4),
         "patient_sensitivity": round(tp / max(int(truth.sum()), 1), 4),
-        "patient_sensitivity_ci95": list(wilson(tp, int(truth.sum()))),
+        "patient_sensitivity_ci95": [round(v, 4) for v in wilson(tp, int(truth.sum()))],
         "patient_specificity": round(tn / max(int((~truth).sum()), 1), 4),
-        "patient_specificity_ci95": list(wilson(tn, int((~truth).sum()))),
+        "patient_specificity_ci95": [round(v, 4) for v in wilson(tn, int((~truth).sum()))],
         "n_patients": f"{int(truth.sum())}+/{int((~truth).sum())}-",
         "chosen_for": f"patient-level specificity >= {TARGET_SPECIFICITY} on the validation cohort",
     }

@@ -85,6 +85,7 @@ from spine_node.inference.pipelines.xray import (
 )
 from spine_node.inference.train import TrainOptions
 from spine_node.inference.train import xray_augment as augment
+from spine_node.inference.train.stats import roc_auc, wilson
 
 logger = logging.getLogger(__name__)
 
@@ -936,39 +937,10 @@ def onnx_predict(path: Path, data: ImageSet, batch_size: int = 32) -> dict[str, 
     return {name: np.concatenate(values) for name, values in outputs.items()}
 
 
-def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties averaged)."""
-    positives = positives.astype(bool)
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     """Dice of two boolean arrays (1.0 when both are empty)."""
     total = int(prediction.sum()) + int(truth.sum())
     return 1.0 if total == 0 else 2.0 * float((prediction & truth).sum()) / total
-
-
-def wilson(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (``(nan, nan)`` for no trials)."""
-    if total <= 0:
-        return (float("nan"), float("nan"))
-    p = successes / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
 
 
 def operating_point(scores: np.ndarray, positives: np.ndarray) -> dict[str, Any]:
@@ -1020,11 +992,11 @@ def evaluate(spec: Spec, onnx_path: Path, data: ImageSet,
                 metrics[f"recall_{key}"] = float((predicted[chosen] == k).mean()) if chosen.any() else 1.0
             return metrics
         for k, key in enumerate(spec.labels[1:], start=1):
-            metrics[f"auc_{key}"] = roc_auc(probabilities[:, k], data.targets == k)
+            metrics[f"auc_{key}"] = roc_auc(data.targets == k, probabilities[:, k])
             for view in views if len(views) > 1 else []:
                 chosen = data.views == view
-                metrics[f"auc_{key}_{view}"] = roc_auc(probabilities[chosen, k],
-                                                      data.targets[chosen] == k)
+                metrics[f"auc_{key}_{view}"] = roc_auc(data.targets[chosen] == k,
+                                                      probabilities[chosen, k])
             if points is not None:
                 points[key] = {}
                 for view in views or ["all"]:
@@ -1033,7 +1005,7 @@ def evaluate(spec: Spec, onnx_path: Path, data: ImageSet,
                                                         data.targets[chosen] == k)
         metrics["accuracy"] = float((probabilities.argmax(1) == data.targets).mean())
         if len(spec.labels) > 2:
-            metrics["auc_abnormal"] = roc_auc(1 - probabilities[:, 0], data.targets > 0)
+            metrics["auc_abnormal"] = roc_auc(data.targets > 0, 1 - probabilities[:, 0])
         return metrics
     first = 1 if spec.labels[0] == "background" else 0
     groups = {"": np.ones(len(data), bool)}
