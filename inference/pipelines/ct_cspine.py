@@ -102,6 +102,10 @@ class Gates:
     #: many times the median, is two grown into one: it breaks the count
     max_height_steps: float = 2.2
     max_size_ratio: float = 1.7
+    min_size_ratio: float = 0.4
+    #: counted up from T1 with C2 in view, the gap above the highest level may differ from
+    #: the levels it must hold by this many median steps
+    room_tolerance_steps: float = 0.6
 
 
 GATES = Gates()
@@ -496,9 +500,10 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
 
         def plausible(v: _Vertebra) -> bool:
             # Two vertebrae grown into one (a missed peak) are too tall or too big for one.
+            # A fragment (a piece of a neighbour with a peak of its own) is too small.
             return (v.bottom_z - v.top_z <= gates.max_height_steps * typical
                     and (not usual or v.kind != CLASS_SUBAXIAL
-                         or int(v.mask.sum()) <= gates.max_size_ratio * usual))
+                         or gates.min_size_ratio * usual <= int(v.mask.sum()) <= gates.max_size_ratio * usual))
 
         def linked(upper: _Vertebra, lower: _Vertebra) -> bool:
             return (plausible(upper) and plausible(lower)
@@ -524,6 +529,14 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                 up[i] = f"C{7 - n}"
         if down and up and any(down.get(i, name) != name for i, name in up.items()):
             down, up = {}, {}  # the two counts disagree: a vertebra was missed or misread
+        if up and not down and c2 is not None:
+            # Counted up from T1 with C2 in view: the space between C2 and the highest level
+            # counted must hold the levels in between (none for C3, one for C4, ...).
+            top = min(up, key=lambda i: vertebrae[i].anchor_z)
+            between = int(up[top][1]) - 3
+            room = vertebrae[top].top_z - vertebrae[c2].bottom_z
+            if abs(room - between * typical) > gates.room_tolerance_steps * typical:
+                up = {}
         names.update(down)
         names.update(up)
     labels = np.zeros(classes.shape, np.uint8)
