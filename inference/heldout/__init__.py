@@ -4,3 +4,5 @@ They exist only to evaluate models trained on the project's own phantoms (a seco
 structurally different anatomy and acquisition model); never train on them. See
 docs/heldout-phantoms.md.
 """
+
+from spine_node.inference.heldout import _negatives as _negatives  # registers the negative kinds

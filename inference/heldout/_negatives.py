@@ -164,3 +164,6 @@ def _water(sc: ct._Scene, geo: ct._Geometry, rng: np.random.Generator) -> None:
     sc.paint(IDENTITY, [capsule(top, bot, radius)], 0.0)
     couch = supcyl(c + np.array([0, radius + 25, 0]), 220, 8, 400, 2.0, 2.0)
     sc.paint(IDENTITY, [couch], -300.0)
+
+
+ct.NEGATIVE_GENERATOR = generate_negative

@@ -106,6 +106,9 @@ Arr = np.ndarray
 SdfFn = Callable[[Arr, Arr, Arr], Arr]
 
 
+#: Set by :mod:`spine_node.inference.heldout._negatives` when the package is imported.
+NEGATIVE_GENERATOR: Callable[..., HeldoutCt] | None = None
+
 @dataclass
 class HeldoutCt:
     hu: np.ndarray
@@ -1002,12 +1005,14 @@ def generate(seed: int, *, kind: str = "cspine", p_fracture: float = 0.5, fractu
     skel = _layout(rng)
     bone = BoneHu(rng.uniform(1000, 1800), rng.uniform(150, 400), rng.uniform(0.8, 1.2))
     if kind != "cspine":
-        from . import _negatives
-
-        return _negatives.generate_negative(kind, seed, rng, nrng, skel, bone, spacing=spacing, fov_mm=fov_mm,
-                                            size_scale=size_scale, rotation_deg=rotation_deg, hu_offset=hu_offset,
-                                            hu_scale=hu_scale, noise_hu=noise_hu,
-                                            slice_thickness_mm=slice_thickness_mm)
+        # The negatives module builds on this one's primitives and registers itself here
+        # (the package imports it), so neither module imports the other both ways.
+        if NEGATIVE_GENERATOR is None:
+            raise RuntimeError("import spine_node.inference.heldout for the negative kinds")
+        return NEGATIVE_GENERATOR(kind, seed, rng, nrng, skel, bone, spacing=spacing, fov_mm=fov_mm,
+                                  size_scale=size_scale, rotation_deg=rotation_deg, hu_offset=hu_offset,
+                                  hu_scale=hu_scale, noise_hu=noise_hu,
+                                  slice_thickness_mm=slice_thickness_mm)
     start, stop = z_range if z_range is not None else ("skull_base", str(rng.choice(["T2", "T3"])))
     _check("z_range start", start, LANDMARKS)
     _check("z_range stop", stop, LANDMARKS)
