@@ -1,5 +1,6 @@
 """The wheel installs one import package, ``spine_node``, over the repository's folders."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # setuptools builds in the checkout's build/ (ignored by git): start from an empty one,
+    # so files a previous build left there cannot stand in for missing ones.
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     build = tmp_path_factory.mktemp("build")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
@@ -37,3 +41,12 @@ def test_wheel_entry_point_names_the_namespaced_cli(wheel: Path) -> None:
         (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
         text = archive.read(entry_points).decode()
     assert "spine-node = spine_node.node.cli:main" in text
+
+
+def test_wheel_carries_every_package_folder(wheel: Path) -> None:
+    """Every folder with an __init__.py under the mapped folders ships (the package list in
+    pyproject.toml is explicit, so a new subpackage must be added there)."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("node", "inference", "engines", "migrations"):
+        for init in (REPO / folder).rglob("__init__.py"):
+            assert f"spine_node/{init.relative_to(REPO).as_posix()}" in names, init
