@@ -1021,8 +1021,52 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_jsonable({"meta": meta, "cohorts": results}), indent=1) + "\n",
                              encoding="utf-8")
+        for card in fold_into_cards(results, meta, args.engines_dir):
+            print(f"wrote {card}")
         print(f"wrote {RESULTS} and {args.json}")
     return 0
+
+
+def card_evaluation(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any],
+                    stage: str) -> dict[str, Any]:
+    """What a model card keeps of a benchmark run: per cohort, n and the stage's figures."""
+    out: dict[str, Any] = {"command": meta.get("command"), "date": meta.get("date"),
+                           "commit": meta.get("commit"), "cohorts": {}}
+    for name, r in results.items():
+        entry: dict[str, Any] = {"n": r.get("n")}
+        if r.get("negative"):
+            entry.update(not_assessable=r["not_assessable"]["share"], segments=r["segments_total"],
+                         present_findings=r["present_total"])
+        elif stage == "segmentation":
+            entry.update(dice_mean=r.get("dice_mean"),
+                         levels={k: r["level_accuracy"][k]["share"] for k in ("right", "unlabelled", "wrong")})
+        else:
+            entry.update(vertebra_auc=r["auc_vertebra"]["auc"], vertebra_auc_ci95=r["auc_vertebra"]["ci95"],
+                         patient_auc=r["auc_patient"]["auc"], patient_auc_ci95=r["auc_patient"]["ci95"],
+                         sensitivity=r["sensitivity"]["share"], specificity=r["specificity"]["share"],
+                         level_auc={k: v["auc"] for k, v in r["auc_level"].items()})
+        out["cohorts"][name] = entry
+    return out
+
+
+def fold_into_cards(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any],
+                    engines_dir: Path | None) -> list[Path]:
+    """Write the run's figures into the two CT cards (``weights.metrics.evaluation``)."""
+    import yaml
+
+    from spine_node.engines import ENGINES_DIR
+
+    folder = Path(engines_dir) if engines_dir is not None else ENGINES_DIR
+    written = []
+    for model, stage in ((ct_cspine.SEGMENTATION_MODEL, "segmentation"),
+                         (ct_cspine.FRACTURE_MODEL, "classification")):
+        path = folder / model / "model.yaml"
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        metrics = data.setdefault("weights", {}).setdefault("metrics", {})
+        metrics["evaluation"] = _jsonable(card_evaluation(results, meta, stage))
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        written.append(path)
+    return written
 
 
 if __name__ == "__main__":
