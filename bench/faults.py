@@ -32,24 +32,18 @@ from pathlib import Path
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from bench.harness import REPO, machine, node_env, push, wait_listening, write_ct_series, write_section
+from bench.harness import (
+    REPO,
+    descendants,
+    machine,
+    node_env,
+    push,
+    wait_listening,
+    write_ct_series,
+    write_section,
+)
 
 QUIET_S = 2.0
-
-
-def _descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {c for c, p in parents.items() if p in frontier} - found
-        found |= frontier
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -106,12 +100,12 @@ def stop_round(work: Path, how: str) -> float:
             _wait_log(data, "worker: queues")
         if how in ("sigterm", "sigint"):
             _wait_log(data, "(4 receive processes)")
-            victim = min(_descendants(proc.pid) & {p for p in _descendants(proc.pid)
+            victim = min(descendants(proc.pid) & {p for p in descendants(proc.pid)
                                                    if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()})
             os.kill(victim, signal.SIGKILL)
             _wait_log(data, "restarting")
             time.sleep(1.0)  # the replacement is listening
-        pids = _descendants(proc.pid) | {proc.pid}
+        pids = descendants(proc.pid) | {proc.pid}
         start = time.monotonic()
         if how == "sigterm":
             proc.send_signal(signal.SIGTERM)
@@ -123,7 +117,7 @@ def stop_round(work: Path, how: str) -> float:
         proc.wait(timeout=120)
         return _gone_after(pids, port, start)
     finally:
-        for pid in _descendants(proc.pid):
+        for pid in descendants(proc.pid):
             os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()

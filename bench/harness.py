@@ -308,3 +308,19 @@ def write_section(name: str, body: str) -> None:
     """Replace (or append) this benchmark's section of bench/RESULTS.md, between markers."""
     begin, end = f"<!-- bench {name}: begin -->", f"<!-- bench {name}: end -->"
     replace_section(RESULTS, begin, end, f"{begin}\n## {name}\n\n{body.strip()}\n{end}\n")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, their children, ...), read from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
