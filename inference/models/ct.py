@@ -1,14 +1,12 @@
 """Cervical spine CT, two stages.
 
-Stage 1, :class:`VertebraUNet3D`: a small 3-D U-Net that labels every voxel background or
-C1..C7 (8 classes). Stage 2, :class:`FractureNet25D`: for each of the 7 vertebrae, a crop
-around it (taken from the stage-1 mask) is read as a stack of thin slabs of 3 adjacent
-axial slices (2.5-D); a 2-D CNN embeds every slab, a GRU over the slabs embeds the
-vertebra, and a bidirectional GRU over the 7 vertebra embeddings gives one fracture
-logit per vertebra and one for the patient, so a vertebra is judged with its neighbours
-in view.
+Stage 1, :class:`VertebraUNet3D`: a small 3-D U-Net whose output channels are the classes
+background / C1 / C2 / C3-C7 / thoracolumbar vertebra and a heat map at each vertebral
+body (the pipeline numbers the levels from anatomy). Stage 2,
+:class:`VertebraFractureNet`: each vertebra's crop read as a stack of thin slabs of 3
+adjacent axial slices (2.5-D); a 2-D CNN embeds every slab, a GRU over the slabs gives
+one fracture logit per vertebra, each vertebra on its own.
 """
-
 from __future__ import annotations
 
 import torch
