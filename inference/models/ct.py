@@ -7,6 +7,7 @@ body (the pipeline numbers the levels from anatomy). Stage 2,
 adjacent axial slices (2.5-D); a 2-D CNN embeds every slab, a GRU over the slabs gives
 one fracture logit per vertebra, each vertebra on its own.
 """
+
 from __future__ import annotations
 
 import torch
