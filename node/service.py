@@ -429,8 +429,29 @@ def _receive_process_main(settings: Settings, index: int, ready: Connection, par
                 log.warning("receive process %d: parent exited; stopping", index)
                 break
     finally:
+        if os.getppid() != parent:
+            # Nobody coordinates this stop any more and a stop that hangs (a database
+            # that does not answer, an association that does not close) must not keep
+            # the DICOM port: bounded, with the stacks in the log if it runs out.
+            _exit_later(_ORPHAN_STOP_S, f"receive process {index}")
         receiver.stop()
         db.dispose()
+
+
+_ORPHAN_STOP_S = 4.0
+
+
+def _exit_later(after_s: float, what: str) -> None:
+    """Leave the process ``after_s`` from now whatever the main thread is doing."""
+    import faulthandler
+
+    def _go() -> None:
+        time.sleep(after_s)
+        log.warning("%s: stop took over %.0f s after its parent exited; leaving now", what, after_s)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(1)
+
+    threading.Thread(target=_go, name="orphan-exit", daemon=True).start()
 
 
 def _free_port(host: str) -> int:
