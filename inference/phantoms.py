@@ -320,6 +320,89 @@ class _Placed:
     #: a second fracture line without displacement (e.g. the second break of a C1 ring)
     crack2: tuple[np.ndarray, float, float] | None = None  # normal, offset, width
     ribs: bool = False
+    #: Anatomical variation (:class:`_Variation`): bifid spinous process, C1 ring and
+    #: dens size factors.
+    bifid: bool = False
+    c1_scale: float = 1.0
+    dens_scale: tuple[float, float] = (1.0, 1.0)  # length, radius
+
+
+@dataclass(frozen=True)
+class _Variation:
+    """Domain randomisation of the anatomy and its densities (``varied_anatomy=True``).
+
+    Drawn from its own random stream (seeded from the phantom's seed), so phantoms drawn
+    without it stay as they were. The ranges cover adult anatomy and scanners rather than
+    one textbook spine: body proportions, disc heights (narrowed in spondylosis), canal
+    size, process lengths, a bifid or single spinous process, C1 ring and dens size;
+    cortical 450-1800 HU over cancellous 90-450 HU (osteoporotic to dense) with a
+    trabecular texture; muscle with fat planes; neck width; unlabelled dense neighbours
+    (hyoid, calcified laryngeal cartilage, contrast-filled or calcified arteries) that a
+    model must not take for vertebrae.
+    """
+
+    factors: dict[str, float]
+    jitter: float
+    narrowed: dict[str, float]
+    c1_scale: float
+    dens_scale: tuple[float, float]
+    bifid: bool
+    curve_mm: float
+    cortical: float
+    cancellous: float
+    cortex_mm: float
+    trabecular_hu: float
+    soft: float
+    fat: float
+    muscle_texture_hu: float
+    neck_scale: tuple[float, float]
+    hyoid: bool
+    larynx_hu: float | None
+    arteries_hu: float | None
+    seed: int
+
+    @classmethod
+    def draw(cls, seed: int, names: Sequence[str]) -> _Variation:
+        rng = np.random.default_rng([seed, 0x5A17])
+        u = rng.uniform
+        factors = {"a": u(0.82, 1.2), "b": u(0.82, 1.2), "h": u(0.85, 1.2), "disc": u(0.65, 1.4),
+                   "canal_w": u(0.9, 1.3), "canal_d": u(0.9, 1.35), "pedicle_len": u(0.8, 1.3),
+                   "lamina_len": u(0.8, 1.25), "spinous_len": u(0.7, 1.3),
+                   "spinous_drop": u(0.5, 1.6), "transverse_len": u(0.7, 1.3),
+                   "pedicle_r": u(0.8, 1.3), "prevertebral": u(0.7, 1.5)}
+        discs = [n for n in names if n.startswith("C") and n not in ("C1",)]
+        narrowed: dict[str, float] = {}
+        if discs and rng.random() < 0.4:
+            for name in rng.choice(discs, size=int(rng.integers(1, min(3, len(discs)) + 1)),
+                                   replace=False):
+                narrowed[str(name)] = float(u(0.3, 0.65))
+        return cls(
+            factors={k: float(v) for k, v in factors.items()}, jitter=float(u(0.0, 0.08)),
+            narrowed=narrowed, c1_scale=float(u(0.85, 1.2)),
+            dens_scale=(float(u(0.8, 1.3)), float(u(0.8, 1.2))), bifid=bool(rng.random() < 0.5),
+            curve_mm=float(u(-3.0, 16.0)), cortical=float(u(450.0, 1800.0)),
+            cancellous=float(u(90.0, 450.0)), cortex_mm=float(u(0.6, 2.2)),
+            trabecular_hu=float(u(0.0, 90.0)), soft=float(u(20.0, 70.0)),
+            fat=float(u(-130.0, -60.0)), muscle_texture_hu=float(u(0.0, 25.0)),
+            neck_scale=(float(u(0.85, 1.3)), float(u(0.85, 1.25))),
+            hyoid=bool(rng.random() < 0.7),
+            larynx_hu=float(u(150.0, 700.0)) if rng.random() < 0.5 else None,
+            arteries_hu=(float(u(250.0, 500.0)) if rng.random() < 0.2
+                         else float(u(600.0, 1200.0)) if rng.random() < 0.2 else None),
+            seed=int(seed),
+        )
+
+    def shape(self, name: str, ls: _LevelShape) -> _LevelShape:
+        rng = np.random.default_rng([self.seed, 0x5A18, LEVEL_LABELS[name]])
+        values = {}
+        for key, value in ls.__dict__.items():
+            factor = self.factors.get(key, 1.0) * float(rng.uniform(1 - self.jitter, 1 + self.jitter))
+            if key == "h" and name == "C2":
+                factor *= self.dens_scale[0] ** 0.5
+            if key == "disc" and name in self.narrowed:
+                factor *= self.narrowed[name]
+            values[key] = value * factor
+        return _LevelShape(**values)
 
 
 def _pick_fractures(rng: np.random.Generator, names: Sequence[str], p_fracture: float,
@@ -355,6 +438,7 @@ def generate(
     size_scale: float | None = None,
     pose_deg: tuple[float, float, float] | None = None,
     varied_fractures: bool = False,
+    varied_anatomy: bool = False,
 ) -> Phantom:
     """Draw a phantom from ``seed``.
 
@@ -403,6 +487,12 @@ def generate(
         elements too (pedicles, laminae: e.g. a hangman's fracture of C2), two breaks of
         the C1 ring (Jefferson) as well as one, and compressions that lose height centrally
         as well as anteriorly (burst-like).
+    varied_anatomy:
+        Domain randomisation for training (:class:`_Variation`): vertebra proportions,
+        discs, canal, processes (bifid or not), C1 ring and dens size, curve, bone
+        densities and texture, muscle texture, neck width and dense unlabelled neighbours
+        (hyoid, laryngeal cartilage, arteries). Drawn from a stream of its own, so the
+        rest of the phantom (pose, findings, noise) is the same with or without it.
     """
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}; expected one of {sorted(REGIONS)}")
@@ -427,6 +517,9 @@ def generate(
     if size_scale is not None:
         scale = float(size_scale)
     shapes = {n: _level_shape(n) for n in drawn}
+    variation = _Variation.draw(seed, drawn) if varied_anatomy else None
+    if variation is not None:
+        shapes = {n: variation.shape(n, ls) for n, ls in shapes.items()}
 
     # Lengths along the spine (mm), top to bottom: centre of each vertebra.
     centres_s: dict[str, float] = {}
@@ -438,7 +531,8 @@ def generate(
             s = 5.0
         elif name == "C2":
             # The C1 ring (10 mm tall) sits around the dens, above the C2 body.
-            s = centres_s["C1"] + (5.0 + 3.0 + ls.h / 2) * scale
+            c1_half = 5.0 * (variation.c1_scale if variation is not None else 1.0)
+            s = centres_s["C1"] + (c1_half + 3.0 + ls.h / 2) * scale
         elif previous is None:
             s = ls.h / 2 * scale
         else:
@@ -471,6 +565,8 @@ def generate(
     body_y = extent[1] / 2 + (float(rng.uniform(4.0, 10.0)) if cervical else 20.0)
     centre_x = extent[0] / 2 + float(rng.uniform(-4.0, 4.0))
     curve = float(rng.uniform(3.0, 10.0))  # lordosis (cervical, lumbar) / kyphosis (thoracic)
+    if variation is not None:
+        curve = variation.curve_mm  # from kyphotic (straightened, reversed) to deep lordosis
     span = max(length, 1.0)
     axial = np.deg2rad(rng.uniform(-6.0, 6.0))
     lateral = np.deg2rad(rng.uniform(-4.0, 4.0))
@@ -535,6 +631,9 @@ def generate(
         ls = _LevelShape(**{k: v * size for k, v in ls.__dict__.items()})
         item = _Placed(name, LEVEL_LABELS[name], ls, centre, rotation,
                        ribs=context and name.startswith("T"))
+        if variation is not None:
+            item.bifid = variation.bifid and name in ("C2", "C3", "C4", "C5", "C6")
+            item.c1_scale, item.dens_scale = variation.c1_scale, variation.dens_scale
         kind = fracture_kind.get(name)
         if kind == "wedge" and radiographic_findings:
             # Compression: the top end plate sinks everywhere, more at the centre and most
@@ -593,7 +692,7 @@ def generate(
 
     hu, labels, structures, params = _rasterise(
         rng, placed, (nz, ny, nx), (sz, sy, sx), cervical, region, body_y, centre_x,
-        top_margin, dislocated, shift_mm, context=context,
+        top_margin, dislocated, shift_mm, context=context, variation=variation,
     )
     sigma = float(noise_hu) if noise_hu is not None else float(rng.uniform(8.0, 20.0))
     blur = [0.6 / s for s in (sz, sy, sx)]
@@ -642,22 +741,27 @@ def _parts(item: _Placed) -> list[_Solid]:
 
     parts: list[_Solid] = []
     if item.name == "C1":
-        front = -b - 3.0
-        parts.append(capsule(9, True, (-7.0, front, 0.0), (7.0, front, 0.0), 2.6))
+        k = item.c1_scale
+        front = -b - 3.0 * k
+        parts.append(capsule(9, True, (-7.0 * k, front, 0.0), (7.0 * k, front, 0.0), 2.6 * k))
         for s in (-1.0, 1.0):
             parts += [
-                capsule(9, True, (s * 7.0, front, 0), (s * 13.0, -b + 3.0, 0), 2.6),
-                (11, True, partial(_ellipsoid, c=(s * 14.5, 0.5, 0.0), semi=(5.5, 8.0, 5.0))),
-                capsule(12, True, (s * 15.0, 5.0, 0.0), (s * 10.0, b + 15.0, 0.5), 2.8),
-                capsule(12, True, (s * 10.0, b + 15.0, 0.5), (0.0, b + 20.0, 1.0), 2.8),
-                capsule(5, False, (s * 16.0, 0.0, 0.0), (s * 30.0, 1.0, 1.0), 3.0),
+                capsule(9, True, (s * 7.0 * k, front, 0), (s * 13.0 * k, -b + 3.0 * k, 0), 2.6 * k),
+                (11, True, partial(_ellipsoid, c=(s * 14.5 * k, 0.5 * k, 0.0),
+                                   semi=(5.5 * k, 8.0 * k, 5.0 * k))),
+                capsule(12, True, (s * 15.0 * k, 5.0 * k, 0.0), (s * 10.0 * k, b + 15.0 * k, 0.5),
+                        2.8 * k),
+                capsule(12, True, (s * 10.0 * k, b + 15.0 * k, 0.5), (0.0, b + 20.0 * k, 1.0), 2.8 * k),
+                capsule(5, False, (s * 16.0 * k, 0.0, 0.0), (s * 30.0 * k, 1.0, 1.0), 3.0 * k),
             ]
         return parts
 
     parts.append((1, True, partial(_body, a=a, b=b, h=h, concavity=0.9,
                                    wedge_loss=item.wedge_loss, crush=item.crush)))
     if item.name == "C2":
-        parts.append(capsule(10, True, (0.0, -1.5, -h / 2 + 2.0), (0.0, -1.5, -h / 2 - 13.0), 4.8))
+        length, radius = item.dens_scale
+        parts.append(capsule(10, True, (0.0, -1.5, -h / 2 + 2.0), (0.0, -1.5, -h / 2 - 13.0 * length),
+                             4.8 * radius))
     for s in (-1.0, 1.0):
         root = (s * 0.75 * a, 0.75 * b, 0.0)
         parts.append(capsule(2, False, root, (s * ped_x, ped_end, 0.0), pr))
@@ -667,7 +771,15 @@ def _parts(item: _Placed) -> list[_Solid]:
         tip = (s * (ped_x + ls.transverse_len), 0.35 * b, 0.0)
         parts.append(capsule(5, False, (s * 0.8 * a, 0.2 * b, -0.1 * h), tip, 0.85 * pr))
     spinous_tip = (0.0, lam_end + ls.spinous_len, ls.spinous_drop)
-    parts.append(capsule(4, False, (0.0, lam_end - 1.0, 0.0), spinous_tip, 0.95 * pr))
+    if item.bifid:
+        # Two tubercles splitting from the middle of the process (C2-C6 in most people).
+        mid = (0.0, lam_end + 0.45 * ls.spinous_len, 0.45 * ls.spinous_drop)
+        parts.append(capsule(4, False, (0.0, lam_end - 1.0, 0.0), mid, 0.95 * pr))
+        for s in (-1.0, 1.0):
+            tip = (s * (2.0 + 0.12 * ls.spinous_len), spinous_tip[1], spinous_tip[2])
+            parts.append(capsule(4, False, mid, tip, 0.75 * pr))
+    else:
+        parts.append(capsule(4, False, (0.0, lam_end - 1.0, 0.0), spinous_tip, 0.95 * pr))
     if item.ribs:
         parts += _ribs(item.name, (ped_x + ls.transverse_len, 0.35 * b))
     return parts
@@ -740,6 +852,7 @@ def _rasterise(
     dislocated: str | None,
     shift_mm: float,
     context: bool = False,
+    variation: _Variation | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     nz, ny, nx = shape
     sz, sy, sx = spacing
@@ -754,6 +867,9 @@ def _rasterise(
     disc_hu = float(rng.uniform(70.0, 95.0))
     cortex_mm = float(rng.uniform(1.0, 1.6))
     haematoma = float(rng.uniform(45.0, 75.0))
+    if variation is not None:
+        cortical, cancellous, cortex_mm = variation.cortical, variation.cancellous, variation.cortex_mm
+        soft, fat = variation.soft, variation.fat
     params: dict[str, Any] = dict(cortical_hu=cortical, cancellous_hu=cancellous, soft_hu=soft,
                                   fat_hu=fat, disc_hu=disc_hu, cortex_mm=cortex_mm)
 
@@ -770,6 +886,8 @@ def _rasterise(
         semi_x, semi_y = 5.5 * widest + 20, 4.5 * widest + 10
         centre_y = body_y - 1.2 * widest
     fat_mm = float(rng.uniform(3.0, 9.0))
+    if variation is not None and cervical:
+        semi_x, semi_y = semi_x * variation.neck_scale[0], semi_y * variation.neck_scale[1]
     rho = np.sqrt(((xx - centre_x) / semi_x) ** 2 + ((yy - centre_y) / semi_y) ** 2)
     inside = rho <= 1.0
     muscle = rho <= 1.0 - fat_mm / min(semi_x, semi_y)
@@ -947,7 +1065,80 @@ def _rasterise(
     if cervical:
         _skull_base_and_mandible(rng, hu, structures, placed[0], spacing, cortical,
                                  cranium=context)
+    if variation is not None:
+        _vary_tissue(variation, hu, structures, placed, spacing, cervical)
     return hu, labels, structures, params
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: Sequence[float]) -> np.ndarray:
+    """Gaussian noise smoothed to ``sigma_vox`` and scaled back to unit deviation."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox)
+    return field / max(float(field.std()), 1e-6)
+
+
+def _vary_tissue(variation: _Variation, hu: np.ndarray, structures: np.ndarray,
+                 placed: list[_Placed], spacing: tuple[float, float, float], cervical: bool) -> None:
+    """Textures and unlabelled dense neighbours of :class:`_Variation` (in place)."""
+    rng = np.random.default_rng([variation.seed, 0x5A19])
+    shape = hu.shape
+    step = np.asarray(spacing, float)
+    bone = np.isin(structures, _BONE_CODES)
+    # Trabecular texture in the cancellous core (the cortex keeps its density).
+    if variation.trabecular_hu > 0:
+        core = bone & (hu < 0.5 * (variation.cortical + variation.cancellous))
+        texture = _smooth_noise(rng, shape, np.maximum(0.7 / step, 0.35))
+        hu[core] += (variation.trabecular_hu * texture[core]).astype(np.float32)
+    # Muscle with fat planes: a low-frequency field over soft tissue, its troughs fat.
+    soft = (structures == 0) & (hu > -30.0) & (hu < 110.0)
+    if variation.muscle_texture_hu > 0 and soft.any():
+        field = _smooth_noise(rng, shape, np.maximum(3.0 / step, 0.5))
+        hu[soft] += (variation.muscle_texture_hu * field[soft]).astype(np.float32)
+        planes = soft & (field > 1.9)
+        hu[planes] = variation.fat
+    if not cervical:
+        return
+    free = (structures == 0) | (structures == 8)
+    zz = (np.arange(shape[0]) + 0.5) * step[0]
+    yy, xx = np.meshgrid((np.arange(shape[1]) + 0.5) * step[1], (np.arange(shape[2]) + 0.5) * step[2],
+                         indexing="ij")
+    by_name = {p.name: p for p in placed}
+
+    def at(name: str) -> tuple[float, float, float] | None:
+        item = by_name.get(name)
+        return None if item is None else (float(item.center[0]), float(item.center[1]), float(item.center[2]))
+
+    def paint(mask2d: np.ndarray, z_lo: float, z_hi: float, value: float) -> None:
+        for k in np.nonzero((zz >= z_lo) & (zz <= z_hi))[0]:
+            where = mask2d & free[k]
+            hu[k][where] = value
+            structures[k][where] = 13 if value > 200 else structures[k][where]
+
+    c3, c5, c6 = at("C3"), at("C5"), at("C6")
+    if variation.hyoid and c3 is not None:
+        # Hyoid: a thin bony U in front of the airway at C3.
+        cx, cy, cz = c3
+        depth = float(rng.uniform(32.0, 45.0))
+        arc = np.sqrt(((xx - cx) / float(rng.uniform(14.0, 20.0))) ** 2 + ((yy - (cy - depth + 12.0)) / 14.0) ** 2)
+        paint((np.abs(arc - 1.0) < 0.12) & (yy < cy - depth + 14.0), cz - 2.0, cz + 2.0,
+              variation.cortical * 0.7)
+    if variation.larynx_hu is not None and c5 is not None:
+        # Thyroid cartilage, calcified: a shield of two plates in front of the larynx.
+        cx, cy, cz = c5
+        apex = cy - float(rng.uniform(38.0, 48.0))
+        for side in (-1.0, 1.0):
+            plate = (np.abs((yy - apex) - 1.0 * side * (xx - cx)) < 1.2) & (side * (xx - cx) >= 0) \
+                & (np.abs(xx - cx) < 17.0)
+            paint(plate, cz - 12.0, cz + 8.0, variation.larynx_hu)
+    if variation.arteries_hu is not None and c6 is not None:
+        # Carotid arteries beside the spine (contrast-filled or calcified walls).
+        top = at("C2") or c3 or c6
+        cx, cy, _ = c6
+        for side in (-1.0, 1.0):
+            ax, ay = cx + side * float(rng.uniform(18.0, 26.0)), cy - float(rng.uniform(14.0, 22.0))
+            r = float(rng.uniform(2.5, 4.0))
+            ring = np.hypot(xx - ax, yy - ay)
+            vessel = ring < r if variation.arteries_hu < 550 else (ring < r) & (ring > r - 1.0)
+            paint(vessel, top[2] - 10.0, c6[2] + 25.0, variation.arteries_hu)
 
 
 def _skull_base_and_mandible(rng: np.random.Generator, hu: np.ndarray, structures: np.ndarray,

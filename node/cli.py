@@ -826,15 +826,21 @@ def _train_command(family: str) -> Callable[..., None]:
         budget: Annotated[str, typer.Option(
             "--budget", help="default (sized for 2 CPU cores) or gpu (more data and steps, "
             "for a CUDA GPU and many cores); recipes without budgets ignore it.")] = "default",
+        init: Annotated[Path | None, typer.Option(
+            "--init", help="Fine-tune: start from the weights (model.pt) in this model "
+            "repository instead of from scratch (recipes that support it: ct-cspine).",
+            exists=True, file_okay=False)] = None,
     ) -> None:
+        from dataclasses import replace
+
         from spine_node.inference.train import run
 
         if budget not in ("default", "gpu"):
             raise typer.BadParameter(f"--budget must be default or gpu, got {budget!r}")
-        options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, budget=budget)
+        options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, budget=budget,
+                               init=init)
         if out is not None:
-            options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, out=out,
-                                   budget=budget)
+            options = replace(options, out=out)
         summary = run(family, options)
         for card in summary.get("cards", []):
             console.print(f"wrote {card}")

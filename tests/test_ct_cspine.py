@@ -317,6 +317,33 @@ def test_recipe_runs_on_rsna_layout(tmp_path: Path) -> None:
     assert "operating_point" in summary["metrics"]
 
 
+def test_recipe_fine_tunes_from_a_model_repository(tmp_path: Path) -> None:
+    """--init starts both stages from another repository's weights and the cards say so."""
+    import torch
+
+    from spine_node.inference.train import TrainOptions, run
+
+    _fake_rsna(tmp_path / "rsna")
+    first = tmp_path / "first"
+    run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=first, quick=True, progress=False,
+                                  threads=1))
+    start = torch.load(first / ct_cspine.SEGMENTATION_MODEL / "model.pt", weights_only=True)
+    model = recipe.architecture(recipe.SEG_ARCH[0], **recipe.SEG_ARCH[1])
+    assert recipe._initial_weights(model, first, ct_cspine.SEGMENTATION_MODEL)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in start.items())
+
+    run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=tmp_path / "second", quick=True,
+                                  progress=False, threads=1, init=first))
+    for name in (ct_cspine.SEGMENTATION_MODEL, ct_cspine.FRACTURE_MODEL):
+        card = ModelCard.load(tmp_path / "second" / name)
+        origin = card.weights["fine_tuned_from"][name]
+        assert origin["model_pt_sha256"] == recipe._sha256(first / name / "model.pt")
+        assert f"--init {first}" in card.weights["recipe"]
+    with pytest.raises(FileNotFoundError, match="no cspine-ct-vertebra-seg/model.pt"):
+        run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=tmp_path / "third", quick=True,
+                                      progress=False, threads=1, init=tmp_path / "rsna"))
+
+
 def test_train_cli_lists_families() -> None:
     result = subprocess.run([sys.executable, "-m", "spine_node.node.cli", "train", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120, check=False)

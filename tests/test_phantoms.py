@@ -184,3 +184,23 @@ def test_dciodvfy_accepts_objects(phantom: phantoms.Phantom, tmp_path: Path, mod
                 and "Value dubious" not in line]
     assert not errors, report
     assert not warnings, report
+
+
+def test_varied_anatomy_is_its_own_stream() -> None:
+    """Domain randomisation changes proportions and densities, never the findings or the
+    pose drawn from the seed, and is reproducible."""
+    plain = phantoms.generate(21, context=True)
+    varied = phantoms.generate(21, context=True, varied_anatomy=True)
+    again = phantoms.generate(21, context=True, varied_anatomy=True)
+    assert np.array_equal(varied.hu, again.hu) and np.array_equal(varied.labels, again.labels)
+    assert [(v.name, v.fracture, v.dislocation) for v in plain.vertebrae if v.name.startswith("C")] == \
+        [(v.name, v.fracture, v.dislocation) for v in varied.vertebrae if v.name.startswith("C")]
+    assert plain.params["rotation_deg"] == varied.params["rotation_deg"]
+    assert not np.array_equal(plain.labels, varied.labels)
+    cortical = [phantoms.generate(s, varied_anatomy=True).params["cortical_hu"] for s in range(12)]
+    assert 450 <= min(cortical) and max(cortical) <= 1800 and max(cortical) - min(cortical) > 400
+    for level in range(1, 8):  # every cervical vertebra still drawn and labelled
+        assert (varied.labels == level).sum() > 50
+    # Dense neighbours are unlabelled: no label outside the bone the vertebrae own.
+    labelled = varied.labels > 0
+    assert np.isin(varied.structures[labelled], [1, 2, 3, 4, 5, 9, 10, 11, 12, 13]).mean() > 0.97

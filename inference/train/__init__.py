@@ -47,6 +47,8 @@ class TrainOptions:
     quick: bool = False
     #: "default" (sized for 2 CPU cores) or "gpu" (more data and steps for a CUDA GPU)
     budget: str = "default"
+    #: Fine-tuning: a model repository whose model.pt weights the training starts from.
+    init: Path | None = None
 
 
 RECIPES: dict[str, Recipe] = {

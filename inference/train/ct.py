@@ -83,7 +83,7 @@ from spine_node.inference.train.stats import roc_auc, wilson
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 SEG_ARCH = ("cspine-ct-unet3d", {"widths": [16, 32, 64, 64], "stem": 6, "classes": len(SEG_CLASSES) + 1})
 FRACTURE_ARCH = ("cspine-ct-vertebra-classifier-2.5d",
                  {"slices": 24, "group": 3, "widths": [12, 24, 32, 48], "hidden": 32})
@@ -196,10 +196,16 @@ def _landmarks(ph: phantoms.Phantom) -> dict[str, float]:
     return {v.name: float(v.center_mm[0]) for v in ph.vertebrae}
 
 
+#: Share of training and validation phantoms drawn with ``varied_anatomy`` (domain
+#: randomisation of proportions, densities and neighbours); the rest keep the textbook shapes.
+VARIED_ANATOMY_SHARE = 0.75
+
+
 def _random_anatomy(rng: np.random.Generator) -> dict[str, Any]:
     return dict(context=True, varied_fractures=True,
                 size_scale=float(rng.uniform(0.8, 1.2)),
-                pose_deg=tuple(float(a) for a in rng.uniform(-15.0, 15.0, size=3)))
+                pose_deg=tuple(float(a) for a in rng.uniform(-15.0, 15.0, size=3)),
+                varied_anatomy=bool(rng.random() < VARIED_ANATOMY_SHARE))
 
 
 def _negative(seed: int, rng: np.random.Generator,
@@ -264,6 +270,13 @@ def level_crops(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
 #: Stage-2 phantoms are rendered at this grid (mm): fine enough for 1.2 mm fracture lines,
 #: coarse enough to render hundreds on two cores.
 RENDER_MM = 1.5
+#: Share of stage-2 and validation phantoms rendered at 2 mm instead (point-sampled, so
+#: cortex and fracture gaps alias: intact bone must not read as broken on coarse data).
+COARSE_RENDER_SHARE = 0.25
+
+
+def _render_mm(rng: np.random.Generator) -> float:
+    return 2.0 if rng.random() < COARSE_RENDER_SHARE else RENDER_MM
 
 
 def fracture_case(seed: int, scans: int = 3) -> CropSet:
@@ -271,15 +284,16 @@ def fracture_case(seed: int, scans: int = 3) -> CropSet:
     times (rendering is the expensive part; each scan has its own acquisition)."""
     rng = np.random.default_rng(seed)
     anatomy = {**_random_anatomy(rng), "context": False}  # crops need the neck, not the cranium
-    ph = phantoms.generate(seed, spacing=RENDER_MM, shape=tuple(int(n / RENDER_MM) for n in (150, 128, 128)),
+    render = _render_mm(rng)
+    ph = phantoms.generate(seed, spacing=render, shape=tuple(int(n / render) for n in (150, 128, 128)),
                            p_fracture=0.7, **anatomy)
     fractured = [v.name for v in ph.vertebrae if v.fractured]
     sets = []
     for _ in range(scans):
-        scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float) * RENDER_MM,
+        scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float) * render,
                                               fine=True)
         # The renderer has no detail finer than its grid: finer grids would only interpolate.
-        scan = scan.with_(spacing=tuple(max(RENDER_MM, s) for s in scan.spacing))
+        scan = scan.with_(spacing=tuple(max(render, s) for s in scan.spacing))
         hu, labels = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
         assert labels is not None
         sets.append(level_crops(hu, labels, scan.spacing, fractured, rng))
@@ -474,23 +488,39 @@ def _random_crop(case: SegCase, crop: Sequence[int],
             np.ascontiguousarray(heat))
 
 
+def _initial_weights(model: torch.nn.Module, init: Path | None, name: str) -> bool:
+    """Load ``init/<name>/model.pt`` into ``model`` (fine-tuning); False without ``init``."""
+    if init is None:
+        return False
+    path = init / name / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--init {init}: no {name}/model.pt there to start from")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    log.info("%s: starting from %s", name, path)
+    return True
+
+
 def train_segmentation(cases: Sequence[SegCase], budget: Budget, seed: int,
-                       progress: bool) -> torch.nn.Module:
+                       progress: bool, init: Path | None = None) -> torch.nn.Module:
     """Train stage 1 (classes + heat map) and return the model in eval mode, on the CPU."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = _device()
     name, kwargs = SEG_ARCH
-    model = architecture(name, **kwargs).to(device)
-    with torch.no_grad():
-        # Start from "everything is background" (about 97 % of voxels) and a cold heat map.
-        last = model.full[-1]  # type: ignore[index]
-        last.bias.zero_()
-        last.bias[0] = 3.0
-        last.bias[len(SEG_CLASSES)] = -4.0
+    model = architecture(name, **kwargs)
+    tuned = _initial_weights(model, init, SEGMENTATION_MODEL)
+    model = model.to(device)
+    if not tuned:
+        with torch.no_grad():
+            # Start from "everything is background" (about 97 % of voxels) and a cold heat map.
+            last = model.full[-1]  # type: ignore[index]
+            last.bias.zero_()
+            last.bias[0] = 3.0
+            last.bias[len(SEG_CLASSES)] = -4.0
     class_weights = torch.tensor([1.0, 3.0, 3.0, 2.0, 2.0], device=device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=4e-3, total_steps=budget.seg_steps,
+    peak = 1.5e-3 if tuned else 4e-3
+    optimiser = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=peak, total_steps=budget.seg_steps,
                                                    pct_start=0.1)
     model.train()
     with _progress(progress) as bar:
@@ -518,7 +548,7 @@ def train_segmentation(cases: Sequence[SegCase], budget: Budget, seed: int,
 
 
 def train_fracture(sets: Sequence[CropSet], budget: Budget, seed: int,
-                   progress: bool) -> torch.nn.Module:
+                   progress: bool, init: Path | None = None) -> torch.nn.Module:
     """Train stage 2 on every crop of ``sets``; eval-mode model on the CPU.
 
     Batches are half fractured, half intact vertebrae: fractures are rare (about one crop in
@@ -532,8 +562,10 @@ def train_fracture(sets: Sequence[CropSet], budget: Budget, seed: int,
     if not len(positives) or not len(negatives):
         positives = negatives = np.arange(len(targets))
     name, kwargs = FRACTURE_ARCH
-    model = architecture(name, **kwargs).to(device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    model = architecture(name, **kwargs)
+    tuned = _initial_weights(model, init, FRACTURE_MODEL)
+    model = model.to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=5e-4 if tuned else 1e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=budget.fracture_steps,
                                                           eta_min=1e-4)
     half = max(1, budget.fracture_batch // 2)
@@ -577,11 +609,12 @@ def validation_case(seed: int) -> ValidationCase:
         hu, labels = _negative(seed, rng, (2.0, 1.0, 1.0))
         volume = CtVolume(hu, (2.0, 1.0, 1.0), tuple(str(i) for i in range(hu.shape[0])), "v", "v")
         return ValidationCase(volume, labels, (), True)
-    ph = phantoms.generate(seed, spacing=RENDER_MM, shape=tuple(int(n / RENDER_MM) for n in (215, 140, 140)),
+    render = _render_mm(rng)
+    ph = phantoms.generate(seed, spacing=render, shape=tuple(int(n / render) for n in (215, 140, 140)),
                            p_fracture=0.5, **_random_anatomy(rng))
-    scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float) * RENDER_MM,
+    scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float) * render,
                                           fine=True)
-    scan = scan.with_(spacing=tuple(max(RENDER_MM, s) for s in scan.spacing))
+    scan = scan.with_(spacing=tuple(max(render, s) for s in scan.spacing))
     hu, labels = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
     assert labels is not None
     in_field = [v.name for v in ph.vertebrae if v.fractured
@@ -762,6 +795,26 @@ def _save(card: ModelCard, arch: tuple[str, dict[str, Any]]) -> Path:
 # --------------------------------------------------------------------------- run
 
 
+def _started_from(init: Path | None) -> dict[str, Any]:
+    """What a fine-tuning run starts from: each stage's version, recipe and weights hash,
+    read before the run may overwrite them (``--init`` and ``--out`` may be one folder)."""
+    if init is None:
+        return {}
+    found: dict[str, Any] = {}
+    for name in (SEGMENTATION_MODEL, FRACTURE_MODEL):
+        card = init / name / "model.yaml"
+        weights = init / name / "model.pt"
+        if not weights.is_file():
+            raise FileNotFoundError(f"--init {init}: no {name}/model.pt there to start from")
+        data = yaml.safe_load(card.read_text(encoding="utf-8")) if card.is_file() else {}
+        previous = (data.get("weights") or {}) if isinstance(data, dict) else {}
+        found[name] = {"version": data.get("version") if isinstance(data, dict) else None,
+                       "recipe": previous.get("recipe"),
+                       "device": previous.get("device"),
+                       "model_pt_sha256": _sha256(weights)}
+    return found
+
+
 def _engines(folder: Path) -> Callable[[str], Any]:
     """The exported models on ONNX Runtime (CPU), as a worker without a GPU runs them."""
     from spine_node.inference.runtime.selection import load_engine
@@ -840,9 +893,11 @@ def run(options: TrainOptions) -> dict[str, Any]:
     data_seconds = time.monotonic() - started
     log.info("ct-cspine: %d stage-1 cases, %d stage-2 crops, %d validation scans in %.0f s",
              len(seg_cases), sum(len(c.targets) for c in crop_sets), len(validation), data_seconds)
-    seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress)
+    init = Path(options.init) if options.init is not None else None
+    started_from = _started_from(init)
+    seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress, init)
     log.info("ct-cspine: stage 1 trained at %.0f s", time.monotonic() - started)
-    fracture_model = train_fracture(crop_sets, budget, options.seed + 1, options.progress)
+    fracture_model = train_fracture(crop_sets, budget, options.seed + 1, options.progress, init)
     train_seconds = time.monotonic() - started
     log.info("ct-cspine: stage 2 trained at %.0f s", train_seconds)
 
@@ -854,13 +909,16 @@ def run(options: TrainOptions) -> dict[str, Any]:
         "validated_on": validated_on,
         "recipe": "spine-node train ct-cspine"
                   + (" --budget gpu" if options.budget == "gpu" else "")
-                  + (f" --epochs {options.epochs}" if options.epochs is not None else ""),
+                  + (f" --epochs {options.epochs}" if options.epochs is not None else "")
+                  + (f" --init {init}" if init is not None else ""),
         "seed": options.seed,
         "torch": str(torch.__version__),
         "device": str(_device()),
         "threads": options.threads,
         "training_seconds": {"data": round(data_seconds, 1), "total": round(train_seconds, 1)},
     }
+    if started_from:
+        provenance["fine_tuned_from"] = started_from
     # Cards first with a provisional threshold, so the pipeline can load the exports.
     write_cards(out, provenance, {}, float(FRACTURE_PREPROCESSING["threshold"]))
     metrics, threshold = validate(_engines(out), validation, options.progress)

@@ -1204,6 +1204,9 @@ def _plan(options: TrainOptions) -> Plan:
 
 
 def _run(names: Sequence[str], options: TrainOptions) -> dict[str, Any]:
+    if options.init is not None:
+        raise DatasetError("--init (fine-tuning) is supported by ct-cspine only; the X-ray "
+                           "recipes train from scratch")
     torch.set_num_threads(max(1, options.threads))
     plan = _plan(options)
     started = time.monotonic()
