@@ -236,6 +236,25 @@ def test_two_vertebrae_in_one_instance_break_the_count() -> None:
         assert _dice(levels.labels, truth, number) > 0.97, level
 
 
+def test_c2_grown_into_c3_is_not_named_and_counts_nothing() -> None:
+    """Stage 1 calls the top of C3 (its body centre included) C2: that C2 gets no level,
+    no count runs down from it, and every level given belongs to its own vertebra."""
+    ph = phantoms.generate(9_200_008, context=True, spacing=2.0)
+    classes, confidence, heat = _truth_maps(ph.labels, ph.spacing)
+    c3_centre = int(round(ph.vertebra("C3").center_mm[0] / 2.0))
+    bleed = (ph.labels == 3) & (np.arange(ph.shape[0])[:, None, None] <= c3_centre + 1)
+    # One piece with C2, across the disc, as a model that bleeds draws it.
+    joined = ndimage.binary_closing(bleed | (ph.labels == 2), structure=np.ones((7, 1, 1)))
+    classes[joined & ((ph.labels == 0) | bleed)] = recipe.CLASS_C2
+    levels = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing)
+    assert "C2" not in levels.assessed and levels.status["C2"][0] is AssessmentValues.NOT_ASSESSABLE
+    truth = np.where(ph.labels <= 7, ph.labels, 0)
+    for level in levels.assessed:
+        number = ct_cspine.LEVELS.index(level) + 1
+        assert np.bincount(truth[levels.labels == number]).argmax() == number, level
+    assert levels.unlabelled >= 1
+
+
 def test_stage1_targets() -> None:
     ph = phantoms.generate(9_200_005, context=True, spacing=2.0)
     classes = recipe.classes_from_labels(ph.labels)

@@ -106,6 +106,8 @@ class Gates:
     #: counted up from T1 with C2 in view, the gap above the highest level may differ from
     #: the levels it must hold by this many median steps
     room_tolerance_steps: float = 0.6
+    #: C2 (body and dens) taller than this many median steps has grown into C3
+    max_c2_height_steps: float = 3.0
 
 
 GATES = Gates()
@@ -481,6 +483,10 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     c2 = by_kind[CLASS_C2][0] if by_kind[CLASS_C2] else None
     subs = by_kind[CLASS_SUBAXIAL]
     lowers = by_kind[CLASS_LOWER]
+    # C1 or C2 holding the body centre of a vertebra below (a heat-map peak: the heat marks
+    # C3 downwards) has grown into it: neither gets a name nor anchors a count.
+    peaks = (heat == ndimage.maximum_filter(heat, size=5)) & (heat > gates.peak_threshold)
+    overgrown: set[int] = {i for i in (c1, c2) if i is not None and (peaks & vertebrae[i].mask).any()}
     order_ok = True
     # Order: C1 above C2 above every subaxial vertebra above every thoracolumbar one.
     chain = [i for i in (c1, c2) if i is not None] + subs + lowers
@@ -488,13 +494,17 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     if any(b < a for a, b in zip(zs, zs[1:], strict=False)):
         order_ok = False
     if order_ok:
-        if c1 is not None:
-            names[c1] = "C1"
-        if c2 is not None:
-            names[c2] = "C2"
         steps = np.diff([vertebrae[i].anchor_z for i in subs + lowers[:1]])
         typical = float(np.median(steps)) if len(steps) else 16.0
         typical = float(np.clip(typical, 10.0, 24.0))
+        if c2 is not None and vertebrae[c2].bottom_z - vertebrae[c2].top_z > gates.max_c2_height_steps * typical:
+            overgrown.add(c2)
+        if c1 is not None and c1 not in overgrown:
+            names[c1] = "C1"
+        if c2 is not None and c2 not in overgrown:
+            names[c2] = "C2"
+        else:
+            c2 = None  # no count down from it
         sizes = [int(vertebrae[i].mask.sum()) for i in subs]
         usual = float(np.median(sizes)) if sizes else 0.0
 
