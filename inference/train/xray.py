@@ -193,7 +193,7 @@ class Spec:
 
 #: How the three classifiers train on phantoms (the MobileNet learns the AP view slower).
 _CLASSIFIER_TRAINING: dict[str, Any] = {"cohort": RADIOGRAPHIC_COHORT, "crop_steps": 2000,
-                                        "steps": 300, "copies": 3}
+                                        "steps": 600, "copies": 3}
 
 SPECS: dict[str, Spec] = {
     PAIR_MODEL: Spec(PAIR_MODEL, "xray-pair-classifier", "classification", ("normal", "damage"),
@@ -214,17 +214,17 @@ SPECS: dict[str, Spec] = {
                         "Spine AP radiograph segmentation (vertebral body, pedicle, spinous "
                         "process), 2D U-Net.",
                         {"num_classes": 1 + len(AP_STRUCTURES), "base": 12, "depth": 3},
-                        steps=300, views=("AP",)),
+                        steps=600, views=("AP",)),
     UNET_LAT_MODEL: Spec(UNET_LAT_MODEL, "xray-spine-unet", "segmentation",
                          ("background", *LAT_STRUCTURES), SEGMENTER_SIZE,
                          "Spine LAT radiograph segmentation (vertebral body, posterior "
                          "elements, disc, spinal canal, prevertebral soft tissue), 2D U-Net.",
                          {"num_classes": 1 + len(LAT_STRUCTURES), "base": 12, "depth": 3},
-                         steps=300, views=("LAT",)),
+                         steps=600, views=("LAT",)),
     TISSUE_MODEL: Spec(TISSUE_MODEL, "xray-tissue-xnet", "segmentation", TISSUES,
                        SEGMENTER_SIZE, "Radiograph tissue segmentation (bone, soft tissue, "
                        "open beam), XNet-style.", {"num_classes": len(TISSUES), "base": 12},
-                       steps=300),
+                       steps=600),
     GATE_MODEL: Spec(GATE_MODEL, "xray-view-gate", "classification", ("other", "AP", "LAT"),
                      SEGMENTER_SIZE, "View gate: spine AP / spine LAT / not a spine radiograph "
                      "(noise, blank, CT slices, chest, hand); run before every X-ray model.",

@@ -4,8 +4,9 @@ The phantoms' DRRs (:func:`spine_node.inference.phantoms.drr`) are noise-free pa
 line integrals on the model's own millimetre grid. :func:`acquire` turns one into what a
 detector might have recorded, after the pipelines' resampling to that grid: patient size,
 rotation, position and flips; partial coverage and collimator shutters; scatter; blur;
-quantum noise for 3e2-1e5 photons per detector pixel of 0.1-0.2 mm (binned to the grid, or
-not, since another generator may state its dose per grid pixel); a random display curve;
+quantum noise for 3e2-1e5 photons per detector pixel of 0.1-0.2 mm (binned to the grid as the
+pipelines' block-mean resampling does, or in one draw in five not, since another generator
+may state its dose per grid pixel); a random display curve;
 burned-in markers and text. Every truth map the recipe gives travels through the same
 geometry, so masks and lesion maps stay on their pixels.
 
@@ -64,7 +65,7 @@ def draw(rng: np.random.Generator, *, max_rotation: float = 15.0, max_shift_mm: 
         flip=bool(rng.random() < 0.5),
         detector_mm=float(rng.uniform(0.1, 0.2)),
         photons=float(np.exp(rng.uniform(np.log(3e2), np.log(1e5)))),
-        binned=bool(rng.random() < 0.5),
+        binned=bool(rng.random() < 0.8),
         scatter=float(rng.uniform(0.0, 0.5)),
         blur_mm=float(rng.uniform(0.0, 2.0)) if rng.random() < 0.6 else 0.0,
         gamma=float(np.exp(rng.uniform(-0.35, 0.35))),
