@@ -255,6 +255,27 @@ def test_c2_grown_into_c3_is_not_named_and_counts_nothing() -> None:
     assert levels.unlabelled >= 1
 
 
+def test_finds_that_do_not_stand_in_soft_tissue_or_are_too_small_are_not_assessed() -> None:
+    """Noise or a dense object read as vertebrae: the shell around each find is not soft
+    tissue, so nothing is assessed; a C1 of a few voxels is not delineated either."""
+    ph = phantoms.generate(9_200_009, context=True, spacing=2.0)
+    classes, confidence, heat = _truth_maps(ph.labels, ph.spacing)
+    image = ct_cspine.normalise(ph.hu)
+    real = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing, image=image)
+    assert real.assessed == list(ct_cspine.LEVELS)
+    dense = ct_cspine.normalise(np.random.default_rng(0).uniform(0, 2000, ph.shape).astype(np.float32))
+    noisy = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing, image=dense)
+    assert noisy.assessed == [] and not noisy.labels.any()
+    assert "soft tissue" in noisy.status["C4"][1]
+    tiny = classes.copy()
+    c1 = np.argwhere(ph.labels == 1)
+    tiny[ph.labels == 1] = 0
+    for z, y, x in c1[:60]:  # 60 voxels of C1 (480 mm3) survive
+        tiny[z, y, x] = recipe.CLASS_C1
+    small = ct_cspine.identify_levels(tiny, confidence, heat, ph.spacing, image=image)
+    assert "C1" not in small.assessed and "C2" in small.assessed
+
+
 def test_stage1_targets() -> None:
     ph = phantoms.generate(9_200_005, context=True, spacing=2.0)
     classes = recipe.classes_from_labels(ph.labels)

@@ -92,8 +92,14 @@ class Gates:
     min_coverage_mm: float = 30.0
     #: a vertebra's mean class confidence below this: not assessable
     min_confidence: float = 0.5
-    #: heat-map peaks below this are not vertebrae
-    peak_threshold: float = 0.35
+    #: heat-map peaks (vertebral body centres) below this, or below ``peak_relative`` of
+    #: the strongest peak of the scan, are not vertebrae; of peaks closer than
+    #: ``peak_separation_mm`` along the spine axis (z) only the strongest counts: vertebral
+    #: bodies are stacked, so two peaks that close mark one body (another scanner's or
+    #: anatomy's look weakens and splits the heat map before it moves it)
+    peak_threshold: float = 0.12
+    peak_relative: float = 0.2
+    peak_separation_mm: float = 7.0
     #: consecutive vertebrae further apart than this many median steps break the count
     max_step_ratio: float = 1.7
     #: the end plates of two neighbours are at most this far apart (mm) to count on
@@ -108,6 +114,13 @@ class Gates:
     room_tolerance_steps: float = 0.6
     #: C2 (body and dens) taller than this many median steps has grown into C3
     max_c2_height_steps: float = 3.0
+    #: a C1 or C2 smaller than this (mm3; adults: C1 about 5-8 cm3, C2 10-14 cm3) is a
+    #: fragment or a false find: not delineated
+    min_c1_mm3: float = 1500.0
+    min_c2_mm3: float = 2500.0
+    #: bone sits in soft tissue: the median of a 6 mm shell around a vertebra above this
+    #: (HU) means the find is not a vertebra (noise, a dense phantom, contrast, metal)
+    max_surround_hu: float = 300.0
 
 
 GATES = Gates()
@@ -403,6 +416,33 @@ def _grow(seeds: np.ndarray, region: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
+def body_peaks(heat: np.ndarray, allowed: np.ndarray, spacing: Sequence[float],
+               gates: Gates = GATES) -> np.ndarray:
+    """Vertebral body centres from the heat map: local maxima of the lightly smoothed
+    map inside ``allowed`` (vertebra classes, one voxel around them), above
+    ``gates.peak_threshold`` and ``gates.peak_relative`` of the strongest, at most one
+    per ``gates.peak_separation_mm`` along z (the strongest wins)."""
+    smooth = ndimage.gaussian_filter(heat.astype(np.float32), 0.8)
+    candidates = (smooth == ndimage.maximum_filter(smooth, size=3)) & (smooth > gates.peak_threshold)
+    candidates &= ndimage.binary_dilation(allowed)
+    found = np.zeros(heat.shape, bool)
+    if not candidates.any():
+        return found
+    coords = np.argwhere(candidates)
+    values = smooth[candidates]
+    floor = max(gates.peak_threshold, gates.peak_relative * float(values.max()))
+    taken: list[float] = []
+    sz = float(spacing[0])
+    for index in np.argsort(-values, kind="stable"):
+        if values[index] < floor:
+            break
+        z_mm = float(coords[index][0]) * sz
+        if all(abs(z_mm - other) >= gates.peak_separation_mm for other in taken):
+            taken.append(z_mm)
+            found[tuple(coords[index])] = True
+    return found
+
+
 def _find_vertebrae(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarray,
                     spacing: Sequence[float], gates: Gates) -> list[_Vertebra]:
     sz = float(spacing[0])
@@ -415,13 +455,17 @@ def _find_vertebrae(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                          float(zs.min()) * sz, float(zs.max() + 1) * sz,
                          float(confidence[mask].mean()))
 
-    for kind in (CLASS_C1, CLASS_C2):
+    voxel_mm3 = float(np.prod(np.asarray(spacing, float)))
+    for kind, least in ((CLASS_C1, gates.min_c1_mm3), (CLASS_C2, gates.min_c2_mm3)):
         mask = classes == kind
         if int(mask.sum()) >= 20:
-            found.append(describe(kind, _largest_component(mask)))
+            vertebra = describe(kind, _largest_component(mask))
+            if int(vertebra.mask.sum()) * voxel_mm3 < least:
+                vertebra.confidence = 0.0  # too small to be delineated: never assessed
+            found.append(vertebra)
     region = (classes == CLASS_SUBAXIAL) | (classes == CLASS_LOWER)
     if region.any():
-        peaks = (heat == ndimage.maximum_filter(heat, size=5)) & (heat > gates.peak_threshold)
+        peaks = body_peaks(heat, classes > 0, spacing, gates) & ndimage.binary_dilation(region)
         seeds = np.zeros(classes.shape, np.int32)
         near = ndimage.binary_dilation(peaks, iterations=2) & region
         pieces, count = ndimage.label(near, structure=np.ones((3, 3, 3)))
@@ -466,13 +510,24 @@ def has_ribs(image: np.ndarray, vertebra: _Vertebra, spacing: Sequence[float],
     return bool(dense[..., xs < 0].sum() >= 4 and dense[..., xs > 0].sum() >= 4)
 
 
+def _surround_hu(image: np.ndarray, mask: np.ndarray, hu_scale: float) -> float:
+    """Median HU of a 3-voxel shell around ``mask`` (``image`` normalised by ``hu_scale``)."""
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    box = tuple(slice(max(0, b.start - 3), b.stop + 3) for b in box)
+    local = mask[box]
+    shell = ndimage.binary_dilation(local, iterations=3) & ~local
+    return float(np.median(image[box][shell])) * hu_scale if shell.any() else float("-inf")
+
+
 def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarray,
                     spacing: Sequence[float], gates: Gates = GATES,
-                    image: np.ndarray | None = None) -> LevelMap:
+                    image: np.ndarray | None = None,
+                    hu_scale: float = float(SEGMENTATION_PREPROCESSING["hu_scale"])) -> LevelMap:
     """Name the vertebrae stage 1 found by anatomy (see the module docstring).
 
-    With ``image`` (the normalised model-grid CT), T1 serves as an anchor only where ribs
-    are seen beside it (:func:`has_ribs`)."""
+    With ``image`` (the normalised model-grid CT, HU / ``hu_scale``), T1 serves as an anchor
+    only where ribs are seen beside it (:func:`has_ribs`), and a vertebra must stand in soft
+    tissue (``gates.max_surround_hu``)."""
     sz = float(spacing[0])
     extent = classes.shape[0] * sz
     vertebrae = _find_vertebrae(classes, confidence, heat, spacing, gates)
@@ -485,7 +540,7 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     lowers = by_kind[CLASS_LOWER]
     # C1 or C2 holding the body centre of a vertebra below (a heat-map peak: the heat marks
     # C3 downwards) has grown into it: neither gets a name nor anchors a count.
-    peaks = (heat == ndimage.maximum_filter(heat, size=5)) & (heat > gates.peak_threshold)
+    peaks = body_peaks(heat, classes > 0, spacing, gates)
     overgrown: set[int] = {i for i in (c1, c2) if i is not None and (peaks & vertebrae[i].mask).any()}
     order_ok = True
     # Order: C1 above C2 above every subaxial vertebra above every thoracolumbar one.
@@ -565,6 +620,10 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
         if vertebra.confidence < gates.min_confidence:
             status[name] = (AssessmentValues.NOT_ASSESSABLE,
                             f"{name} could not be delineated with confidence")
+            continue
+        if image is not None and _surround_hu(image, vertebra.mask, hu_scale) > gates.max_surround_hu:
+            status[name] = (AssessmentValues.NOT_ASSESSABLE,
+                            f"{name}: what was found does not stand in soft tissue as a vertebra does")
             continue
         labels[vertebra.mask] = LEVELS.index(name) + 1
         status[name] = (AssessmentValues.ASSESSED, "")
@@ -666,7 +725,8 @@ def segment(engine: object, volume: CtVolume,
     outputs = engine.infer({card.inputs[0].name: padded[None, None]})  # type: ignore[attr-defined]
     logits = _single_output(outputs, card)[0][(slice(None), *unpad)]
     classes, confidence, heat = split_stage1(logits)
-    levels = identify_levels(classes, confidence, heat, spacing, gates, image=image)
+    levels = identify_levels(classes, confidence, heat, spacing, gates, image=image,
+                             hu_scale=float(pre["hu_scale"]))
     return levels, spacing  # type: ignore[return-value]
 
 
