@@ -177,40 +177,8 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
-# Every kind of audit event, "<subject>.<what happened>" (``spine-node audit tail --kind``
-# takes one of these or a prefix of one, e.g. ``job`` or ``job.``). Migration 0002 renamed
-# the older ``job_started``-style kinds in stored rows.
-EVENT_KINDS: tuple[str, ...] = (
-    "association.rejected",
-    "association.aborted",
-    "instance.refused",
-    "series.complete",
-    "series.recovered",
-    "series.skipped",
-    "series.purged",
-    "job.created",
-    "job.requeued",
-    "job.superseded",
-    "job.started",
-    "job.succeeded",
-    "job.failed",
-    "job.error",
-    "job.resent",
-    "job.retried",
-    "job.cancelled",
-    "result.superseded",
-    "result.sanitised",
-    "notice.created",
-    "dispatch.sent",
-    "dispatch.failed",
-    "dispatch.dead",
-    "dispatch.retried",
-)
-
-
-def kind_matches(prefix: str) -> list[str]:
-    """The event kinds ``prefix`` selects in ``audit tail --kind`` (empty: none, a typo)."""
-    return [kind for kind in EVENT_KINDS if kind.startswith(prefix)]
+# The kinds live in node/domain.py (the CLI's help lists them without importing SQLAlchemy).
+from spine_node.node.domain import EVENT_KINDS, kind_matches  # noqa: E402,F401
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -17,9 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from spine_node.node.audit import EVENT_KINDS
 from spine_node.node.config import Settings, load_settings, redact_url
-from spine_node.node.domain import DispatchState, JobState, SeriesState
+from spine_node.node.domain import EVENT_KINDS, DispatchState, JobState, SeriesState
 from spine_node.node.errors import NodeError
 
 if TYPE_CHECKING:
