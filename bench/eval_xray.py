@@ -508,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cohorts", nargs="*", default=list(COHORTS), choices=COHORTS)
     parser.add_argument("--no-write", action="store_true", help="print only; cards and RESULTS.md untouched")
-    parser.add_argument("--records", type=Path, default=Path("eval_xray_records.json"),
+    parser.add_argument("--records", type=Path, default=Path("bench/out/eval_xray_records.json"),
                         help="per-image records (JSON), written after each cohort")
     parser.add_argument("--from-records", action="store_true",
                         help="summarise the records file of an earlier run instead of running")
@@ -523,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for cohort in args.cohorts:
             records += run([cohort], args.n, args.workers)
             seconds = time.monotonic() - started
+            args.records.parent.mkdir(parents=True, exist_ok=True)
             args.records.write_text(json.dumps({"records": records, "seconds": seconds}, default=str))
     summary = summarise(records)
     command = "python -m bench.eval_xray " + " ".join(
