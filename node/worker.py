@@ -29,7 +29,7 @@ from spine_node.inference.pixels import pixel_budget
 from spine_node.inference.runtime import EngineProvider
 from spine_node.inference.series import SeriesRef
 from spine_node.node import metrics, notices, results, supersede
-from spine_node.node.audit import Database, Series, record_event
+from spine_node.node.audit import Database, Result, Series, record_event
 from spine_node.node.config import Settings, redact_url
 from spine_node.node.domain import JobState
 from spine_node.node.errors import NodeError, SpoolError
@@ -239,6 +239,33 @@ def execute(claim: Claim, settings: Settings, db: Database) -> Outcome:
     )
 
 
+def discard_files(db: Database, outcome: Outcome) -> int:
+    """Delete the files of a run whose outcome was discarded, except those a recorded
+    result points to (a result UID is derived from its inputs, so an earlier recorded run
+    over the same inputs wrote the same path). Returns how many were deleted; on a
+    database error nothing is deleted (a stray file is better than a missing result)."""
+    paths = {str(item.path) for item in outcome.results}
+    if not paths:
+        return 0
+    try:
+        with db.session() as session:
+            kept = set(session.scalars(select(Result.path).where(Result.path.in_(paths))))
+    except Exception:  # noqa: BLE001 - any database error: keep the files
+        log.warning("could not check the results of a discarded run; their files are kept",
+                    exc_info=True)
+        return 0
+    removed = 0
+    for path in sorted(paths - kept):
+        try:
+            Path(path).unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove %s of a discarded run: %s", path, exc)
+    return removed
+
+
 # --- the task ----------------------------------------------------------------------------
 
 
@@ -282,6 +309,9 @@ def run_job(self: Any, *, job_id: int) -> str:
             raise RuntimeError(f"job {job_id}: unexpected {type(exc).__name__} "
                                "(message withheld)") from None
     if beat.lost or not record_success(db, settings, claim, outcome):
+        removed = discard_files(db, outcome)
+        if removed:
+            log.info("job %d: %d result file(s) of the discarded run removed", job_id, removed)
         return "discarded"
     log.info("job %d succeeded with %d result(s)", job_id, len(outcome.results))
     return JobState.SUCCEEDED.value

@@ -682,7 +682,29 @@ def test_a_growing_series_ends_with_results_over_all_its_instances(tmp_path, dat
     assert kinds.count("job.superseded") == 1 and kinds.count("job.succeeded") == 1
     with db.session() as session:  # the superseded run recorded nothing
         assert session.scalar(select(func.count()).select_from(Result)) == 2
+        recorded = {Path(p) for p in session.scalars(select(Result.path))}
+    # ...and left no files behind: what is under results_dir is what was recorded.
+    assert {p for p in settings.storage.results.rglob("*") if p.is_file()} == recorded
     db.dispose()
+
+
+def test_a_discarded_runs_files_go_unless_a_recorded_result_owns_them(node, tmp_path):
+    from spine_node.node.jobs import ResultFile
+    from spine_node.node.worker import discard_files
+
+    settings, db = node
+    job_id = add_job(db, "1.2.3", "1.2.3.4")
+    kept, stray = tmp_path / "kept.dcm", tmp_path / "stray.dcm"
+    for path in (kept, stray):
+        path.write_bytes(b"result")
+    with db.session() as session:
+        session.add(Result(job_id=job_id, kind="SEG", sop_class_uid="1.2", sop_instance_uid="1.2.9",
+                           series_uid="1.2.8", path=str(kept)))
+    outcome = Outcome(results=[ResultFile("SEG", "1.2", "1.2.9", "1.2.8", kept),
+                               ResultFile("SR", "1.2", "1.2.7", "1.2.6", stray),
+                               ResultFile("SR", "1.2", "1.2.5", "1.2.6", tmp_path / "gone.dcm")])
+    assert discard_files(db, outcome) == 1
+    assert kept.exists() and not stray.exists()
 
 
 def test_a_rerun_over_a_grown_series_supersedes_the_earlier_results(tmp_path, database_url,
