@@ -97,6 +97,19 @@ def cohort_studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[s
     return studies
 
 
+def test_reports_carry_the_models_stated_limitations(cohort_studies: dict, models: OrtModels) -> None:
+    """A model below its bar says so in every report: the card's first limitation sentence
+    is a note of the findings (the SR prints notes as text)."""
+    card = ModelCard.load(ENGINES_DIR / "xray-fracture-mobilenet")
+    result = get_pipeline("xray-fracture").run([cohort_studies["normal"]["LAT"]], models)
+    stated = str(card.weights.get("limitations") or "")
+    if not stated:
+        assert not any(note.startswith(card.name) for note in result.notes)
+        return
+    note = next(n for n in result.notes if n.startswith(f"{card.name} {card.version}: "))
+    assert note.endswith(".") and note.split(": ", 1)[1] in stated
+
+
 #: A single study pair is ordered right only where the card claims a separation: its
 #: validation AUC (randomised acquisitions) at least this. Below it the card itself says
 #: the output is near chance, and the cohort figures in bench/RESULTS.md say how near.

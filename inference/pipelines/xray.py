@@ -444,7 +444,20 @@ def _findings(pipeline: str, engine: Any, images: Sequence[Radiograph],
         series_uids=tuple(dict.fromkeys(image.series_uid for image in images)),
         source_sop_instance_uids=tuple(image.sop_instance_uid for image in images),
         models=infos,
+        notes=limitation_notes(engine),
     )
+
+
+def limitation_notes(engine: Any) -> tuple[str, ...]:
+    """The first sentence of the card's ``weights.limitations`` (a model below its bar
+    says so in every report it makes), as one note naming the model."""
+    card = engine_card(engine)
+    text = str((card.weights or {}).get("limitations") or "").strip()
+    if not text:
+        return ()
+    end = text.find(". ")
+    first = text if end < 0 else text[:end + 1]
+    return (f"{card.name} {card.version}: {first}",)
 
 
 def _only_series(inputs: Sequence[SeriesRef], pipeline: str) -> SeriesRef:
