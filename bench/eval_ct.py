@@ -69,12 +69,12 @@ import numpy as np
 from scipy import ndimage
 
 from bench.harness import machine, replace_section
-from bench.stats import auc_ci, wilson_ci
 from spine_node.inference import phantoms
 from spine_node.inference.errors import PipelineError
 from spine_node.inference.findings import AssessmentValues, Findings
 from spine_node.inference.pipelines import ModelProvider, ct_cspine
 from spine_node.inference.series import SeriesRef
+from spine_node.inference.stats import auc_ci, wilson_ci
 
 log = logging.getLogger(__name__)
 

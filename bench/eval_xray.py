@@ -47,7 +47,6 @@ import numpy as np
 import pydicom
 
 from bench.harness import REPO, write_section
-from bench.stats import auc_ci, bootstrap, wilson_ci
 from spine_node.engines import ENGINES_DIR
 from spine_node.inference.card import ModelCard
 from spine_node.inference.pipelines import get as get_pipeline
@@ -63,6 +62,7 @@ from spine_node.inference.pipelines.xray import (
     UNET_LAT_MODEL,
 )
 from spine_node.inference.series import SeriesRef
+from spine_node.inference.stats import auc_ci, bootstrap, wilson_ci
 
 logger = logging.getLogger(__name__)
 

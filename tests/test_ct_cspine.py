@@ -101,7 +101,7 @@ def test_choose_threshold_and_wilson() -> None:
     assert 0.3 < threshold <= 0.31
     negatives = [s for t, s in zip(truth, scores, strict=True) if not t]
     assert np.mean(np.asarray(negatives) < threshold) >= 0.75
-    low, high = recipe.wilson(45, 50)
+    low, high = recipe.wilson_ci(45, 50)
     assert low < 0.9 < high and 0.78 < low < 0.8
 
 

@@ -1,4 +1,4 @@
-"""bench.stats against hand-computed and published values and independent implementations."""
+"""spine_node.inference.stats against hand-computed and published values and independent implementations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.stats import auc_ci, bootstrap, delong, roc_auc, wilson_ci
+from spine_node.inference.stats import auc_ci, bootstrap, delong, roc_auc, wilson_ci
 
 # Hanley & McNeil 1982 (Radiology 143:29), table 1: CT ratings 1 (definitely normal) ..
 # 5 (definitely abnormal) of 58 normal and 51 abnormal patients. Published AUC 0.893,

@@ -25,7 +25,7 @@ pytest.importorskip("scipy")
 require_module("torch")  # the same-generator cohort comes from the training module
 
 from bench import eval_xray  # noqa: E402
-from bench.stats import roc_auc  # noqa: E402
+from spine_node.inference.stats import roc_auc  # noqa: E402
 
 STUDIES = 12
 OFFSET = 5000

@@ -35,7 +35,7 @@ from spine_node.inference.train.xray import (  # noqa: E402
     roc_auc,
     train_model,
     train_recipe,
-    wilson,
+    wilson_ci,
 )
 from tests.xray_dicom import write_test_radiograph  # noqa: E402
 
@@ -242,9 +242,9 @@ def test_operating_point_and_wilson() -> None:
     point = operating_point(scores, truth)
     assert 0.3 < point["threshold"] <= 0.6
     assert point["sensitivity"] == 1.0 and point["specificity"] == 1.0
-    low, high = wilson(3, 3)
+    low, high = wilson_ci(3, 3)
     assert 0.4 < low < 0.5 and high == 1.0  # Wilson: 0.438-1.0 for 3/3
-    assert wilson(0, 0) != wilson(0, 0)  # NaN for no trials
+    assert wilson_ci(0, 0) != wilson_ci(0, 0)  # NaN for no trials
 
 
 def test_acquisition_moves_masks_with_the_image() -> None:

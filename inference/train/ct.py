@@ -78,8 +78,8 @@ from spine_node.inference.pipelines.ct_cspine import (
     resample,
     vertebra_crop,
 )
+from spine_node.inference.stats import roc_auc, wilson_ci
 from spine_node.inference.train import TrainOptions
-from spine_node.inference.train.stats import roc_auc, wilson
 
 log = logging.getLogger(__name__)
 
@@ -677,9 +677,9 @@ def validate(engines: Callable[[str], Any], cases: Sequence[ValidationCase],
     metrics["operating_point"] = {
         "threshold": round(threshold, 4),
         "patient_sensitivity": round(tp / max(int(truth.sum()), 1), 4),
-        "patient_sensitivity_ci95": [round(v, 4) for v in wilson(tp, int(truth.sum()))],
+        "patient_sensitivity_ci95": [round(v, 4) for v in wilson_ci(tp, int(truth.sum()))],
         "patient_specificity": round(tn / max(int((~truth).sum()), 1), 4),
-        "patient_specificity_ci95": [round(v, 4) for v in wilson(tn, int((~truth).sum()))],
+        "patient_specificity_ci95": [round(v, 4) for v in wilson_ci(tn, int((~truth).sum()))],
         "n_patients": f"{int(truth.sum())}+/{int((~truth).sum())}-",
         "chosen_for": f"patient-level specificity >= {TARGET_SPECIFICITY} on the validation cohort",
     }

@@ -83,9 +83,9 @@ from spine_node.inference.pipelines.xray import (
     to_canvas,
     window,
 )
+from spine_node.inference.stats import roc_auc, wilson_ci
 from spine_node.inference.train import TrainOptions
 from spine_node.inference.train import xray_augment as augment
-from spine_node.inference.train.stats import roc_auc, wilson
 
 logger = logging.getLogger(__name__)
 
@@ -960,9 +960,9 @@ def operating_point(scores: np.ndarray, positives: np.ndarray) -> dict[str, Any]
     tp, tn = int((flagged & positives).sum()), int((~flagged & ~positives).sum())
     return {"threshold": round(best, 4), "n_positive": n_pos, "n_negative": n_neg,
             "sensitivity": round(tp / max(n_pos, 1), 4),
-            "sensitivity_ci95": [round(v, 4) for v in wilson(tp, n_pos)],
+            "sensitivity_ci95": [round(v, 4) for v in wilson_ci(tp, n_pos)],
             "specificity": round(tn / max(n_neg, 1), 4),
-            "specificity_ci95": [round(v, 4) for v in wilson(tn, n_neg)]}
+            "specificity_ci95": [round(v, 4) for v in wilson_ci(tn, n_neg)]}
 
 
 def abnormal_scores(spec: Spec, probabilities: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """Statistics for model evaluation: ROC AUC with DeLong or bootstrap CIs, Wilson intervals.
 
-NumPy only (no torch, no scikit-learn), so the evaluation harness and the node's tests can
-use it anywhere. Every interval is two-sided at ``level`` (default 95 %).
+NumPy only (no torch, no scikit-learn), so the training recipes, the evaluation harness and
+the tests can use it anywhere. Every interval is two-sided at ``level`` (default 95 %).
 
 * :func:`roc_auc` - Mann-Whitney AUC, ties counted one half.
 * :func:`delong` / :func:`auc_ci` - AUC with DeLong's variance (DeLong, DeLong and
