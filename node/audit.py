@@ -177,10 +177,6 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
-# The kinds live in node/domain.py (the CLI's help lists them without importing SQLAlchemy).
-from spine_node.node.domain import EVENT_KINDS, kind_matches  # noqa: E402,F401
-
-
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     # WAL lets the receiver, the assembler and workers read and write concurrently.

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from spine_node.node.config import Settings, load_settings, redact_url
-from spine_node.node.domain import EVENT_KINDS, DispatchState, JobState, SeriesState
+from spine_node.node.domain import EVENT_KINDS, DispatchState, JobState, SeriesState, kind_matches
 from spine_node.node.errors import NodeError
 
 if TYPE_CHECKING:
@@ -334,7 +334,7 @@ def audit_tail(
     from rich.table import Table
     from sqlalchemy import select
 
-    from spine_node.node.audit import AuditEvent, kind_matches
+    from spine_node.node.audit import AuditEvent
 
     if kind is not None and not kind_matches(kind):
         _error(f"unknown audit event kind {kind!r}; expected one of {', '.join(EVENT_KINDS)} "

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from spine_node.node.audit import EVENT_KINDS, kind_matches
 from spine_node.node.db_migrate import downgrade, upgrade
+from spine_node.node.domain import EVENT_KINDS, kind_matches
 
 REPO = Path(__file__).resolve().parents[1]
 DOTTED = re.compile(r"^[a-z]+\.[a-z]+$")

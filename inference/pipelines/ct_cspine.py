@@ -443,7 +443,7 @@ def body_peaks(heat: np.ndarray, allowed: np.ndarray, spacing: Sequence[float],
     return found
 
 
-def _find_vertebrae(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarray,
+def _find_vertebrae(classes: np.ndarray, confidence: np.ndarray, peaks: np.ndarray,
                     spacing: Sequence[float], gates: Gates) -> list[_Vertebra]:
     sz = float(spacing[0])
     found: list[_Vertebra] = []
@@ -465,9 +465,8 @@ def _find_vertebrae(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
             found.append(vertebra)
     region = (classes == CLASS_SUBAXIAL) | (classes == CLASS_LOWER)
     if region.any():
-        peaks = body_peaks(heat, classes > 0, spacing, gates) & ndimage.binary_dilation(region)
         seeds = np.zeros(classes.shape, np.int32)
-        near = ndimage.binary_dilation(peaks, iterations=2) & region
+        near = ndimage.binary_dilation(peaks & ndimage.binary_dilation(region), iterations=2) & region
         pieces, count = ndimage.label(near, structure=np.ones((3, 3, 3)))
         seeds[:] = pieces
         instances = _grow(seeds, region, steps=30)
@@ -530,7 +529,8 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     tissue (``gates.max_surround_hu``)."""
     sz = float(spacing[0])
     extent = classes.shape[0] * sz
-    vertebrae = _find_vertebrae(classes, confidence, heat, spacing, gates)
+    peaks = body_peaks(heat, classes > 0, spacing, gates)
+    vertebrae = _find_vertebrae(classes, confidence, peaks, spacing, gates)
     names: dict[int, str] = {}
     by_kind = {kind: [i for i, v in enumerate(vertebrae) if v.kind == kind]
                for kind in (CLASS_C1, CLASS_C2, CLASS_SUBAXIAL, CLASS_LOWER)}
@@ -540,7 +540,6 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     lowers = by_kind[CLASS_LOWER]
     # C1 or C2 holding the body centre of a vertebra below (a heat-map peak: the heat marks
     # C3 downwards) has grown into it: neither gets a name nor anchors a count.
-    peaks = body_peaks(heat, classes > 0, spacing, gates)
     overgrown: set[int] = {i for i in (c1, c2) if i is not None and (peaks & vertebrae[i].mask).any()}
     order_ok = True
     # Order: C1 above C2 above every subaxial vertebra above every thoracolumbar one.
