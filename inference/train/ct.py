@@ -279,6 +279,19 @@ def _render_mm(rng: np.random.Generator) -> float:
     return 2.0 if rng.random() < COARSE_RENDER_SHARE else RENDER_MM
 
 
+def _fine_scan(ph: phantoms.Phantom, render: float, rng: np.random.Generator
+               ) -> tuple[tuple[float, float, float], np.ndarray, np.ndarray]:
+    """A random fine acquisition of phantom ``ph`` (rendered at ``render`` mm): its grid,
+    HU and labels. The renderer has no detail finer than its grid, so finer acquisition
+    grids would only interpolate: the grid is at least ``render``."""
+    scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float) * render,
+                                          fine=True)
+    scan = scan.with_(spacing=tuple(max(render, s) for s in scan.spacing))
+    hu, labels = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
+    assert labels is not None
+    return scan.spacing, hu, labels
+
+
 def fracture_case(seed: int, scans: int = 3) -> CropSet:
     """Randomised stage-2 samples from one phantom rendered at :data:`RENDER_MM` and scanned ``scans``
     times (rendering is the expensive part; each scan has its own acquisition)."""
@@ -290,13 +303,8 @@ def fracture_case(seed: int, scans: int = 3) -> CropSet:
     fractured = [v.name for v in ph.vertebrae if v.fractured]
     sets = []
     for _ in range(scans):
-        scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float) * render,
-                                              fine=True)
-        # The renderer has no detail finer than its grid: finer grids would only interpolate.
-        scan = scan.with_(spacing=tuple(max(render, s) for s in scan.spacing))
-        hu, labels = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
-        assert labels is not None
-        sets.append(level_crops(hu, labels, scan.spacing, fractured, rng))
+        spacing, hu, labels = _fine_scan(ph, render, rng)
+        sets.append(level_crops(hu, labels, spacing, fractured, rng))
     return CropSet(np.concatenate([c.crops for c in sets]), np.concatenate([c.targets for c in sets]),
                    sum((c.levels for c in sets), ()))
 
@@ -612,14 +620,10 @@ def validation_case(seed: int) -> ValidationCase:
     render = _render_mm(rng)
     ph = phantoms.generate(seed, spacing=render, shape=tuple(int(n / render) for n in (215, 140, 140)),
                            p_fracture=0.5, **_random_anatomy(rng))
-    scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape, float) * render,
-                                          fine=True)
-    scan = scan.with_(spacing=tuple(max(render, s) for s in scan.spacing))
-    hu, labels = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
-    assert labels is not None
+    spacing, hu, labels = _fine_scan(ph, render, rng)
     in_field = [v.name for v in ph.vertebrae if v.fractured
                 and (labels == phantoms.LEVEL_LABELS[v.name]).sum() > 0]
-    volume = CtVolume(hu, scan.spacing, tuple(str(i) for i in range(hu.shape[0])), "v", "v")  # type: ignore[arg-type]
+    volume = CtVolume(hu, spacing, tuple(str(i) for i in range(hu.shape[0])), "v", "v")  # type: ignore[arg-type]
     return ValidationCase(volume, labels, tuple(in_field), False)
 
 
