@@ -1111,7 +1111,8 @@ def _vary_tissue(variation: _Variation, hu: np.ndarray, structures: np.ndarray,
         for k in np.nonzero((zz >= z_lo) & (zz <= z_hi))[0]:
             where = mask2d & free[k]
             hu[k][where] = value
-            structures[k][where] = 13 if value > 200 else structures[k][where]
+            if value > 200:  # calcified or contrast-filled: other bone for the radiographs
+                structures[k][where] = 13
 
     c3, c5, c6 = at("C3"), at("C5"), at("C6")
     if variation.hyoid and c3 is not None:
