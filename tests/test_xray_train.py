@@ -23,6 +23,7 @@ from spine_node.inference.pipelines.xray import LAT_STRUCTURES  # noqa: E402
 from spine_node.inference.train import RECIPES, TrainOptions  # noqa: E402
 from spine_node.inference.train import run as run_recipe  # noqa: E402
 from spine_node.inference.train.xray import (  # noqa: E402
+    LOCAL_CONTRAST_MM,
     SPECS,
     DatasetError,
     Plan,
@@ -96,6 +97,8 @@ def test_fracture_recipe_on_folder_layout_exports_onnx_and_card(class_layout: Pa
     assert loaded.clinical_use is False
     assert "not for clinical use" in loaded.intended_use.lower()
     assert loaded.trained_on.startswith("folder dataset fractures/train")
+    # Folder images are not prepared with local contrast, so the card must not ask for it.
+    assert "local_contrast_mm" not in loaded.preprocessing
     assert set(loaded.weights["metrics"]) >= {"auc_fracture", "accuracy"}
     session = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
     shape = loaded.inputs[0].shape[1:]
@@ -209,6 +212,9 @@ def test_quick_phantom_recipe(tmp_path: Path) -> None:
     card = ModelCard.load(tmp_path / "xray-spine-unet-lat")
     assert card.trained_on.startswith("synthetic phantoms (spine-node inference.phantoms DRRs")
     assert card.labels[0] == "background" and len(card.labels) == 6
+    # The pipelines prepare its inputs as the recipe did: 2 mm grid, local contrast.
+    assert card.preprocessing["grid_mm"] == 2.0
+    assert card.preprocessing["local_contrast_mm"] == LOCAL_CONTRAST_MM
     assert "xray-spine-unet-lat.dice_mean" in summary["metrics"]
 
 

@@ -16,8 +16,9 @@ Registered names (the default routes use them):
 
 Preprocessing is numpy only (no torch, no scipy) and shared with the training recipes, so
 the models see the same pixels in training and in production: modality rescale,
-MONOCHROME1 inverted so bone is bright, a percentile window to [0, 1], then an
-area-then-bilinear resize to the model's input size. Masks and maps are resized back
+MONOCHROME1 inverted so bone is bright, the model's millimetre grid, a percentile window to
+[0, 1] and, for models whose card asks for it (``preprocessing.local_contrast_mm``), local
+contrast normalisation (:func:`local_contrast`). Masks and maps are resized back
 (bilinear on class probabilities, then arg-max) to each source image's own grid.
 """
 
@@ -192,18 +193,70 @@ def from_canvas(planes: np.ndarray, grid: Grid) -> np.ndarray:
 
 
 def window(image: np.ndarray, valid: np.ndarray | None = None,
-           percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
-    """:func:`normalise_window` over the ``valid`` pixels; the rest (not imaged) become 0."""
+           percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+           contrast_px: float | None = None) -> np.ndarray:
+    """:func:`normalise_window` over the ``valid`` pixels; the rest (not imaged) become 0.
+
+    With ``contrast_px`` the windowed image then goes through :func:`local_contrast` with
+    that Gaussian sigma (in pixels of ``image``).
+    """
     values = np.asarray(image, dtype=np.float32)
     if valid is None or valid.all():
-        return normalise_window(values, percentiles)
-    out = np.zeros(values.shape, dtype=np.float32)
-    if valid.sum() < 16:
-        return out
-    low, high = np.percentile(values[valid], percentiles)
-    if high - low > 1e-6:
-        out[valid] = np.clip((values[valid] - low) / (high - low), 0.0, 1.0)
+        out = normalise_window(values, percentiles)
+        valid = np.ones(values.shape, dtype=bool)
+    else:
+        out = np.zeros(values.shape, dtype=np.float32)
+        if valid.sum() < 16:
+            return out
+        low, high = np.percentile(values[valid], percentiles)
+        if high - low > 1e-6:
+            out[valid] = np.clip((values[valid] - low) / (high - low), 0.0, 1.0)
+    if contrast_px:
+        out = local_contrast(out, valid, contrast_px)
     return out
+
+
+def _gaussian_blur(values: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Separable Gaussian blur of a 2-D image, zeros outside it (numpy only)."""
+    radius = max(1, int(3.0 * sigma_px + 0.5))
+    x = np.arange(-radius, radius + 1, dtype=np.float32)
+    kernel = np.exp(-0.5 * (x / sigma_px) ** 2)
+    kernel /= kernel.sum()
+    out = np.asarray(values, dtype=np.float32)
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        windows = np.lib.stride_tricks.sliding_window_view(np.pad(out, pad), kernel.size,
+                                                           axis=axis)
+        out = windows @ kernel
+    return out.astype(np.float32)
+
+
+#: :func:`local_contrast` maps a pixel ``z`` local standard deviations above its local
+#: mean to ``0.5 + z / LOCAL_CONTRAST_SPAN`` (clipped to [0, 1]).
+LOCAL_CONTRAST_SPAN = 5.0
+#: Floor of the local variance (windowed units): flat areas are not blown up into noise.
+LOCAL_CONTRAST_FLOOR = 1e-4
+
+
+def local_contrast(image: np.ndarray, valid: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Local contrast normalisation of a windowed image: each imaged pixel minus its
+    Gaussian-weighted local mean (sigma ``sigma_px``), divided by the local standard
+    deviation, mapped to [0, 1] around 0.5; pixels not imaged stay 0.
+
+    What a radiograph's own processing does (unsharp masking): the smooth thickness of the
+    neck and the exposure drop out and the cortical edges, end plates and steps of the
+    column keep the same contrast whatever the patient size, dose or field. Means and
+    spreads are normalised by the imaged part of each neighbourhood, so the edge of a
+    collimated or trimmed field is not an edge.
+    """
+    mask = np.asarray(valid, dtype=np.float32)
+    values = np.asarray(image, dtype=np.float32) * mask
+    weight = _gaussian_blur(mask, sigma_px) + 1e-6
+    mean = _gaussian_blur(values, sigma_px) / weight
+    detail = (values - mean) * mask
+    spread = np.sqrt(_gaussian_blur(detail * detail, sigma_px) / weight + LOCAL_CONTRAST_FLOOR)
+    return (np.clip(0.5 + detail / spread / LOCAL_CONTRAST_SPAN, 0.0, 1.0) * mask).astype(np.float32)
 
 
 def place(canvas: np.ndarray, size: tuple[int, int], origin: tuple[int, int]
@@ -234,11 +287,12 @@ def tile_origins(extent: int, size: int) -> list[int]:
 
 
 def model_window(pixels: np.ndarray, grid: Grid, size: tuple[int, int],
-                 percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
+                 percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+                 contrast_px: float | None = None) -> np.ndarray:
     """What a classifier sees: the centred ``size`` window of the mm canvas, windowed."""
     canvas = to_canvas(pixels, grid)
     image, valid = place(canvas, size, centre_origin(canvas.shape, size))
-    return window(image, valid, percentiles)
+    return window(image, valid, percentiles, contrast_px)
 
 
 @dataclass(frozen=True)
@@ -388,6 +442,24 @@ def _grid_mm(card: Any) -> float | None:
     return grid
 
 
+def _contrast_px(card: Any, grid_mm: float | None) -> float | None:
+    """Sigma of :func:`local_contrast` in model pixels: the card's
+    ``preprocessing.local_contrast_mm`` on its grid; None (no local contrast) for a card
+    without either."""
+    value = card.preprocessing.get("local_contrast_mm")
+    if value is None or grid_mm is None:
+        return None
+    try:
+        sigma_mm = float(value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"model card {card.name}: preprocessing.local_contrast_mm must be a "
+                            f"length in mm, got {value!r}") from None
+    if not 0.5 <= sigma_mm <= 100:
+        raise PipelineError(f"model card {card.name}: preprocessing.local_contrast_mm {sigma_mm} "
+                            "is not a plausible scale (0.5-100 mm)")
+    return sigma_mm / grid_mm
+
+
 def card_views(card: Any) -> tuple[str, ...]:
     """The views a model reads (card ``preprocessing.views``; default AP and LAT, LAT for
     the cervical classifier, which was only ever trained on lateral views)."""
@@ -413,7 +485,8 @@ def _windows(engine: Any, images: Sequence[Radiograph]) -> np.ndarray:
     if grid is None:
         return np.stack([prepare_radiograph(image.pixels, size, percentiles)[None]
                          for image in images]).astype(np.float32)
-    return np.stack([model_window(image.pixels, image.grid(grid), size, percentiles)[None]
+    contrast = _contrast_px(card, grid)
+    return np.stack([model_window(image.pixels, image.grid(grid), size, percentiles, contrast)[None]
                      for image in images]).astype(np.float32)
 
 
@@ -527,13 +600,14 @@ def gate_images(images: Sequence[Radiograph], models: ModelProvider) -> list[Gat
     size = _input_size(card) if card is not None else (80, 64)
     percentiles = _percentiles(card) if card is not None else DEFAULT_PERCENTILES
     grid_mm = (_grid_mm(card) if card is not None else None) or 2.0
+    contrast = _contrast_px(card, grid_mm) if card is not None else None
     problems, windows = [], []
     for image in images:
         grid = image.grid(grid_mm)
         canvas = to_canvas(image.pixels, grid)
         problems.append(content_problem(canvas, grid.field_mm))
         win, valid = place(canvas, size, centre_origin(canvas.shape, size))
-        windows.append(window(win, valid, percentiles)[None])
+        windows.append(window(win, valid, percentiles, contrast)[None])
     if card is not None:
         labels = [card.labels[k] for k in sorted(card.labels)]
         probabilities = _infer(engine, {"image": np.stack(windows).astype(np.float32)}
@@ -710,13 +784,14 @@ def segment_probabilities(engine: Any, image: Radiograph) -> np.ndarray:
         planes = _infer(engine, {"image": whole.astype(np.float32)})["probabilities"][0]
         return resize_bilinear(planes, image.shape)
     grid = image.grid(grid_mm)
+    contrast = _contrast_px(card, grid_mm)
     canvas = to_canvas(image.pixels, grid)
     rows, cols = canvas.shape
     origins = [(r, c) for r in tile_origins(rows, size[0]) for c in tile_origins(cols, size[1])]
     tiles = []
     for origin in origins:
         tile, valid = place(canvas, size, origin)
-        tiles.append(window(tile, valid, percentiles)[None])
+        tiles.append(window(tile, valid, percentiles, contrast)[None])
     probabilities = _infer(engine, {"image": np.stack(tiles).astype(np.float32)})["probabilities"]
     total = np.zeros((probabilities.shape[1], rows, cols), dtype=np.float32)
     weight = np.zeros((rows, cols), dtype=np.float32)

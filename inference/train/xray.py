@@ -99,6 +99,12 @@ CLASSIFIER_SIZE = (160, 128)
 SEGMENTER_SIZE = (80, 64)
 #: Output stride of the classifiers' lesion-map heads.
 LESION_STRIDE = 8
+#: Local contrast normalisation scale (Gaussian sigma, mm), about a vertebral body's
+#: height: end plates, cortices and steps of the column stand out and the neck's thickness
+#: profile, the exposure and the display curve do not. Chosen on the recipe's validation
+#: phantoms with the cervical classifier (abnormal AUC for sigma 3 / 6 / 10 / 16 / 24 mm:
+#: 0.93 / 0.91 / 0.96 / 0.91 / 0.85; plain window 0.61); docs/models-xray.md.
+LOCAL_CONTRAST_MM = 10.0
 
 
 class DatasetError(ValueError):
@@ -185,6 +191,15 @@ class Spec:
     copies: int = 2
     #: Which views the model reads (the pipelines gate on them; the card states them).
     views: tuple[str, ...] = ("AP", "LAT")
+    #: Sigma (mm) of the local contrast normalisation the model's inputs go through
+    #: (:func:`~spine_node.inference.pipelines.xray.local_contrast`); None: plain window.
+    #: The tissue model keeps the plain window: open beam and soft tissue differ by their
+    #: absolute brightness, which local contrast removes.
+    local_contrast_mm: float | None = LOCAL_CONTRAST_MM
+
+    @property
+    def contrast_px(self) -> float | None:
+        return self.local_contrast_mm / self.grid_mm if self.local_contrast_mm else None
 
     @property
     def grid_mm(self) -> float:
@@ -224,7 +239,7 @@ SPECS: dict[str, Spec] = {
     TISSUE_MODEL: Spec(TISSUE_MODEL, "xray-tissue-xnet", "segmentation", TISSUES,
                        SEGMENTER_SIZE, "Radiograph tissue segmentation (bone, soft tissue, "
                        "open beam), XNet-style.", {"num_classes": len(TISSUES), "base": 12},
-                       steps=600),
+                       steps=600, local_contrast_mm=None),
     GATE_MODEL: Spec(GATE_MODEL, "xray-view-gate", "classification", ("other", "AP", "LAT"),
                      SEGMENTER_SIZE, "View gate: spine AP / spine LAT / not a spine radiograph "
                      "(noise, blank, CT slices, chest, hand); run before every X-ray model.",
@@ -480,7 +495,7 @@ def _acquire_sample(spec: Spec, sample: _Sample, rng: np.random.Generator) -> _A
     for integral in inputs:
         acq = augment.draw(rng, max_trim=0.12 if classifier else 0.25)
         image, valid, visible = augment.acquire(integral, grid, acq, rng)
-        images.append(window(image, valid))
+        images.append(window(image, valid, contrast_px=spec.contrast_px))
         visibles.append(visible)
         acquisitions.append(acq)
     if not classifier:
@@ -555,12 +570,12 @@ def phantom_sets(spec: Spec, seeds: Sequence[int], progress: Progress | None = N
 
 
 def gate_input(pixels: np.ndarray, spacing_mm: tuple[float, float], size: tuple[int, int],
-               grid_mm: float) -> np.ndarray:
+               grid_mm: float, contrast_px: float | None = None) -> np.ndarray:
     """The gate's window of an image at ``spacing_mm``, as the pipelines prepare it."""
     grid = Grid((int(pixels.shape[0]), int(pixels.shape[1])), spacing_mm, grid_mm)
     canvas = to_canvas(pixels, grid)
     image, valid = place(canvas, size, centre_origin(canvas.shape, size))
-    return window(image, valid)
+    return window(image, valid, contrast_px=contrast_px)
 
 
 def gate_set(spec: Spec, seeds: Sequence[int], progress: Progress | None, workers: int,
@@ -578,7 +593,8 @@ def gate_set(spec: Spec, seeds: Sequence[int], progress: Progress | None, worker
             for copy in range(copies):
                 rng = np.random.default_rng([views_.seed, 11, label, copy, split])
                 image, valid, _ = augment.acquire(integral, grid, augment.draw(rng), rng)
-                images.append(resize_bilinear(window(image, valid), spec.size))
+                images.append(resize_bilinear(window(image, valid, contrast_px=spec.contrast_px),
+                                              spec.size))
                 targets.append(label)
                 views.append(spec.labels[label])
         for k in range(GATE_JUNK_PER_PHANTOM * copies):
@@ -592,7 +608,7 @@ def gate_set(spec: Spec, seeds: Sequence[int], progress: Progress | None, worker
             else:
                 shape = (int(rng.integers(24, 160)), int(rng.integers(24, 140)))
                 pixels, spacing = augment.junk(kind, rng, grid, shape)
-            images.append(gate_input(pixels, (spacing, spacing), spec.size, grid))
+            images.append(gate_input(pixels, (spacing, spacing), spec.size, grid, spec.contrast_px))
             targets.append(0)
             views.append("other")
     return ImageSet(np.stack(images)[:, None].astype(np.float32), np.asarray(targets, np.int64),
@@ -1056,8 +1072,10 @@ def limitations_note(spec: Spec, metrics: dict[str, float]) -> str:
     return f"Below the project's bar ({bar}) on held-out phantoms: {shown}."
 
 
-def write_card(spec: Spec, model: nn.Module, folder: Path, weights: dict[str, Any]) -> ModelCard:
-    """``model.yaml`` describing the exported ``model.onnx`` in ``folder``."""
+def write_card(spec: Spec, model: nn.Module, folder: Path, weights: dict[str, Any],
+               phantoms: bool = True) -> ModelCard:
+    """``model.yaml`` describing the exported ``model.onnx`` in ``folder`` (``phantoms``:
+    trained on the mm grid with the spec's local contrast; folder datasets without it)."""
     batch = -1
     inputs = [{"name": name, "shape": [batch, 1, *spec.size], "dtype": "float32"}
               for name in model.input_names]
@@ -1088,6 +1106,8 @@ def write_card(spec: Spec, model: nn.Module, folder: Path, weights: dict[str, An
                           if spec.task == "segmentation" else "centred window of the field"),
             "views": list(spec.views),
             "percentiles": [1.0, 99.0],
+            **({"local_contrast_mm": spec.local_contrast_mm}
+               if phantoms and spec.local_contrast_mm else {}),
             "range": [0.0, 1.0],
             "photometric": "bone bright: MONOCHROME1 inverted, modality rescale applied",
             "resize": "block mean then bilinear (half-pixel centres) to grid_mm; not imaged: 0",
@@ -1188,7 +1208,7 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
         limitations = " ".join(filter(None, (limitations, RADIOGRAPHIC_LIMITATION)))
     if limitations:
         weights["limitations"] = limitations
-    card = write_card(spec, model, folder, weights)
+    card = write_card(spec, model, folder, weights, phantoms=data is None)
     logger.info("%s: %s in %.0f s", spec.name, weights["metrics"], time.monotonic() - started)
     return card
 
