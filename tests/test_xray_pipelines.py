@@ -75,26 +75,34 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def cohort_studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, SeriesRef]]:
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     """Held-out studies like the classifiers' training phantoms (1 mm, findings that show
     on a radiograph), each written as a DX AP and a CR LAT image: no finding, a C5
-    compression with a C3 crack, a C4 dislocation."""
+    compression with a C3 crack, a C4 dislocation. Returns the series and the projections
+    (with their truth maps), both by case and view."""
     root = tmp_path_factory.mktemp("xray-cohort")
     cases = {"normal": {"fractures": {}, "p_dislocation": 0.0},
              "fracture": {"fractures": {"C5": "wedge", "C3": "crack"}, "p_dislocation": 0.0},
              "dislocation": {"fractures": {}, "dislocation": "C4"}}
     studies: dict[str, dict[str, SeriesRef]] = {}
+    projections: dict[str, dict[str, phantoms.Projection]] = {}
     for offset, (case, findings) in enumerate(cases.items()):
         seed = SEED + 10 + offset
         phantom = phantoms.generate(seed, shape=(160, 128, 128), spacing=1.0,
                                     radiographic_findings=True, **findings)
-        studies[case] = {}
+        studies[case], projections[case] = {}, {}
         for view, modality in (("AP", "DX"), ("LAT", "CR")):
             image = phantom.radiograph(view, photons=3e4, rng=np.random.default_rng(seed))
             phantoms.write_radiograph(image, root / case / view, view=view, modality=modality,
                                       seed=seed)
             studies[case][view] = _series(root / case / view)
-    return studies
+            projections[case][view] = image
+    return studies, projections
+
+
+@pytest.fixture(scope="module")
+def cohort_studies(cohort: tuple[dict, dict]) -> dict[str, dict[str, SeriesRef]]:
+    return cohort[0]
 
 
 def test_reports_carry_the_models_stated_limitations(cohort_studies: dict, models: OrtModels) -> None:
@@ -132,8 +140,12 @@ def test_classifier_pipelines_tell_findings_from_a_normal_study(cohort_studies: 
     checks += [("xray-cspine-classify", case, kind, ("LAT",), _claims(
         "xray-cspine-classifier", f"auc_{kind}")) for case, kind in
         (("fracture", "fracture"), ("dislocation", "dislocation"))]
-    checks += [("xray-pair-classify", case, "damage", ("AP", "LAT"), _claims(
-        "xray-pair-classifier", "auc_damage")) for case in ("fracture", "dislocation")]
+    # The pair classifier's damage score is carried by fractures: on dislocation-only
+    # studies it barely beats chance (AUC 0.61, 15 vs 82 studies of the benchmark's
+    # training-generator cohort; docs/models-xray.md), so only its fracture study is held
+    # to its pooled claim.
+    checks += [("xray-pair-classify", "fracture", "damage", ("AP", "LAT"), _claims(
+        "xray-pair-classifier", "auc_damage"))]
     claimed = [check for check in checks if check[4]]
     assert len(claimed) >= 3, "the committed classifiers claim almost nothing"
     for pipeline, case, kind, views, _ in claimed:
@@ -170,8 +182,11 @@ def test_fracture_pipeline(study: dict, models: OrtModels) -> None:
     assert finding.kind == "fracture" and 0.0 <= finding.probability <= 1.0
 
 
-def test_cspine_pipeline_findings_and_saliency_map(study: dict, models: OrtModels) -> None:
-    lat: SeriesRef = study["lat"]
+def test_cspine_pipeline_findings_and_saliency_map(cohort: tuple[dict, dict],
+                                                   models: OrtModels) -> None:
+    """On a fractured study of the classifier's own kind (1 mm, radiographic findings)."""
+    lat: SeriesRef = cohort[0]["fracture"]["LAT"]
+    projection = cohort[1]["fracture"]["LAT"]
     result = get_pipeline("xray-cspine-classify").run([lat], models)
     kinds = {f.kind: f for f in result.findings}
     assert set(kinds) == {"fracture", "dislocation"}
@@ -179,7 +194,6 @@ def test_cspine_pipeline_findings_and_saliency_map(study: dict, models: OrtModel
     assert result.model.name == "xray-cspine-classifier"
     heat = result.probability_map
     assert heat is not None and heat.source_sop_instance_uids == (_uid(lat),)
-    projection = study["LAT"]
     assert heat.values.shape == (1, *projection.image.shape)
     assert 0.0 <= heat.values.min() and heat.values.max() <= 1.0
     # The map comes from the model: on the spine, not spread over the open beam.
