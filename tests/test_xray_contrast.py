@@ -14,6 +14,7 @@ from spine_node.inference.pipelines.xray import (
     LOCAL_CONTRAST_SPAN,
     _contrast_px,
     _gaussian_blur,
+    _grid_mm,
     local_contrast,
     window,
 )
@@ -87,3 +88,8 @@ def test_card_scale_in_model_pixels_and_bad_values() -> None:
     for bad in ("wide", 0.01, 500):
         with pytest.raises(PipelineError, match="local_contrast_mm"):
             _contrast_px(_card({"local_contrast_mm": bad}), 1.0)
+    # The grid is checked the same way.
+    assert _grid_mm(_card({"grid_mm": 2})) == 2.0 and _grid_mm(_card({})) is None
+    for bad in ("fine", 0.001, 50):
+        with pytest.raises(PipelineError, match="grid_mm"):
+            _grid_mm(_card({"grid_mm": bad}))

@@ -425,38 +425,36 @@ def _percentiles(card: Any) -> tuple[float, float]:
     return (float(low), float(high))
 
 
-def _grid_mm(card: Any) -> float | None:
-    """The model's pixel size in mm; None for a card without one (an imported model made
-    for whole images resized to its input: the pipelines then do exactly that)."""
-    value = card.preprocessing.get("grid_mm")
+def _card_mm(card: Any, key: str, meaning: str, low: float, high: float) -> float | None:
+    """The length in mm the card's ``preprocessing[key]`` states, checked to lie in
+    ``[low, high]``; None when the card has none."""
+    value = card.preprocessing.get(key)
     if value is None:
         return None
     try:
-        grid = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise PipelineError(f"model card {card.name}: preprocessing.grid_mm must be the model's "
-                            f"pixel size in mm, got {value!r}") from None
-    if not 0.05 <= grid <= 10:
-        raise PipelineError(f"model card {card.name}: preprocessing.grid_mm {grid} is not a "
-                            "plausible pixel size (0.05-10 mm)")
-    return grid
+        raise PipelineError(f"model card {card.name}: preprocessing.{key} must be {meaning} in "
+                            f"mm, got {value!r}") from None
+    if not low <= number <= high:
+        raise PipelineError(f"model card {card.name}: preprocessing.{key} {number} is not a "
+                            f"plausible {meaning} ({low:g}-{high:g} mm)")
+    return number
+
+
+def _grid_mm(card: Any) -> float | None:
+    """The model's pixel size in mm; None for a card without one (an imported model made
+    for whole images resized to its input: the pipelines then do exactly that)."""
+    return _card_mm(card, "grid_mm", "pixel size", 0.05, 10.0)
 
 
 def _contrast_px(card: Any, grid_mm: float | None) -> float | None:
     """Sigma of :func:`local_contrast` in model pixels: the card's
     ``preprocessing.local_contrast_mm`` on its grid; None (no local contrast) for a card
     without either."""
-    value = card.preprocessing.get("local_contrast_mm")
-    if value is None or grid_mm is None:
+    sigma_mm = _card_mm(card, "local_contrast_mm", "local contrast scale", 0.5, 100.0)
+    if sigma_mm is None or grid_mm is None:
         return None
-    try:
-        sigma_mm = float(value)
-    except (TypeError, ValueError):
-        raise PipelineError(f"model card {card.name}: preprocessing.local_contrast_mm must be a "
-                            f"length in mm, got {value!r}") from None
-    if not 0.5 <= sigma_mm <= 100:
-        raise PipelineError(f"model card {card.name}: preprocessing.local_contrast_mm {sigma_mm} "
-                            "is not a plausible scale (0.5-100 mm)")
     return sigma_mm / grid_mm
 
 
