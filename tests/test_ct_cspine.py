@@ -105,6 +105,24 @@ def test_choose_threshold_and_wilson() -> None:
     assert low < 0.9 < high and 0.78 < low < 0.8
 
 
+def test_validation_holds_plain_scans_beside_randomised_ones() -> None:
+    """The operating point is chosen on a validation cohort that includes the generator's
+    plain default scans (2 mm, no acquisition drawn) as well as randomised acquisitions."""
+    import numpy.random as npr
+    seeds = range(recipe.VALIDATION_SEEDS.start, recipe.VALIDATION_SEEDS.start + 40)
+    plain = [s for s in seeds if npr.default_rng([s, 1]).random() < recipe.PLAIN_VALIDATION_SHARE
+             and npr.default_rng(s).random() >= 0.1]
+    assert plain, "no plain validation case among 40 seeds"
+    case = recipe.validation_case(plain[0])
+    default = phantoms.generate(plain[0], p_fracture=0.5)
+    assert not case.negative and case.volume.spacing == default.spacing
+    np.testing.assert_array_equal(case.volume.hu, default.hu)
+    assert set(case.fractured) == {v.name for v in default.vertebrae if v.fractured
+                                   and v.name in ct_cspine.LEVELS}
+    randomised = next(s for s in seeds if s not in plain and npr.default_rng(s).random() >= 0.1)
+    assert recipe.validation_case(randomised).volume.hu.shape != default.hu.shape
+
+
 def test_cards_are_honest() -> None:
     for name in (ct_cspine.SEGMENTATION_MODEL, ct_cspine.FRACTURE_MODEL):
         card = ModelCard.load(ENGINES_DIR / name)

@@ -83,7 +83,7 @@ from spine_node.inference.train import TrainOptions
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.3.0"
+VERSION = "0.4.0"
 SEG_ARCH = ("cspine-ct-unet3d", {"widths": [16, 32, 64, 64], "stem": 6, "classes": len(SEG_CLASSES) + 1})
 FRACTURE_ARCH = ("cspine-ct-vertebra-classifier-2.5d",
                  {"slices": 24, "group": 3, "widths": [12, 24, 32, 48], "hidden": 32})
@@ -108,7 +108,7 @@ class Budget:
     fracture_cases: int = 180
     fracture_steps: int = 1500
     fracture_batch: int = 16
-    validation_cases: int = 60
+    validation_cases: int = 100
     negative_share: float = 0.12
     workers: int = 2
 
@@ -610,13 +610,27 @@ class ValidationCase:
     negative: bool
 
 
+#: Share of validation scans that are the generator's plain default (textbook anatomy and
+#: fracture patterns on its own 2 mm grid, no acquisition drawn): the operating point must
+#: hold on plain scans too, not only on the randomised acquisitions training sees.
+PLAIN_VALIDATION_SHARE = 0.3
+
+
 def validation_case(seed: int) -> ValidationCase:
-    """A validation scan drawn like the training ones (acquisition grid at least the render's)."""
+    """A validation scan drawn like the training ones (acquisition grid at least the
+    render's), or in :data:`PLAIN_VALIDATION_SHARE` of the cases the generator's default
+    phantom as it comes (own random stream, so the other cases stay what they were)."""
     rng = np.random.default_rng(seed)
     if rng.random() < 0.1:
         hu, labels = _negative(seed, rng, (2.0, 1.0, 1.0))
         volume = CtVolume(hu, (2.0, 1.0, 1.0), tuple(str(i) for i in range(hu.shape[0])), "v", "v")
         return ValidationCase(volume, labels, (), True)
+    if np.random.default_rng([seed, 1]).random() < PLAIN_VALIDATION_SHARE:
+        ph = phantoms.generate(seed, p_fracture=0.5)
+        labels = ph.labels.astype(np.uint8)
+        fractured = tuple(v.name for v in ph.vertebrae if v.fractured and v.name in LEVELS)
+        volume = CtVolume(ph.hu, ph.spacing, tuple(str(i) for i in range(ph.hu.shape[0])), "v", "v")
+        return ValidationCase(volume, labels, fractured, False)
     render = _render_mm(rng)
     ph = phantoms.generate(seed, spacing=render, shape=tuple(int(n / render) for n in (215, 140, 140)),
                            p_fracture=0.5, **_random_anatomy(rng))
