@@ -415,6 +415,9 @@ def _receive_process_main(settings: Settings, index: int, ready: Connection, par
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: local_stop.set())
     die_with_parent(parent, signal.SIGTERM)
+    # Whatever this process is doing when its parent goes (starting up, stopping, blocked
+    # on a pipe to the dead parent), it leaves at most _ORPHAN_STOP_S later.
+    _orphan_watchdog(parent, _ORPHAN_STOP_S, f"receive process {index}")
     configure_logging(settings.log_level)
     db = Database(settings.database_url)
     receiver = Receiver(settings, db)
@@ -429,11 +432,6 @@ def _receive_process_main(settings: Settings, index: int, ready: Connection, par
                 log.warning("receive process %d: parent exited; stopping", index)
                 break
     finally:
-        if os.getppid() != parent:
-            # Nobody coordinates this stop any more and a stop that hangs (a database
-            # that does not answer, an association that does not close) must not keep
-            # the DICOM port: bounded, with the stacks in the log if it runs out.
-            _exit_later(_ORPHAN_STOP_S, f"receive process {index}")
         receiver.stop()
         db.dispose()
 
@@ -441,17 +439,23 @@ def _receive_process_main(settings: Settings, index: int, ready: Connection, par
 _ORPHAN_STOP_S = 4.0
 
 
-def _exit_later(after_s: float, what: str) -> None:
-    """Leave the process ``after_s`` from now whatever the main thread is doing."""
+def _orphan_watchdog(parent: int, after_s: float, what: str) -> None:
+    """Leave the process ``after_s`` after its parent ``parent`` is gone, whatever the
+    main thread is doing then: nobody coordinates its stop any more, and a stop that hangs
+    (a database that does not answer, an association that does not close, a start-up
+    that meets the dead parent's pipe and waits on its threads at exit) must not keep the
+    DICOM port. Every thread's stack goes to the log when it has to cut a stop short."""
     import faulthandler
 
-    def _go() -> None:
+    def _watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.25)
         time.sleep(after_s)
         log.warning("%s: stop took over %.0f s after its parent exited; leaving now", what, after_s)
         faulthandler.dump_traceback(all_threads=True)
         os._exit(1)
 
-    threading.Thread(target=_go, name="orphan-exit", daemon=True).start()
+    threading.Thread(target=_watch, name="orphan-watchdog", daemon=True).start()
 
 
 def _free_port(host: str) -> int:

@@ -213,7 +213,10 @@ def test_sigkill_of_serve_takes_its_receivers_and_worker_along(tmp_path):
         assert len(everything) >= 3
         os.kill(node.proc.pid, signal.SIGKILL)
         node.proc.wait(timeout=10)
-        _all_gone(everything, timeout=10)
+        try:
+            _all_gone(everything, timeout=10)
+        except AssertionError as exc:  # the children's own log lines say where they hung
+            raise AssertionError(f"{exc}\n{node.log()[-4000:]}") from None
         assert not _listening(node.port)
     finally:
         for pid in everything:
