@@ -621,24 +621,26 @@ def validation_case(seed: int) -> ValidationCase:
     render's), or in :data:`PLAIN_VALIDATION_SHARE` of the cases the generator's default
     phantom as it comes (own random stream, so the other cases stay what they were)."""
     rng = np.random.default_rng(seed)
+
+    def volume(hu: np.ndarray, spacing: Sequence[float]) -> CtVolume:
+        return CtVolume(hu, tuple(spacing), tuple(str(i) for i in range(hu.shape[0])),  # type: ignore[arg-type]
+                        "v", "v")
+
     if rng.random() < 0.1:
         hu, labels = _negative(seed, rng, (2.0, 1.0, 1.0))
-        volume = CtVolume(hu, (2.0, 1.0, 1.0), tuple(str(i) for i in range(hu.shape[0])), "v", "v")
-        return ValidationCase(volume, labels, (), True)
+        return ValidationCase(volume(hu, (2.0, 1.0, 1.0)), labels, (), True)
     if np.random.default_rng([seed, 1]).random() < PLAIN_VALIDATION_SHARE:
         ph = phantoms.generate(seed, p_fracture=0.5)
-        labels = ph.labels.astype(np.uint8)
-        fractured = tuple(v.name for v in ph.vertebrae if v.fractured and v.name in LEVELS)
-        volume = CtVolume(ph.hu, ph.spacing, tuple(str(i) for i in range(ph.hu.shape[0])), "v", "v")
-        return ValidationCase(volume, labels, fractured, False)
-    render = _render_mm(rng)
-    ph = phantoms.generate(seed, spacing=render, shape=tuple(int(n / render) for n in (215, 140, 140)),
-                           p_fracture=0.5, **_random_anatomy(rng))
-    spacing, hu, labels = _fine_scan(ph, render, rng)
+        spacing, hu, labels = ph.spacing, ph.hu, ph.labels.astype(np.uint8)
+    else:
+        render = _render_mm(rng)
+        ph = phantoms.generate(seed, spacing=render,
+                               shape=tuple(int(n / render) for n in (215, 140, 140)),
+                               p_fracture=0.5, **_random_anatomy(rng))
+        spacing, hu, labels = _fine_scan(ph, render, rng)
     in_field = [v.name for v in ph.vertebrae if v.fractured
                 and (labels == phantoms.LEVEL_LABELS[v.name]).sum() > 0]
-    volume = CtVolume(hu, spacing, tuple(str(i) for i in range(hu.shape[0])), "v", "v")  # type: ignore[arg-type]
-    return ValidationCase(volume, labels, tuple(in_field), False)
+    return ValidationCase(volume(hu, spacing), labels, tuple(in_field), False)
 
 
 def validate(engines: Callable[[str], Any], cases: Sequence[ValidationCase],
