@@ -273,6 +273,47 @@ def test_c2_grown_into_c3_is_not_named_and_counts_nothing() -> None:
     assert levels.unlabelled >= 1
 
 
+def test_a_tall_c2_still_anchors_the_count_down() -> None:
+    """C2 with its dens spans about three subaxial steps (another anatomy's C2 is taller
+    than ours): that is no reason to stop counting down from it. No T1 in view, so the
+    count from C2 is the only one."""
+    ph = phantoms.generate(9_200_010, context=True, spacing=2.0)
+    classes, confidence, heat = _truth_maps(ph.labels, ph.spacing)
+    c2 = classes == recipe.CLASS_C2
+    zs = np.nonzero(c2.any(axis=(1, 2)))[0]
+    steps = np.diff([ph.vertebra(f"C{n}").center_mm[0] for n in range(3, 8)])
+    # The dens drawn 1.3 steps taller than it is, into what was background above it.
+    extra = int(round(1.3 * float(np.median(steps)) / 2.0))
+    dens = c2[zs.min():zs.min() + 4].any(axis=0)
+    for z in range(max(0, zs.min() - extra), zs.min()):
+        classes[z][dens & (classes[z] == 0)] = recipe.CLASS_C2
+    bottom = int(ph.vertebra("C7").center_mm[0] / 2) + 6  # T1 and its ribs out of view
+    levels = ct_cspine.identify_levels(classes[:bottom], confidence[:bottom], heat[:bottom],
+                                       ph.spacing)
+    tall = np.nonzero((classes[:bottom] == recipe.CLASS_C2).any(axis=(1, 2)))[0]
+    assert (tall.max() - tall.min() + 1) * 2.0 > ct_cspine.GATES.max_height_steps * float(np.median(steps))
+    assert levels.assessed == list(ct_cspine.LEVELS)
+    truth = np.where(ph.labels <= 7, ph.labels, 0)[:bottom]
+    assert min(_dice(levels.labels, truth, level) for level in range(3, 8)) > 0.97
+
+
+def test_a_piece_level_with_its_vertebra_breaks_nothing() -> None:
+    """A piece of vertebra class no body peak reached, level with C5 (a process the growth
+    did not reach), is part of C5, not a vertebra of its own: it neither breaks the order
+    nor a count."""
+    ph = phantoms.generate(9_200_011, context=True, spacing=2.0)
+    classes, confidence, heat = _truth_maps(ph.labels, ph.spacing)
+    z, y, x = (int(round(c / 2.0)) for c in ph.vertebra("C5").center_mm)
+    x_side = int(np.nonzero((ph.labels == 5).any(axis=(0, 1)))[0].max()) + 4
+    piece = (slice(z - 3, z + 3), slice(y - 3, y + 3), slice(x_side, x_side + 6))
+    assert not (classes[piece] > 0).any()
+    classes[piece] = recipe.CLASS_LOWER  # thoracic-looking, as a stray process may
+    levels = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing)
+    assert levels.assessed == list(ct_cspine.LEVELS)
+    truth = np.where(ph.labels <= 7, ph.labels, 0)
+    assert min(_dice(levels.labels, truth, level) for level in range(1, 8)) > 0.97
+
+
 def test_finds_that_do_not_stand_in_soft_tissue_or_are_too_small_are_not_assessed() -> None:
     """Noise or a dense object read as vertebrae: the shell around each find is not soft
     tissue, so nothing is assessed; a C1 of a few voxels is not delineated either."""

@@ -112,8 +112,10 @@ class Gates:
     #: counted up from T1 with C2 in view, the gap above the highest level may differ from
     #: the levels it must hold by this many median steps
     room_tolerance_steps: float = 0.6
-    #: C2 (body and dens) taller than this many median steps has grown into C3
-    max_c2_height_steps: float = 3.0
+    #: C2 (body and dens) taller than this many median steps has grown into C3. From the
+    #: dens tip to the lowest point of its arch C2 spans about three subaxial steps (45-55 mm
+    #: on 15-18 mm steps); C2 with C3 grown in spans four or more
+    max_c2_height_steps: float = 3.6
     #: a C1 or C2 smaller than this (mm3; adults: C1 about 5-8 cm3, C2 10-14 cm3) is a
     #: fragment or a false find: not delineated
     min_c1_mm3: float = 1500.0
@@ -480,7 +482,10 @@ def _find_vertebrae(classes: np.ndarray, confidence: np.ndarray, peaks: np.ndarr
             kind = CLASS_LOWER if (kinds == CLASS_LOWER).mean() > 0.5 else CLASS_SUBAXIAL
             peak_z = float(np.nonzero(pieces == index)[0].mean())
             found.append(describe(kind, mask, anchor_z=peak_z))
-        # A sizeable piece of vertebra no peak reached is a vertebra the count would miss.
+        # A sizeable piece of vertebra no peak reached is a vertebra the count would miss,
+        # unless it lies level with a vertebra that has its peak (then it is a piece of
+        # that one, e.g. a process the growth did not reach, not a vertebra of its own).
+        seeded = [(v.top_z, v.bottom_z) for v in found if v.kind in (CLASS_SUBAXIAL, CLASS_LOWER)]
         left, pieces_left = ndimage.label(region & (instances == 0), structure=np.ones((3, 3, 3)))
         if pieces_left:
             sizes = np.bincount(left.ravel())[1:]
@@ -489,6 +494,8 @@ def _find_vertebrae(classes: np.ndarray, confidence: np.ndarray, peaks: np.ndarr
                 kinds = classes[mask]
                 kind = CLASS_LOWER if (kinds == CLASS_LOWER).mean() > 0.5 else CLASS_SUBAXIAL
                 vertebra = describe(kind, mask)
+                if any(top <= vertebra.anchor_z <= bottom for top, bottom in seeded):
+                    continue
                 vertebra.confidence = 0.0  # never labelled: it only breaks a count through it
                 found.append(vertebra)
     return sorted(found, key=lambda v: v.anchor_z)
@@ -542,6 +549,7 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     # C3 downwards) has grown into it: neither gets a name nor anchors a count.
     overgrown: set[int] = {i for i in (c1, c2) if i is not None and (peaks & vertebrae[i].mask).any()}
     order_ok = True
+    anchored = False  # C2 or T1 (with its ribs) seen, so a count could start
     # Order: C1 above C2 above every subaxial vertebra above every thoracolumbar one.
     chain = [i for i in (c1, c2) if i is not None] + subs + lowers
     zs = [vertebrae[i].anchor_z for i in chain]
@@ -564,8 +572,10 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
 
         def plausible(v: _Vertebra) -> bool:
             # Two vertebrae grown into one (a missed peak) are too tall or too big for one.
-            # A fragment (a piece of a neighbour with a peak of its own) is too small.
-            return (v.bottom_z - v.top_z <= gates.max_height_steps * typical
+            # A fragment (a piece of a neighbour with a peak of its own) is too small. C2
+            # (body and dens) is taller than the others by nature: it has its own limit.
+            tallest = gates.max_c2_height_steps if v.kind == CLASS_C2 else gates.max_height_steps
+            return (v.bottom_z - v.top_z <= tallest * typical
                     and (not usual or v.kind != CLASS_SUBAXIAL
                          or gates.min_size_ratio * usual <= int(v.mask.sum()) <= gates.max_size_ratio * usual))
 
@@ -593,6 +603,7 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                 up[i] = f"C{7 - n}"
         if down and up and any(down.get(i, name) != name for i, name in up.items()):
             down, up = {}, {}  # the two counts disagree: a vertebra was missed or misread
+        anchored = c2 is not None or t1_seen
         if up and not down and c2 is not None:
             # Counted up from T1 with C2 in view: the space between C2 and the highest level
             # counted must hold the levels in between (none for C3, one for C4, ...).
@@ -636,6 +647,10 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
         if not order_ok:
             status[level] = (AssessmentValues.NOT_ASSESSABLE,
                              "The vertebrae found are not in a plausible order")
+        elif unlabelled and anchored:
+            status[level] = (AssessmentValues.NOT_ASSESSABLE,
+                             f"{level} could not be identified (the count of levels from C2 or T1 "
+                             "stopped at a vertebra that could not be told apart from its neighbour)")
         elif unlabelled:
             status[level] = (AssessmentValues.NOT_ASSESSABLE,
                              f"{level} could not be identified (C2 or T1 must be in view to count levels)")
