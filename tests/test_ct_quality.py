@@ -78,3 +78,27 @@ def test_negatives_are_not_assessed(models: Callable[[str], Any], cohort: str) -
     assert result["crashed"] == 0
     assert _share(result["not_assessable"]) == 1.0
     assert result["segments_total"] == 0 and result["present_total"] == 0
+
+
+def test_larger_patients_are_read_again_on_a_coarser_grid(models: Callable[[str], Any]) -> None:
+    """The second generator's patients 15 % larger: stage 1 on the card's grid alone leaves
+    levels unidentified; read again on the scaled grids, more levels are identified, and
+    none of them wrongly."""
+    from bench.eval_ct import COHORTS, _volume, make_case
+    from spine_node.inference.pipelines import ct_cspine
+
+    pipeline = ct_cspine.CervicalSpineCtFracture()
+    card_grid_only = ct_cspine.Gates(grid_scales=(1.0,))
+    seeds = SEEDS[30:34]
+    single = 0
+    for seed in seeds:
+        findings = pipeline.analyse(_volume(make_case(COHORTS["cross/size+15"], seed)), models,
+                                    card_grid_only)
+        single += sum(s.assessment is ct_cspine.AssessmentValues.ASSESSED for s in findings.site_status)
+    result = evaluate_cohort("cross/size+15", seeds, models)
+    several = sum(len(r["assessed"]) for r in result["records"])
+    print({"card grid only": single, "scaled grids": several,
+           "levels": result["level_accuracy"]})
+    assert several > single
+    assert _share(result["level_accuracy"]["right_or_unlabelled"]) >= RIGHT_OR_UNLABELLED_CROSS
+    assert _share(result["level_accuracy"]["wrong"]) <= WRONG_LEVELS_MAX

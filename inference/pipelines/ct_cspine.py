@@ -123,6 +123,10 @@ class Gates:
     #: bone sits in soft tissue: the median of a 6 mm shell around a vertebra above this
     #: (HU) means the find is not a vertebra (noise, a dense phantom, contrast, metal)
     max_surround_hu: float = 300.0
+    #: stage 1 reads the scan on the card's grid, then (while levels stay unidentified) on
+    #: that grid scaled by these factors: 1.2 shows vertebrae of a patient about a fifth
+    #: larger than the training range at a size stage 1 knows, 0.85 a smaller one
+    grid_scales: tuple[float, ...] = (1.0, 1.2, 0.85)
 
 
 GATES = Gates()
@@ -729,19 +733,36 @@ def split_stage1(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def segment(engine: object, volume: CtVolume,
             gates: Gates = GATES) -> tuple[LevelMap, tuple[float, float, float]]:
-    """Stage 1 and level identification on the model grid."""
+    """Stage 1 and level identification on the model grid.
+
+    Patients differ in size more than the training phantoms do, and stage 1 splits or
+    merges vertebrae that look much larger or smaller than it learned. Where the card's
+    grid leaves levels unidentified, the scan is read again on grids scaled by
+    ``gates.grid_scales`` (a coarser grid shows a large patient's vertebrae at the size
+    stage 1 knows), and the read that identifies the most levels is kept (the first on a
+    tie). Each read is held to every anatomical check on its own, in millimetres, so a
+    second read adds levels only where they are identified by anatomy."""
     card = engine_card(engine)
     pre = {**SEGMENTATION_PREPROCESSING, **card.preprocessing}
-    spacing = tuple(float(s) for s in pre["spacing_mm"])
-    image = normalise(resample(volume.hu, volume.spacing, spacing), pre)
-    low = float(pre["hu_window"][0]) / float(pre["hu_scale"])
-    padded, unpad = pad_to_multiple(image, int(pre["pad_multiple"]), low)
-    outputs = engine.infer({card.inputs[0].name: padded[None, None]})  # type: ignore[attr-defined]
-    logits = _single_output(outputs, card)[0][(slice(None), *unpad)]
-    classes, confidence, heat = split_stage1(logits)
-    levels = identify_levels(classes, confidence, heat, spacing, gates, image=image,
-                             hu_scale=float(pre["hu_scale"]))
-    return levels, spacing  # type: ignore[return-value]
+    base = tuple(float(s) for s in pre["spacing_mm"])
+    best: tuple[LevelMap, tuple[float, float, float]] | None = None
+    for scale in gates.grid_scales:
+        spacing = (base[0] * scale, base[1] * scale, base[2] * scale)
+        image = normalise(resample(volume.hu, volume.spacing, spacing), pre)
+        low = float(pre["hu_window"][0]) / float(pre["hu_scale"])
+        padded, unpad = pad_to_multiple(image, int(pre["pad_multiple"]), low)
+        outputs = engine.infer({card.inputs[0].name: padded[None, None]})  # type: ignore[attr-defined]
+        logits = _single_output(outputs, card)[0][(slice(None), *unpad)]
+        classes, confidence, heat = split_stage1(logits)
+        levels = identify_levels(classes, confidence, heat, spacing, gates, image=image,
+                                 hu_scale=float(pre["hu_scale"]))
+        if best is None or len(levels.assessed) > len(best[0].assessed):
+            best = (levels, spacing)
+        if len(levels.assessed) == len(LEVELS):
+            break
+    if best is None:
+        raise ValueError("Gates.grid_scales is empty: stage 1 needs at least one grid")
+    return best
 
 
 def classify(engine: object, volume: CtVolume, levels: LevelMap,
