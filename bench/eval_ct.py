@@ -516,6 +516,10 @@ def score_case(case: Case, findings: Findings | None, predicted: np.ndarray | No
     patient_prob = patient[0].probability if patient else None
     patient_present = patient[0].present if patient else any(
         f.present for f in fractures if f.site in assessed)
+    # Flagged: present or indeterminate (a reader looks); equal to present without a
+    # rule-out point.
+    patient_flagged = (patient[0].present or patient[0].indeterminate) if patient else any(
+        f.present or f.indeterminate for f in fractures if f.site in assessed)
     return {
         "seed": case.seed,
         "error": error,
@@ -528,6 +532,8 @@ def score_case(case: Case, findings: Findings | None, predicted: np.ndarray | No
         "present": sum(f.present for f in fractures),
         "patient_probability": patient_prob,
         "patient_present": bool(patient_present),
+        "patient_flagged": bool(patient_flagged),
+        "indeterminate": sum(f.indeterminate for f in fractures),
         "threshold": threshold,
         "models": [{"name": m.name, "version": m.version, "weights": m.weights[:12], "backend": m.backend}
                    for m in (findings.models if findings else ())],
@@ -660,6 +666,7 @@ def summarise(name: str, records: Sequence[Mapping[str, Any]], negative: bool = 
     patient_y: list[int] = []
     patient_s: list[float] = []
     tp = fn = tn = fp = 0
+    flagged_tp = flagged_fp = 0
     negatives_with_present = 0
     assessed_in_field = in_field_total = 0
     for index, r in enumerate(records):
@@ -702,13 +709,16 @@ def summarise(name: str, records: Sequence[Mapping[str, Any]], negative: bool = 
             score = max(level_scores, default=0.0)
         patient_y.append(truth)
         patient_s.append(float(score))
+        flagged = r.get("patient_flagged", r["patient_present"])
         if truth:
             tp += r["patient_present"]
             fn += not r["patient_present"]
+            flagged_tp += flagged
         else:
             tn += not r["patient_present"]
             fp += r["patient_present"]
             negatives_with_present += r["present"] > 0
+            flagged_fp += flagged
     total = right + unlabelled + wrong
     all_dice = [d for values in dice.values() for d in values]
     out.update(
@@ -728,6 +738,8 @@ def summarise(name: str, records: Sequence[Mapping[str, Any]], negative: bool = 
         patients_left_out=n - len(patient_y),
         sensitivity=_share(tp, tp + fn),
         specificity=_share(tn, tn + fp),
+        flagged_sensitivity=_share(flagged_tp, tp + fn),
+        flagged_specificity=_share(tn + fp - flagged_fp, tn + fp),
         fracture_free_with_present=_share(negatives_with_present, tn + fp),
     )
     return out
@@ -836,13 +848,15 @@ def tables(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str
                 f"{_f(la['wrong']['share'], 2)} ({la['vertebrae']})",
                 _fci(la["right_or_unlabelled"]), _fci(r["assessed_in_field"]), _auc_cell(r["auc_vertebra"]),
                 _auc_cell(r["auc_patient"]), _fci(r["sensitivity"]), _fci(r["specificity"]),
+                f"{_f(r['flagged_sensitivity']['share'], 2)} / {_f(r['flagged_specificity']['share'], 2)}",
                 _fci(r["fracture_free_with_present"]),
                 f"{r['not_performed']} / {r['refused']} / {r['crashed']}", _f(r["seconds_mean"], 2),
             ])
         out.append(("Fracture cohorts", [
             "cohort", "n", "Dice C1-C7", "levels right / unlab. / wrong (n)",
             "right or unlab.", "assessed", "vertebra AUC", "patient AUC", "sensitivity",
-            "specificity", "fracture-free with a present finding",
+            "specificity", "flagged sens. / spec. (present or indeterminate)",
+            "fracture-free with a present finding",
             "not perf. / refused / crashed", "s / case"], rows))
         rows = []
         for r in positive:
@@ -1044,7 +1058,13 @@ def card_evaluation(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str,
             entry.update(vertebra_auc=r["auc_vertebra"]["auc"], vertebra_auc_ci95=r["auc_vertebra"]["ci95"],
                          patient_auc=r["auc_patient"]["auc"], patient_auc_ci95=r["auc_patient"]["ci95"],
                          sensitivity=r["sensitivity"]["share"], specificity=r["specificity"]["share"],
-                         level_auc={k: v["auc"] for k, v in r["auc_level"].items()})
+                         sensitivity_ci95=r["sensitivity"]["ci95"],
+                         specificity_ci95=r["specificity"]["ci95"],
+                         flagged_sensitivity=r["flagged_sensitivity"]["share"],
+                         flagged_specificity=r["flagged_specificity"]["share"],
+                         level_auc={k: {"auc": v["auc"], "ci95": v["ci95"],
+                                        "n": f"{v['positives']}+/{v['negatives']}-"}
+                                    for k, v in r["auc_level"].items()})
         out["cohorts"][name] = entry
     return out
 

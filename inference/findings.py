@@ -86,15 +86,29 @@ class Finding:
     kind: str
     probability: float
     site: str | None = None
+    #: rule-in operating point: at or above it the finding is present
     threshold: float = 0.5
     segment_label: int | None = None
     #: where the finding is, in patient coordinates (mm, DICOM LPS) of the source frame of
     #: reference (e.g. a vertebra's centroid), for an SCOORD3D point a viewer can jump to
     centroid_mm: tuple[float, float, float] | None = None
+    #: rule-out operating point (None: one cut at ``threshold``): below it the finding is
+    #: absent, between it and ``threshold`` indeterminate (the model cannot tell; a reader
+    #: should look)
+    rule_out: float | None = None
 
     @property
     def present(self) -> bool:
         return self.probability >= self.threshold
+
+    @property
+    def indeterminate(self) -> bool:
+        return self.rule_out is not None and self.rule_out <= self.probability < self.threshold
+
+    @property
+    def call(self) -> str:
+        """``"present"``, ``"indeterminate"`` or ``"absent"``."""
+        return "present" if self.present else "indeterminate" if self.indeterminate else "absent"
 
 
 @dataclass(frozen=True)

@@ -806,6 +806,10 @@ train_app = typer.Typer(help="Train a model family and export it into the model 
 app.add_typer(train_app, name="train")
 
 
+#: Recipes that can re-run their validation on exported models (``--validate-only``).
+VALIDATE_ONLY_RECIPES = ("ct-cspine",)
+
+
 def _train_command(family: str) -> Callable[..., None]:
     from spine_node.inference.train import TrainOptions
 
@@ -829,6 +833,10 @@ def _train_command(family: str) -> Callable[..., None]:
             "--init", help="Fine-tune: start from the weights (model.pt) in this model "
             "repository instead of from scratch (recipes that support it: ct-cspine).",
             exists=True, file_okay=False)] = None,
+        validate_only: Annotated[bool, typer.Option(
+            "--validate-only", help="Train nothing: run the validation cohort through the "
+            "models in --out and the current pipeline, and rewrite the operating points in "
+            "their cards (recipes that support it: ct-cspine).")] = False,
     ) -> None:
         from dataclasses import replace
 
@@ -836,8 +844,11 @@ def _train_command(family: str) -> Callable[..., None]:
 
         if budget not in ("default", "gpu"):
             raise typer.BadParameter(f"--budget must be default or gpu, got {budget!r}")
+        if validate_only and family not in VALIDATE_ONLY_RECIPES:
+            raise typer.BadParameter(f"--validate-only is supported by "
+                                     f"{', '.join(VALIDATE_ONLY_RECIPES)}, not {family}")
         options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, budget=budget,
-                               init=init)
+                               init=init, validate_only=validate_only)
         if out is not None:
             options = replace(options, out=out)
         summary = run(family, options)

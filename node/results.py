@@ -219,6 +219,8 @@ def _sr_algorithm(
     params = [f"{key}={value}" for key, value in _model_parameters(findings.model).items()]
     if finding is not None:
         params.append(f"threshold={finding.threshold:g}")
+        if finding.rule_out is not None:
+            params.append(f"rule_out={finding.rule_out:g}")
     return hd.sr.AlgorithmIdentification(
         name=findings.model.name,
         version=findings.model.version,
@@ -682,8 +684,10 @@ def build_report(
 
     One measurement group per finding: finding type (the finding kind's code), finding
     site (the vertebra or structure, else the spine), the probability as a measurement
-    (DCM 122157 "Probability", UCUM "1"), present/absent at the finding's threshold as a
-    qualitative evaluation, and the algorithm (model name, version, backend, weights).
+    (DCM 122157 "Probability", UCUM "1"), present / absent at the finding's threshold as a
+    qualitative evaluation (indeterminate, SCT 82334004, between a rule-out and that
+    threshold where the model card gives a rule-out point), and the algorithm (model name,
+    version, backend, weights, thresholds).
     Groups of findings that have a segment in ``segmentation`` reference it
     (volumetric ROI for a series, planar ROI for a single radiograph); the others
     reference the source images. A finding with ``centroid_mm`` also gets a SCOORD3D
@@ -957,7 +961,8 @@ def _measurement_group(
         "qualitative_evaluations": [
             hd.sr.QualitativeEvaluation(
                 name=finding_code,
-                value=codes.PRESENT if finding.present else codes.ABSENT,
+                value={"present": codes.PRESENT, "indeterminate": codes.INDETERMINATE,
+                       "absent": codes.ABSENT}[finding.call],
             )
         ],
     }

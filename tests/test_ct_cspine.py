@@ -105,6 +105,17 @@ def test_choose_threshold_and_wilson() -> None:
     assert low < 0.9 < high and 0.78 < low < 0.8
 
 
+def test_choose_rule_out() -> None:
+    """The highest threshold that keeps at least the asked share of positives flagged."""
+    truth = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+    scores = [0.05, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.1, 0.2]
+    rule_out = recipe.choose_rule_out(truth, scores, 0.9)
+    assert rule_out == 0.3
+    positives = np.asarray([s for t, s in zip(truth, scores, strict=True) if t])
+    assert np.mean(positives >= rule_out) >= 0.9 and np.mean(positives >= 0.4) < 0.9
+    assert recipe.choose_rule_out([0, 0], [0.1, 0.2], 0.9) == 0.0
+
+
 def test_validation_holds_plain_scans_beside_randomised_ones() -> None:
     """The operating point is chosen on a validation cohort that includes the generator's
     plain default scans (2 mm, no acquisition drawn) as well as randomised acquisitions."""
@@ -580,3 +591,38 @@ def test_pipeline_on_a_real_ct_that_is_not_a_cervical_spine(engines: dict[str, O
     seg = findings.segmentation
     if seg is not None:
         assert set(np.unique(seg.labels)) - {0} == {s.label for s in seg.segments}
+
+
+def test_a_probability_between_the_operating_points_is_indeterminate_and_said_so(
+        engines: dict[str, OnnxCpuEngine]) -> None:
+    """A card with a rule-out point below its rule-in threshold gives three calls; a level
+    in between is indeterminate, the report says so and asks for review, and the patient
+    level is given (the patient is at least indeterminate) although C1 and C2 are out of
+    the field. Without the rule-out point the same scores are simply absent."""
+    from dataclasses import replace
+
+    ph = phantoms.generate(9_000_031, context=True, spacing=2.0, fractures={})
+    top = int(ph.vertebra("C3").center_mm[0] / 2) - 3
+    hu = ph.hu[top:]
+    volume = ct_cspine.CtVolume(hu, ph.spacing, tuple(map(str, range(hu.shape[0]))), "1.2", "1.2.3")
+    fracture = engines[ct_cspine.FRACTURE_MODEL]
+
+    def with_points(**points: float) -> OnnxCpuEngine:
+        card = replace(fracture.card, preprocessing={**fracture.card.preprocessing, **points})
+        return OnnxCpuEngine(card, fracture.session)
+
+    pipeline = ct_cspine.CervicalSpineCtFracture()
+    band = with_points(threshold=1.0, rule_out_threshold=0.0)
+    findings = pipeline.analyse(volume, lambda name: band if name == ct_cspine.FRACTURE_MODEL
+                                else engines[name])
+    levels = [f for f in findings.findings if f.site]
+    patient = [f for f in findings.findings if f.site is None]
+    assert levels and "C1" not in {f.site for f in levels}
+    assert all(f.call == "indeterminate" for f in levels)
+    assert len(patient) == 1 and patient[0].call == "indeterminate"
+    assert any("indeterminate" in note and "review" in note for note in findings.notes)
+    single = with_points(threshold=1.0)
+    findings = pipeline.analyse(volume, lambda name: single if name == ct_cspine.FRACTURE_MODEL
+                                else engines[name])
+    assert all(f.call == "absent" for f in findings.findings)
+    assert not [f for f in findings.findings if f.site is None]  # C1, C2 out: no patient call

@@ -264,7 +264,8 @@ def test_standard_codes_agree_with_the_dicom_dictionary() -> None:
     concepts = [codes.structure(key).property_type for key in codes.structure_keys()]
     concepts += [codes.structure(key).category for key in codes.structure_keys()]
     concepts += [codes.finding(kind) for kind in codes.finding_kinds()]
-    concepts += [codes.PROBABILITY, codes.UNIT_NO_UNITS, codes.PRESENT, codes.ABSENT]
+    concepts += [codes.PROBABILITY, codes.UNIT_NO_UNITS, codes.PRESENT, codes.ABSENT,
+                 codes.INDETERMINATE]
     concepts += [codes.procedure_reported(m) for m in ("CT", "CR", "MR")]
     concepts += [codes.CENTER, codes.NOT_PERFORMED, codes.AI_ANALYSIS, codes.SITE_ASSESSMENT]
     concepts += [codes.assessment(value) for value in AssessmentValues]
@@ -519,6 +520,33 @@ def test_report_without_segmentation_references_source_images(tmp_path: Path) ->
     groups = report_of(sr).get_image_measurement_groups()
     assert [g.finding_type for g in groups] == [codes.finding("damage"), codes.finding("normal")]
     assert groups[0].finding_sites[0].value == codes.structure("bone").property_type
+
+
+def test_a_finding_between_rule_out_and_rule_in_is_indeterminate(tmp_path: Path) -> None:
+    """With a rule-out point, the SR's qualitative evaluation has three values: present at
+    or above the threshold, indeterminate (SCT 82334004) from rule-out up to it, absent
+    below; both points are in the algorithm's parameters. The SR stays valid."""
+    sources = ct_series()
+    findings = ct_findings(sources)
+    findings.findings = [
+        Finding("fracture", 0.95, site="C3", threshold=0.9, segment_label=3, rule_out=0.2),
+        Finding("fracture", 0.5, site="C4", threshold=0.9, segment_label=4, rule_out=0.2),
+        Finding("fracture", 0.1, site="C5", threshold=0.9, segment_label=7, rule_out=0.2),
+        Finding("fracture", 0.95, threshold=0.9, rule_out=0.2),
+    ]
+    assert [f.call for f in findings.findings] == ["present", "indeterminate", "absent", "present"]
+    assert Finding("fracture", 0.5, threshold=0.9).call == "absent"  # no rule-out: one cut
+    paths = write_results(encode(findings, sources), tmp_path)
+    assert_valid(paths)
+    sr = hd.sr.srread(paths[-1])
+    fracture = codes.finding("fracture")
+    groups = {str(g.finding_sites[0].value.meaning): g
+              for g in report_of(sr).get_volumetric_roi_measurement_groups()
+              + report_of(sr).get_image_measurement_groups()}
+    by_site = {site: qualitative(group, fracture) for site, group in groups.items()}
+    assert sorted(by_site.values()) == ["Absent", "Indeterminate", "Present", "Present"]
+    text = text_of(sr)
+    assert "threshold=0.9" in text and "rule_out=0.2" in text
 
 
 # ---------------------------------------------------------------- identity

@@ -12,12 +12,15 @@
    two counts disagree, the vertebrae get no level and the levels are reported as not
    assessable - never a shifted label (:func:`identify_levels`).
 3. **Stage 2** (``cspine-ct-fracture``) classifies each identified vertebra on a crop
-   taken from the source volume at its own resolution; the threshold is the operating
-   point the card says was chosen on validation data.
+   taken from the source volume at its own resolution; the rule-in threshold and (where
+   the card has one) the rule-out threshold are operating points chosen on validation
+   data: at or above rule-in a fracture is present, below rule-out absent, in between
+   indeterminate (the report says so and asks for review).
 
 Every level C1-C7 ends as assessed / not in field / not assessable with a reason
 (``Findings.site_status``); the patient-level finding exists only when the assessed
-levels justify it (one of them positive, or all seven assessed) and agrees with them. The
+levels justify it (one of them present or indeterminate, or all seven assessed) and
+agrees with them. The
 label map is mapped back onto the source slices, one frame per source instance, so the
 SEG encoder can reference them. The preprocessing here is shared with the training recipe
 (:mod:`spine_node.inference.train.ct`), so training and inference see the same input.
@@ -784,6 +787,16 @@ def classify(engine: object, volume: CtVolume, levels: LevelMap,
     return {name: float(p) for name, p in zip(names, probabilities, strict=True)}, threshold
 
 
+def rule_out_threshold(engine: object, threshold: float) -> float | None:
+    """The card's rule-out operating point (``preprocessing.rule_out_threshold``), or None
+    where the card gives none or one that is not below the rule-in ``threshold``."""
+    value = engine_card(engine).preprocessing.get("rule_out_threshold")
+    if value is None:
+        return None
+    value = float(value)
+    return value if 0.0 <= value < threshold else None
+
+
 def _not_performed(reason: str, volume_or_files: CtVolume | Sequence[Path],
                    models: tuple[Any, ...] = ()) -> Findings:
     from spine_node.inference.findings import ModelInfo
@@ -846,6 +859,7 @@ class CervicalSpineCtFracture:
             findings.site_status = tuple(SiteStatus(level, *levels.status[level]) for level in LEVELS)
             return findings
         probabilities, threshold = classify(classifier, volume, levels, model_spacing)
+        rule_out = rule_out_threshold(classifier, threshold)
         source_labels = labels_to_source(levels.labels, model_spacing, volume.spacing, volume.hu.shape)
         frames = volume.to_source_frames(source_labels)
         status = dict(levels.status)
@@ -863,13 +877,20 @@ class CervicalSpineCtFracture:
                 centroid = volume.patient_mm(index)
             findings.append(Finding(kind="fracture", probability=probabilities[level], site=level,
                                     threshold=threshold, segment_label=LEVELS.index(level) + 1,
-                                    centroid_mm=centroid))
+                                    centroid_mm=centroid, rule_out=rule_out))
         notes = []
-        positive = any(probabilities[level] >= threshold for level in assessed)
-        if positive or len(assessed) == len(LEVELS):
+        unclear = [f.site for f in findings if f.indeterminate]
+        if unclear:
+            notes.append(f"Fracture indeterminate at {', '.join(str(s) for s in unclear)}: the "
+                         f"probability lies between the rule-out ({rule_out:g}) and rule-in "
+                         f"({threshold:g}) operating points; please review")
+        # The patient-level call exists where the assessed levels justify it: a level at or
+        # above rule-out (the patient is then at least that), or every level assessed.
+        flagged = any(f.present or f.indeterminate for f in findings)
+        if flagged or len(assessed) == len(LEVELS):
             findings.append(Finding(kind="fracture",
                                     probability=max(probabilities[level] for level in assessed),
-                                    threshold=threshold))
+                                    threshold=threshold, rule_out=rule_out))
         else:
             notes.append("No patient-level result: not every level C1-C7 could be assessed")
         if levels.unlabelled:

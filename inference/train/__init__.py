@@ -49,6 +49,9 @@ class TrainOptions:
     budget: str = "default"
     #: Fine-tuning: a model repository whose model.pt weights the training starts from.
     init: Path | None = None
+    #: Re-run validation on the models in ``out`` and rewrite the operating points in
+    #: their cards, without training (recipes that support it: ct-cspine).
+    validate_only: bool = False
 
 
 RECIPES: dict[str, Recipe] = {

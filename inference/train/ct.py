@@ -91,6 +91,9 @@ FRACTURE_ARCH = ("cspine-ct-vertebra-classifier-2.5d",
 TRAIN_SEEDS = range(10_000, 200_000)
 VALIDATION_SEEDS = range(500_000, 501_000)
 TARGET_SPECIFICITY = 0.92
+#: The rule-out operating point: the highest threshold at which the validation cohort's
+#: fractured patients are flagged (present or indeterminate) at least this often.
+TARGET_RULE_OUT_SENSITIVITY = 0.9
 HEAT_SIGMA_MM = 3.0
 INTENDED_USE = ("Demonstration and integration testing of spine-node only. Trained on "
                 "synthetic phantoms; NOT for clinical use, not a medical device.")
@@ -645,7 +648,8 @@ def validation_case(seed: int) -> ValidationCase:
 
 def validate(engines: Callable[[str], Any], cases: Sequence[ValidationCase],
              progress: bool) -> tuple[dict[str, Any], float]:
-    """Run the real pipeline on ``cases``; choose the threshold; return metrics and it."""
+    """Run the real pipeline on ``cases``; choose the rule-in threshold (returned) and the
+    rule-out threshold (``metrics["operating_point"]["rule_out_threshold"]``)."""
     pipeline = CervicalSpineCtFracture()
     per_level: dict[str, tuple[list[int], list[float]]] = {level: ([], []) for level in LEVELS}
     dice: dict[str, list[float]] = {level: [] for level in LEVELS}
@@ -678,6 +682,8 @@ def validate(engines: Callable[[str], Any], cases: Sequence[ValidationCase],
                 patient_truth.append(int(bool(case.fractured)))
                 patient_score.append(max(scores.values()))
     threshold = choose_threshold(patient_truth, patient_score, TARGET_SPECIFICITY)
+    rule_out = min(choose_rule_out(patient_truth, patient_score, TARGET_RULE_OUT_SENSITIVITY),
+                   threshold)
     metrics: dict[str, Any] = {"cases": len(cases), "negatives": sum(c.negative for c in cases)}
     for level in LEVELS:
         truth, score = per_level[level]
@@ -703,7 +709,28 @@ def validate(engines: Callable[[str], Any], cases: Sequence[ValidationCase],
         "n_patients": f"{int(truth.sum())}+/{int((~truth).sum())}-",
         "chosen_for": f"patient-level specificity >= {TARGET_SPECIFICITY} on the validation cohort",
     }
+    flagged = np.asarray(patient_score) >= rule_out
+    tp, tn = int((flagged & truth).sum()), int((~flagged & ~truth).sum())
+    metrics["operating_point"].update({
+        "rule_out_threshold": round(rule_out, 4),
+        "rule_out_chosen_for": (f"patient-level sensitivity >= {TARGET_RULE_OUT_SENSITIVITY} of "
+                                "present-or-indeterminate on the validation cohort"),
+        "flagged_sensitivity": round(tp / max(int(truth.sum()), 1), 4),
+        "flagged_sensitivity_ci95": [round(v, 4) for v in wilson_ci(tp, int(truth.sum()))],
+        "flagged_specificity": round(tn / max(int((~truth).sum()), 1), 4),
+        "flagged_specificity_ci95": [round(v, 4) for v in wilson_ci(tn, int((~truth).sum()))],
+    })
     return metrics, threshold
+
+
+def choose_rule_out(truth: Sequence[int], scores: Sequence[float], sensitivity: float) -> float:
+    """The highest threshold at which at least ``sensitivity`` of the positives of
+    (truth, scores) score at or above it (0.0 when there are no positives)."""
+    positives = np.sort(np.asarray([s for t, s in zip(truth, scores, strict=True) if t]))[::-1]
+    if not len(positives):
+        return 0.0
+    index = int(np.ceil(sensitivity * len(positives))) - 1
+    return float(positives[min(max(index, 0), len(positives) - 1)])
 
 
 def choose_threshold(truth: Sequence[int], scores: Sequence[float], specificity: float) -> float:
@@ -760,10 +787,8 @@ def export_fracture(model: torch.nn.Module, folder: Path) -> Path:
 def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
                 threshold: float) -> list[Path]:
     seg_dir, fracture_dir = out / SEGMENTATION_MODEL, out / FRACTURE_MODEL
-    seg_metrics = {k: v for k, v in metrics.items()
-                   if k.startswith(("dice", "wrong_level", "negatives", "cases"))}
-    fracture_metrics = {k: v for k, v in metrics.items()
-                        if k.startswith(("auc", "n_", "vertebra", "patient", "operating", "cases"))}
+    seg_metrics, fracture_metrics = _split_metrics(metrics)
+    point = metrics.get("operating_point", {})
     seg = ModelCard(
         name=SEGMENTATION_MODEL,
         version=VERSION,
@@ -791,7 +816,9 @@ def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
         inputs=(TensorSpec("crops", (-1, -1, *_crop_shape())),),
         outputs=(TensorSpec("probabilities", (-1, -1)),),
         labels={0: "fracture"},
-        preprocessing={**FRACTURE_PREPROCESSING, "threshold": round(threshold, 4)},
+        preprocessing={**FRACTURE_PREPROCESSING, "threshold": round(threshold, 4),
+                       **({"rule_out_threshold": point["rule_out_threshold"]}
+                          if "rule_out_threshold" in point else {})},
         weights={**provenance, "sha256": _sha256(fracture_dir / "model.onnx"),
                  "metrics": {"validation": fracture_metrics}, "finding": "fracture"},
         intended_use=INTENDED_USE,
@@ -799,6 +826,45 @@ def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
         folder=fracture_dir,
     )
     return [_save(seg, SEG_ARCH), _save(fracture, FRACTURE_ARCH)]
+
+
+def _split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validation metrics of stage 1 (segmentation, levels) and stage 2 (fracture)."""
+    seg = {k: v for k, v in metrics.items()
+           if k.startswith(("dice", "wrong_level", "negatives", "cases"))}
+    fracture = {k: v for k, v in metrics.items()
+                if k.startswith(("auc", "n_", "vertebra", "patient", "operating", "cases"))}
+    return seg, fracture
+
+
+def revalidate(options: TrainOptions) -> dict[str, Any]:
+    """``spine-node train ct-cspine --validate-only``: run the validation cohort through the
+    models already in ``--out`` and the pipeline as it is now, choose both operating points
+    again and write them and the validation metrics into the two cards. Weights,
+    provenance and benchmark figures stay as they are. For a pipeline change (levels,
+    gates, reporting) that moves what validation sees without retraining."""
+    started = time.monotonic()
+    out = Path(options.out)
+    budget = Budget.quick() if options.quick else Budget()
+    seeds = list(range(VALIDATION_SEEDS.start, VALIDATION_SEEDS.start + budget.validation_cases))
+    validation = _map(validation_case, seeds, max(1, min(budget.workers, options.threads)),
+                      options.progress, "validation scans")
+    metrics, threshold = validate(_engines(out), validation, options.progress)
+    seg_metrics, fracture_metrics = _split_metrics(metrics)
+    point = metrics["operating_point"]
+    written = []
+    for name, stage in ((SEGMENTATION_MODEL, seg_metrics), (FRACTURE_MODEL, fracture_metrics)):
+        path = out / name / "model.yaml"
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data["weights"].setdefault("metrics", {})["validation"] = stage
+        data["weights"]["revalidated"] = time.strftime("%Y-%m-%d", time.gmtime())
+        if name == FRACTURE_MODEL:
+            data["preprocessing"]["threshold"] = round(threshold, 4)
+            data["preprocessing"]["rule_out_threshold"] = point["rule_out_threshold"]
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        written.append(str(path))
+    log.info("ct-cspine revalidated in %.0f s: %s", time.monotonic() - started, point)
+    return {"cards": written, "metrics": metrics, "seconds": round(time.monotonic() - started, 1)}
 
 
 def _save(card: ModelCard, arch: tuple[str, dict[str, Any]]) -> Path:
@@ -876,8 +942,11 @@ def _rsna_data(root: Path, progress: bool, rng: np.random.Generator) -> tuple[
 
 def run(options: TrainOptions) -> dict[str, Any]:
     """Train both stages, export ONNX, choose the operating point on validation data
-    through the real pipeline, and write the cards."""
+    through the real pipeline, and write the cards (``validate_only``: :func:`revalidate`)."""
     from functools import partial
+
+    if options.validate_only:
+        return revalidate(options)
 
     torch.set_num_threads(max(1, options.threads))
     torch.backends.cudnn.benchmark = True
