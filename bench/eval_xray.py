@@ -102,12 +102,14 @@ class _Provider:
 
 
 _MODELS: _Provider | None = None
+#: The model repository the run reads (``--engines-dir``; forked workers inherit it).
+_MODELS_ROOT: Path = ENGINES_DIR
 
 
 def _models() -> _Provider:
     global _MODELS
     if _MODELS is None:
-        _MODELS = _Provider()
+        _MODELS = _Provider(_MODELS_ROOT)
     return _MODELS
 
 
@@ -512,7 +514,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="per-image records (JSON), written after each cohort")
     parser.add_argument("--from-records", action="store_true",
                         help="summarise the records file of an earlier run instead of running")
+    parser.add_argument("--engines-dir", type=Path, default=ENGINES_DIR,
+                        help="model repository to evaluate (default: the package's engines/); "
+                             "its cards get the figures")
     args = parser.parse_args(argv)
+    global _MODELS_ROOT
+    _MODELS_ROOT = args.engines_dir
     logging.basicConfig(level=logging.WARNING)
     started = time.monotonic()
     if args.from_records:
@@ -528,11 +535,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = summarise(records)
     command = "python -m bench.eval_xray " + " ".join(
         [f"--n {args.n}", f"--workers {args.workers}"]
-        + ([f"--cohorts {' '.join(args.cohorts)}"] if list(args.cohorts) != list(COHORTS) else []))
+        + ([f"--cohorts {' '.join(args.cohorts)}"] if list(args.cohorts) != list(COHORTS) else [])
+        + ([f"--engines-dir {args.engines_dir}"] if args.engines_dir != ENGINES_DIR else []))
     text = markdown(summary, command, seconds)
     print(text)
     if not args.no_write:
-        write_cards(summary)
+        write_cards(summary, args.engines_dir)
         write_section("X-ray held-out evaluation (bench/eval_xray.py)", text)
         (REPO / "bench" / "eval_xray.json").write_text(json.dumps(summary, indent=1))
 

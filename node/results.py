@@ -125,11 +125,12 @@ def result_uid(findings: Findings, kind: str, reason_code: str | None = None) ->
     """Deterministic UID of one result object or series of ``findings``.
 
     Derived from the input series UIDs, the exact set of source instances, the pipeline,
-    the model name and version (and every further model of a multi-stage pipeline) and
-    ``kind`` (``"seg-series"``, ``"seg"``, ``"seg-fractional"``, ``"sr-series"``, ``"sr"``,
-    ...). A re-run over the same inputs with the same models reproduces its UIDs; a run
-    over a series that has grown, or with another model, gets new ones, so one UID never
-    names two different contents.
+    the model name, version and weights digest (the card's ``weights.sha256``; and the same
+    of every further model of a multi-stage pipeline) and ``kind`` (``"seg-series"``,
+    ``"seg"``, ``"seg-fractional"``, ``"sr-series"``, ``"sr"``, ...). A re-run over the same
+    inputs with the same models reproduces its UIDs; a run over a series that has grown, or
+    with another model (retrained weights under an unchanged version included), gets new
+    ones, so one UID never names two different contents.
 
     Findings that were not performed add ``"not-performed"`` and ``reason_code`` (else the
     reason itself), so a re-run that abstains for the same reason reproduces the UIDs and
@@ -138,7 +139,10 @@ def result_uid(findings: Findings, kind: str, reason_code: str | None = None) ->
     parts = [*sorted(findings.series_uids), findings.pipeline]
     parts.append(source_set_digest(findings.source_sop_instance_uids))
     parts += [findings.model.name, findings.model.version]
-    parts += [f"{m.name}@{m.version}" for m in findings.models]
+    if findings.model.weights:
+        parts.append(findings.model.weights)
+    parts += [f"{m.name}@{m.version}" + (f"#{m.weights}" if m.weights else "")
+              for m in findings.models]
     if findings.not_performed_reason is not None:
         parts += ["not-performed", reason_code or findings.not_performed_reason]
     parts.append(kind)

@@ -561,10 +561,14 @@ def test_uids_are_deterministic_and_follow_the_model_version(tmp_path: Path) -> 
     assert len({uid for pair in key for uid in pair}) == 5  # 2 series, 3 instances
 
     newer = ModelInfo(**{**DEMO_MODEL.__dict__, "version": "1.0.1"})
-    other = encode(ct_findings(sources, model=newer), sources)
-    assert not {uid for ds in other for uid in (ds.SeriesInstanceUID, ds.SOPInstanceUID)} & {
-        uid for pair in key for uid in pair
-    }
+    # Retrained weights under the same version are another model too.
+    retrained = ModelInfo(**{**DEMO_MODEL.__dict__, "weights": "0f" * 32})
+    assert retrained.weights != DEMO_MODEL.weights
+    for model in (newer, retrained):
+        other = encode(ct_findings(sources, model=model), sources)
+        assert not {uid for ds in other for uid in (ds.SeriesInstanceUID, ds.SOPInstanceUID)} & {
+            uid for pair in key for uid in pair
+        }
 
     paths = write_results(first, tmp_path)
     assert write_results(again, tmp_path) == paths  # a re-run replaces, never duplicates

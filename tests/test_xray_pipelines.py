@@ -257,8 +257,10 @@ def test_spine_seg_without_view_position_reads_the_view_from_the_image(
 
 
 @needs_gate_weights
-def test_view_position_that_disagrees_with_the_image_is_noted(study: dict, models: OrtModels,
-                                                              tmp_path: Path) -> None:
+def test_view_position_that_disagrees_with_the_image_is_not_read(study: dict, models: OrtModels,
+                                                                 tmp_path: Path) -> None:
+    """ViewPosition LL on an AP image: either may be wrong, so neither view's model reads
+    it; the answer says why."""
     source = study["ap"].files()[0]
     ds = pydicom.dcmread(source)
     ds.ViewPosition = "LL"
@@ -268,8 +270,9 @@ def test_view_position_that_disagrees_with_the_image_is_noted(study: dict, model
     series = SeriesRef(study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
                        path=folder, view_position="LL")
     result = get_pipeline("xray-spine-seg").run([series], models)
-    assert result.model.name == "xray-spine-unet-ap"
-    assert any("ViewPosition says LL" in note for note in result.notes)
+    assert not result.performed and result.segmentation is None
+    reason = result.not_performed_reason or ""
+    assert "ViewPosition says LL" in reason and "reads as AP" in reason, reason
 
 
 def test_cspine_classifier_does_not_read_an_ap_view(study: dict, models: OrtModels) -> None:

@@ -288,3 +288,53 @@ def test_metric_helpers() -> None:
     a[:2] = True
     assert dice(a, a) == 1.0
     assert dice(a, ~a) == 0.0
+
+
+# ----------------------------------------------------------- context phantoms
+
+
+def test_context_field_holds_every_lesion_whole() -> None:
+    """The field cut from a context phantom's radiographs keeps each lesion's vertebrae
+    whole (a study labelled "fracture" shows its fracture), wherever its top is drawn."""
+    from spine_node.inference.train.xray import CONTEXT_TOP_MM, FIELD_MM, _context_field
+
+    rows = FIELD_MM[0]
+    levels = np.zeros((250, 170), np.uint8)
+    levels[200:214, 60:110] = 7  # a C7 low in the volume
+    levels[30:44, 60:110] = 3  # with C7, taller than the field
+    for seed in range(30):
+        top, n = _context_field(seed, 1.0, [levels, levels], [7])
+        assert n == rows and top <= 200 - 2 and top + rows >= 214 + 2
+        top, n = _context_field(seed, 1.0, [levels, levels], [])
+        assert CONTEXT_TOP_MM[0] <= top <= CONTEXT_TOP_MM[1]
+    # Lesions further apart than the field: centred on them, inside the volume.
+    top, n = _context_field(0, 1.0, [levels, levels], [3, 7])
+    assert 0 <= top <= 250 - rows and abs((top + rows / 2) - (30 + 214) / 2) <= 1
+
+
+def test_most_segmenter_phantoms_show_the_neck_between_skull_and_shoulders() -> None:
+    """Three in four of the segmenters' phantoms are drawn with their surroundings and
+    varied anatomy, cut to the same field as the classic ones; their lesions stay located.
+    The classifiers and the gate keep the classic phantoms."""
+    from spine_node.inference.train.xray import (
+        CONTEXT_COHORT,
+        GATE_MODEL,
+        RADIOGRAPHIC_COHORT,
+        UNET_AP_MODEL,
+        phantom_views,
+    )
+
+    cohort = CONTEXT_COHORT
+    assert SPECS[UNET_AP_MODEL].cohort is cohort and SPECS[GATE_MODEL].cohort is not cohort
+    assert not any(RADIOGRAPHIC_COHORT.with_context(seed) for seed in range(50))
+    chosen = [cohort.with_context(seed) for seed in range(400)]
+    assert 0.65 < np.mean(chosen) < 0.85
+    seeds = [s for s in range(40) if cohort.with_context(s)][:6]
+    for seed in seeds:
+        views = phantom_views(seed, cohort)
+        assert views.ap.shape == views.lat.shape == views.ap_structures.shape == cohort.shape[:2]
+        assert views.lesions_located
+        if views.cspine_fracture:
+            assert views.lat_fracture_map.sum() > 0 and views.ap_fracture_map.sum() > 0
+    plain = next(s for s in range(40) if not cohort.with_context(s))
+    assert phantom_views(plain, cohort).ap.shape == cohort.shape[:2]

@@ -589,9 +589,10 @@ def _gate_engine(models: ModelProvider) -> Any | None:
 def gate_images(images: Sequence[Radiograph], models: ModelProvider) -> list[Gated]:
     """Establish each image's view from its pixels (:data:`GATE_MODEL` plus statistics).
 
-    ViewPosition is only compared: it is often empty or wrong, so the image decides and a
-    disagreement becomes a note for the report. Without a gate model installed the view
-    comes from ViewPosition and only the statistics checks run.
+    The view comes from the image; ViewPosition, often empty or wrong, is only compared:
+    where it names a view and the image reads as the other, the image is not assessable
+    ("the view is unclear") rather than read by the wrong view's model. Without a gate
+    model installed the view comes from ViewPosition and only the statistics checks run.
     """
     engine = _gate_engine(models)
     card = engine_card(engine) if engine is not None else None
@@ -637,8 +638,14 @@ def gate_images(images: Sequence[Radiograph], models: ModelProvider) -> list[Gat
             continue
         declared = view_of(image)
         if declared and declared != view:
-            notes.append(f"ViewPosition says {image.view_position}, the image reads as {view} "
-                         f"(view gate p {spine[view]:.2f}); {view} used.")
+            # Two sources disagree and either may be wrong (headers often are; the gate is
+            # on another generator's AP views, bench/RESULTS.md): reading the image with the
+            # other view's model would be a confident wrong answer, so it is not read.
+            out.append(Gated(image, "", spine[view],
+                             f"ViewPosition says {image.view_position} but the image reads as "
+                             f"{view} (view gate p {spine[view]:.2f}): the view is unclear",
+                             tuple(notes)))
+            continue
         out.append(Gated(image, view, spine[view], "", tuple(notes)))
     return out
 
