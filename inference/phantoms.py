@@ -605,8 +605,12 @@ def generate(
     if dislocation is None:
         candidates = [n for n in names if n != "C1"]
         dislocated = str(rng.choice(candidates)) if rng.random() < p_dislocation else None
+        if dislocated == drawn[-1]:
+            # The lowest vertebra drawn has none below to slide over (thoracic and lumbar
+            # regions draw nothing below their levels): the joint above it instead.
+            dislocated = drawn[-2]
     else:
-        if dislocation not in names or dislocation == "C1":
+        if dislocation not in names or dislocation == "C1" or dislocation == drawn[-1]:
             raise ValueError(f"bad forced dislocation level {dislocation!r}")
         dislocated = dislocation
     shift_mm = lateral_mm = 0.0

@@ -204,3 +204,16 @@ def test_varied_anatomy_is_its_own_stream() -> None:
     # Dense neighbours are unlabelled: no label outside the bone the vertebrae own.
     labelled = varied.labels > 0
     assert np.isin(varied.structures[labelled], [1, 2, 3, 4, 5, 9, 10, 11, 12, 13]).mean() > 0.97
+
+
+@pytest.mark.parametrize("region", ["thoracic", "lumbar"])
+def test_a_dislocation_always_has_a_vertebra_below(region: str) -> None:
+    """Regions that draw nothing below their levels never dislocate the lowest one (it has
+    nothing to slide over; drawing one used to crash), and a forced one is refused."""
+    for seed in range(40):
+        ph = phantoms.generate(seed, region=region, p_dislocation=1.0, spacing=4.0)
+        order = list(ph.vertebrae)
+        moved = [i for i, v in enumerate(order) if v.dislocation]
+        assert moved and all(i < len(order) - 1 for i in moved)
+    with pytest.raises(ValueError):
+        phantoms.generate(0, region=region, dislocation=list(phantoms.REGIONS[region])[-1])
