@@ -107,7 +107,11 @@ def test_same_generator_cohort(same: list[dict[str, Any]]) -> None:
 
 
 def test_cross_generator_cohort(cross: list[dict[str, Any]]) -> None:
-    _check(cross, {"tissue": 0.6, "refused": 0.55})
+    # Refused: 0.56 at n = 200 since a view the gate and ViewPosition disagree on is not
+    # read (the gate reads most of this generator's AP views as LAT). The U-Nets read
+    # only views taken right: Dice 0.45 AP, 0.36 LAT at n = 200 (0.20 / 0.16 before the
+    # context phantoms and the view check).
+    _check(cross, {"tissue": 0.6, "refused": 0.7, "unet-ap": 0.3, "unet-lat": 0.25})
 
 
 def test_rotated_cohort(rotated: list[dict[str, Any]]) -> None:
@@ -116,8 +120,9 @@ def test_rotated_cohort(rotated: list[dict[str, Any]]) -> None:
 
 def test_junk_is_never_read_as_a_spine() -> None:
     """The project's own junk kinds and the evaluation generator's are refused, except its
-    chest and hand phantoms, which the gate refuses 93 % and 90 % of the time
-    (bench/RESULTS.md): for those two the bar is a share of the runs."""
+    chest and hand phantoms, which the gate (with the ViewPosition check) refuses 98 % and
+    100 % of the time (bench/RESULTS.md, n = 40 images each): for those two the bar is a
+    share of the runs."""
     everything = _cohort("junk", 3)
     partly = ("heldout-chest", "heldout-hand")
     records = [r for r in everything if r["kind"] not in partly]
