@@ -626,3 +626,27 @@ def test_a_probability_between_the_operating_points_is_indeterminate_and_said_so
                                 else engines[name])
     assert all(f.call == "absent" for f in findings.findings)
     assert not [f for f in findings.findings if f.site is None]  # C1, C2 out: no patient call
+
+
+def test_refined_outline_on_a_fine_grid_follows_the_probability() -> None:
+    """Labels from a 2 mm grid drawn on a 0.5 mm source grid: with stage 1's probability
+    interpolated, a ball's outline is closer to the ball than whole 2 mm blocks are, every
+    voxel keeps the level of its neighbourhood, and on the model's own grid nothing changes."""
+    model, source = (2.0, 2.0, 2.0), (0.5, 0.5, 0.5)
+    fine_shape = (80, 80, 80)
+
+    def ball(spacing: tuple[float, ...], shape: tuple[int, ...]) -> np.ndarray:
+        axes = [(np.arange(n) + 0.5) * s - 20.0 for n, s in zip(shape, spacing, strict=True)]
+        z, y, x = np.meshgrid(*axes, indexing="ij")
+        return np.sqrt(z ** 2 + y ** 2 + x ** 2)
+
+    coarse = ball(model, (20, 20, 20))
+    probability = np.clip(0.5 + (9.0 - coarse) / 3.0, 0.0, 1.0).astype(np.float32)
+    labels = np.where(probability >= 0.5, 4, 0).astype(np.uint8)
+    truth = ball(source, fine_shape) <= 9.0
+    nearest = ct_cspine.labels_to_source(labels, model, source, fine_shape)
+    refined = ct_cspine.refine_to_source(labels, probability, model, source, fine_shape)
+    assert set(np.unique(refined)) == {0, 4}
+    assert _dice(refined, np.where(truth, 4, 0), 4) > _dice(nearest, np.where(truth, 4, 0), 4) + 0.02
+    same = ct_cspine.refine_to_source(labels, probability, model, model, labels.shape)
+    assert same is labels

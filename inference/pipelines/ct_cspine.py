@@ -326,9 +326,13 @@ def resample(volume: np.ndarray, spacing: Sequence[float], target: Sequence[floa
 
 
 def _sample_grid(volume: np.ndarray, spacing: Sequence[float], target: Sequence[float],
-                 shape: Sequence[int], order: int) -> np.ndarray:
-    axes = [np.clip((np.arange(n) + 0.5) * t / s - 0.5, 0, m - 1)
-            for n, t, s, m in zip(shape, target, spacing, volume.shape, strict=True)]
+                 shape: Sequence[int], order: int,
+                 box: Sequence[slice] | None = None) -> np.ndarray:
+    """``volume`` sampled on the ``target`` grid of ``shape`` (only the part ``box`` of it,
+    when given)."""
+    box = box or tuple(slice(0, n) for n in shape)
+    axes = [np.clip((np.arange(b.start, b.stop) + 0.5) * t / s - 0.5, 0, m - 1)
+            for b, t, s, m in zip(box, target, spacing, volume.shape, strict=True)]
     if order == 0:
         idx = [np.rint(a).astype(np.intp) for a in axes]
         return volume[np.ix_(*idx)]
@@ -352,6 +356,32 @@ def labels_to_source(labels: np.ndarray, model_spacing: Sequence[float],
     if tuple(labels.shape) == tuple(source_shape) and np.allclose(model_spacing, source_spacing):
         return labels
     return _sample_grid(labels, model_spacing, source_spacing, source_shape, order=0)
+
+
+def refine_to_source(labels: np.ndarray, foreground: np.ndarray | None,
+                     model_spacing: Sequence[float], source_spacing: Sequence[float],
+                     source_shape: Sequence[int]) -> np.ndarray:
+    """The model-grid label map on the source grid, with its outline from ``foreground``
+    (stage 1's probability that a voxel is a cervical vertebra, model grid) interpolated
+    linearly rather than as whole 2 mm blocks: a source voxel belongs to a vertebra where
+    that probability is at least 0.5, and to the level of its nearest model voxel or, at
+    the edge, of a labelled neighbour within one model voxel. On the model's own grid (or
+    without ``foreground``) this is :func:`labels_to_source`."""
+    nearest = labels_to_source(labels, model_spacing, source_spacing, source_shape)
+    if foreground is None or nearest is labels or not labels.any():
+        return nearest
+    found = ndimage.find_objects((nearest > 0).astype(np.uint8))[0]
+    pad = [int(np.ceil(m / s)) + 1 for m, s in zip(model_spacing, source_spacing, strict=True)]
+    box = tuple(slice(max(0, b.start - p), min(n, b.stop + p))
+                for b, p, n in zip(found, pad, source_shape, strict=True))
+    inside = _sample_grid(foreground.astype(np.float32), model_spacing, source_spacing,
+                          source_shape, 1, box) >= 0.5
+    grown = _sample_grid(ndimage.grey_dilation(labels, size=3), model_spacing, source_spacing,
+                         source_shape, 0, box)
+    local = nearest[box]
+    out = np.zeros(nearest.shape, nearest.dtype)
+    out[box] = np.where(inside, np.where(local > 0, local, grown), 0)
+    return out
 
 
 def normalise(hu: np.ndarray, preprocessing: dict[str, Any] | None = None) -> np.ndarray:
@@ -387,6 +417,9 @@ class LevelMap:
     unlabelled: int = 0
     centroids: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     vertebrae_found: int = 0
+    #: stage 1's probability that a voxel is a cervical vertebra (C1, C2 or C3-C7), model
+    #: grid: the outline :func:`refine_to_source` draws on the source grid
+    foreground: np.ndarray | None = None
 
     @property
     def assessed(self) -> list[str]:
@@ -734,6 +767,15 @@ def split_stage1(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return classes, probabilities.max(axis=0), heat
 
 
+def cervical_probability(logits: np.ndarray) -> np.ndarray:
+    """Stage 1's probability of C1, C2 or C3-C7 per voxel from its ``(C + 1, D, H, W)``
+    logits."""
+    class_logits = logits[:HEATMAP_CHANNEL].astype(np.float32)
+    shifted = np.exp(class_logits - class_logits.max(axis=0, keepdims=True))
+    cervical = shifted[[CLASS_C1, CLASS_C2, CLASS_SUBAXIAL]].sum(axis=0)
+    return cervical / shifted.sum(axis=0)
+
+
 def segment(engine: object, volume: CtVolume,
             gates: Gates = GATES) -> tuple[LevelMap, tuple[float, float, float]]:
     """Stage 1 and level identification on the model grid.
@@ -759,6 +801,7 @@ def segment(engine: object, volume: CtVolume,
         classes, confidence, heat = split_stage1(logits)
         levels = identify_levels(classes, confidence, heat, spacing, gates, image=image,
                                  hu_scale=float(pre["hu_scale"]))
+        levels.foreground = cervical_probability(logits)
         if best is None or len(levels.assessed) > len(best[0].assessed):
             best = (levels, spacing)
         if len(levels.assessed) == len(LEVELS):
@@ -860,7 +903,8 @@ class CervicalSpineCtFracture:
             return findings
         probabilities, threshold = classify(classifier, volume, levels, model_spacing)
         rule_out = rule_out_threshold(classifier, threshold)
-        source_labels = labels_to_source(levels.labels, model_spacing, volume.spacing, volume.hu.shape)
+        source_labels = refine_to_source(levels.labels, levels.foreground, model_spacing,
+                                         volume.spacing, volume.hu.shape)
         frames = volume.to_source_frames(source_labels)
         status = dict(levels.status)
         for level in levels.assessed:
