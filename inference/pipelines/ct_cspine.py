@@ -130,6 +130,9 @@ class Gates:
     #: that grid scaled by these factors: 1.2 shows vertebrae of a patient about a fifth
     #: larger than the training range at a size stage 1 knows, 0.85 a smaller one
     grid_scales: tuple[float, ...] = (1.0, 1.2, 0.85)
+    #: a read on a scaled grid replaces the first only when it identifies at least this
+    #: many levels
+    min_rescaled_levels: int = 3
 
 
 GATES = Gates()
@@ -785,8 +788,9 @@ def segment(engine: object, volume: CtVolume,
     grid leaves levels unidentified, the scan is read again on grids scaled by
     ``gates.grid_scales`` (a coarser grid shows a large patient's vertebrae at the size
     stage 1 knows), and the read that identifies the most levels is kept (the first on a
-    tie). Each read is held to every anatomical check on its own, in millimetres, so a
-    second read adds levels only where they are identified by anatomy."""
+    tie; a scaled read must identify at least ``gates.min_rescaled_levels``). Each read is
+    held to every anatomical check on its own, in millimetres, so a second read adds
+    levels only where they are identified by anatomy."""
     card = engine_card(engine)
     pre = {**SEGMENTATION_PREPROCESSING, **card.preprocessing}
     base = tuple(float(s) for s in pre["spacing_mm"])
@@ -802,7 +806,11 @@ def segment(engine: object, volume: CtVolume,
         levels = identify_levels(classes, confidence, heat, spacing, gates, image=image,
                                  hu_scale=float(pre["hu_scale"]))
         levels.foreground = cervical_probability(logits)
-        if best is None or len(levels.assessed) > len(best[0].assessed):
+        # A read on a scaled grid counts only with several levels: one or two levels from
+        # a second look are weak evidence (a chest CT's T2 read as "C7" on the 1.2 grid).
+        rescaled = best is not None
+        if best is None or (len(levels.assessed) > len(best[0].assessed)
+                            and (not rescaled or len(levels.assessed) >= gates.min_rescaled_levels)):
             best = (levels, spacing)
         if len(levels.assessed) == len(LEVELS):
             break
