@@ -759,24 +759,23 @@ def _single_output(outputs: dict[str, np.ndarray], card: Any) -> np.ndarray:
     return np.asarray(outputs[name])
 
 
-def split_stage1(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Classes, class confidence and heat map from stage 1's ``(C + 1, D, H, W)`` logits."""
+def class_probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the classes of stage 1's ``(C + 1, D, H, W)`` logits, ``(C, D, H, W)``."""
     class_logits = logits[:HEATMAP_CHANNEL].astype(np.float32)
-    shifted = class_logits - class_logits.max(axis=0, keepdims=True)
-    probabilities = np.exp(shifted)
+    probabilities = np.exp(class_logits - class_logits.max(axis=0, keepdims=True))
     probabilities /= probabilities.sum(axis=0, keepdims=True)
+    return probabilities
+
+
+def split_stage1(logits: np.ndarray, probabilities: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Classes, class confidence and heat map from stage 1's ``(C + 1, D, H, W)`` logits
+    (``probabilities``: their :func:`class_probabilities`, when already computed)."""
+    if probabilities is None:
+        probabilities = class_probabilities(logits)
     classes = probabilities.argmax(axis=0).astype(np.uint8)
     heat = 1.0 / (1.0 + np.exp(-logits[HEATMAP_CHANNEL].astype(np.float32)))
     return classes, probabilities.max(axis=0), heat
-
-
-def cervical_probability(logits: np.ndarray) -> np.ndarray:
-    """Stage 1's probability of C1, C2 or C3-C7 per voxel from its ``(C + 1, D, H, W)``
-    logits."""
-    class_logits = logits[:HEATMAP_CHANNEL].astype(np.float32)
-    shifted = np.exp(class_logits - class_logits.max(axis=0, keepdims=True))
-    cervical = shifted[[CLASS_C1, CLASS_C2, CLASS_SUBAXIAL]].sum(axis=0)
-    return cervical / shifted.sum(axis=0)
 
 
 def segment(engine: object, volume: CtVolume,
@@ -802,10 +801,11 @@ def segment(engine: object, volume: CtVolume,
         padded, unpad = pad_to_multiple(image, int(pre["pad_multiple"]), low)
         outputs = engine.infer({card.inputs[0].name: padded[None, None]})  # type: ignore[attr-defined]
         logits = _single_output(outputs, card)[0][(slice(None), *unpad)]
-        classes, confidence, heat = split_stage1(logits)
+        probabilities = class_probabilities(logits)
+        classes, confidence, heat = split_stage1(logits, probabilities)
         levels = identify_levels(classes, confidence, heat, spacing, gates, image=image,
                                  hu_scale=float(pre["hu_scale"]))
-        levels.foreground = cervical_probability(logits)
+        levels.foreground = probabilities[[CLASS_C1, CLASS_C2, CLASS_SUBAXIAL]].sum(axis=0)
         # A read on a scaled grid counts only with several levels: one or two levels from
         # a second look are weak evidence (a chest CT's T2 read as "C7" on the 1.2 grid).
         rescaled = best is not None
