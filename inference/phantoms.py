@@ -104,6 +104,10 @@ _LAT_SOURCES: tuple[tuple[int, tuple[int, ...]], ...] = (
 )
 
 FRACTURE_KINDS = ("crack", "wedge")
+#: Forced CT fracture patterns of C2 (``generate(fractures={"C2": "dens"},
+#: varied_fractures=True)``): drawn as a "crack" with the pattern's geometry (see
+#: :func:`_c2_pattern`), so the vertebra's ``fracture`` is "crack".
+C2_PATTERNS = ("dens", "hangman")
 _CHUNK_VOXELS = 400_000  # local coordinates computed per slab of at most this many voxels
 MU_WATER_PER_MM = 0.02  # linear attenuation of water near 70 keV effective energy
 
@@ -596,7 +600,10 @@ def generate(
                 fracture_kind[name] = "wedge" if rng.random() < p_wedge else "crack"
     else:
         for name, kind in fractures.items():
-            if name not in names or kind not in FRACTURE_KINDS:
+            if kind in C2_PATTERNS and (name != "C2" or not varied_fractures):
+                raise ValueError(f"bad forced fracture {name}={kind}: {', '.join(C2_PATTERNS)} are "
+                                 "C2 patterns of the CT cohort (varied_fractures=True)")
+            if name not in names or kind not in FRACTURE_KINDS + C2_PATTERNS:
                 raise ValueError(f"bad forced fracture {name}={kind}: level in {names}, kind in "
                                  f"{FRACTURE_KINDS}")
             if name == "C1" and kind == "wedge":
@@ -665,6 +672,8 @@ def generate(
             angle = float(rng.uniform(0.0, 2.0 * np.pi))
             item.slide_direction = (np.cos(angle) * first
                                     + np.sin(angle) * np.cross(normal, first))
+        elif kind in C2_PATTERNS:
+            _c2_pattern(rng, item, ls, kind)
         elif kind == "crack" and varied_fractures:
             _varied_crack(rng, item, ls)
         elif kind == "crack":
@@ -841,6 +850,46 @@ def _varied_crack(rng: np.random.Generator, item: _Placed, ls: _LevelShape) -> N
     item.crack = (normal / np.linalg.norm(normal), float(rng.uniform(-0.45, 0.45) * extent_axis),
                   width, slide)
     item.crack_posterior = bool(rng.random() < 0.4)
+
+
+def _c2_pattern(rng: np.random.Generator, item: _Placed, ls: _LevelShape, pattern: str) -> None:
+    """A forced C2 fracture pattern (:data:`C2_PATTERNS`), wider in form than the ones
+    :func:`_varied_crack` draws at random: training sees each often enough to learn it.
+
+    * ``"dens"``: type II through the base of the dens (two in three) or type III into the
+      top of the body, the plane tilted up to 25 degrees forwards or backwards and 12
+      sideways, the dens displaced 0-3 mm in any direction within the plane;
+    * ``"hangman"``: both pars/pedicles broken behind the body (the plane 1-5 mm behind
+      it, tilted up to 25 degrees), the body and dens slid 0-3.5 mm forwards and down
+      from the arch (traumatic spondylolisthesis) or not displaced.
+    """
+    item.fracture = "crack"
+    width = float(rng.uniform(1.0, 3.0))
+    if pattern == "dens":
+        tilt = np.radians(rng.uniform(-25.0, 25.0))
+        side = np.radians(rng.uniform(-12.0, 12.0))
+        normal = np.array([np.sin(side), np.sin(tilt), np.cos(tilt) * np.cos(side)])
+        if rng.random() < 2 / 3:
+            offset = -ls.h / 2 - float(rng.uniform(0.5, 3.5))  # type II: base of the dens
+        else:
+            offset = -ls.h / 2 + float(rng.uniform(1.5, 5.0))  # type III: into the body
+        normal = normal / np.linalg.norm(normal)
+        item.crack = (normal, offset, width, float(rng.uniform(0.0, 3.0)))
+        direction = np.cross(normal, [np.cos(a := rng.uniform(0, 2 * np.pi)), np.sin(a), 0.0])
+        item.slide_direction = direction / np.linalg.norm(direction)
+        return
+    if pattern != "hangman":
+        raise ValueError(f"unknown C2 pattern {pattern!r}; expected one of {C2_PATTERNS}")
+    tilt = np.radians(rng.uniform(-25.0, 25.0))
+    normal = np.array([rng.uniform(-0.15, 0.15), np.cos(tilt), np.sin(tilt)])
+    normal = normal / np.linalg.norm(normal)
+    offset = ls.b + float(rng.uniform(1.0, 5.0))
+    # The arch side (y beyond the plane) moves back and up relative to the body: the body
+    # has slipped forwards and down.
+    slip = np.array([0.0, 1.0, -rng.uniform(0.0, 0.5)])
+    item.crack = (normal, offset, width, float(rng.uniform(0.0, 3.5)))
+    item.slide_direction = slip / np.linalg.norm(slip)
+    item.crack_posterior = True
 
 
 def _rasterise(

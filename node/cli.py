@@ -808,6 +808,8 @@ app.add_typer(train_app, name="train")
 
 #: Recipes that can re-run their validation on exported models (``--validate-only``).
 VALIDATE_ONLY_RECIPES = ("ct-cspine",)
+#: Recipes that can train one of their stages alone (``--stage``), and the stages.
+STAGE_RECIPES: dict[str, tuple[str, ...]] = {"ct-cspine": ("all", "fracture")}
 
 
 def _train_command(family: str) -> Callable[..., None]:
@@ -837,6 +839,9 @@ def _train_command(family: str) -> Callable[..., None]:
             "--validate-only", help="Train nothing: run the validation cohort through the "
             "models in --out and the current pipeline, and rewrite the operating points in "
             "their cards (recipes that support it: ct-cspine).")] = False,
+        stage: Annotated[str, typer.Option(
+            "--stage", help="all, or one stage to train alone with the others kept as they "
+            "are in --out (ct-cspine: fracture).")] = "all",
     ) -> None:
         from dataclasses import replace
 
@@ -847,8 +852,11 @@ def _train_command(family: str) -> Callable[..., None]:
         if validate_only and family not in VALIDATE_ONLY_RECIPES:
             raise typer.BadParameter(f"--validate-only is supported by "
                                      f"{', '.join(VALIDATE_ONLY_RECIPES)}, not {family}")
+        if stage != "all" and stage not in STAGE_RECIPES.get(family, ()):
+            known = ", ".join(f"{f}: {', '.join(s[1:])}" for f, s in STAGE_RECIPES.items())
+            raise typer.BadParameter(f"--stage {stage} is not a stage of {family} ({known})")
         options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, budget=budget,
-                               init=init, validate_only=validate_only)
+                               init=init, validate_only=validate_only, stage=stage)
         if out is not None:
             options = replace(options, out=out)
         summary = run(family, options)

@@ -454,11 +454,66 @@ def test_recipe_fine_tunes_from_a_model_repository(tmp_path: Path) -> None:
                                       progress=False, threads=1, init=tmp_path / "rsna"))
 
 
+def test_stage_fracture_trains_stage_two_alone(tmp_path: Path) -> None:
+    """--stage fracture retrains stage 2 only: stage 1's weights and card stay (its
+    validation metrics are today's), the fracture card says how it was made."""
+    from spine_node.inference.train import TrainOptions, run
+
+    _fake_rsna(tmp_path / "rsna")
+    out = tmp_path / "engines"
+    with pytest.raises(FileNotFoundError, match="keeps stage 1"):
+        run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
+                                      threads=1, stage="fracture"))
+    run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
+                                  threads=1))
+    seg, fracture = (out / ct_cspine.SEGMENTATION_MODEL, out / ct_cspine.FRACTURE_MODEL)
+    seg_onnx, seg_recipe = recipe._sha256(seg / "model.onnx"), ModelCard.load(seg).weights["recipe"]
+    fracture_onnx = recipe._sha256(fracture / "model.onnx")
+    summary = run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True,
+                                            progress=False, threads=1, seed=5, stage="fracture"))
+    assert recipe._sha256(seg / "model.onnx") == seg_onnx
+    assert ModelCard.load(seg).weights["recipe"] == seg_recipe
+    assert "revalidated" in ModelCard.load(seg).weights
+    assert recipe._sha256(fracture / "model.onnx") != fracture_onnx
+    assert ModelCard.load(fracture).weights["recipe"].endswith("--stage fracture")
+    assert len(summary["cards"]) == 2
+    with pytest.raises(ValueError, match="expected one of all, fracture"):
+        run("ct-cspine", TrainOptions(out=out, quick=True, progress=False, stage="segmentation"))
+
+
+def test_stage_two_pairs_each_fracture_with_an_intact_vertebra_of_its_group() -> None:
+    levels = ["C1", "C2", "C2", "C5", "C6", "C1", "C7", "C2"]
+    targets = np.array([1, 1, 0, 1, 0, 0, 0, 0], np.float32)
+    draw = recipe.level_balanced_pairs(targets, levels)
+    chosen = draw(np.random.default_rng(0), 400)
+    positives, negatives = chosen[:400], chosen[400:]
+    assert targets[positives].min() == 1 and targets[negatives].max() == 0
+
+    def group(i: int) -> str:
+        return levels[i] if levels[i] in ("C1", "C2") else "C3-C7"
+
+    assert [group(i) for i in positives] == [group(i) for i in negatives]
+    shares = {g: sum(group(i) == g for i in positives) / 400 for g in ("C1", "C2", "C3-C7")}
+    for g, weight in zip(("C1", "C2", "C3-C7"), recipe.LEVEL_GROUP_WEIGHTS, strict=True):
+        assert abs(shares[g] - weight) < 0.08, shares
+    # No fractures at all: every crop alike, still 2 * half of them.
+    assert len(recipe.level_balanced_pairs(np.zeros(4), levels[:4])(np.random.default_rng(0), 3)) == 6
+
+
 def test_train_cli_lists_families() -> None:
     result = subprocess.run([sys.executable, "-m", "spine_node.node.cli", "train", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "ct-cspine" in result.stdout
+
+
+def test_train_cli_refuses_a_stage_the_recipe_lacks(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "spine_node.node.cli", "train", "xray-tissue-xnet",
+                             "--stage", "fracture", "--out", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0
+    assert "not a stage of xray-tissue-xnet" in result.stdout + result.stderr
+    assert not any(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------- pipeline
@@ -608,7 +663,9 @@ def test_a_probability_between_the_operating_points_is_indeterminate_and_said_so
     fracture = engines[ct_cspine.FRACTURE_MODEL]
 
     def with_points(**points: float) -> OnnxCpuEngine:
-        card = replace(fracture.card, preprocessing={**fracture.card.preprocessing, **points})
+        own = {k: v for k, v in fracture.card.preprocessing.items()
+               if k not in ("threshold", "rule_out_threshold")}
+        card = replace(fracture.card, preprocessing={**own, **points})
         return OnnxCpuEngine(card, fracture.session)
 
     pipeline = ct_cspine.CervicalSpineCtFracture()
@@ -650,3 +707,60 @@ def test_refined_outline_on_a_fine_grid_follows_the_probability() -> None:
     assert _dice(refined, np.where(truth, 4, 0), 4) > _dice(nearest, np.where(truth, 4, 0), 4) + 0.02
     same = ct_cspine.refine_to_source(labels, probability, model, model, labels.shape)
     assert same is labels
+
+
+# ----------------------------------------------------------- stage 2 crop frames
+
+
+def _tilted_column(tilt_deg: float, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels C2..C6 as discs (14 mm across, 10 mm tall) every 18 mm along an axis tilted
+    ``tilt_deg`` forwards in the sagittal plane, HU with a bright rod along that axis, and
+    the unit axis (z, y, x)."""
+    shape = (140, 110, 80)
+    axis = np.array([np.cos(np.radians(tilt_deg)), np.sin(np.radians(tilt_deg)), 0.0])
+    zz, yy, xx = (np.indices(shape).astype(float) + 0.5) * np.asarray(spacing)[:, None, None, None]
+    rel = np.stack([zz - 20.0, yy - 30.0, xx - 40.0], axis=-1)
+    along = rel @ axis
+    across = np.linalg.norm(rel - along[..., None] * axis, axis=-1)
+    labels = np.zeros(shape, np.uint8)
+    for k, level in enumerate(range(2, 7)):
+        centre = 10.0 + 18.0 * k
+        labels[(np.abs(along - centre) <= 5.0) & (across <= 7.0)] = level
+    hu = np.where(across <= 2.0, 1000.0, 0.0).astype(np.float32)
+    return labels, hu, axis
+
+
+@pytest.mark.parametrize("tilt", [0.0, 25.0])
+def test_vertebra_frames_follow_the_spine_axis(tilt: float) -> None:
+    """Each vertebra's frame runs along the local spine axis (a lordotic or flexed neck
+    gives upright crops); its extents are the vertebra's own along those axes."""
+    labels, hu, axis = _tilted_column(tilt)
+    frames = ct_cspine.vertebra_frames(labels, (1.0, 1.0, 1.0))
+    assert sorted(frames) == ["C2", "C3", "C4", "C5", "C6"]
+    for name, frame in frames.items():
+        angle = np.degrees(np.arccos(abs(float(frame.axes[0] @ axis))))
+        assert angle < 2.0, (name, angle)
+        assert np.allclose(frame.axes @ frame.axes.T, np.eye(3), atol=1e-6)
+        assert frame.axes[1][1] > 0  # front to back stays front to back
+        assert abs(2 * frame.half[0] - 11.0) < 1.5 and abs(2 * frame.half[2] - 15.0) < 1.5
+    # The rod along the axis sits in the middle of every slice of the oriented crop.
+    for extra in ({}, {"crop_spacing_mm": [1.6, 1.25, 1.25]}):
+        pre = {**ct_cspine.FRACTURE_PREPROCESSING, "crop_frame": "vertebra", **extra}
+        crop = ct_cspine.stage2_crops(hu, (1.0, 1.0, 1.0), labels, (1.0, 1.0, 1.0), pre)["C4"]
+        assert crop.shape == tuple(pre["crop_shape"])
+        for plane in crop[::5]:
+            rows, cols = np.nonzero(plane > 500)
+            assert len(rows) and abs(rows.mean() - 23.5) < 1.0 and abs(cols.mean() - 23.5) < 1.0
+
+
+def test_cards_without_a_crop_frame_keep_axis_aligned_crops() -> None:
+    """A card without crop_frame (the demo weights) gets the crops its weights were trained
+    on: the box in scanner axes, stretched over the vertebra plus the margin."""
+    labels, hu, _ = _tilted_column(20.0)
+    legacy = {"crop_shape": [24, 48, 48], "crop_margin_mm": 4.0}
+    crops = ct_cspine.stage2_crops(hu, (1.0, 1.0, 1.0), labels, (1.0, 1.0, 1.0), legacy)
+    boxes = ct_cspine.level_boxes_mm(labels, (1.0, 1.0, 1.0))
+    for name, crop in crops.items():
+        assert np.array_equal(crop, ct_cspine.vertebra_crop(hu, (1.0, 1.0, 1.0), boxes[name],
+                                                            (24, 48, 48), 4.0))

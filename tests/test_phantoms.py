@@ -217,3 +217,22 @@ def test_a_dislocation_always_has_a_vertebra_below(region: str) -> None:
         assert moved and all(i < len(order) - 1 for i in moved)
     with pytest.raises(ValueError):
         phantoms.generate(0, region=region, dislocation=list(phantoms.REGIONS[region])[-1])
+
+
+@pytest.mark.parametrize("pattern", phantoms.C2_PATTERNS)
+def test_forced_c2_patterns_break_c2(pattern: str) -> None:
+    """The CT cohort's forced C2 patterns open a fracture gap (soft tissue inside C2's
+    outline) where an intact C2 has none, and are refused off C2 or off the CT cohort."""
+    kwargs = dict(spacing=1.0, shape=(100, 110, 110), varied_fractures=True, noise_hu=1.0)
+    gaps = []
+    for fractures in ({}, {"C2": pattern}):
+        ph = phantoms.generate(7, fractures=fractures, **kwargs)  # type: ignore[arg-type]
+        c2 = ph.labels == 2
+        gaps.append(int((c2 & (ph.hu < 120)).sum()))
+        assert [v.fracture for v in ph.vertebrae if v.name == "C2"] == (
+            ["crack"] if fractures else [None])
+    assert gaps[1] > 5 * gaps[0] + 50, gaps
+    with pytest.raises(ValueError, match="C2 patterns"):
+        phantoms.generate(7, fractures={"C5": pattern}, varied_fractures=True)
+    with pytest.raises(ValueError, match="C2 patterns"):
+        phantoms.generate(7, fractures={"C2": pattern})

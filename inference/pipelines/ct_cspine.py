@@ -82,7 +82,17 @@ FRACTURE_PREPROCESSING: dict[str, Any] = {
     "min_voxels": 20,
     "threshold": 0.5,
     "source": "the source CT at its own resolution, around each identified vertebra's box",
+    # "scanner": the box in the scanner's axes (the demo weights; a card without the key);
+    # "vertebra": the box in the vertebra's own frame, z along the local spine axis, so a
+    # lordotic or flexed neck gives upright crops. A card may also give
+    # "crop_spacing_mm" (spine axis, front-back, across): every vertebra sampled at one
+    # physical scale instead of stretched over its box (docs/models-ct.md: tried, not kept).
+    "crop_frame": "scanner",
 }
+#: A card without ``crop_frame`` was trained on axis-aligned crops.
+LEGACY_CROP_FRAME = "scanner"
+#: The local spine axis is taken at most this far (degrees) from the scanner's z axis.
+MAX_AXIS_TILT_DEG = 50.0
 
 
 @dataclass(frozen=True)
@@ -743,6 +753,116 @@ def level_boxes_mm(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, np
     return boxes
 
 
+@dataclass(frozen=True)
+class VertebraFrame:
+    """A vertebra's own box: centre (mm from the volume's corner, z y x), the rotation whose
+    rows are its axes in (z, y, x) - row 0 along the spine (head to feet), row 1 front to
+    back, row 2 across - and the half extents (mm) of the vertebra along them."""
+
+    centre: np.ndarray
+    axes: np.ndarray
+    half: np.ndarray
+
+
+def _frame_axes(axis: np.ndarray) -> np.ndarray:
+    """Rows (spine, front-back, across) of a right-handed frame whose first row is ``axis``
+    (z y x), the across row as close to the scanner's x as the spine axis allows."""
+    ez = axis / np.linalg.norm(axis)
+    ex = np.array([0.0, 0.0, 1.0]) - ez[2] * ez
+    ex /= np.linalg.norm(ex)
+    ey = np.cross(ex, ez)  # (z, y, x) components; keeps the anterior-posterior sense of y
+    if ey[1] < 0:
+        ey = -ey
+    return np.stack([ez, ey, ex])
+
+
+def vertebra_frames(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, VertebraFrame]:
+    """The frame of every labelled level (1..7 = C1..C7, more labels allowed) in ``labels``.
+
+    The spine axis at a level runs between the centres of its nearest labelled neighbours
+    above and below (or itself and its one neighbour), at most :data:`MAX_AXIS_TILT_DEG`
+    from z; a level alone keeps the scanner's axes. The extents are the vertebra's own
+    along those axes, so the crop holds the whole vertebra however the neck is bent."""
+    step = np.asarray(spacing, float)
+    points: dict[int, np.ndarray] = {}
+    for index, box in enumerate(ndimage.find_objects(labels.astype(np.int32)), start=1):
+        if box is None:
+            continue
+        where = np.nonzero(labels[box] == index)
+        if not len(where[0]):
+            continue
+        offset = np.array([s.start for s in box], float)
+        points[index] = (np.stack(where, axis=1) + offset + 0.5) * step
+    centres = {k: v.mean(axis=0) for k, v in points.items()}
+    order = sorted(centres)
+    frames = {}
+    for index in order:
+        if index > len(LEVELS):
+            continue
+        above = [k for k in order if k < index]
+        below = [k for k in order if k > index]
+        top = centres[above[-1]] if above else centres[index]
+        bottom = centres[below[0]] if below else centres[index]
+        axis = bottom - top
+        if np.linalg.norm(axis) < 1e-6 or axis[0] <= 0:
+            axis = np.array([1.0, 0.0, 0.0])
+        axis = axis / np.linalg.norm(axis)
+        limit = np.cos(np.radians(MAX_AXIS_TILT_DEG))
+        if axis[0] < limit:  # tilted too far: keep the direction, at the limit
+            side = axis.copy()
+            side[0] = 0.0
+            side /= np.linalg.norm(side)
+            axis = limit * np.array([1.0, 0.0, 0.0]) + np.sqrt(1 - limit ** 2) * side
+        rows = _frame_axes(axis)
+        local = (points[index] - centres[index]) @ rows.T
+        lo, hi = local.min(axis=0) - step.max() / 2, local.max(axis=0) + step.max() / 2
+        frames[LEVELS[index - 1]] = VertebraFrame(centres[index] + ((lo + hi) / 2) @ rows, rows,
+                                                  (hi - lo) / 2)
+    return frames
+
+
+def oriented_crop(hu: np.ndarray, spacing: Sequence[float], frame: VertebraFrame,
+                  crop_shape: Sequence[int], half_mm: Sequence[float],
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+    """HU samples on a ``crop_shape`` grid spanning ``half_mm`` either side of ``frame``'s
+    centre along its axes. ``rng`` jitters the centre and the scale and tilts the axes by
+    a few degrees (training: the axis of a real read is an estimate)."""
+    centre, axes, half = frame.centre, frame.axes, np.asarray(half_mm, float)
+    if rng is not None:
+        centre = centre + (rng.normal(0.0, 0.06, size=3) * half) @ axes
+        half = half * rng.uniform(0.85, 1.2) * rng.uniform(0.95, 1.05, size=3)
+        tilt = rng.normal(0.0, np.radians(4.0), size=3)
+        axes = _frame_axes(axes[0] + tilt[0] * axes[1] + tilt[1] * axes[2])
+    local = [np.linspace(-h, h, n) for h, n in zip(half, crop_shape, strict=True)]
+    grid = np.stack(np.meshgrid(*local, indexing="ij"), axis=-1)  # (d, h, w, 3) local mm
+    world = centre + grid @ axes
+    coords = np.moveaxis(world / np.asarray(spacing, float) - 0.5, -1, 0)
+    return ndimage.map_coordinates(hu, coords, order=1, mode="constant",
+                                   cval=-1000.0).astype(np.float32)
+
+
+def stage2_crops(hu: np.ndarray, spacing: Sequence[float], labels: np.ndarray,
+                 labels_spacing: Sequence[float], preprocessing: dict[str, Any],
+                 rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Stage 2's input crop (not yet normalised) of every level labelled in ``labels``
+    (on a grid of ``labels_spacing``, same extent as ``hu``), as ``preprocessing`` asks."""
+    shape = tuple(int(n) for n in preprocessing["crop_shape"])
+    margin = float(preprocessing["crop_margin_mm"])
+    if preprocessing.get("crop_frame", LEGACY_CROP_FRAME) == "vertebra":
+        frames = vertebra_frames(labels, labels_spacing)
+        step = preprocessing.get("crop_spacing_mm")
+
+        def half(frame: VertebraFrame) -> np.ndarray:
+            if step is None:
+                return frame.half + margin
+            return (np.asarray(shape, float) - 1) / 2 * np.asarray(step, float)
+
+        return {name: oriented_crop(hu, spacing, frame, shape, half(frame), rng=rng)
+                for name, frame in frames.items()}
+    boxes = level_boxes_mm(labels, labels_spacing)
+    return {name: vertebra_crop(hu, spacing, box, shape, margin, rng=rng) for name, box in boxes.items()}
+
+
 def normalise_crop(hu: np.ndarray, preprocessing: dict[str, Any] | None = None) -> np.ndarray:
     pre = {**FRACTURE_PREPROCESSING, **(preprocessing or {})}
     low, high = (float(v) for v in pre["hu_window"])
@@ -823,16 +943,13 @@ def classify(engine: object, volume: CtVolume, levels: LevelMap,
              model_spacing: Sequence[float]) -> tuple[dict[str, float], float]:
     """Stage 2: fracture probability per assessed level, and the card's threshold."""
     card = engine_card(engine)
-    pre = {**FRACTURE_PREPROCESSING, **card.preprocessing}
-    boxes = level_boxes_mm(levels.labels, model_spacing)
-    names = [name for name in LEVELS if name in boxes]
+    pre = {**FRACTURE_PREPROCESSING, "crop_frame": LEGACY_CROP_FRAME, **card.preprocessing}
     threshold = float(pre.get("threshold", 0.5))
+    found = stage2_crops(volume.hu, volume.spacing, levels.labels, model_spacing, pre)
+    names = [name for name in LEVELS if name in found]
     if not names:
         return {}, threshold
-    shape = tuple(int(n) for n in pre["crop_shape"])
-    crops = np.stack([normalise_crop(vertebra_crop(volume.hu, volume.spacing, boxes[name], shape,
-                                                   float(pre["crop_margin_mm"])), pre)
-                      for name in names])
+    crops = np.stack([normalise_crop(found[name], pre) for name in names])
     outputs = engine.infer({card.inputs[0].name: crops[None]})  # type: ignore[attr-defined]
     probabilities = _single_output(outputs, card)[0].astype(np.float64)
     return {name: float(p) for name, p in zip(names, probabilities, strict=True)}, threshold

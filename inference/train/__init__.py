@@ -52,6 +52,9 @@ class TrainOptions:
     #: Re-run validation on the models in ``out`` and rewrite the operating points in
     #: their cards, without training (recipes that support it: ct-cspine).
     validate_only: bool = False
+    #: "all", or one stage of a multi-stage recipe to train alone, the others kept as they
+    #: are in ``out`` (recipes that support it: ct-cspine, stage "fracture").
+    stage: str = "all"
 
 
 RECIPES: dict[str, Recipe] = {

@@ -71,19 +71,18 @@ from spine_node.inference.pipelines.ct_cspine import (
     SEGMENTATION_PREPROCESSING,
     CervicalSpineCtFracture,
     CtVolume,
-    level_boxes_mm,
     load_ct_series,
     normalise,
     normalise_crop,
     resample,
-    vertebra_crop,
+    stage2_crops,
 )
 from spine_node.inference.stats import roc_auc, wilson_ci
 from spine_node.inference.train import TrainOptions
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.4.0"
+VERSION = "0.5.0"
 SEG_ARCH = ("cspine-ct-unet3d", {"widths": [16, 32, 64, 64], "stem": 6, "classes": len(SEG_CLASSES) + 1})
 FRACTURE_ARCH = ("cspine-ct-vertebra-classifier-2.5d",
                  {"slices": 24, "group": 3, "widths": [12, 24, 32, 48], "hidden": 32})
@@ -91,6 +90,8 @@ FRACTURE_ARCH = ("cspine-ct-vertebra-classifier-2.5d",
 TRAIN_SEEDS = range(10_000, 200_000)
 VALIDATION_SEEDS = range(500_000, 501_000)
 TARGET_SPECIFICITY = 0.92
+#: ``TrainOptions.stage``: both stages, or stage 2 alone (stage 1 kept as it is in ``out``).
+STAGES = ("all", "fracture")
 #: The rule-out operating point: the highest threshold at which the validation cohort's
 #: fractured patients are flagged (present or indeterminate) at least this often.
 TARGET_RULE_OUT_SENSITIVITY = 0.9
@@ -108,7 +109,7 @@ class Budget:
     seg_steps: int = 900
     seg_batch: int = 1
     seg_crop: tuple[int, int, int] = (80, 64, 64)
-    fracture_cases: int = 180
+    fracture_cases: int = 360
     fracture_steps: int = 1500
     fracture_batch: int = 16
     validation_cases: int = 100
@@ -255,13 +256,13 @@ def seg_case(seed: int, negative_share: float = 0.12) -> SegCase:
 def level_crops(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
                 fractured: Sequence[str], rng: np.random.Generator | None) -> CropSet:
     """Stage-2 crops of every C1..C7 vertebra mostly inside ``labels``' field."""
-    boxes = level_boxes_mm(np.where(labels <= len(LEVELS), labels, 0), spacing)
     pre = FRACTURE_PREPROCESSING
+    cervical = np.where(labels <= len(LEVELS), labels, 0)
+    found = stage2_crops(hu, spacing, cervical, spacing, pre, rng=rng)
     crops, targets, names = [], [], []
-    for level, box in boxes.items():
+    for level, crop in found.items():
         if int((labels == LEVELS.index(level) + 1).sum()) < int(pre["min_voxels"]):
             continue
-        crop = vertebra_crop(hu, spacing, box, _crop_shape(), float(pre["crop_margin_mm"]), rng=rng)
         crops.append(normalise_crop(crop))
         targets.append(int(level in fractured))
         names.append(level)
@@ -295,14 +296,30 @@ def _fine_scan(ph: phantoms.Phantom, render: float, rng: np.random.Generator
     return scan.spacing, hu, labels
 
 
+#: Share of stage-2 phantoms with one forced upper-cervical fracture (:data:`UPPER_PATTERNS`).
+#: C1 and C2 fractures are the commonest in the neck but the hardest for stage 2: with
+#: only the random draw (a C2 crack is a dens or hangman's fracture one time in three)
+#: 0.4.0 saw a few dozen dens and hangman's fractures and scored them like intact C2s
+#: on the second generator (vertebra AUC 0.30 and 0.15, n = 21 and 14).
+UPPER_CERVICAL_SHARE = 0.4
+#: (level, kind) of those forced fractures, drawn uniformly.
+UPPER_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("C1", "crack"), ("C2", "dens"), ("C2", "dens"), ("C2", "hangman"), ("C2", "hangman"),
+    ("C2", "crack"))
+
+
 def fracture_case(seed: int, scans: int = 3) -> CropSet:
     """Randomised stage-2 samples from one phantom rendered at :data:`RENDER_MM` and scanned ``scans``
     times (rendering is the expensive part; each scan has its own acquisition)."""
     rng = np.random.default_rng(seed)
     anatomy = {**_random_anatomy(rng), "context": False}  # crops need the neck, not the cranium
     render = _render_mm(rng)
+    forced: dict[str, Any] = {}
+    if rng.random() < UPPER_CERVICAL_SHARE:
+        level, kind = UPPER_PATTERNS[int(rng.integers(len(UPPER_PATTERNS)))]
+        forced = {"fractures": {level: kind}}
     ph = phantoms.generate(seed, spacing=render, shape=tuple(int(n / render) for n in (150, 128, 128)),
-                           p_fracture=0.7, **anatomy)
+                           p_fracture=0.7, **anatomy, **forced)
     fractured = [v.name for v in ph.vertebrae if v.fractured]
     sets = []
     for _ in range(scans):
@@ -558,20 +575,68 @@ def train_segmentation(cases: Sequence[SegCase], budget: Budget, seed: int,
     return model.cpu().eval()
 
 
+#: Share of each stage-2 batch's fractured/intact pairs per level group (C1, C2, C3-C7).
+LEVEL_GROUP_WEIGHTS: tuple[float, float, float] = (0.25, 0.3, 0.45)
+
+
+def level_balanced_pairs(targets: np.ndarray, levels: Sequence[str]
+                         ) -> Callable[[np.random.Generator, int], np.ndarray]:
+    """A sampler of ``2 * half`` crop indices: ``half`` fractured, then ``half`` intact, the
+    intact ones drawn from the same level groups as the fractured ones, groups drawn with
+    :data:`LEVEL_GROUP_WEIGHTS` (renormalised over the groups that have both). Without any
+    such group (e.g. no fractures at all) every crop is drawn alike."""
+    group = np.array([0 if n == "C1" else 1 if n == "C2" else 2 for n in levels], np.int64)
+    positive = np.asarray(targets) > 0.5
+    by_group = [(np.nonzero(positive & (group == g))[0], np.nonzero(~positive & (group == g))[0])
+                for g in range(3)]
+    usable = [g for g, (p, n) in enumerate(by_group) if len(p) and len(n)]
+    everything = np.arange(len(positive))
+    weights = np.array([LEVEL_GROUP_WEIGHTS[g] for g in usable], float)
+
+    def draw(rng: np.random.Generator, half: int) -> np.ndarray:
+        if not usable:
+            return rng.choice(everything, 2 * half)
+        picks = rng.choice(len(usable), half, p=weights / weights.sum())
+        pos = [rng.choice(by_group[usable[k]][0]) for k in picks]
+        neg = [rng.choice(by_group[usable[k]][1]) for k in picks]
+        return np.asarray(pos + neg, np.int64)
+
+    return draw
+
+
+def appearance_jitter(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stage-2 training batch ``(B, D, H, W)`` as other scanners and bodies would show it,
+    each crop on its own: left-right mirror, contrast 0.8-1.25 and level +-0.05 (bone
+    density, calibration), a blur of 0.3-1 voxel in one crop of three (reconstruction
+    kernel, slice profile) and noise of 0-0.06 (dose). Fracture gaps and steps survive all
+    of them; the texture of one generator does not."""
+    out = np.empty_like(crops)
+    for k, crop in enumerate(crops):
+        x = crop[..., ::-1] if rng.random() < 0.5 else crop
+        centre = float(x.mean())
+        x = (x - centre) * rng.uniform(0.8, 1.25) + centre + rng.normal(0.0, 0.05)
+        if rng.random() < 1 / 3:
+            x = ndimage.gaussian_filter(x, rng.uniform(0.3, 1.0))
+        out[k] = x + rng.normal(0.0, rng.uniform(0.0, 0.06), x.shape)
+    return out
+
+
 def train_fracture(sets: Sequence[CropSet], budget: Budget, seed: int,
                    progress: bool, init: Path | None = None) -> torch.nn.Module:
     """Train stage 2 on every crop of ``sets``; eval-mode model on the CPU.
 
     Batches are half fractured, half intact vertebrae: fractures are rare (about one crop in
-    six) and subtle, and with their natural share the classifier settled on a constant."""
+    six) and subtle, and with their natural share the classifier settled on a constant.
+    Each fractured crop is paired with an intact one of the same group (C1, C2, C3-C7;
+    :data:`LEVEL_GROUP_WEIGHTS`), so what a level looks like says nothing about whether it
+    is broken and the ring of C1 and the dens of C2 get a fair share of the steps."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = _device()
     crops = np.concatenate([s.crops for s in sets if len(s.targets)])
     targets = np.concatenate([s.targets for s in sets if len(s.targets)])
-    positives, negatives = np.nonzero(targets > 0.5)[0], np.nonzero(targets < 0.5)[0]
-    if not len(positives) or not len(negatives):
-        positives = negatives = np.arange(len(targets))
+    levels = [name for s in sets if len(s.targets) for name in s.levels]
+    pairs = level_balanced_pairs(targets, levels)
     name, kwargs = FRACTURE_ARCH
     model = architecture(name, **kwargs)
     tuned = _initial_weights(model, init, FRACTURE_MODEL)
@@ -584,11 +649,8 @@ def train_fracture(sets: Sequence[CropSet], budget: Budget, seed: int,
     with _progress(progress) as bar:
         task = bar.add_task("stage 2: fracture per vertebra", total=budget.fracture_steps, status="")
         for _ in range(budget.fracture_steps):
-            chosen = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
-            x = crops[chosen]
-            if rng.random() < 0.5:
-                x = x[..., ::-1]  # left-right mirror
-            x = x * rng.uniform(0.93, 1.07) + rng.normal(0.0, 0.03)
+            chosen = pairs(rng, half)
+            x = appearance_jitter(crops[chosen], rng)
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(device)
             yt = torch.from_numpy(targets[chosen]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -785,7 +847,8 @@ def export_fracture(model: torch.nn.Module, folder: Path) -> Path:
 
 
 def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
-                threshold: float) -> list[Path]:
+                threshold: float, segmentation: bool = True) -> list[Path]:
+    """Both stages' cards (``segmentation=False``: the fracture card only)."""
     seg_dir, fracture_dir = out / SEGMENTATION_MODEL, out / FRACTURE_MODEL
     seg_metrics, fracture_metrics = _split_metrics(metrics)
     point = metrics.get("operating_point", {})
@@ -825,7 +888,16 @@ def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
         clinical_use=False,
         folder=fracture_dir,
     )
-    return [_save(seg, SEG_ARCH), _save(fracture, FRACTURE_ARCH)]
+    return ([_save(seg, SEG_ARCH)] if segmentation else []) + [_save(fracture, FRACTURE_ARCH)]
+
+
+def _rewrite_validation(path: Path, metrics: dict[str, Any]) -> Path:
+    """Replace the validation metrics in the card at ``path``, dated (``revalidated``)."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["weights"].setdefault("metrics", {})["validation"] = metrics
+    data["weights"]["revalidated"] = time.strftime("%Y-%m-%d", time.gmtime())
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
 
 
 def _split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -854,14 +926,12 @@ def revalidate(options: TrainOptions) -> dict[str, Any]:
     point = metrics["operating_point"]
     written = []
     for name, stage in ((SEGMENTATION_MODEL, seg_metrics), (FRACTURE_MODEL, fracture_metrics)):
-        path = out / name / "model.yaml"
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        data["weights"].setdefault("metrics", {})["validation"] = stage
-        data["weights"]["revalidated"] = time.strftime("%Y-%m-%d", time.gmtime())
+        path = _rewrite_validation(out / name / "model.yaml", stage)
         if name == FRACTURE_MODEL:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
             data["preprocessing"]["threshold"] = round(threshold, 4)
             data["preprocessing"]["rule_out_threshold"] = point["rule_out_threshold"]
-        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+            path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         written.append(str(path))
     log.info("ct-cspine revalidated in %.0f s: %s", time.monotonic() - started, point)
     return {"cards": written, "metrics": metrics, "seconds": round(time.monotonic() - started, 1)}
@@ -947,6 +1017,12 @@ def run(options: TrainOptions) -> dict[str, Any]:
 
     if options.validate_only:
         return revalidate(options)
+    if options.stage not in STAGES:
+        raise ValueError(f"ct-cspine trains stage {options.stage!r}? expected one of {', '.join(STAGES)}")
+    fracture_only = options.stage == "fracture"
+    if fracture_only and not (Path(options.out) / SEGMENTATION_MODEL / "model.onnx").is_file():
+        raise FileNotFoundError(f"--stage fracture keeps stage 1 as it is in --out, but "
+                                f"{Path(options.out) / SEGMENTATION_MODEL} has no model.onnx")
 
     torch.set_num_threads(max(1, options.threads))
     torch.backends.cudnn.benchmark = True
@@ -965,8 +1041,9 @@ def run(options: TrainOptions) -> dict[str, Any]:
         fracture_seeds = list(range(seed0 + 5_000, seed0 + 5_000 + budget.fracture_cases))
         validation_seeds = list(range(VALIDATION_SEEDS.start,
                                       VALIDATION_SEEDS.start + budget.validation_cases))
-        seg_cases = _map(partial(seg_case, negative_share=budget.negative_share), seg_seeds,
-                         workers, options.progress, "stage 1 cases (phantom + acquisition)")
+        seg_cases = [] if fracture_only else _map(
+            partial(seg_case, negative_share=budget.negative_share), seg_seeds, workers,
+            options.progress, "stage 1 cases (phantom + acquisition)")
         crop_sets = _map(fracture_case, fracture_seeds, workers, options.progress,
                          "stage 2 crops (phantom at 1 mm + acquisition)")
         validation = _map(validation_case, validation_seeds, workers, options.progress,
@@ -984,14 +1061,17 @@ def run(options: TrainOptions) -> dict[str, Any]:
              len(seg_cases), sum(len(c.targets) for c in crop_sets), len(validation), data_seconds)
     init = Path(options.init) if options.init is not None else None
     started_from = _started_from(init)
-    seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress, init)
-    log.info("ct-cspine: stage 1 trained at %.0f s", time.monotonic() - started)
+    seg_model = None
+    if not fracture_only:
+        seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress, init)
+        log.info("ct-cspine: stage 1 trained at %.0f s", time.monotonic() - started)
     fracture_model = train_fracture(crop_sets, budget, options.seed + 1, options.progress, init)
     train_seconds = time.monotonic() - started
     log.info("ct-cspine: stage 2 trained at %.0f s", train_seconds)
 
     out = Path(options.out)
-    export_segmentation(seg_model, out / SEGMENTATION_MODEL)
+    if seg_model is not None:
+        export_segmentation(seg_model, out / SEGMENTATION_MODEL)
     export_fracture(fracture_model, out / FRACTURE_MODEL)
     provenance = {
         "trained_on": trained_on,
@@ -999,7 +1079,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
         "recipe": "spine-node train ct-cspine"
                   + (" --budget gpu" if options.budget == "gpu" else "")
                   + (f" --epochs {options.epochs}" if options.epochs is not None else "")
-                  + (f" --init {init}" if init is not None else ""),
+                  + (f" --init {init}" if init is not None else "")
+                  + (f" --stage {options.stage}" if fracture_only else ""),
         "seed": options.seed,
         "torch": str(torch.__version__),
         "device": str(_device()),
@@ -1009,9 +1090,13 @@ def run(options: TrainOptions) -> dict[str, Any]:
     if started_from:
         provenance["fine_tuned_from"] = started_from
     # Cards first with a provisional threshold, so the pipeline can load the exports.
-    write_cards(out, provenance, {}, float(FRACTURE_PREPROCESSING["threshold"]))
+    write_cards(out, provenance, {}, float(FRACTURE_PREPROCESSING["threshold"]),
+                segmentation=not fracture_only)
     metrics, threshold = validate(_engines(out), validation, options.progress)
-    cards = write_cards(out, provenance, metrics, threshold)
+    cards = write_cards(out, provenance, metrics, threshold, segmentation=not fracture_only)
+    if fracture_only:  # stage 1 is unchanged, but what validation measured of it is today's
+        cards.insert(0, _rewrite_validation(out / SEGMENTATION_MODEL / "model.yaml",
+                                            _split_metrics(metrics)[0]))
     log.info("ct-cspine trained in %.0f s: %s", train_seconds, metrics)
     return {"cards": [str(c) for c in cards], "metrics": metrics,
             "seconds": round(time.monotonic() - started, 1)}
