@@ -114,6 +114,13 @@ def test_choose_rule_out() -> None:
     positives = np.asarray([s for t, s in zip(truth, scores, strict=True) if t])
     assert np.mean(positives >= rule_out) >= 0.9 and np.mean(positives >= 0.4) < 0.9
     assert recipe.choose_rule_out([0, 0], [0.1, 0.2], 0.9) == 0.0
+    # Negatives low: the sensitivity target decides. Negatives high: the point rises until
+    # no more than half of them are flagged, and the sensitivity falls short.
+    assert recipe.choose_rule_out_point(truth, scores, 0.9, 0.5) == 0.3
+    crowded = [0.05, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.45, 0.55]
+    point = recipe.choose_rule_out_point(truth, crowded, 0.9, 0.5)
+    assert 0.45 < point <= 0.46
+    assert np.mean(np.asarray(crowded[10:]) < point) >= 0.5
 
 
 def test_validation_holds_plain_scans_beside_randomised_ones() -> None:
