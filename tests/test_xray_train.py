@@ -338,3 +338,21 @@ def test_most_segmenter_phantoms_show_the_neck_between_skull_and_shoulders() -> 
             assert views.lat_fracture_map.sum() > 0 and views.ap_fracture_map.sum() > 0
     plain = next(s for s in range(40) if not cohort.with_context(s))
     assert phantom_views(plain, cohort).ap.shape == cohort.shape[:2]
+
+
+def test_gpu_budget_scales_phantoms_and_steps() -> None:
+    """``--budget gpu`` gives every X-ray model more phantoms and four times its steps
+    (crop phase included); the default keeps the models' own; an explicit step count or
+    epochs (``--epochs``) are taken as given."""
+    from spine_node.inference.train import xray as recipe
+
+    default, gpu = recipe._plan(TrainOptions()), recipe._plan(TrainOptions(budget="gpu", threads=16))
+    assert (default.budget, default.steps_factor) == ("default", 1)
+    assert gpu.budget == "gpu" and gpu.train_phantoms > default.train_phantoms and gpu.workers == 16
+    spec = recipe.SPECS[recipe.CSPINE_MODEL]
+    assert spec.crop_steps > 0
+    assert recipe.plan_steps(spec, default, 1000, True) == (spec.steps, spec.crop_steps)
+    assert recipe.plan_steps(spec, gpu, 1000, True) == (4 * spec.steps, 4 * spec.crop_steps)
+    assert recipe.plan_steps(spec, gpu, 1000, False) == (4 * spec.steps, 0)
+    epochs = recipe._plan(TrainOptions(budget="gpu", epochs=2))
+    assert recipe.plan_steps(spec, epochs, 1000, True) == (2 * 1000 // spec.batch_size, 0)

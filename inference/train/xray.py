@@ -1211,6 +1211,15 @@ class Plan:
     heldout_seed: int = 90000000
     steps: int | None = None
     workers: int = 1
+    #: ``--budget``: "default" (2 CPU cores) or "gpu" (more phantoms, ``steps_factor``
+    #: times each model's steps and crop steps; for a CUDA GPU and many cores).
+    budget: str = "default"
+    steps_factor: int = 1
+
+    @classmethod
+    def gpu(cls, seed: int, workers: int) -> Plan:
+        return cls(train_phantoms=960, heldout_phantoms=200, seed=seed, workers=workers,
+                   budget="gpu", steps_factor=4)
 
 
 def _progress(enabled: bool = True) -> Progress:
@@ -1250,10 +1259,7 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
         train, held = load(data, "train", spec), load(data, "val", spec)
         trained_on = f"folder dataset {data.name}/train ({len(train)} samples)"
         evaluated_on = f"folder dataset {data.name}/val"
-    steps = plan.steps or spec.steps
-    if steps < 0:
-        steps = max(1, -steps * len(train) // spec.batch_size)
-    crop_steps = spec.crop_steps if plan.steps is None and train.body_masks else 0
+    steps, crop_steps = plan_steps(spec, plan, len(train), bool(train.body_masks))
     model = train_model(spec, train, plan.seed, steps, progress, crop_steps)
     onnx_path = folder / "model.onnx"
     export_onnx(model, spec, onnx_path)
@@ -1263,7 +1269,8 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
     weights = {
         "trained_on": trained_on,
         "recipe": ("spine-node train xray (the gate trains with the family)" if spec.name == GATE_MODEL
-                   else f"spine-node train {spec.name}"),
+                   else f"spine-node train {spec.name}")
+                  + (f" --budget {plan.budget}" if plan.budget != "default" else ""),
         "architecture": {"name": spec.architecture, "kwargs": dict(spec.architecture_kwargs)},
         "seed": plan.seed,
         "train_samples": len(train),
@@ -1287,8 +1294,19 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
     return card
 
 
+def plan_steps(spec: Spec, plan: Plan, samples: int, body_masks: bool) -> tuple[int, int]:
+    """Whole-image and crop-phase steps of ``spec`` under ``plan`` for ``samples``
+    training samples (crop phase only for the model's default steps, with body masks)."""
+    steps = plan.steps or spec.steps * plan.steps_factor
+    if steps < 0:
+        steps = max(1, -steps * samples // spec.batch_size)
+    crop_steps = spec.crop_steps * plan.steps_factor if plan.steps is None and body_masks else 0
+    return steps, crop_steps
+
+
 def _plan(options: TrainOptions) -> Plan:
-    plan = Plan(seed=Plan.seed + 10_000 * options.seed, workers=max(1, options.threads))
+    seed, workers = Plan.seed + 10_000 * options.seed, max(1, options.threads)
+    plan = Plan.gpu(seed, workers) if options.budget == "gpu" else Plan(seed=seed, workers=workers)
     if options.quick:
         plan = replace(plan, train_phantoms=8, heldout_phantoms=6, steps=4)
     if options.epochs is not None:
