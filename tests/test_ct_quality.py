@@ -25,15 +25,19 @@ from bench.eval_ct import evaluate_cohort, model_provider  # noqa: E402
 SEEDS = range(9_700_000, 9_700_100)
 
 # Bars, below the benchmark's figures for the committed weights (bench/RESULTS.md, "CT
-# cervical spine: held-out evaluation", 0.4.0): same generator Dice 0.981, no wrong level,
-# every in-field level assessed, vertebra AUC 0.97; cross generator 0.995 of vertebrae
-# right or unlabelled (n = 210).
+# cervical spine: held-out evaluation", stage 1 0.4.0, stage 2 0.5.0, n = 200 each):
+# same generator Dice 0.979, no wrong level, every in-field level assessed, vertebra AUC
+# 0.94; cross generator Dice 0.76, 1.00 of vertebrae right or unlabelled, vertebra AUC
+# 0.7. The cross-generator stage-2 bar only catches a collapse: 20 cases hold about 15
+# fractured vertebrae, so its interval is about +-0.15.
 DICE_SAME = 0.93
 ASSESSED_SAME = 0.85
 WRONG_LEVELS_MAX = 0.03
 VERTEBRA_AUC_SAME = 0.85
 DICE_SHIFTED = 0.93
 RIGHT_OR_UNLABELLED_CROSS = 0.90
+DICE_CROSS = 0.65
+VERTEBRA_AUC_CROSS = 0.55
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +61,14 @@ def test_same_generator_fresh_seeds(models: Callable[[str], Any]) -> None:
 
 
 def test_cross_generator(models: Callable[[str], Any]) -> None:
-    result = evaluate_cohort("cross", SEEDS[:4], models)
+    result = evaluate_cohort("cross", SEEDS[:20], models)
     print({k: result[k] for k in ("dice_mean", "level_accuracy", "assessed_in_field", "auc_vertebra",
                                   "sensitivity", "specificity")})
     assert result["crashed"] == 0
     # Whatever carries a level carries the right one (or none): no shifted labels.
     assert _share(result["level_accuracy"]["right_or_unlabelled"]) >= RIGHT_OR_UNLABELLED_CROSS
+    assert result["dice_mean"] >= DICE_CROSS
+    assert result["auc_vertebra"]["auc"] >= VERTEBRA_AUC_CROSS
 
 
 def test_calibration_shift(models: Callable[[str], Any]) -> None:
