@@ -822,7 +822,7 @@ def vertebra_frames(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, V
 
 
 def oriented_crop(hu: np.ndarray, spacing: Sequence[float], frame: VertebraFrame,
-                  crop_shape: Sequence[int], half_mm: Sequence[float],
+                  crop_shape: Sequence[int], half_mm: Sequence[float] | np.ndarray,
                   rng: np.random.Generator | None = None) -> np.ndarray:
     """HU samples on a ``crop_shape`` grid spanning ``half_mm`` either side of ``frame``'s
     centre along its axes. ``rng`` jitters the centre and the scale and tilts the axes by
