@@ -906,11 +906,14 @@ def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
     return ([_save(seg, SEG_ARCH)] if segmentation else []) + [_save(fracture, FRACTURE_ARCH)]
 
 
-def _rewrite_validation(path: Path, metrics: dict[str, Any]) -> Path:
-    """Replace the validation metrics in the card at ``path``, dated (``revalidated``)."""
+def _rewrite_validation(path: Path, metrics: dict[str, Any],
+                        preprocessing: dict[str, Any] | None = None) -> Path:
+    """Replace the validation metrics in the card at ``path``, dated (``revalidated``),
+    and update its ``preprocessing`` with the given entries (operating points)."""
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     data["weights"].setdefault("metrics", {})["validation"] = metrics
     data["weights"]["revalidated"] = time.strftime("%Y-%m-%d", time.gmtime())
+    data["preprocessing"].update(preprocessing or {})
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
 
@@ -940,13 +943,10 @@ def revalidate(options: TrainOptions) -> dict[str, Any]:
     seg_metrics, fracture_metrics = _split_metrics(metrics)
     point = metrics["operating_point"]
     written = []
+    points = {"threshold": round(threshold, 4), "rule_out_threshold": point["rule_out_threshold"]}
     for name, stage in ((SEGMENTATION_MODEL, seg_metrics), (FRACTURE_MODEL, fracture_metrics)):
-        path = _rewrite_validation(out / name / "model.yaml", stage)
-        if name == FRACTURE_MODEL:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            data["preprocessing"]["threshold"] = round(threshold, 4)
-            data["preprocessing"]["rule_out_threshold"] = point["rule_out_threshold"]
-            path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        path = _rewrite_validation(out / name / "model.yaml", stage,
+                                   points if name == FRACTURE_MODEL else None)
         written.append(str(path))
     log.info("ct-cspine revalidated in %.0f s: %s", time.monotonic() - started, point)
     return {"cards": written, "metrics": metrics, "seconds": round(time.monotonic() - started, 1)}
