@@ -507,6 +507,29 @@ def test_stage_two_pairs_each_fracture_with_an_intact_vertebra_of_its_group() ->
     assert len(recipe.level_balanced_pairs(np.zeros(4), levels[:4])(np.random.default_rng(0), 3)) == 6
 
 
+
+def test_shape_jitter_scales_and_tilts_crops_about_their_centre(monkeypatch: pytest.MonkeyPatch) -> None:
+    crop = np.zeros((1, 24, 48, 48), np.float32)
+    crop[0, 5:8, 9:12, 29:32] = 1.0  # a block off the centre (11.5, 23.5, 23.5)
+    monkeypatch.setattr(recipe, "SHAPE_JITTER_SHARE", 1.0)
+    monkeypatch.setattr(recipe, "SHAPE_SCALE_Z", (1.3, 1.3))
+    monkeypatch.setattr(recipe, "SHAPE_SCALE_YX", (0.9, 0.9))
+    monkeypatch.setattr(recipe, "SHAPE_TILT_DEG", 0.0)
+    out = recipe.shape_jitter(crop, np.random.default_rng(0))[0]
+    expected = [(6 - 11.5) * 1.3 + 11.5, (10 - 23.5) * 0.9 + 23.5, (30 - 23.5) * 0.9 + 23.5]
+    assert np.allclose(ndimage.center_of_mass(out), expected, atol=0.25)
+    assert out.sum() == pytest.approx(crop.sum() * 1.3 * 0.9 * 0.9, rel=0.1)
+    # a tilt moves the block in the sagittal plane (z, y) only
+    monkeypatch.setattr(recipe, "SHAPE_SCALE_Z", (1.0, 1.0))
+    monkeypatch.setattr(recipe, "SHAPE_SCALE_YX", (1.0, 1.0))
+    monkeypatch.setattr(recipe, "SHAPE_TILT_DEG", 10.0)
+    tilted = ndimage.center_of_mass(recipe.shape_jitter(crop, np.random.default_rng(1))[0])
+    assert tilted[2] == pytest.approx(30.0, abs=0.05)
+    assert abs(tilted[0] - 6.0) + abs(tilted[1] - 10.0) > 0.3
+    # share 0: the batch as it came
+    monkeypatch.setattr(recipe, "SHAPE_JITTER_SHARE", 0.0)
+    assert recipe.shape_jitter(crop, np.random.default_rng(2)) is crop
+
 def test_train_cli_lists_families() -> None:
     result = subprocess.run([sys.executable, "-m", "spine_node.node.cli", "train", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120, check=False)

@@ -226,3 +226,16 @@ def test_both_pipeline_entries_give_one_answer() -> None:
         assert (level["score"] is None) == (other["score"] is None), name
         if level["score"] is not None:
             assert level["score"] == pytest.approx(other["score"], abs=1e-5), name
+
+
+def test_stage_two_kinds_crops_each_vertebra_at_its_true_box(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """bench.ct_kinds: one crop per vertebra in the field, its level, the forced kind."""
+    from bench import ct_kinds
+
+    crops, levels, kinds = ct_kinds.case_crops(ct_kinds.SEED_BASE)  # pattern 0: a dens fracture of C2
+    assert crops.shape[1:] == (24, 48, 48) and len(crops) == len(levels) == len(kinds) >= 6
+    assert kinds[levels.index("C2")] == "dens"
+    assert [k for k, lv in zip(kinds, levels, strict=True) if lv != "C2"] == [""] * (len(levels) - 1)
+    assert levels == sorted(levels)
+    # every crop holds bone around its middle (normalised HU > 0.3 somewhere in the centre)
+    assert (crops[:, 8:16, 16:32, 16:32].max(axis=(1, 2, 3)) > 0.3).all()

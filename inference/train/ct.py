@@ -82,7 +82,7 @@ from spine_node.inference.train import TrainOptions
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.5.0"
+VERSION = "0.6.0"
 SEG_ARCH = ("cspine-ct-unet3d", {"widths": [16, 32, 64, 64], "stem": 6, "classes": len(SEG_CLASSES) + 1})
 FRACTURE_ARCH = ("cspine-ct-vertebra-classifier-2.5d",
                  {"slices": 24, "group": 3, "widths": [12, 24, 32, 48], "hidden": 32})
@@ -610,14 +610,57 @@ def level_balanced_pairs(targets: np.ndarray, levels: Sequence[str]
     return draw
 
 
+#: Stage-2 shape jitter (:func:`shape_jitter`): share of crops, range of the scale along
+#: the spine axis and across it, and the largest tilt (degrees) in the sagittal plane.
+SHAPE_JITTER_SHARE = 0.7
+SHAPE_SCALE_Z = (0.7, 1.45)
+SHAPE_SCALE_YX = (0.85, 1.2)
+SHAPE_TILT_DEG = 12.0
+
+
+def shape_jitter(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stage-2 crops ``(B, D, H, W)`` with other proportions: :data:`SHAPE_JITTER_SHARE` of
+    them scaled about their centre by :data:`SHAPE_SCALE_Z` along the spine axis and
+    :data:`SHAPE_SCALE_YX` front-back and across (each on its own) and tilted up to
+    :data:`SHAPE_TILT_DEG` in the sagittal plane; the others unchanged.
+
+    Crops are stretched over each vertebra's box, so a vertebra taller or squatter than
+    our phantoms' (another body, another generator: the second generator's C2 with its
+    dens is half as tall again as ours) shows its fracture gap thinner or wider in crop
+    voxels and its parts at other heights. Edge values fill what comes in from outside."""
+    chosen = np.flatnonzero(rng.random(len(crops)) < SHAPE_JITTER_SHARE)
+    if not len(chosen):
+        return crops
+    half = (np.asarray(crops.shape[1:], float) - 1) / 2
+    thetas = []
+    for _ in chosen:
+        scale = np.array([rng.uniform(*SHAPE_SCALE_Z), *rng.uniform(*SHAPE_SCALE_YX, size=2)])
+        angle = np.deg2rad(rng.uniform(-SHAPE_TILT_DEG, SHAPE_TILT_DEG))
+        c, s = np.cos(angle), np.sin(angle)
+        rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+        # voxel offsets (z, y, x) from the centre: input = R^T S^-1 output (zoom by S);
+        # in grid_sample's units (-1..1 per axis) and its axis order (x, y, z)
+        matrix = np.diag(1 / half) @ rotation.T @ np.diag(1.0 / scale) @ np.diag(half)
+        theta = np.zeros((3, 4))
+        theta[:, :3] = matrix[::-1, ::-1]
+        thetas.append(theta)
+    x = torch.from_numpy(np.ascontiguousarray(crops[chosen], dtype=np.float32))[:, None]
+    grid = F.affine_grid(torch.from_numpy(np.stack(thetas)).float(), list(x.shape), align_corners=True)
+    out = crops.copy()
+    out[chosen] = F.grid_sample(x, grid, mode="bilinear", padding_mode="border",
+                                align_corners=True)[:, 0].numpy()
+    return out
+
+
 def appearance_jitter(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Stage-2 training batch ``(B, D, H, W)`` as other scanners and bodies would show it,
-    each crop on its own: left-right mirror, contrast 0.8-1.25 and level +-0.05 (bone
+    each crop on its own: other proportions in :data:`SHAPE_JITTER_SHARE` of the crops
+    (:func:`shape_jitter`), left-right mirror, contrast 0.8-1.25 and level +-0.05 (bone
     density, calibration), a blur of 0.3-1 voxel in one crop of three (reconstruction
     kernel, slice profile) and noise of 0-0.06 (dose). Fracture gaps and steps survive all
-    of them; the texture of one generator does not."""
+    of them; the texture and proportions of one generator do not."""
     out = np.empty_like(crops)
-    for k, crop in enumerate(crops):
+    for k, crop in enumerate(shape_jitter(crops, rng)):
         x = crop[..., ::-1] if rng.random() < 0.5 else crop
         centre = float(x.mean())
         x = (x - centre) * rng.uniform(0.8, 1.25) + centre + rng.normal(0.0, 0.05)

@@ -1,0 +1,120 @@
+"""Stage 2 alone on the second CT generator, per fracture kind.
+
+Crops every C1-C7 vertebra of second-generator scans at its *true* box (stage 1 left out),
+scores them with the fracture model of one or more engine folders and prints, per
+fracture kind, the vertebra AUC of fractured crops of that kind against intact crops of
+the same levels, with n and a DeLong 95 % interval. It tells whether a miss comes from
+stage 2 (the crop and the classifier) or from stage 1 (levels, boxes).
+
+    python -m bench.ct_kinds --n 120 --cache bench/out/ct_kinds.npz
+    python -m bench.ct_kinds --cache bench/out/ct_kinds.npz --engines engines other/engines
+
+The scans force one fracture pattern each, in turn (C2 dens, C2 hangman, C1 Jefferson, a
+lower-level line, compression, burst, teardrop, spinous process) with every fifth scan
+fracture-free, so each kind has dozens of cases at n = 120. Seeds start at 7 100 000,
+apart from the benchmark's (bench/eval_ct.py). Synthetic data; not for clinical use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+SEED_BASE = 7_100_000
+#: (level, kind) forced in turn; None: a fracture-free scan.
+PATTERNS: tuple[tuple[str, str] | None, ...] = (
+    ("C2", "dens"), ("C2", "hangman"), ("C1", "jefferson"), None, ("C4", "line"),
+    ("C5", "compression"), ("C6", "burst"), ("C2", "dens"), None, ("C3", "teardrop"),
+    ("C7", "spinous"), ("C2", "hangman"), ("C6", "line"), None, ("C5", "burst"))
+
+
+def case_crops(seed: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """Normalised stage-2 crops of one second-generator scan: crops, level, kind ('' intact)."""
+    from spine_node.inference.heldout import ct as heldout
+    from spine_node.inference.pipelines import ct_cspine
+
+    pattern = PATTERNS[(seed - SEED_BASE) % len(PATTERNS)]
+    fractures = {pattern[0]: pattern[1]} if pattern else {}
+    ct = heldout.generate(seed, fractures=fractures)
+    labels = np.asarray(ct.labels)
+    labels = np.where(labels <= len(ct_cspine.LEVELS), labels, 0)
+    listed = set(ct.levels_in_field)
+    pre = ct_cspine.FRACTURE_PREPROCESSING
+    found = ct_cspine.stage2_crops(np.asarray(ct.hu, np.float32), ct.spacing, labels, ct.spacing, pre)
+    crops, levels, kinds = [], [], []
+    for level, crop in found.items():
+        if level not in listed:
+            continue
+        crops.append(ct_cspine.normalise_crop(crop))
+        levels.append(level)
+        kinds.append(ct.fractures.get(level, ""))
+    shape = (0, *(int(n) for n in pre["crop_shape"]))
+    return (np.stack(crops) if crops else np.zeros(shape, np.float32)), levels, kinds
+
+
+def build_cache(n: int, path: Path, workers: int) -> None:
+    seeds = list(range(SEED_BASE, SEED_BASE + n))
+    crops, levels, kinds, cases = [], [], [], []
+    with ProcessPoolExecutor(workers) as pool:
+        for k, (c, lv, kd) in enumerate(pool.map(case_crops, seeds)):
+            crops.append(c.astype(np.float16))
+            levels += lv
+            kinds += kd
+            cases += [seeds[k]] * len(lv)
+            print(f"\r{k + 1}/{n} scans", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, crops=np.concatenate(crops), levels=np.asarray(levels),
+                        kinds=np.asarray(kinds), cases=np.asarray(cases))
+
+
+def scores(engines: Path, crops: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(engines / "cspine-ct-fracture" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: crops[i:i + 8][None].astype(np.float32)})[0][0]
+           for i in range(0, len(crops), 8)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def report(engines: Path, data: dict[str, np.ndarray]) -> list[str]:
+    from spine_node.inference.stats import auc_ci
+
+    p = scores(engines, data["crops"])
+    levels, kinds = data["levels"], data["kinds"]
+    lines = [f"{engines}", f"{'kind':<12} {'n pos':>5} {'n neg':>5}  AUC (95 % CI)"]
+    for kind in sorted(set(kinds) - {""}) + ["all"]:
+        pos = kinds != "" if kind == "all" else kinds == kind
+        at = set(levels[pos])
+        neg = (kinds == "") & np.isin(levels, list(at))
+        y = np.r_[np.ones(pos.sum()), np.zeros(neg.sum())]
+        result = auc_ci(y, np.r_[p[pos], p[neg]])
+        lines.append(f"{kind:<12} {int(pos.sum()):>5} {int(neg.sum()):>5}  "
+                     f"{result.auc:.3f} ({result.low:.3f}-{result.high:.3f})")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=0, help="scans to generate into --cache (0: use it)")
+    parser.add_argument("--cache", type=Path, default=Path("bench/out/ct_kinds.npz"))
+    parser.add_argument("--engines", type=Path, nargs="*", default=[Path("engines")])
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.n:
+        build_cache(args.n, args.cache, args.workers)
+    data = dict(np.load(args.cache))
+    for engines in args.engines:
+        print("\n".join(report(engines, data)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
