@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("scipy")  # the phantoms need it
@@ -28,6 +29,7 @@ from spine_node.inference.pipelines.xray import (  # noqa: E402
     _grid_mm,
     _window_to_source,
     _windows,
+    content_problem,
     from_canvas,
     operating_threshold,
     pixel_spacing,
@@ -347,6 +349,16 @@ def test_noise_is_not_assessable(pipeline: str, models: OrtModels, tmp_path: Pat
     assert "noise" in (result.not_performed_reason or "")
     assert result.findings == [] and result.segmentation is None and result.probability_map is None
     assert any("0.15 mm assumed" in note for note in result.notes)
+
+
+def test_a_field_larger_than_a_neck_film_is_not_a_cervical_spine_radiograph() -> None:
+    """A 35 x 43 cm chest field is declined from its size; a neck field, wide or tall, is not."""
+    rng = np.random.default_rng(0)
+    canvas = ndimage.gaussian_filter(rng.normal(0.0, 1.0, (200, 170)), 3.0)  # smooth: not noise
+    assert "chest or body radiograph" in content_problem(canvas, (430.0, 350.0))
+    assert content_problem(canvas, (300.0, 250.0)) == ""   # a cervical field 1.5 x as wide
+    assert content_problem(canvas, (430.0, 240.0)) == ""   # long but narrow (whole spine)
+    assert "smaller than any" in content_problem(canvas, (50.0, 240.0))
 
 
 def test_pixel_spacing_sources() -> None:

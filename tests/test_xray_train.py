@@ -315,9 +315,10 @@ def test_context_field_holds_every_lesion_whole() -> None:
 def test_most_segmenter_phantoms_show_the_neck_between_skull_and_shoulders() -> None:
     """Three in four of the segmenters' phantoms are drawn with their surroundings and
     varied anatomy, cut to the same field as the classic ones; their lesions stay located.
-    The classifiers and the gate keep the classic phantoms."""
+    The classifiers keep the classic phantoms; the gate draws half of its with context."""
     from spine_node.inference.train.xray import (
         CONTEXT_COHORT,
+        GATE_COHORT,
         GATE_MODEL,
         RADIOGRAPHIC_COHORT,
         UNET_AP_MODEL,
@@ -327,6 +328,8 @@ def test_most_segmenter_phantoms_show_the_neck_between_skull_and_shoulders() -> 
     cohort = CONTEXT_COHORT
     assert SPECS[UNET_AP_MODEL].cohort is cohort and SPECS[GATE_MODEL].cohort is not cohort
     assert not any(RADIOGRAPHIC_COHORT.with_context(seed) for seed in range(50))
+    assert SPECS[GATE_MODEL].cohort is GATE_COHORT
+    assert 0.4 < np.mean([GATE_COHORT.with_context(seed) for seed in range(400)]) < 0.6
     chosen = [cohort.with_context(seed) for seed in range(400)]
     assert 0.65 < np.mean(chosen) < 0.85
     seeds = [s for s in range(40) if cohort.with_context(s)][:6]

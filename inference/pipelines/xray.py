@@ -543,6 +543,10 @@ def _only_series(inputs: Sequence[SeriesRef], pipeline: str) -> SeriesRef:
 MIN_NEIGHBOUR_CORRELATION = 0.35
 #: A spine radiograph's field is at least this many mm along each axis.
 MIN_FIELD_MM = 60.0
+#: A cervical spine radiograph is taken on an 18 x 24 or 24 x 30 cm field: one wider than
+#: this on *both* axes is a chest, abdomen or whole-body radiograph (35 x 43 cm; the
+#: project's own chest junk spans 350-430 mm), whose centre the models would read as a neck.
+MAX_CERVICAL_FIELD_MM = 300.0
 
 
 @dataclass(frozen=True)
@@ -561,6 +565,10 @@ def content_problem(canvas: np.ndarray, field_mm: tuple[float, float]) -> str:
     if min(field_mm) < MIN_FIELD_MM:
         return (f"the image covers {field_mm[0]:.0f} x {field_mm[1]:.0f} mm, smaller than any "
                 f"spine radiograph ({MIN_FIELD_MM:.0f} mm)")
+    if min(field_mm) > MAX_CERVICAL_FIELD_MM:
+        return (f"the image covers {field_mm[0]:.0f} x {field_mm[1]:.0f} mm, more than a cervical "
+                f"spine radiograph ({MAX_CERVICAL_FIELD_MM:.0f} mm on each side): a chest or body "
+                "radiograph?")
     values = canvas.astype(np.float64)
     low, high = np.percentile(values, (1.0, 99.0))
     if not np.isfinite(high - low) or high - low <= 1e-6 * max(abs(high), abs(low), 1.0):
