@@ -107,36 +107,25 @@ def test_same_generator_cohort(same: list[dict[str, Any]]) -> None:
 
 
 def test_cross_generator_cohort(cross: list[dict[str, Any]]) -> None:
-    # Refused: 0.56 at n = 200 since a view the gate and ViewPosition disagree on is not
-    # read (the gate reads most of this generator's AP views as LAT). The U-Nets read
-    # only views taken right: Dice 0.45 AP, 0.36 LAT at n = 200 (0.20 / 0.16 before the
-    # context phantoms and the view check).
-    _check(cross, {"tissue": 0.6, "refused": 0.7, "unet-ap": 0.3, "unet-lat": 0.25})
+    # Refused: 0.21-0.37 per pipeline at n = 200 with view gate 0.2.0 (0.56 with 0.1.0,
+    # which read most of this generator's AP views as LAT). The U-Nets read only views
+    # taken right: Dice 0.44 AP, 0.37 LAT at n = 200.
+    _check(cross, {"tissue": 0.6, "refused": 0.45, "unet-ap": 0.3, "unet-lat": 0.25})
 
 
 def test_rotated_cohort(rotated: list[dict[str, Any]]) -> None:
-    _check(rotated, {"tissue": 0.6, "refused": 0.65})
+    _check(rotated, {"tissue": 0.6, "refused": 0.5})
 
 
 def test_junk_is_never_read_as_a_spine() -> None:
-    """The project's own junk kinds and the evaluation generator's are refused, except its
-    chest and hand phantoms, which the gate (with the ViewPosition check) refuses 98 % and
-    100 % of the time (bench/RESULTS.md, n = 40 images each): for those two the bar is a
-    share of the runs."""
-    everything = _cohort("junk", 3)
-    partly = ("heldout-chest", "heldout-hand")
-    records = [r for r in everything if r["kind"] not in partly]
+    """The project's own junk kinds and the evaluation generator's (chest and hand
+    radiographs included) are not assessable: nothing read, no finding, no mask."""
+    records = _cohort("junk", 3)
     kinds = {r["kind"] for r in records}
-    assert {"uniform_noise", "blank", "chest", "hand", "ct_slice"} <= kinds
+    assert {"uniform_noise", "blank", "chest", "hand", "ct_slice", "heldout-chest",
+            "heldout-hand"} <= kinds
     performed = [(r["kind"], r["pipeline"]) for r in records if r["performed"]]
     assert performed == []
     assert sum(r["present"] for r in records) == 0
     assert not any(r["mask"] for r in records)
     assert all(r["reason"].startswith("Not assessable") for r in records)
-    for kind in partly:
-        runs = [r for r in everything if r["kind"] == kind]
-        assert runs, kind
-        refused = float(np.mean([not r["performed"] for r in runs]))
-        # Three images of each: one let through leaves 0.67; the gate before local
-        # contrast refused the chest in 0.21 of runs.
-        assert refused >= 0.5, (kind, refused)
