@@ -3,7 +3,8 @@
 Crops every C1-C7 vertebra of second-generator scans at its *true* box (stage 1 left out),
 scores them with the fracture model of one or more engine folders and prints, per
 fracture kind, the vertebra AUC of fractured crops of that kind against intact crops of
-the same levels, with n and a DeLong 95 % interval. It tells whether a miss comes from
+the same levels, with n and a 95 % interval from a bootstrap over scans (the vertebrae
+of one scan are resampled together, as bench/eval_ct.py does for its vertebra AUC). It tells whether a miss comes from
 stage 2 (the crop and the classifier) or from stage 1 (levels, boxes).
 
     python -m bench.ct_kinds --n 120 --cache bench/out/ct_kinds.npz
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.eval_ct import _cervical, model_provider
+
 SEED_BASE = 7_100_000
 #: (level, kind) forced in turn; None: a fracture-free scan.
 PATTERNS: tuple[tuple[str, str] | None, ...] = (
@@ -41,8 +44,7 @@ def case_crops(seed: int) -> tuple[np.ndarray, list[str], list[str]]:
     pattern = PATTERNS[(seed - SEED_BASE) % len(PATTERNS)]
     fractures = {pattern[0]: pattern[1]} if pattern else {}
     ct = heldout.generate(seed, fractures=fractures)
-    labels = np.asarray(ct.labels)
-    labels = np.where(labels <= len(ct_cspine.LEVELS), labels, 0)
+    labels = _cervical(np.asarray(ct.labels))
     listed = set(ct.levels_in_field)
     pre = ct_cspine.FRACTURE_PREPROCESSING
     found = ct_cspine.stage2_crops(np.asarray(ct.hu, np.float32), ct.spacing, labels, ct.spacing, pre)
@@ -74,13 +76,15 @@ def build_cache(n: int, path: Path, workers: int) -> None:
 
 
 def scores(engines: Path, crops: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    """Stage 2's probability of every crop, by the fracture model in ``engines`` loaded as
+    the pipeline loads it (onnxruntime on the CPU), eight crops a call."""
+    from spine_node.inference.pipelines import engine_card
+    from spine_node.inference.pipelines.ct_cspine import FRACTURE_MODEL, _single_output
 
-    session = ort.InferenceSession(str(engines / "cspine-ct-fracture" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    out = [session.run(None, {name: crops[i:i + 8][None].astype(np.float32)})[0][0]
-           for i in range(0, len(crops), 8)]
+    engine = model_provider(engines)(FRACTURE_MODEL)
+    card = engine_card(engine)
+    out = [_single_output(engine.infer({card.inputs[0].name: crops[i:i + 8][None].astype(np.float32)}),
+                          card)[0] for i in range(0, len(crops), 8)]
     return np.concatenate(out).astype(np.float64)
 
 
@@ -95,7 +99,8 @@ def report(engines: Path, data: dict[str, np.ndarray]) -> list[str]:
         at = set(levels[pos])
         neg = (kinds == "") & np.isin(levels, list(at))
         y = np.r_[np.ones(pos.sum()), np.zeros(neg.sum())]
-        result = auc_ci(y, np.r_[p[pos], p[neg]])
+        result = auc_ci(y, np.r_[p[pos], p[neg]], method="bootstrap",
+                        groups=np.r_[data["cases"][pos], data["cases"][neg]])
         lines.append(f"{kind:<12} {int(pos.sum()):>5} {int(neg.sum()):>5}  "
                      f"{result.auc:.3f} ({result.low:.3f}-{result.high:.3f})")
     return lines

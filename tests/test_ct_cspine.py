@@ -507,7 +507,6 @@ def test_stage_two_pairs_each_fracture_with_an_intact_vertebra_of_its_group() ->
     assert len(recipe.level_balanced_pairs(np.zeros(4), levels[:4])(np.random.default_rng(0), 3)) == 6
 
 
-
 def test_shape_jitter_scales_and_tilts_crops_about_their_centre(monkeypatch: pytest.MonkeyPatch) -> None:
     crop = np.zeros((1, 24, 48, 48), np.float32)
     crop[0, 5:8, 9:12, 29:32] = 1.0  # a block off the centre (11.5, 23.5, 23.5)
@@ -529,6 +528,7 @@ def test_shape_jitter_scales_and_tilts_crops_about_their_centre(monkeypatch: pyt
     # share 0: the batch as it came
     monkeypatch.setattr(recipe, "SHAPE_JITTER_SHARE", 0.0)
     assert recipe.shape_jitter(crop, np.random.default_rng(2)) is crop
+
 
 def test_train_cli_lists_families() -> None:
     result = subprocess.run([sys.executable, "-m", "spine_node.node.cli", "train", "--help"], cwd=REPO,

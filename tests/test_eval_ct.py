@@ -228,7 +228,7 @@ def test_both_pipeline_entries_give_one_answer() -> None:
             assert level["score"] == pytest.approx(other["score"], abs=1e-5), name
 
 
-def test_stage_two_kinds_crops_each_vertebra_at_its_true_box(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_stage_two_kinds_crops_each_vertebra_at_its_true_box() -> None:
     """bench.ct_kinds: one crop per vertebra in the field, its level, the forced kind."""
     from bench import ct_kinds
 

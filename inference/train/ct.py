@@ -661,9 +661,9 @@ def shape_jitter(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def appearance_jitter(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Stage-2 training batch ``(B, D, H, W)`` as other scanners and bodies would show it,
     each crop on its own: other proportions in :data:`SHAPE_JITTER_SHARE` of the crops
-    (:func:`shape_jitter`; none in the recipe), left-right mirror, contrast 0.8-1.25 and level +-0.05 (bone
-    density, calibration), a blur of 0.3-1 voxel in one crop of three (reconstruction
-    kernel, slice profile) and noise of 0-0.06 (dose). Fracture gaps and steps survive all
+    (:func:`shape_jitter`; none in the recipe), left-right mirror, contrast 0.8-1.25 and
+    level +-0.05 (bone density, calibration), a blur of 0.3-1 voxel in one crop of three
+    (reconstruction kernel, slice profile) and noise of 0-0.06 (dose). Fracture gaps and steps survive all
     of them; the texture and proportions of one generator do not."""
     out = np.empty_like(crops)
     for k, crop in enumerate(shape_jitter(crops, rng)):
