@@ -74,8 +74,9 @@ STRUCTURES: dict[int, str] = {
     12: "c1_posterior_arch",
     13: "other_bone",
     14: "rib",
+    15: "articular_pillar",
 }
-_BONE_CODES = (1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14)
+_BONE_CODES = (1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14, 15)
 
 #: Radiograph structure maps: view -> label value -> structure key (encoder keys).
 AP_STRUCTURES: dict[int, str] = {1: "vertebral_body", 2: "pedicle", 3: "spinous_process"}
@@ -97,7 +98,7 @@ _AP_SOURCES: tuple[tuple[int, tuple[int, ...]], ...] = (
 )
 _LAT_SOURCES: tuple[tuple[int, tuple[int, ...]], ...] = (
     (5, (8,)),
-    (2, (2, 3, 4, 5, 11, 12)),
+    (2, (2, 3, 4, 5, 11, 12, 15)),
     (4, (7,)),
     (3, (6,)),
     (1, (1, 10)),
@@ -282,6 +283,19 @@ def _ellipsoid(q: np.ndarray, c: Sequence[float], semi: Sequence[float]) -> np.n
     return (1.0 - rho) * float(s.min())
 
 
+def _sheared_block(q: np.ndarray, c: Sequence[float], semi: Sequence[float],
+                   slope_deg: float) -> np.ndarray:
+    """A rounded box (super-ellipsoid, exponent 4) whose top and bottom faces slope down
+    posteriorly by ``slope_deg`` while its sides stay vertical: an articular pillar, whose
+    facet joints face up and back. Along any vertical line it is ``2 * semi[2]`` tall."""
+    u = (q[:, 0] - float(c[0])) / float(semi[0])
+    dy = q[:, 1] - float(c[1])
+    v = dy / float(semi[1])
+    w = (q[:, 2] - float(c[2]) - dy * float(np.tan(np.deg2rad(slope_deg)))) / float(semi[2])
+    rho = (u ** 4 + v ** 4 + w ** 4) ** 0.25
+    return (1.0 - rho) * float(min(semi))
+
+
 def _elliptic_cylinder(q: np.ndarray, cu: float, cv: float, au: float, av: float,
                        w0: float, w1: float) -> np.ndarray:
     rho = np.sqrt(((q[:, 0] - cu) / au) ** 2 + ((q[:, 1] - cv) / av) ** 2)
@@ -329,6 +343,9 @@ class _Placed:
     bifid: bool = False
     c1_scale: float = 1.0
     dens_scale: tuple[float, float] = (1.0, 1.0)  # length, radius
+    #: Articular pillars (``posterior_detail``): (facet slope deg, half-width, half-depth mm).
+    pillars: tuple[float, float, float] | None = None
+    c1_transverse: float = 30.0  # where C1's transverse process tips sit (mm off the midline)
 
 
 @dataclass(frozen=True)
@@ -364,9 +381,26 @@ class _Variation:
     larynx_hu: float | None
     arteries_hu: float | None
     seed: int
+    #: ``posterior_detail``: spinous processes sloping down by this angle (degrees below
+    #: the horizontal; None: the textbook drop), lengthened by (C2 and C7-T3, C3-C6)
+    #: factors, and articular pillars (facet slope deg, half-width, half-depth mm).
+    spinous_slope_deg: float | None = None
+    spinous_long: tuple[float, float] = (1.0, 1.0)
+    pillars: tuple[float, float, float] | None = None
+    #: ``posterior_detail``: transverse processes longer by (C2-C6, C7, C1) factors.
+    transverse_long: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @classmethod
-    def draw(cls, seed: int, names: Sequence[str]) -> _Variation:
+    def draw(cls, seed: int, names: Sequence[str], posterior: bool = False) -> _Variation:
+        extra: dict[str, Any] = {}
+        if posterior:
+            # Its own stream, so the draws below are the same with or without it.
+            p = np.random.default_rng([seed, 0x5A19]).uniform
+            extra = dict(spinous_slope_deg=float(p(12.0, 42.0)),
+                         spinous_long=(float(p(1.1, 1.6)), float(p(0.95, 1.4))),
+                         pillars=(float(p(28.0, 55.0)), float(p(3.5, 5.5)), float(p(4.0, 6.5))),
+                         transverse_long=(float(p(1.25, 1.75)), float(p(1.5, 2.0)),
+                                          float(p(1.1, 1.35))))
         rng = np.random.default_rng([seed, 0x5A17])
         u = rng.uniform
         factors = {"a": u(0.82, 1.2), "b": u(0.82, 1.2), "h": u(0.85, 1.2), "disc": u(0.65, 1.4),
@@ -393,7 +427,7 @@ class _Variation:
             larynx_hu=float(u(150.0, 700.0)) if rng.random() < 0.5 else None,
             arteries_hu=(float(u(250.0, 500.0)) if rng.random() < 0.2
                          else float(u(600.0, 1200.0)) if rng.random() < 0.2 else None),
-            seed=int(seed),
+            seed=int(seed), **extra,
         )
 
     def shape(self, name: str, ls: _LevelShape) -> _LevelShape:
@@ -406,7 +440,25 @@ class _Variation:
             if key == "disc" and name in self.narrowed:
                 factor *= self.narrowed[name]
             values[key] = value * factor
+        if self.spinous_slope_deg is not None and name != "C1":
+            # Real spinous processes slope down and back, C2's and C7's (vertebra
+            # prominens) and the upper thoracic ones the longest and the thoracic steepest.
+            long_ = name in ("C2", "C7") or name.startswith("T")
+            length = min(values["spinous_len"] * self.spinous_long[0 if long_ else 1], 48.0)
+            # C2's (bifid, massive) points nearly straight back; the slope grows down the
+            # neck, and the upper thoracic processes stand steepest.
+            slope = (self.spinous_slope_deg * _SPINOUS_SLOPE_SHARE.get(name, 1.0)
+                     + (12.0 if name.startswith("T") else 0.0) + float(rng.uniform(-5.0, 5.0)))
+            values["spinous_len"] = length
+            values["spinous_drop"] = length * float(np.tan(np.deg2rad(min(slope, 60.0))))
+            if name.startswith("C"):
+                # Real cervical transverse processes span 50-60 mm tip to tip, C7's ~70.
+                values["transverse_len"] *= self.transverse_long[1 if name == "C7" else 0]
         return _LevelShape(**values)
+
+
+#: Share of a spine's spinous-process slope (``posterior_detail``) each level takes.
+_SPINOUS_SLOPE_SHARE = {"C2": 0.4, "C3": 0.7, "C4": 0.8, "C5": 0.9}
 
 
 def _pick_fractures(rng: np.random.Generator, names: Sequence[str], p_fracture: float,
@@ -443,6 +495,7 @@ def generate(
     pose_deg: tuple[float, float, float] | None = None,
     varied_fractures: bool = False,
     varied_anatomy: bool = False,
+    posterior_detail: bool = False,
 ) -> Phantom:
     """Draw a phantom from ``seed``.
 
@@ -497,6 +550,13 @@ def generate(
         densities and texture, muscle texture, neck width and dense unlabelled neighbours
         (hyoid, laryngeal cartilage, arteries). Drawn from a stream of its own, so the
         rest of the phantom (pose, findings, noise) is the same with or without it.
+    posterior_detail:
+        With ``varied_anatomy``: posterior elements closer to real ones - articular pillars
+        C2-T1 (columns behind the pedicles with facet joints sloping down and back 28-55
+        degrees) and spinous processes sloping down 12-42 degrees at C6-C7 (C2 0.4 of
+        that, C3-C5 0.7-0.9, thoracic 12 more), C2's,
+        C7's and the thoracic ones 1.1-1.6 times longer. Drawn from a stream of its own:
+        the rest of the phantom is the same with or without it.
     """
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}; expected one of {sorted(REGIONS)}")
@@ -521,7 +581,9 @@ def generate(
     if size_scale is not None:
         scale = float(size_scale)
     shapes = {n: _level_shape(n) for n in drawn}
-    variation = _Variation.draw(seed, drawn) if varied_anatomy else None
+    if posterior_detail and not varied_anatomy:
+        raise ValueError("posterior_detail is part of varied_anatomy: pass both")
+    variation = _Variation.draw(seed, drawn, posterior=posterior_detail) if varied_anatomy else None
     if variation is not None:
         shapes = {n: variation.shape(n, ls) for n, ls in shapes.items()}
 
@@ -645,6 +707,9 @@ def generate(
         if variation is not None:
             item.bifid = variation.bifid and name in ("C2", "C3", "C4", "C5", "C6")
             item.c1_scale, item.dens_scale = variation.c1_scale, variation.dens_scale
+            if variation.pillars is not None and name in _PILLAR_LEVELS:
+                item.pillars = variation.pillars
+            item.c1_transverse = 30.0 * variation.transverse_long[2]
         kind = fracture_kind.get(name)
         if kind == "wedge" and radiographic_findings:
             # Compression: the top end plate sinks everywhere, more at the centre and most
@@ -765,7 +830,8 @@ def _parts(item: _Placed) -> list[_Solid]:
                 capsule(12, True, (s * 15.0 * k, 5.0 * k, 0.0), (s * 10.0 * k, b + 15.0 * k, 0.5),
                         2.8 * k),
                 capsule(12, True, (s * 10.0 * k, b + 15.0 * k, 0.5), (0.0, b + 20.0 * k, 1.0), 2.8 * k),
-                capsule(5, False, (s * 16.0 * k, 0.0, 0.0), (s * 30.0 * k, 1.0, 1.0), 3.0 * k),
+                capsule(5, False, (s * 16.0 * k, 0.0, 0.0), (s * item.c1_transverse * k, 1.0, 1.0),
+                        3.0 * k),
             ]
         return parts
 
@@ -793,9 +859,38 @@ def _parts(item: _Placed) -> list[_Solid]:
             parts.append(capsule(4, False, mid, tip, 0.75 * pr))
     else:
         parts.append(capsule(4, False, (0.0, lam_end - 1.0, 0.0), spinous_tip, 0.95 * pr))
+    if item.pillars is not None:
+        parts += _pillars(item, ped_x, ped_end)
     if item.ribs:
         parts += _ribs(item.name, (ped_x + ls.transverse_len, 0.35 * b))
     return parts
+
+
+#: Levels that get articular pillars with ``posterior_detail`` (C1 has lateral masses).
+_PILLAR_LEVELS = ("C2", "C3", "C4", "C5", "C6", "C7", "T1")
+
+
+def _pillars(item: _Placed, ped_x: float, ped_end: float) -> list[_Solid]:
+    """The articular pillars behind the pedicles: a column on each side, one vertebra tall
+    (disc included) less a facet joint space, its facets sloping down and back. C2 has
+    only the inferior half (its superior facets sit on the body, beside the dens); the
+    cervico-thoracic facets of T1 stand steeper."""
+    assert item.pillars is not None
+    slope, half_w, half_d = item.pillars
+    ls = item.shape
+    half_h = (ls.h + ls.disc) / 2 - 0.8
+    centre_z = 0.0
+    if item.name == "C2":
+        half_h = (ls.h + ls.disc) / 4 - 0.4
+        centre_z = (ls.h + ls.disc) / 4
+    elif item.name == "T1":
+        slope = min(slope + 20.0, 70.0)
+    solids: list[_Solid] = []
+    for s in (-1.0, 1.0):
+        centre = (s * (ped_x + 0.4 * half_w), ped_end + 0.3 * half_d, centre_z)
+        solids.append((15, False, partial(_sheared_block, c=centre, semi=(half_w, half_d, half_h),
+                                          slope_deg=slope)))
+    return solids
 
 
 def _ribs(name: str, tip: tuple[float, float]) -> list[_Solid]:
@@ -984,6 +1079,11 @@ def _rasterise(
             ls.b + ls.pedicle_len + ls.lamina_len + ls.spinous_len + 6.0,
             -ls.h / 2 - ls.disc - 18.0, ls.h / 2 + ls.disc + ls.spinous_drop + 6.0,
         ])
+        if item.name == "C1" and item.c1_transverse > 30.0:
+            # (Only then: the textbook box clips a scaled-up C1's transverse tips a little,
+            # which phantoms drawn without posterior_detail keep, so recipes reproduce.)
+            side = max(reach[1], item.c1_transverse * item.c1_scale + 6.0)
+            reach[0], reach[1] = -side, side
         if item.ribs:
             reach[0], reach[1] = -80.0, 80.0
             reach[2] = min(reach[2], -62.0)

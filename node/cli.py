@@ -809,7 +809,7 @@ app.add_typer(train_app, name="train")
 #: Recipes that can re-run their validation on exported models (``--validate-only``).
 VALIDATE_ONLY_RECIPES = ("ct-cspine",)
 #: Recipes that can train one of their stages alone (``--stage``), and the stages.
-STAGE_RECIPES: dict[str, tuple[str, ...]] = {"ct-cspine": ("all", "fracture")}
+STAGE_RECIPES: dict[str, tuple[str, ...]] = {"ct-cspine": ("all", "fracture", "segmentation")}
 
 
 def _train_command(family: str) -> Callable[..., None]:
@@ -841,7 +841,7 @@ def _train_command(family: str) -> Callable[..., None]:
             "their cards (recipes that support it: ct-cspine).")] = False,
         stage: Annotated[str, typer.Option(
             "--stage", help="all, or one stage to train alone with the others kept as they "
-            "are in --out (ct-cspine: fracture).")] = "all",
+            "are in --out (ct-cspine: fracture, segmentation).")] = "all",
     ) -> None:
         from dataclasses import replace
 

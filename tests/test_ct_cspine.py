@@ -468,7 +468,7 @@ def test_stage_fracture_trains_stage_two_alone(tmp_path: Path) -> None:
 
     _fake_rsna(tmp_path / "rsna")
     out = tmp_path / "engines"
-    with pytest.raises(FileNotFoundError, match="keeps stage 1"):
+    with pytest.raises(FileNotFoundError, match="vertebra-seg has no model.onnx"):
         run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
                                       threads=1, stage="fracture"))
     run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
@@ -484,8 +484,35 @@ def test_stage_fracture_trains_stage_two_alone(tmp_path: Path) -> None:
     assert recipe._sha256(fracture / "model.onnx") != fracture_onnx
     assert ModelCard.load(fracture).weights["recipe"].endswith("--stage fracture")
     assert len(summary["cards"]) == 2
-    with pytest.raises(ValueError, match="expected one of all, fracture"):
-        run("ct-cspine", TrainOptions(out=out, quick=True, progress=False, stage="segmentation"))
+    with pytest.raises(ValueError, match="expected one of all, fracture, segmentation"):
+        run("ct-cspine", TrainOptions(out=out, quick=True, progress=False, stage="vertebrae"))
+
+
+def test_stage_segmentation_trains_stage_one_alone(tmp_path: Path) -> None:
+    """--stage segmentation retrains stage 1 only: stage 2's weights and recipe stay, its
+    operating points and validation metrics are chosen again through the new stage 1."""
+    from spine_node.inference.train import TrainOptions, run
+
+    _fake_rsna(tmp_path / "rsna")
+    out = tmp_path / "engines"
+    with pytest.raises(FileNotFoundError, match="fracture has no model.onnx"):
+        run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
+                                      threads=1, stage="segmentation"))
+    run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
+                                  threads=1))
+    seg, fracture = (out / ct_cspine.SEGMENTATION_MODEL, out / ct_cspine.FRACTURE_MODEL)
+    seg_onnx = recipe._sha256(seg / "model.onnx")
+    fracture_onnx = recipe._sha256(fracture / "model.onnx")
+    fracture_recipe = ModelCard.load(fracture).weights["recipe"]
+    summary = run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True,
+                                            progress=False, threads=1, seed=6, stage="segmentation"))
+    assert recipe._sha256(fracture / "model.onnx") == fracture_onnx
+    card = ModelCard.load(fracture)
+    assert card.weights["recipe"] == fracture_recipe and "revalidated" in card.weights
+    assert card.preprocessing["threshold"] == round(summary["metrics"]["operating_point"]["threshold"], 4)
+    assert recipe._sha256(seg / "model.onnx") != seg_onnx
+    assert ModelCard.load(seg).weights["recipe"].endswith("--stage segmentation")
+    assert len(summary["cards"]) == 2
 
 
 def test_stage_two_pairs_each_fracture_with_an_intact_vertebra_of_its_group() -> None:
@@ -528,6 +555,18 @@ def test_shape_jitter_scales_and_tilts_crops_about_their_centre(monkeypatch: pyt
     # share 0: the batch as it came
     monkeypatch.setattr(recipe, "SHAPE_JITTER_SHARE", 0.0)
     assert recipe.shape_jitter(crop, np.random.default_rng(2)) is crop
+
+
+def test_posterior_detail_share_draws_on_its_own_stream() -> None:
+    """Stage-1 phantoms get posterior_detail for about SEG_POSTERIOR_SHARE of the varied
+    ones, never for the textbook ones; a share of 0 leaves the anatomy untouched."""
+    varied = {"varied_anatomy": True, "context": True}
+    drawn = [recipe._with_posterior(seed, varied, 0.6)["posterior_detail"] for seed in range(400)]
+    assert 0.5 < np.mean(drawn) < 0.7
+    assert drawn == [recipe._with_posterior(seed, varied, 0.6)["posterior_detail"]
+                     for seed in range(400)]
+    assert "posterior_detail" not in recipe._with_posterior(1, {"varied_anatomy": False}, 0.6)
+    assert recipe._with_posterior(1, varied, 0.0) is varied
 
 
 def test_train_cli_lists_families() -> None:

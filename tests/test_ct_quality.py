@@ -10,8 +10,10 @@ set below the benchmark's figures, so a regression fails CI without CI running f
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.peers import require_module
@@ -108,3 +110,25 @@ def test_larger_patients_are_read_again_on_a_coarser_grid(models: Callable[[str]
     assert several > single
     assert _share(result["level_accuracy"]["right_or_unlabelled"]) >= RIGHT_OR_UNLABELLED_CROSS
     assert _share(result["level_accuracy"]["wrong"]) <= WRONG_LEVELS_MAX
+
+
+def test_stage_one_boxes_compare_predicted_and_true_extents() -> None:
+    """bench.ct_boxes: box extents and centres in mm, and per-level rows of a real case
+    through the packaged engines (ratios near 1 where stage 1 finds the level)."""
+    from bench import ct_boxes
+
+    mask = np.zeros((10, 20, 30), bool)
+    mask[2:6, 5:15, 10:13] = True
+    extent, centre = ct_boxes._box(mask, (2.0, 1.0, 0.5))
+    assert extent.tolist() == [8.0, 10.0, 1.5] and centre.tolist() == [8.0, 10.0, 5.75]
+    assert ct_boxes._box(np.zeros((3, 3, 3), bool), (1.0, 1.0, 1.0)) is None
+
+    rows = ct_boxes.case_boxes("same", SEEDS[0], Path(__file__).parent.parent / "engines")
+    assert [r["level"] for r in rows] == sorted(r["level"] for r in rows) and len(rows) >= 5
+    for row in rows:
+        assert 0.0 <= row["dice"] <= 1.0
+        if row["level"] != "C1":
+            assert row["dice"] > 0.7, row
+            assert all(0.7 < r < 1.3 for r in row["ratio"]), row
+    table = ct_boxes.table(rows)
+    assert table[0].startswith("| level | n |") and any(line.startswith("| C2 | 1 |") for line in table)

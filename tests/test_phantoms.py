@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -204,6 +205,31 @@ def test_varied_anatomy_is_its_own_stream() -> None:
     # Dense neighbours are unlabelled: no label outside the bone the vertebrae own.
     labelled = varied.labels > 0
     assert np.isin(varied.structures[labelled], [1, 2, 3, 4, 5, 9, 10, 11, 12, 13]).mean() > 0.97
+
+
+def test_posterior_detail_gives_pillars_and_sloping_processes() -> None:
+    """posterior_detail adds articular pillars C2-T1 behind the pedicles and lets the
+    spinous processes slope down and reach further: the vertebrae get taller and deeper
+    (front to back) while pose, findings and everything drawn before stay as they were."""
+    kw: dict[str, Any] = dict(context=True, varied_anatomy=True, fractures={})
+    plain = phantoms.generate(5, **kw)
+    detailed = phantoms.generate(5, posterior_detail=True, **kw)
+    assert [v.center_mm for v in plain.vertebrae] == [v.center_mm for v in detailed.vertebrae]
+    assert plain.params["rotation_deg"] == detailed.params["rotation_deg"]
+    assert not (plain.structures == 15).any()
+
+    def extent(ph: phantoms.Phantom, label: int, axis: int) -> float:
+        index = np.nonzero(ph.labels == label)[axis]
+        return float(index.max() - index.min() + 1) * ph.spacing[axis]
+
+    for label in range(2, 8):  # C2..C7 own their pillars
+        assert ((detailed.labels == label) & (detailed.structures == 15)).sum() > 20, label
+    assert not ((detailed.labels == 1) & (detailed.structures == 15)).any()  # C1: lateral masses
+    for label in (4, 5, 6, 7):
+        assert extent(detailed, label, 0) > extent(plain, label, 0) + 4.0  # processes slope down
+    assert extent(detailed, 7, 2) > extent(plain, 7, 2)  # longer transverse processes
+    with pytest.raises(ValueError, match="part of varied_anatomy"):
+        phantoms.generate(5, posterior_detail=True)
 
 
 @pytest.mark.parametrize("region", ["thoracic", "lumbar"])

@@ -91,7 +91,7 @@ TRAIN_SEEDS = range(10_000, 200_000)
 VALIDATION_SEEDS = range(500_000, 501_000)
 TARGET_SPECIFICITY = 0.92
 #: ``TrainOptions.stage``: both stages, or stage 2 alone (stage 1 kept as it is in ``out``).
-STAGES = ("all", "fracture")
+STAGES = ("all", "fracture", "segmentation")
 #: The rule-out operating point: the highest threshold at which the validation cohort's
 #: fractured patients are flagged (present or indeterminate) at least this often.
 TARGET_RULE_OUT_SENSITIVITY = 0.9
@@ -218,6 +218,25 @@ def _random_anatomy(rng: np.random.Generator) -> dict[str, Any]:
                 varied_anatomy=bool(rng.random() < VARIED_ANATOMY_SHARE))
 
 
+#: Share of the stage-1 phantoms drawn with ``varied_anatomy`` that also get
+#: ``posterior_detail`` (articular pillars, spinous processes sloping down, longer spinous
+#: and transverse processes). Stage 1 0.4.0 saw none and its boxes stop short of the
+#: second generator's long sloping processes; 0 (no draw) reproduces 0.4.0. A fine-tune
+#: with 0.6 is in docs/models-ct.md ("Stage 1 on posterior detail").
+SEG_POSTERIOR_SHARE = 0.0
+#: The same for stage-2 phantoms (0: no draw, so the stage-2 recipe reproduces 0.5.0).
+FRACTURE_POSTERIOR_SHARE = 0.0
+
+
+def _with_posterior(seed: int, anatomy: dict[str, Any], share: float) -> dict[str, Any]:
+    """``anatomy`` with ``posterior_detail`` for ``share`` of the varied phantoms, drawn from
+    a stream of its own (the case's other draws stay as they were)."""
+    if share <= 0 or not anatomy.get("varied_anatomy"):
+        return anatomy
+    drawn = np.random.default_rng([seed, 0x9057]).random() < share
+    return {**anatomy, "posterior_detail": bool(drawn)}
+
+
 def _negative(seed: int, rng: np.random.Generator,
               spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """A negative scan on ``spacing`` and its labels (thoracolumbar vertebrae >= 8)."""
@@ -249,7 +268,8 @@ def seg_case(seed: int, negative_share: float = 0.12) -> SegCase:
     if rng.random() < negative_share:
         hu, labels = _negative(seed, rng, grid)
     else:
-        ph = phantoms.generate(seed, spacing=2.0, p_fracture=0.5, **_random_anatomy(rng))
+        anatomy = _with_posterior(seed, _random_anatomy(rng), SEG_POSTERIOR_SHARE)
+        ph = phantoms.generate(seed, spacing=2.0, p_fracture=0.5, **anatomy)
         scan = acquisition.random_acquisition(rng, _landmarks(ph), np.asarray(ph.shape) * 2.0,
                                               fine=False)
         acquired, lab = acquisition.acquire(ph.hu, ph.labels, ph.spacing, scan, rng)
@@ -318,7 +338,8 @@ def fracture_case(seed: int, scans: int = 3) -> CropSet:
     """Randomised stage-2 samples from one phantom rendered at :data:`RENDER_MM` and scanned ``scans``
     times (rendering is the expensive part; each scan has its own acquisition)."""
     rng = np.random.default_rng(seed)
-    anatomy = {**_random_anatomy(rng), "context": False}  # crops need the neck, not the cranium
+    anatomy = {**_with_posterior(seed, _random_anatomy(rng), FRACTURE_POSTERIOR_SHARE),
+               "context": False}  # crops need the neck, not the cranium
     render = _render_mm(rng)
     forced: dict[str, Any] = {}
     if rng.random() < UPPER_CERVICAL_SHARE:
@@ -911,8 +932,9 @@ def export_fracture(model: torch.nn.Module, folder: Path) -> Path:
 
 
 def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
-                threshold: float, segmentation: bool = True) -> list[Path]:
-    """Both stages' cards (``segmentation=False``: the fracture card only)."""
+                threshold: float, segmentation: bool = True, fracture: bool = True) -> list[Path]:
+    """Both stages' cards (``segmentation=False``: the fracture card only;
+    ``fracture=False``: the segmentation card only)."""
     seg_dir, fracture_dir = out / SEGMENTATION_MODEL, out / FRACTURE_MODEL
     seg_metrics, fracture_metrics = _split_metrics(metrics)
     point = metrics.get("operating_point", {})
@@ -933,7 +955,7 @@ def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
         clinical_use=False,
         folder=seg_dir,
     )
-    fracture = ModelCard(
+    fracture_card = ModelCard(
         name=FRACTURE_MODEL,
         version=VERSION,
         task="classification",
@@ -952,7 +974,8 @@ def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
         clinical_use=False,
         folder=fracture_dir,
     )
-    return ([_save(seg, SEG_ARCH)] if segmentation else []) + [_save(fracture, FRACTURE_ARCH)]
+    return (([_save(seg, SEG_ARCH)] if segmentation else [])
+            + ([_save(fracture_card, FRACTURE_ARCH)] if fracture else []))
 
 
 def _rewrite_validation(path: Path, metrics: dict[str, Any],
@@ -1084,9 +1107,11 @@ def run(options: TrainOptions) -> dict[str, Any]:
     if options.stage not in STAGES:
         raise ValueError(f"ct-cspine trains stage {options.stage!r}? expected one of {', '.join(STAGES)}")
     fracture_only = options.stage == "fracture"
-    if fracture_only and not (Path(options.out) / SEGMENTATION_MODEL / "model.onnx").is_file():
-        raise FileNotFoundError(f"--stage fracture keeps stage 1 as it is in --out, but "
-                                f"{Path(options.out) / SEGMENTATION_MODEL} has no model.onnx")
+    segmentation_only = options.stage == "segmentation"
+    for alone, kept in ((fracture_only, SEGMENTATION_MODEL), (segmentation_only, FRACTURE_MODEL)):
+        if alone and not (Path(options.out) / kept / "model.onnx").is_file():
+            raise FileNotFoundError(f"--stage {options.stage} keeps the other stage as it is in "
+                                    f"--out, but {Path(options.out) / kept} has no model.onnx")
 
     torch.set_num_threads(max(1, options.threads))
     torch.backends.cudnn.benchmark = True
@@ -1108,8 +1133,9 @@ def run(options: TrainOptions) -> dict[str, Any]:
         seg_cases = [] if fracture_only else _map(
             partial(seg_case, negative_share=budget.negative_share), seg_seeds, workers,
             options.progress, "stage 1 cases (phantom + acquisition)")
-        crop_sets = _map(fracture_case, fracture_seeds, workers, options.progress,
-                         "stage 2 crops (phantom at 1 mm + acquisition)")
+        crop_sets = [] if segmentation_only else _map(
+            fracture_case, fracture_seeds, workers, options.progress,
+            "stage 2 crops (phantom at 1 mm + acquisition)")
         validation = _map(validation_case, validation_seeds, workers, options.progress,
                           "validation scans")
         trained_on = (f"synthetic phantoms (spine-node inference.phantoms with context, random "
@@ -1129,14 +1155,17 @@ def run(options: TrainOptions) -> dict[str, Any]:
     if not fracture_only:
         seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress, init)
         log.info("ct-cspine: stage 1 trained at %.0f s", time.monotonic() - started)
-    fracture_model = train_fracture(crop_sets, budget, options.seed + 1, options.progress, init)
+    fracture_model = None
+    if not segmentation_only:
+        fracture_model = train_fracture(crop_sets, budget, options.seed + 1, options.progress, init)
     train_seconds = time.monotonic() - started
     log.info("ct-cspine: stage 2 trained at %.0f s", train_seconds)
 
     out = Path(options.out)
     if seg_model is not None:
         export_segmentation(seg_model, out / SEGMENTATION_MODEL)
-    export_fracture(fracture_model, out / FRACTURE_MODEL)
+    if fracture_model is not None:
+        export_fracture(fracture_model, out / FRACTURE_MODEL)
     provenance = {
         "trained_on": trained_on,
         "validated_on": validated_on,
@@ -1144,7 +1173,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
                   + (" --budget gpu" if options.budget == "gpu" else "")
                   + (f" --epochs {options.epochs}" if options.epochs is not None else "")
                   + (f" --init {init}" if init is not None else "")
-                  + (f" --stage {options.stage}" if fracture_only else ""),
+                  + (f" --stage {options.stage}" if options.stage != "all" else ""),
         "seed": options.seed,
         "torch": str(torch.__version__),
         "device": str(_device()),
@@ -1155,12 +1184,20 @@ def run(options: TrainOptions) -> dict[str, Any]:
         provenance["fine_tuned_from"] = started_from
     # Cards first with a provisional threshold, so the pipeline can load the exports.
     write_cards(out, provenance, {}, float(FRACTURE_PREPROCESSING["threshold"]),
-                segmentation=not fracture_only)
+                segmentation=not fracture_only, fracture=not segmentation_only)
     metrics, threshold = validate(_engines(out), validation, options.progress)
-    cards = write_cards(out, provenance, metrics, threshold, segmentation=not fracture_only)
+    cards = write_cards(out, provenance, metrics, threshold, segmentation=not fracture_only,
+                        fracture=not segmentation_only)
     if fracture_only:  # stage 1 is unchanged, but what validation measured of it is today's
         cards.insert(0, _rewrite_validation(out / SEGMENTATION_MODEL / "model.yaml",
                                             _split_metrics(metrics)[0]))
+    if segmentation_only:
+        # Stage 2's weights are unchanged, but it now reads the new stage 1's boxes: its
+        # operating points are chosen again on validation, as --validate-only does.
+        point = metrics["operating_point"]
+        cards.append(_rewrite_validation(
+            out / FRACTURE_MODEL / "model.yaml", _split_metrics(metrics)[1],
+            {"threshold": round(threshold, 4), "rule_out_threshold": point["rule_out_threshold"]}))
     log.info("ct-cspine trained in %.0f s: %s", train_seconds, metrics)
     return {"cards": [str(c) for c in cards], "metrics": metrics,
             "seconds": round(time.monotonic() - started, 1)}
