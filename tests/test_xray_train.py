@@ -321,12 +321,12 @@ def test_most_segmenter_phantoms_show_the_neck_between_skull_and_shoulders() -> 
         GATE_COHORT,
         GATE_MODEL,
         RADIOGRAPHIC_COHORT,
-        UNET_AP_MODEL,
+        TISSUE_MODEL,
         phantom_views,
     )
 
     cohort = CONTEXT_COHORT
-    assert SPECS[UNET_AP_MODEL].cohort is cohort and SPECS[GATE_MODEL].cohort is not cohort
+    assert SPECS[TISSUE_MODEL].cohort is cohort and SPECS[GATE_MODEL].cohort is not cohort
     assert not any(RADIOGRAPHIC_COHORT.with_context(seed) for seed in range(50))
     assert SPECS[GATE_MODEL].cohort is GATE_COHORT
     assert 0.4 < np.mean([GATE_COHORT.with_context(seed) for seed in range(400)]) < 0.6
@@ -359,3 +359,34 @@ def test_gpu_budget_scales_phantoms_and_steps() -> None:
     assert recipe.plan_steps(spec, gpu, 1000, False) == (4 * spec.steps, 0)
     epochs = recipe._plan(TrainOptions(budget="gpu", epochs=2))
     assert recipe.plan_steps(spec, epochs, 1000, True) == (2 * 1000 // spec.batch_size, 0)
+
+
+def test_lat_segmenter_phantoms_show_articular_pillars() -> None:
+    """The spine U-Nets' cohort draws six in ten of its context phantoms with posterior
+    detail (articular pillars, sloping spinous processes), and the LAT truth map counts the
+    pillars as posterior elements; the other cohorts draw none."""
+    from dataclasses import replace
+
+    from spine_node.inference.phantoms import LAT_STRUCTURES
+    from spine_node.inference.train.xray import (
+        CONTEXT_COHORT,
+        SPINE_SEGMENTER_COHORT,
+        TISSUE_MODEL,
+        UNET_AP_MODEL,
+        UNET_LAT_MODEL,
+        phantom_views,
+    )
+
+    cohort = SPINE_SEGMENTER_COHORT
+    assert SPECS[UNET_LAT_MODEL].cohort is cohort and SPECS[UNET_AP_MODEL].cohort is cohort
+    assert SPECS[TISSUE_MODEL].cohort is CONTEXT_COHORT
+    drawn = [cohort.with_posterior(seed) for seed in range(600)]
+    context = [cohort.with_context(seed) for seed in range(600)]
+    assert not any(d and not c for d, c in zip(drawn, context, strict=True))
+    assert 0.5 < np.mean([d for d, c in zip(drawn, context, strict=True) if c]) < 0.7
+    assert not any(CONTEXT_COHORT.with_posterior(seed) for seed in range(100))
+    seed = next(s for s in range(40) if cohort.with_posterior(s))
+    code = next(k for k, v in LAT_STRUCTURES.items() if v == "posterior_elements")
+    with_pillars = phantom_views(seed, cohort).lat_structures
+    without = phantom_views(seed, replace(cohort, name="no-posterior", posterior_share=0.0)).lat_structures
+    assert (with_pillars == code).sum() > 1.15 * (without == code).sum()
