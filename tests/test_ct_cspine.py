@@ -461,19 +461,27 @@ def test_recipe_fine_tunes_from_a_model_repository(tmp_path: Path) -> None:
                                       progress=False, threads=1, init=tmp_path / "rsna"))
 
 
+def _trained_before_one_stage(tmp_path: Path, stage: str, kept: str) -> tuple[Path, Path, Path]:
+    """A one-stage run refuses a --out without the kept stage; then both stages trained
+    (quick, fake RSNA layout): the folder and its two model folders."""
+    from spine_node.inference.train import TrainOptions, run
+
+    _fake_rsna(tmp_path / "rsna")
+    out = tmp_path / "engines"
+    with pytest.raises(FileNotFoundError, match=f"{kept} has no model.onnx"):
+        run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
+                                      threads=1, stage=stage))
+    run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
+                                  threads=1))
+    return out, out / ct_cspine.SEGMENTATION_MODEL, out / ct_cspine.FRACTURE_MODEL
+
+
 def test_stage_fracture_trains_stage_two_alone(tmp_path: Path) -> None:
     """--stage fracture retrains stage 2 only: stage 1's weights and card stay (its
     validation metrics are today's), the fracture card says how it was made."""
     from spine_node.inference.train import TrainOptions, run
 
-    _fake_rsna(tmp_path / "rsna")
-    out = tmp_path / "engines"
-    with pytest.raises(FileNotFoundError, match="vertebra-seg has no model.onnx"):
-        run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
-                                      threads=1, stage="fracture"))
-    run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
-                                  threads=1))
-    seg, fracture = (out / ct_cspine.SEGMENTATION_MODEL, out / ct_cspine.FRACTURE_MODEL)
+    out, seg, fracture = _trained_before_one_stage(tmp_path, "fracture", "vertebra-seg")
     seg_onnx, seg_recipe = recipe._sha256(seg / "model.onnx"), ModelCard.load(seg).weights["recipe"]
     fracture_onnx = recipe._sha256(fracture / "model.onnx")
     summary = run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True,
@@ -493,14 +501,7 @@ def test_stage_segmentation_trains_stage_one_alone(tmp_path: Path) -> None:
     operating points and validation metrics are chosen again through the new stage 1."""
     from spine_node.inference.train import TrainOptions, run
 
-    _fake_rsna(tmp_path / "rsna")
-    out = tmp_path / "engines"
-    with pytest.raises(FileNotFoundError, match="fracture has no model.onnx"):
-        run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
-                                      threads=1, stage="segmentation"))
-    run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True, progress=False,
-                                  threads=1))
-    seg, fracture = (out / ct_cspine.SEGMENTATION_MODEL, out / ct_cspine.FRACTURE_MODEL)
+    out, seg, fracture = _trained_before_one_stage(tmp_path, "segmentation", "fracture")
     seg_onnx = recipe._sha256(seg / "model.onnx")
     fracture_onnx = recipe._sha256(fracture / "model.onnx")
     fracture_recipe = ModelCard.load(fracture).weights["recipe"]
