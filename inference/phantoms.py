@@ -441,12 +441,11 @@ class _Variation:
                 factor *= self.narrowed[name]
             values[key] = value * factor
         if self.spinous_slope_deg is not None and name != "C1":
-            # Real spinous processes slope down and back, C2's and C7's (vertebra
-            # prominens) and the upper thoracic ones the longest and the thoracic steepest.
+            # Real spinous processes slope down and back: C2's (bifid, massive) nearly
+            # straight back, steeper down the neck, the upper thoracic ones steepest; C2's,
+            # C7's (vertebra prominens) and the thoracic ones the longest.
             long_ = name in ("C2", "C7") or name.startswith("T")
             length = min(values["spinous_len"] * self.spinous_long[0 if long_ else 1], 48.0)
-            # C2's (bifid, massive) points nearly straight back; the slope grows down the
-            # neck, and the upper thoracic processes stand steepest.
             slope = (self.spinous_slope_deg * _SPINOUS_SLOPE_SHARE.get(name, 1.0)
                      + (12.0 if name.startswith("T") else 0.0) + float(rng.uniform(-5.0, 5.0)))
             values["spinous_len"] = length
@@ -553,10 +552,11 @@ def generate(
     posterior_detail:
         With ``varied_anatomy``: posterior elements closer to real ones - articular pillars
         C2-T1 (columns behind the pedicles with facet joints sloping down and back 28-55
-        degrees) and spinous processes sloping down 12-42 degrees at C6-C7 (C2 0.4 of
-        that, C3-C5 0.7-0.9, thoracic 12 more), C2's,
-        C7's and the thoracic ones 1.1-1.6 times longer. Drawn from a stream of its own:
-        the rest of the phantom is the same with or without it.
+        degrees), spinous processes sloping down 12-42 degrees at C6-C7 (C2 0.4 of that,
+        C3-C5 0.7-0.9, thoracic 12 more), C2's, C7's and the thoracic ones 1.1-1.6 times
+        longer, and cervical transverse processes 1.25-2 times longer (C1's 1.1-1.35).
+        Drawn from a stream of its own: the rest of the phantom is the same with or
+        without it.
     """
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}; expected one of {sorted(REGIONS)}")
