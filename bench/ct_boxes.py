@@ -27,24 +27,13 @@ from typing import Any
 import numpy as np
 
 from bench.eval_ct import COHORTS, SEED_BASE, cohort_seeds, make_case, model_provider, predicted_labels, run_pipeline
-from spine_node.inference.pipelines.ct_cspine import LEVELS
+from spine_node.inference.pipelines.ct_cspine import LEVELS, level_boxes_mm
 
 #: Levels with less of their volume than this inside the field are left out.
 MIN_IN_FIELD = 0.99
 #: Level groups of the table (C3-C6 look alike and are pooled).
 GROUPS: dict[str, tuple[str, ...]] = {"C1": ("C1",), "C2": ("C2",),
                                       "C3-C6": ("C3", "C4", "C5", "C6"), "C7": ("C7",)}
-
-
-def _box(mask: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(extent, centre) of ``mask``'s bounding box in mm, axes (z, y, x)."""
-    idx = np.nonzero(mask)
-    if len(idx[0]) == 0:
-        return None
-    lo = np.array([i.min() for i in idx], float)
-    hi = np.array([i.max() + 1 for i in idx], float)
-    step = np.asarray(spacing, float)
-    return (hi - lo) * step, (hi + lo) / 2 * step
 
 
 _PROVIDERS: dict[Path, Any] = {}
@@ -57,20 +46,21 @@ def case_boxes(cohort: str, seed: int, engines: Path) -> list[dict[str, Any]]:
         _PROVIDERS[engines] = model_provider(engines)
     findings, uids, _, _ = run_pipeline(case, _PROVIDERS[engines])
     predicted, _ = predicted_labels(findings, uids, case.hu.shape)
+    # The boxes stage 2 cuts its crops from (mm, (lo, hi) per axis), true and predicted.
+    true_boxes = level_boxes_mm(case.labels, case.spacing)
+    found_boxes = level_boxes_mm(predicted, case.spacing)
     rows = []
     for number, level in enumerate(LEVELS, start=1):
-        if case.in_field.get(level, 0.0) < MIN_IN_FIELD:
+        if case.in_field.get(level, 0.0) < MIN_IN_FIELD or level not in true_boxes:
             continue
         truth, guess = case.labels == number, predicted == number
-        true_box = _box(truth, case.spacing)
-        if true_box is None:
-            continue
         dice = 2.0 * float((truth & guess).sum()) / float(truth.sum() + guess.sum())
-        row: dict[str, Any] = {"level": level, "dice": dice, "extent": true_box[0].tolist()}
-        found = _box(guess, case.spacing)
-        if found is not None:
-            row["ratio"] = (found[0] / true_box[0]).tolist()
-            row["shift"] = (found[1] - true_box[1]).tolist()
+        true_extent, true_centre = np.ptp(true_boxes[level], axis=0), true_boxes[level].mean(axis=0)
+        row: dict[str, Any] = {"level": level, "dice": dice, "extent": true_extent.tolist()}
+        if level in found_boxes:
+            found = found_boxes[level]
+            row["ratio"] = (np.ptp(found, axis=0) / true_extent).tolist()
+            row["shift"] = (found.mean(axis=0) - true_centre).tolist()
         rows.append(row)
     return rows
 

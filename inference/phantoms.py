@@ -319,6 +319,10 @@ def _body(q: np.ndarray, a: float, b: float, h: float, concavity: float,
     return np.minimum(radial, np.minimum(q[:, 2] - top, bottom - q[:, 2]))
 
 
+#: Where the textbook C1's transverse process tips sit (mm off the midline, before its scale).
+_C1_TRANSVERSE_MM = 30.0
+
+
 @dataclass
 class _Placed:
     name: str
@@ -345,7 +349,7 @@ class _Placed:
     dens_scale: tuple[float, float] = (1.0, 1.0)  # length, radius
     #: Articular pillars (``posterior_detail``): (facet slope deg, half-width, half-depth mm).
     pillars: tuple[float, float, float] | None = None
-    c1_transverse: float = 30.0  # where C1's transverse process tips sit (mm off the midline)
+    c1_transverse: float = _C1_TRANSVERSE_MM  # C1's transverse process tips (mm off the midline)
 
 
 @dataclass(frozen=True)
@@ -709,7 +713,7 @@ def generate(
             item.c1_scale, item.dens_scale = variation.c1_scale, variation.dens_scale
             if variation.pillars is not None and name in _PILLAR_LEVELS:
                 item.pillars = variation.pillars
-            item.c1_transverse = 30.0 * variation.transverse_long[2]
+            item.c1_transverse = _C1_TRANSVERSE_MM * variation.transverse_long[2]
         kind = fracture_kind.get(name)
         if kind == "wedge" and radiographic_findings:
             # Compression: the top end plate sinks everywhere, more at the centre and most
@@ -1079,7 +1083,7 @@ def _rasterise(
             ls.b + ls.pedicle_len + ls.lamina_len + ls.spinous_len + 6.0,
             -ls.h / 2 - ls.disc - 18.0, ls.h / 2 + ls.disc + ls.spinous_drop + 6.0,
         ])
-        if item.name == "C1" and item.c1_transverse > 30.0:
+        if item.name == "C1" and item.c1_transverse > _C1_TRANSVERSE_MM:
             # (Only then: the textbook box clips a scaled-up C1's transverse tips a little,
             # which phantoms drawn without posterior_detail keep, so recipes reproduce.)
             side = max(reach[1], item.c1_transverse * item.c1_scale + 6.0)

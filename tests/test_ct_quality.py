@@ -113,15 +113,18 @@ def test_larger_patients_are_read_again_on_a_coarser_grid(models: Callable[[str]
 
 
 def test_stage_one_boxes_compare_predicted_and_true_extents() -> None:
-    """bench.ct_boxes: box extents and centres in mm, and per-level rows of a real case
-    through the packaged engines (ratios near 1 where stage 1 finds the level)."""
+    """bench.ct_boxes: per-level rows of a real case through the packaged engines (ratios
+    near 1 where stage 1 finds the level), from the boxes stage 2 crops (mm: extent and
+    centre as the table reads them)."""
     from bench import ct_boxes
+    from spine_node.inference.pipelines.ct_cspine import level_boxes_mm
 
-    mask = np.zeros((10, 20, 30), bool)
-    mask[2:6, 5:15, 10:13] = True
-    extent, centre = ct_boxes._box(mask, (2.0, 1.0, 0.5))
-    assert extent.tolist() == [8.0, 10.0, 1.5] and centre.tolist() == [8.0, 10.0, 5.75]
-    assert ct_boxes._box(np.zeros((3, 3, 3), bool), (1.0, 1.0, 1.0)) is None
+    labels = np.zeros((10, 20, 30), np.uint8)
+    labels[2:6, 5:15, 10:13] = 2
+    boxes = level_boxes_mm(labels, (2.0, 1.0, 0.5))
+    assert list(boxes) == ["C2"]  # a level with no voxel has no box
+    assert np.ptp(boxes["C2"], axis=0).tolist() == [8.0, 10.0, 1.5]
+    assert boxes["C2"].mean(axis=0).tolist() == [8.0, 10.0, 5.75]
 
     rows = ct_boxes.case_boxes("same", SEEDS[0], Path(__file__).parent.parent / "engines")
     assert [r["level"] for r in rows] == sorted(r["level"] for r in rows) and len(rows) >= 5

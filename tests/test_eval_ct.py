@@ -239,4 +239,3 @@ def test_stage_two_kinds_crops_each_vertebra_at_its_true_box() -> None:
     assert levels == sorted(levels)
     # every crop holds bone around its middle (normalised HU > 0.3 somewhere in the centre)
     assert (crops[:, 8:16, 16:32, 16:32].max(axis=(1, 2, 3)) > 0.3).all()
-

@@ -90,7 +90,7 @@ FRACTURE_ARCH = ("cspine-ct-vertebra-classifier-2.5d",
 TRAIN_SEEDS = range(10_000, 200_000)
 VALIDATION_SEEDS = range(500_000, 501_000)
 TARGET_SPECIFICITY = 0.92
-#: ``TrainOptions.stage``: both stages, or stage 2 alone (stage 1 kept as it is in ``out``).
+#: ``TrainOptions.stage``: both stages, or one alone (the other kept as it is in ``out``).
 STAGES = ("all", "fracture", "segmentation")
 #: The rule-out operating point: the highest threshold at which the validation cohort's
 #: fractured patients are flagged (present or indeterminate) at least this often.
@@ -999,6 +999,13 @@ def _split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return seg, fracture
 
 
+def _operating_points(metrics: dict[str, Any], threshold: float) -> dict[str, float]:
+    """The fracture card's operating points (``preprocessing`` entries) that
+    :func:`validate` chose: rule-in ``threshold`` and the rule-out threshold."""
+    return {"threshold": round(threshold, 4),
+            "rule_out_threshold": metrics["operating_point"]["rule_out_threshold"]}
+
+
 def revalidate(options: TrainOptions) -> dict[str, Any]:
     """``spine-node train ct-cspine --validate-only``: run the validation cohort through the
     models already in ``--out`` and the pipeline as it is now, choose both operating points
@@ -1013,14 +1020,13 @@ def revalidate(options: TrainOptions) -> dict[str, Any]:
                       options.progress, "validation scans")
     metrics, threshold = validate(_engines(out), validation, options.progress)
     seg_metrics, fracture_metrics = _split_metrics(metrics)
-    point = metrics["operating_point"]
     written = []
-    points = {"threshold": round(threshold, 4), "rule_out_threshold": point["rule_out_threshold"]}
     for name, stage in ((SEGMENTATION_MODEL, seg_metrics), (FRACTURE_MODEL, fracture_metrics)):
         path = _rewrite_validation(out / name / "model.yaml", stage,
-                                   points if name == FRACTURE_MODEL else None)
+                                   _operating_points(metrics, threshold) if name == FRACTURE_MODEL else None)
         written.append(str(path))
-    log.info("ct-cspine revalidated in %.0f s: %s", time.monotonic() - started, point)
+    log.info("ct-cspine revalidated in %.0f s: %s", time.monotonic() - started,
+             metrics["operating_point"])
     return {"cards": written, "metrics": metrics, "seconds": round(time.monotonic() - started, 1)}
 
 
@@ -1194,10 +1200,9 @@ def run(options: TrainOptions) -> dict[str, Any]:
     if segmentation_only:
         # Stage 2's weights are unchanged, but it now reads the new stage 1's boxes: its
         # operating points are chosen again on validation, as --validate-only does.
-        point = metrics["operating_point"]
-        cards.append(_rewrite_validation(
-            out / FRACTURE_MODEL / "model.yaml", _split_metrics(metrics)[1],
-            {"threshold": round(threshold, 4), "rule_out_threshold": point["rule_out_threshold"]}))
+        cards.append(_rewrite_validation(out / FRACTURE_MODEL / "model.yaml",
+                                         _split_metrics(metrics)[1],
+                                         _operating_points(metrics, threshold)))
     log.info("ct-cspine trained in %.0f s: %s", train_seconds, metrics)
     return {"cards": [str(c) for c in cards], "metrics": metrics,
             "seconds": round(time.monotonic() - started, 1)}
