@@ -282,7 +282,8 @@ class IncomingFile:
         if self.out_of_space:
             return
         length = len(data)
-        if self.space is not None and not self.space.take(length):
+        offset = self.size
+        if self.space is not None and not self.space.take(length, offset):
             self.out_of_space = True
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, 0)
@@ -304,6 +305,9 @@ class IncomingFile:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, 0)
             return
+        finally:
+            if self.space is not None:
+                self.space.landed(length, offset)
         self.size += length
         if head_done and self.walk is not None:
             # While the peer still sends the rest (typically the pixel data).
