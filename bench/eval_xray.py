@@ -280,6 +280,7 @@ def evaluate_study(cohort: str, seed: int) -> list[dict[str, Any]]:
                 for finding in result.findings:
                     record[f"p_{finding.kind}"] = finding.probability
                     record[f"t_{finding.kind}"] = finding.threshold
+                    record[f"r_{finding.kind}"] = finding.rule_out
                 if result.segmentation is not None and image.structures is not None:
                     labels = result.segmentation.labels[0]
                     if pipeline == "xray-spine-seg":
@@ -302,6 +303,7 @@ def evaluate_study(cohort: str, seed: int) -> list[dict[str, Any]]:
             for finding in result.findings:
                 record[f"p_{finding.kind}"] = finding.probability
                 record[f"t_{finding.kind}"] = finding.threshold
+                record[f"r_{finding.kind}"] = finding.rule_out
             records.append(record)
     return records
 
@@ -390,6 +392,9 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 y = np.array([bool(r[truth]) for r in scored], int)
                 p = np.array([r[f"p_{kind}"] for r in scored])
                 flagged = np.array([r[f"p_{kind}"] >= r[f"t_{kind}"] for r in scored], bool)
+                # Present or indeterminate: at or above the rule-out point where the card has one.
+                looked = np.array([r[f"p_{kind}"] >= min(r[f"t_{kind}"], r.get(f"r_{kind}") or r[f"t_{kind}"])
+                                   for r in scored], bool)
                 key = f"{model}.{kind}.{view}"
                 metric: dict[str, Any] = {"n": len(runs), "n_scored": len(scored),
                                           "positives": int(y.sum()),
@@ -403,6 +408,10 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                         sensitivity=_r(tp / pos), sensitivity_ci95=[_r(v) for v in wilson_ci(tp, pos)],
                         specificity=_r(tn / neg), specificity_ci95=[_r(v) for v in wilson_ci(tn, neg)],
                         flagged_normals=_r(1 - tn / neg))
+                    if (looked != flagged).any() or any(r.get(f"r_{kind}") is not None for r in scored):
+                        metric.update(
+                            indeterminate_sensitivity=_r(int((looked & (y == 1)).sum()) / pos),
+                            indeterminate_flagged_normals=_r(int((looked & (y == 0)).sum()) / neg))
                 entry["classifiers"][key] = metric
         entry["segmenters"] = {}
         for pipeline, view, model, names in SEGMENTERS:
@@ -444,7 +453,9 @@ def markdown(summary: dict[str, Any], command: str, seconds: float) -> str:
              f"({seconds / 60:.0f} min on this 2-core machine, shared). Every image is written as "
              "DICOM and read back by the pipelines (pixel size from the header, view gate, the "
              "model for the view). AUC with DeLong 95 % intervals; sensitivity, specificity and "
-             "normals flagged at the card's operating point (Wilson); Dice is the mean over images "
+             "normals flagged at the card's operating point (Wilson); 'with indeterminate': the same "
+             "counting indeterminate calls (between the card's rule-out and rule-in points) as "
+             "flagged; Dice is the mean over images "
              "(bootstrap 95 %); 'refused' is the share of spine images the gate called not "
              "assessable. Synthetic images only; not for clinical use.", ""]
     cohorts = [c for c in summary if c != "junk"]
@@ -457,7 +468,9 @@ def markdown(summary: dict[str, Any], command: str, seconds: float) -> str:
             m = summary[c]["classifiers"].get(key, {})
             cells.append(f"AUC {_ci(m, 'auc')}; sens {m.get('sensitivity', '-')}, spec "
                          f"{m.get('specificity', '-')}; flagged normals {m.get('flagged_normals', '-')}; "
-                         f"refused {m.get('refused', '-')}; n {m.get('n', 0)} ({m.get('positives', 0)} pos)")
+                         + (f"with indeterminate: sens {m['indeterminate_sensitivity']}, flagged normals "
+                            f"{m['indeterminate_flagged_normals']}; " if "indeterminate_sensitivity" in m else "")
+                         + f"refused {m.get('refused', '-')}; n {m.get('n', 0)} ({m.get('positives', 0)} pos)")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines += ["", "### Segmenters", "", "| model.view | " + " | ".join(cohorts) + " |",
               "| --- |" + " --- |" * len(cohorts)]

@@ -807,7 +807,8 @@ app.add_typer(train_app, name="train")
 
 
 #: Recipes that can re-run their validation on exported models (``--validate-only``).
-VALIDATE_ONLY_RECIPES = ("ct-cspine",)
+VALIDATE_ONLY_RECIPES = ("ct-cspine", "xray", "xray-pair-classifier", "xray-fracture-mobilenet",
+                         "xray-cspine-classifier")
 #: Recipes that can train one of their stages alone (``--stage``), and the stages.
 STAGE_RECIPES: dict[str, tuple[str, ...]] = {"ct-cspine": ("all", "fracture", "segmentation")}
 
@@ -838,7 +839,7 @@ def _train_command(family: str) -> Callable[..., None]:
         validate_only: Annotated[bool, typer.Option(
             "--validate-only", help="Train nothing: run the validation cohort through the "
             "models in --out and the current pipeline, and rewrite the operating points in "
-            "their cards (recipes that support it: ct-cspine).")] = False,
+            "their cards (recipes that support it: ct-cspine and the X-ray classifiers).")] = False,
         stage: Annotated[str, typer.Option(
             "--stage", help="all, or one stage to train alone with the others kept as they "
             "are in --out (ct-cspine: fracture, segmentation).")] = "all",

@@ -92,6 +92,11 @@ def test_classifier_cards_carry_operating_points_or_take_the_whole_image(name: s
             for key in ("sensitivity", "specificity"):
                 low, high = point[f"{key}_ci95"]
                 assert low <= point[key] <= high
+            # Chosen on both validation cohorts, with a rule-out point below (indeterminate band).
+            assert set(point["parts"]) == {"classic", "context"}
+            assert 0.0 < point["rule_out_threshold"] <= point["threshold"]
+            for cohort, part in point["rule_out"].items():
+                assert part["sensitivity"] >= point["parts"][cohort]["sensitivity"]
 
 
 @pytest.mark.parametrize("name", MODELS)

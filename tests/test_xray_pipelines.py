@@ -441,3 +441,23 @@ def test_findings_use_the_cards_operating_points(study: dict, models: OrtModels)
     points = card.weights.get("operating_points")
     expected = points["damage"]["pair"]["threshold"] if points else 0.5  # earlier weights: 0.5
     assert finding.threshold == expected == operating_threshold(card, "damage", "pair")
+    assert finding.rule_out == (points["damage"]["pair"].get("rule_out_threshold") if points else None)
+
+
+def test_a_score_between_rule_out_and_rule_in_is_indeterminate_in_the_report() -> None:
+    """The card's rule-out point makes a score between it and the rule-in point an
+    indeterminate call; a card without one keeps the single cut."""
+    from types import SimpleNamespace
+
+    from spine_node.inference.findings import Finding
+    from spine_node.inference.pipelines.xray import operating_rule_out
+
+    point = {"threshold": 0.6, "rule_out_threshold": 0.2}
+    card = SimpleNamespace(weights={"operating_points": {"dislocation": {"LAT": point}}})
+    assert operating_rule_out(card, "dislocation", "LAT") == 0.2
+    assert operating_rule_out(card, "fracture", "LAT") is None
+    above = {"threshold": 0.3, "rule_out_threshold": 0.5}  # never above the rule-in point
+    assert operating_rule_out(SimpleNamespace(weights={"operating_points": {"damage": {"pair": above}}}),
+                              "damage", "pair") == 0.3
+    calls = [Finding("dislocation", p, threshold=0.6, rule_out=0.2).call for p in (0.1, 0.3, 0.7)]
+    assert calls == ["absent", "indeterminate", "present"]

@@ -390,3 +390,102 @@ def test_lat_segmenter_phantoms_show_articular_pillars() -> None:
     with_pillars = phantom_views(seed, cohort).lat_structures
     without = phantom_views(seed, replace(cohort, name="no-posterior", posterior_share=0.0)).lat_structures
     assert (with_pillars == code).sum() > 1.15 * (without == code).sum()
+
+
+def test_operating_points_are_chosen_on_both_validation_cohorts() -> None:
+    """A threshold chosen on the classic cohort alone would flag the context cohort's
+    normals (scored higher); chosen on both, it holds on each, and the card's point gives
+    the rates on each part."""
+    from spine_node.inference.train.xray import ImageSet, _mixed_points
+
+    spec = SPECS["xray-cspine-classifier"]  # normal, fracture, dislocation
+
+    def part(normal: list[float], dislocated: list[float]) -> tuple[np.ndarray, ImageSet]:
+        scores = np.array(normal + dislocated)
+        probabilities = np.zeros((len(scores), 3))
+        probabilities[:, 2] = scores
+        probabilities[:, 0] = 1 - scores
+        targets = np.array([0] * len(normal) + [2] * len(dislocated))
+        data = ImageSet(np.zeros((len(scores), 1, 4, 4), np.float32), targets,
+                        views=np.array(["LAT"] * len(scores)))
+        return probabilities, data
+
+    classic = part([0.01, 0.02, 0.03, 0.04], [0.1, 0.5, 0.6, 0.7])
+    context = part([0.15, 0.2, 0.25, 0.3], [0.4, 0.5, 0.6, 0.8])
+    alone = operating_point(classic[0][:, 2], classic[1].targets == 2)
+    assert alone["threshold"] <= 0.1  # would flag every context normal
+    points: dict = {}
+    metrics: dict = {}
+    _mixed_points(spec, {"classic": classic, "context": context}, points, metrics)
+    point = points["dislocation"]["LAT"]
+    assert 0.3 < point["threshold"] <= 0.4
+    assert point["chosen_on"].startswith("classic + context: best worst-cohort Youden J")
+    assert point["parts"]["context"]["specificity"] == 1.0
+    assert point["parts"]["classic"]["specificity"] == 1.0
+    assert point["parts"]["classic"]["sensitivity"] == 0.75  # the weak classic positive is missed
+    assert point["n_positive"] == 8 and point["n_negative"] == 8
+    assert metrics["auc_dislocation_context"] == 1.0
+    assert set(points) == {"fracture", "dislocation"}
+
+
+def test_robust_threshold_keeps_a_specificity_floor() -> None:
+    """The best worst-cohort J would flag half the second cohort's normals; the floor
+    (0.7 on every cohort) moves the threshold up, unless no threshold can keep it."""
+    from spine_node.inference.train.xray import SPECIFICITY_FLOOR, robust_threshold
+
+    classic = (np.array([0.1, 0.1, 0.9, 0.9]), np.array([0, 0, 1, 1]))
+    context = (np.array([0.2, 0.3, 0.6, 0.7, 0.65, 0.8, 0.85, 0.9, 0.95, 0.97]),
+               np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1]))
+    threshold = robust_threshold([classic, context])
+    normals = context[0][context[1] == 0]
+    assert (normals < threshold).mean() >= SPECIFICITY_FLOOR
+    assert threshold == 0.8
+    everything = (np.array([0.5, 0.6, 0.7]), np.array([0, 0, 1]))  # 0.7 keeps the floor here
+    assert robust_threshold([everything]) == 0.7
+    hopeless = (np.array([0.9, 0.9, 0.1]), np.array([0, 0, 1]))  # no threshold keeps it
+    assert robust_threshold([hopeless]) in (0.1, 0.5, 0.9)
+
+
+def test_validate_only_rechooses_classifier_operating_points(tmp_path: Path) -> None:
+    """``--validate-only`` keeps the weights and rewrites points, metrics and version."""
+    import shutil
+
+    from spine_node.inference.train.xray import CSPINE_MODEL, ENGINES_DIR
+
+    shutil.copytree(ENGINES_DIR / CSPINE_MODEL, tmp_path / CSPINE_MODEL)
+    before = ModelCard.load(tmp_path / CSPINE_MODEL)
+    summary = run_recipe(CSPINE_MODEL, TrainOptions(out=tmp_path, quick=True, threads=1,
+                                                    progress=False, validate_only=True))
+    assert summary["cards"] == [str(tmp_path / CSPINE_MODEL / "model.yaml")]
+    card = ModelCard.load(tmp_path / CSPINE_MODEL)
+    assert card.weights["sha256"] == before.weights["sha256"]
+    assert card.weights["trained_on"] == before.weights["trained_on"]
+    assert card.version == SPECS[CSPINE_MODEL].version
+    point = card.weights["operating_points"]["dislocation"]["LAT"]
+    assert set(point["parts"]) == {"classic", "context"}
+    assert "auc_dislocation_context" in card.weights["metrics"]
+    assert "second cohort" in card.weights["evaluated_on"]
+    with pytest.raises(DatasetError, match="operating points"):
+        run_recipe("xray-spine-unet-ap", TrainOptions(out=tmp_path, quick=True, progress=False,
+                                                      validate_only=True))
+
+
+def test_rule_out_point_keeps_sensitivity_on_every_cohort() -> None:
+    """Below the rule-in point, the rule-out point keeps nine in ten positives of each
+    cohort at or above it, unless that leaves fewer than half of some cohort's normals
+    below it; never above the rule-in point."""
+    from spine_node.inference.train.xray import rule_out_threshold
+
+    classic = (np.array([0.01, 0.02, 0.03, 0.04, *np.linspace(0.5, 0.9, 10)]),
+               np.array([0] * 4 + [1] * 10))
+    context = (np.array([0.1, 0.12, 0.14, 0.16, *np.linspace(0.2, 0.9, 10)]),
+               np.array([0] * 4 + [1] * 10))
+    rule_out = rule_out_threshold([classic, context], rule_in=0.7)
+    for scores, truth in (classic, context):
+        assert (scores[truth == 1] >= rule_out).mean() >= 0.9
+    assert rule_out == pytest.approx(0.2)
+    # Positives scored like the normals: the floor on specificity raises the point.
+    mixed = (np.array([0.1, 0.2, 0.3, 0.4, 0.1, 0.2, 0.3, 0.9]), np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+    rule_out = rule_out_threshold([mixed], rule_in=0.8)
+    assert (mixed[0][mixed[1] == 0] < rule_out).mean() >= 0.5
+    assert rule_out_threshold([mixed], rule_in=0.15) == 0.15

@@ -476,6 +476,19 @@ def operating_threshold(card: Any, kind: str, view: str) -> float:
         return 0.5
 
 
+def operating_rule_out(card: Any, kind: str, view: str) -> float | None:
+    """The card's rule-out point for ``kind`` on ``view`` (``rule_out_threshold``, at most the
+    rule-in point; between the two the finding is indeterminate), else None (one cut)."""
+    points = card.weights.get("operating_points") or {}
+    by_view = points.get(kind) or {}
+    point = by_view.get(view) or by_view.get("all") or by_view.get("pair")
+    try:
+        value = float(point["rule_out_threshold"]) if point else None
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None if value is None else min(value, operating_threshold(card, kind, view))
+
+
 def _windows(engine: Any, images: Sequence[Radiograph]) -> np.ndarray:
     """Classifier inputs ``(N, 1, H, W)``: each image's centred window on the model grid."""
     card = engine_card(engine)
@@ -718,7 +731,8 @@ class FracturePipeline:
         thresholds = [operating_threshold(card, "fracture", g.view) for g in usable]
         best = int(np.argmax(np.asarray(probabilities) - np.asarray(thresholds)))
         result.findings.append(Finding(kind="fracture", probability=float(probabilities[best]),
-                                       threshold=thresholds[best]))
+                                       threshold=thresholds[best],
+                                       rule_out=operating_rule_out(card, "fracture", usable[best].view)))
         logger.info("xray-fracture series %s: p(fracture)=%.3f (%s, threshold %.3f)",
                     images[0].series_uid, probabilities[best], usable[best].view, thresholds[best])
         return result
@@ -760,7 +774,8 @@ class CSpineClassifyPipeline:
             thresholds = np.asarray([operating_threshold(card, kind, g.view) for g in usable])
             best = int(np.argmax(scores - thresholds))
             result.findings.append(Finding(kind=kind, probability=float(scores[best]),
-                                           threshold=float(thresholds[best])))
+                                           threshold=float(thresholds[best]),
+                                           rule_out=operating_rule_out(card, kind, usable[best].view)))
         size, grid_mm = _input_size(card), _grid_mm(card)
         used = {g.image.sop_instance_uid: k for k, g in enumerate(usable)}
         maps = np.zeros((len(images), *images[0].shape), dtype=np.float32)
@@ -923,7 +938,8 @@ class PairClassifyPipeline:
         outputs = _infer(engine, {"ap": _windows(engine, [ap]), "lat": _windows(engine, [lat])})
         damage = float(outputs["probabilities"][0, _class_index(card, "damage")])
         result.findings.append(Finding(kind="damage", probability=damage,
-                                       threshold=operating_threshold(card, "damage", "pair")))
+                                       threshold=operating_threshold(card, "damage", "pair"),
+                                       rule_out=operating_rule_out(card, "damage", "pair")))
         return result
 
 

@@ -50,7 +50,8 @@ class TrainOptions:
     #: Fine-tuning: a model repository whose model.pt weights the training starts from.
     init: Path | None = None
     #: Re-run validation on the models in ``out`` and rewrite the operating points in
-    #: their cards, without training (recipes that support it: ct-cspine).
+    #: their cards, without training (recipes that support it: ct-cspine and the X-ray
+    #: classifiers).
     validate_only: bool = False
     #: "all", or one stage of a multi-stage recipe to train alone, the others kept as they
     #: are in ``out`` (recipes that support it: ct-cspine, stage "fracture").
