@@ -1485,40 +1485,31 @@ def validation_text(spec: Spec, plan: Plan) -> str:
             "rates on each in operating_points.<finding>.<view>.parts")
 
 
-def revalidate(names: Sequence[str], options: TrainOptions) -> dict[str, Any]:
+def revalidate(name: str, out_dir: Path, plan: Plan, progress: Progress | None = None) -> ModelCard:
     """``spine-node train <classifier> --validate-only``: run both validation cohorts through
-    the classifiers already in ``--out``, choose their operating points again and write
-    them, the validation metrics and the recipe's version into the cards. Weights,
+    the classifier already in ``out_dir``, choose its operating points again and write
+    them, the validation metrics and the recipe's version into its card. Weights,
     provenance and benchmark figures stay as they are."""
-    plan = _plan(options)
-    started = time.monotonic()
-    cards: list[str] = []
-    metrics: dict[str, float] = {}
-    with _progress(options.progress) as progress:
-        for name in names:
-            spec = SPECS[name]
-            folder = Path(options.out) / spec.name
-            card = ModelCard.load(folder)
-            held_seeds = [plan.heldout_seed + i for i in range(plan.heldout_phantoms)]
-            held = phantom_sets(spec, held_seeds, progress, plan.workers, copies=1, split=1)
-            mix = context_validation_set(spec, plan, progress)
-            points: dict[str, dict[str, Any]] = {}
-            found = evaluate(spec, folder / "model.onnx", held, points, mix)
-            weights = dict(card.weights)
-            weights["metrics"] = {key: round(value, 4) for key, value in found.items()}
-            weights["operating_points"] = points
-            weights["evaluated_on"] = validation_text(spec, plan)
-            limitations = " ".join(filter(None, (limitations_note(spec, found),
-                                                 RADIOGRAPHIC_LIMITATION)))
-            weights["limitations"] = limitations
-            weights["revalidated"] = (f"operating points re-chosen by spine-node train {name} "
-                                      f"--validate-only (recipe version {spec.version}); "
-                                      f"weights as trained (sha256 unchanged)")
-            card = replace(card, version=spec.version, weights=weights)
-            card.save(folder)
-            cards.append(str(folder / "model.yaml"))
-            metrics.update({f"{name}.{k}": v for k, v in weights["metrics"].items()})
-    return {"cards": cards, "metrics": metrics, "seconds": round(time.monotonic() - started, 1)}
+    spec = SPECS[name]
+    folder = out_dir / spec.name
+    card = ModelCard.load(folder)
+    held_seeds = [plan.heldout_seed + i for i in range(plan.heldout_phantoms)]
+    held = phantom_sets(spec, held_seeds, progress, plan.workers, copies=1, split=1)
+    mix = context_validation_set(spec, plan, progress)
+    points: dict[str, dict[str, Any]] = {}
+    found = evaluate(spec, folder / "model.onnx", held, points, mix)
+    weights = dict(card.weights)
+    weights["metrics"] = {key: round(value, 4) for key, value in found.items()}
+    weights["operating_points"] = points
+    weights["evaluated_on"] = validation_text(spec, plan)
+    weights["limitations"] = " ".join(filter(None, (limitations_note(spec, found),
+                                                    RADIOGRAPHIC_LIMITATION)))
+    weights["revalidated"] = (f"operating points re-chosen by spine-node train {name} "
+                              f"--validate-only (recipe version {spec.version}); "
+                              f"weights as trained (sha256 unchanged)")
+    card = replace(card, version=spec.version, weights=weights)
+    card.save(folder)
+    return card
 
 
 def plan_steps(spec: Spec, plan: Plan, samples: int, body_masks: bool) -> tuple[int, int]:
@@ -1550,8 +1541,8 @@ def _run(names: Sequence[str], options: TrainOptions) -> dict[str, Any]:
                                f"{', '.join(names)} has none")
         if options.data is not None:
             raise DatasetError("--validate-only runs the phantom validation cohorts; drop --data")
-        return revalidate(chosen, options)
-    if options.init is not None:
+        names = chosen
+    elif options.init is not None:
         raise DatasetError("--init (fine-tuning) is supported by ct-cspine only; the X-ray "
                            "recipes train from scratch")
     torch.set_num_threads(max(1, options.threads))
@@ -1561,7 +1552,8 @@ def _run(names: Sequence[str], options: TrainOptions) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     with _progress(options.progress) as progress:
         for name in names:
-            card = train_recipe(name, Path(options.out), options.data, plan, progress)
+            card = (revalidate(name, Path(options.out), plan, progress) if options.validate_only
+                    else train_recipe(name, Path(options.out), options.data, plan, progress))
             cards.append(str(card.folder / "model.yaml"))
             metrics.update({f"{name}.{k}": v for k, v in card.weights["metrics"].items()})
     return {"cards": cards, "metrics": metrics, "seconds": round(time.monotonic() - started, 1)}
