@@ -408,7 +408,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                         sensitivity=_r(tp / pos), sensitivity_ci95=[_r(v) for v in wilson_ci(tp, pos)],
                         specificity=_r(tn / neg), specificity_ci95=[_r(v) for v in wilson_ci(tn, neg)],
                         flagged_normals=_r(1 - tn / neg))
-                    if (looked != flagged).any() or any(r.get(f"r_{kind}") is not None for r in scored):
+                    if any(r.get(f"r_{kind}") is not None for r in scored):
                         metric.update(
                             indeterminate_sensitivity=_r(int((looked & (y == 1)).sum()) / pos),
                             indeterminate_flagged_normals=_r(int((looked & (y == 0)).sum()) / neg))

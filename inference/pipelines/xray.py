@@ -465,11 +465,17 @@ def card_views(card: Any) -> tuple[str, ...]:
     return tuple(str(v).upper() for v in card.preprocessing.get("views", default))
 
 
-def operating_threshold(card: Any, kind: str, view: str) -> float:
-    """The card's operating point for ``kind`` on ``view`` (chosen on validation), else 0.5."""
+def _card_point(card: Any, kind: str, view: str) -> Any:
+    """The card's operating point entry for ``kind`` on ``view`` (or for all views, or the
+    pair), else None."""
     points = card.weights.get("operating_points") or {}
     by_view = points.get(kind) or {}
-    point = by_view.get(view) or by_view.get("all") or by_view.get("pair")
+    return by_view.get(view) or by_view.get("all") or by_view.get("pair")
+
+
+def operating_threshold(card: Any, kind: str, view: str) -> float:
+    """The card's operating point for ``kind`` on ``view`` (chosen on validation), else 0.5."""
+    point = _card_point(card, kind, view)
     try:
         return float(point["threshold"]) if point else 0.5
     except (KeyError, TypeError, ValueError):
@@ -479,9 +485,7 @@ def operating_threshold(card: Any, kind: str, view: str) -> float:
 def operating_rule_out(card: Any, kind: str, view: str) -> float | None:
     """The card's rule-out point for ``kind`` on ``view`` (``rule_out_threshold``, at most the
     rule-in point; between the two the finding is indeterminate), else None (one cut)."""
-    points = card.weights.get("operating_points") or {}
-    by_view = points.get(kind) or {}
-    point = by_view.get(view) or by_view.get("all") or by_view.get("pair")
+    point = _card_point(card, kind, view)
     try:
         value = float(point["rule_out_threshold"]) if point else None
     except (KeyError, TypeError, ValueError):

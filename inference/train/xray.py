@@ -1078,6 +1078,19 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float((prediction & truth).sum()) / total
 
 
+def _rates(scores: np.ndarray, positives: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Sensitivity and specificity at ``threshold``, with n and 95 % Wilson intervals."""
+    positives = positives.astype(bool)
+    flagged = scores >= threshold
+    tp, tn = int((flagged & positives).sum()), int((~flagged & ~positives).sum())
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    return {"n_positive": n_pos, "n_negative": n_neg,
+            "sensitivity": round(tp / max(n_pos, 1), 4),
+            "sensitivity_ci95": [round(v, 4) for v in wilson_ci(tp, n_pos)],
+            "specificity": round(tn / max(n_neg, 1), 4),
+            "specificity_ci95": [round(v, 4) for v in wilson_ci(tn, n_neg)]}
+
+
 def operating_point(scores: np.ndarray, positives: np.ndarray) -> dict[str, Any]:
     """The threshold with the highest Youden J (sensitivity + specificity - 1) on these
     scores, with its sensitivity and specificity and their 95 % Wilson intervals."""
@@ -1091,31 +1104,12 @@ def operating_point(scores: np.ndarray, positives: np.ndarray) -> dict[str, Any]
              / max(n_neg, 1) - 1)
         if j > best_j + 1e-9:
             best, best_j = float(threshold), j
-    flagged = scores >= best
-    tp, tn = int((flagged & positives).sum()), int((~flagged & ~positives).sum())
-    return {"threshold": round(best, 4), "n_positive": n_pos, "n_negative": n_neg,
-            "sensitivity": round(tp / max(n_pos, 1), 4),
-            "sensitivity_ci95": [round(v, 4) for v in wilson_ci(tp, n_pos)],
-            "specificity": round(tn / max(n_neg, 1), 4),
-            "specificity_ci95": [round(v, 4) for v in wilson_ci(tn, n_neg)]}
+    return {"threshold": round(best, 4), **_rates(scores, positives, best)}
 
 
 def abnormal_scores(spec: Spec, probabilities: np.ndarray) -> dict[str, np.ndarray]:
     """Score per finding kind the pipelines report (class probability)."""
     return {key: probabilities[:, k] for k, key in enumerate(spec.labels) if k > 0}
-
-
-def _rates(scores: np.ndarray, positives: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Sensitivity and specificity at ``threshold``, with n and 95 % Wilson intervals."""
-    positives = positives.astype(bool)
-    flagged = scores >= threshold
-    tp, tn = int((flagged & positives).sum()), int((~flagged & ~positives).sum())
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    return {"n_positive": n_pos, "n_negative": n_neg,
-            "sensitivity": round(tp / max(n_pos, 1), 4),
-            "sensitivity_ci95": [round(v, 4) for v in wilson_ci(tp, n_pos)],
-            "specificity": round(tn / max(n_neg, 1), 4),
-            "specificity_ci95": [round(v, 4) for v in wilson_ci(tn, n_neg)]}
 
 
 #: Specificity every validation cohort must keep at a classifier's operating point (where
@@ -1185,24 +1179,22 @@ def _mixed_points(spec: Spec, parts: Mapping[str, tuple[np.ndarray, ImageSet]],
     for k, key in enumerate(spec.labels[1:], start=1):
         points[key] = {}
         for view in views:
-            scores = np.concatenate([p[of(d, view), k] for p, d in parts.values()])
-            truth = np.concatenate([d.targets[of(d, view)] == k for _, d in parts.values()])
-            threshold = round(robust_threshold([(p[of(d, view), k], d.targets[of(d, view)] == k)
-                                                for p, d in parts.values()]), 4)
+            cohorts = {name: (p[of(d, view), k], d.targets[of(d, view)] == k)
+                       for name, (p, d) in parts.items()}
+            scores = np.concatenate([scores for scores, _ in cohorts.values()])
+            truth = np.concatenate([truth for _, truth in cohorts.values()])
+            threshold = round(robust_threshold(list(cohorts.values())), 4)
             point = {"threshold": threshold, **_rates(scores, truth, threshold)}
-            rule_out = round(rule_out_threshold([(p[of(d, view), k], d.targets[of(d, view)] == k)
-                                                 for p, d in parts.values()], threshold), 4)
+            rule_out = round(rule_out_threshold(list(cohorts.values()), threshold), 4)
             point["rule_out_threshold"] = rule_out
-            point["rule_out"] = {name: _rates(p[of(d, view), k], d.targets[of(d, view)] == k, rule_out)
-                                 for name, (p, d) in parts.items()}
+            point["rule_out"] = {name: _rates(*cohort, rule_out) for name, cohort in cohorts.items()}
             point["rule_out_chosen_for"] = (f"sensitivity >= {RULE_OUT_SENSITIVITY} on every cohort "
                                             f"unless that leaves under {RULE_OUT_MIN_SPECIFICITY:.0%} "
                                             "of some cohort's normals below it; between it and "
                                             "threshold the finding is indeterminate")
             point["chosen_on"] = (" + ".join(parts) + ": best worst-cohort Youden J with "
                                   f"specificity >= {SPECIFICITY_FLOOR} on each")
-            point["parts"] = {name: _rates(p[of(d, view), k], d.targets[of(d, view)] == k,
-                                           point["threshold"]) for name, (p, d) in parts.items()}
+            point["parts"] = {name: _rates(*cohort, threshold) for name, cohort in cohorts.items()}
             points[key][view] = point
         for name, (probabilities, data) in list(parts.items())[1:]:
             metrics[f"auc_{key}_{name}"] = roc_auc(data.targets == k, probabilities[:, k])
@@ -1398,10 +1390,8 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
     started = time.monotonic()
     if data is None:
         train_seeds = [plan.seed + i for i in range(round(plan.train_phantoms * spec.phantom_factor))]
-        held_seeds = [plan.heldout_seed + i for i in range(plan.heldout_phantoms)]
         train = phantom_sets(spec, train_seeds, progress, plan.workers)
-        held = phantom_sets(spec, held_seeds, progress, plan.workers, copies=1, split=1)
-        mix = context_validation_set(spec, plan, progress)
+        held, mix = validation_sets(spec, plan, progress)
         cohort = f"; {spec.cohort.spacing_mm:g} mm grid"
         if spec.cohort.radiographic_findings:
             cohort += ", radiographic findings only: phantoms.generate(radiographic_findings=True)"
@@ -1459,13 +1449,18 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
     return card
 
 
-def context_validation_set(spec: Spec, plan: Plan, progress: Progress | None = None) -> ImageSet | None:
-    """A classifier's second validation set (:data:`CONTEXT_VALIDATION_COHORT`), or None."""
+def validation_sets(spec: Spec, plan: Plan, progress: Progress | None = None
+                    ) -> tuple[ImageSet, ImageSet | None]:
+    """The validation phantoms of ``spec`` and, for a classifier, its second validation set
+    (:data:`CONTEXT_VALIDATION_COHORT`; else None)."""
+    seeds = [plan.heldout_seed + i for i in range(plan.heldout_phantoms)]
+    held = phantom_sets(spec, seeds, progress, plan.workers, copies=1, split=1)
     if spec.validation_mix is None:
-        return None
-    seeds = [plan.heldout_seed + CONTEXT_VALIDATION_OFFSET + i for i in range(plan.heldout_phantoms)]
-    return phantom_sets(replace(spec, cohort=spec.validation_mix), seeds, progress, plan.workers,
-                        copies=1, split=1)
+        return held, None
+    mix = phantom_sets(replace(spec, cohort=spec.validation_mix),
+                       [seed + CONTEXT_VALIDATION_OFFSET for seed in seeds], progress, plan.workers,
+                       copies=1, split=1)
+    return held, mix
 
 
 def validation_text(spec: Spec, plan: Plan) -> str:
@@ -1493,9 +1488,7 @@ def revalidate(name: str, out_dir: Path, plan: Plan, progress: Progress | None =
     spec = SPECS[name]
     folder = out_dir / spec.name
     card = ModelCard.load(folder)
-    held_seeds = [plan.heldout_seed + i for i in range(plan.heldout_phantoms)]
-    held = phantom_sets(spec, held_seeds, progress, plan.workers, copies=1, split=1)
-    mix = context_validation_set(spec, plan, progress)
+    held, mix = validation_sets(spec, plan, progress)
     points: dict[str, dict[str, Any]] = {}
     found = evaluate(spec, folder / "model.onnx", held, points, mix)
     weights = dict(card.weights)
