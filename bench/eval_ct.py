@@ -805,6 +805,69 @@ def _worker_case(name: str, seed: int, via: str, keep_going: bool) -> tuple[str,
     return name, evaluate_case(COHORTS[name], seed, _WORKER_MODELS, via=via, keep_going=keep_going)
 
 
+# ---------------------------------------------------------------------- records
+
+
+def journal_config(engines_dir: Path | None, backend: str, via: str, seed_base: int) -> dict[str, Any]:
+    """What a records file's cases depend on: the models (sha256 of each CT engine's
+    weights), the backend, the pipeline entry, the seeds and the code's commit."""
+    import hashlib
+
+    from spine_node.engines import ENGINES_DIR
+
+    folder = Path(engines_dir) if engines_dir is not None else ENGINES_DIR
+    weights = {}
+    for onnx in sorted(folder.glob("cspine-ct-*/model.onnx")):
+        weights[onnx.parent.name] = hashlib.sha256(onnx.read_bytes()).hexdigest()[:16]
+    return {"weights": weights, "backend": backend, "via": via, "seed_base": seed_base,
+            "commit": source_commit()}
+
+
+class Journal:
+    """Finished cases, one JSON line each, so an interrupted run resumes where it stopped.
+
+    The first line holds :func:`journal_config`; a file written under another one is
+    refused rather than mixed. A last line cut short by a kill is dropped (that case runs
+    again).
+    """
+
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+        self.path = path
+        self.done: dict[str, list[dict[str, Any]]] = {}
+        entries: list[str] = []
+        if path.exists() and path.stat().st_size:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            written = json.loads(lines[0]).get("config")
+            if written != config:
+                differ = sorted(k for k in set(config) | set(written or {})
+                                if (written or {}).get(k) != config.get(k))
+                raise SystemExit(f"{path} holds cases of another run ({', '.join(differ)} "
+                                 "differ); give a new --records file or delete this one")
+            for line in lines[1:]:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                self.done.setdefault(entry["cohort"], []).append(entry["record"])
+                entries.append(line)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Rewritten whole: drops a cut-off last line before appending after it.
+        path.write_text("".join(f"{line}\n" for line in
+                                [json.dumps({"config": config}), *entries]), encoding="utf-8")
+        self._file = path.open("a", encoding="utf-8")
+
+    def has(self, name: str, seed: int) -> bool:
+        return any(r.get("seed") == seed for r in self.done.get(name, ()))
+
+    def add(self, name: str, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps({"cohort": name, "record": _jsonable(record)}) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
 # ---------------------------------------------------------------------- report
 
 
@@ -960,6 +1023,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true",
                         help="write bench/RESULTS.md's section and bench/out/eval_ct.json")
     parser.add_argument("--json", type=Path, default=OUT_JSON, help="JSON output with --write")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="append each finished case to this JSON-lines file and skip the "
+                             "cases it already holds: a run stopped part way resumes with the "
+                             "same command (refused when models, backend, entry, seeds or commit "
+                             "differ)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.n < 1 or args.jobs < 1:
@@ -980,6 +1048,18 @@ def main(argv: list[str] | None = None) -> int:
     counts = cohort_counts(runnable, args.n, args.n_per)
     tasks = [(name, seed) for name in runnable for seed in cohort_seeds(counts[name], args.seed_base)]
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in runnable}
+    journal = None
+    total_cases = len(tasks)
+    if args.records is not None:
+        journal = Journal(args.records, journal_config(args.engines_dir, args.backend, args.via,
+                                                       args.seed_base))
+        kept = [(name, seed) for name, seed in tasks if not journal.has(name, seed)]
+        for name in runnable:
+            wanted = set(cohort_seeds(counts[name], args.seed_base))
+            records[name] = [r for r in journal.done.get(name, ()) if r.get("seed") in wanted]
+        if len(kept) < len(tasks):
+            print(f"{len(tasks) - len(kept)} of {len(tasks)} cases read from {args.records}")
+        tasks = kept
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns) as progress:
@@ -990,6 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
                 progress.update(bar, description=f"{name} {seed}")
                 records[name].append(evaluate_case(COHORTS[name], seed, models, via=args.via,
                                                    keep_going=not args.fail_fast))
+                if journal is not None:
+                    journal.add(name, records[name][-1])
                 progress.advance(bar)
         else:
             context = multiprocessing.get_context("spawn")
@@ -1000,8 +1082,12 @@ def main(argv: list[str] | None = None) -> int:
                 for future in futures.as_completed(pending):
                     name, record = future.result()
                     records[name].append(record)
+                    if journal is not None:
+                        journal.add(name, record)
                     progress.update(bar, description=name)
                     progress.advance(bar)
+    if journal is not None:
+        journal.close()
     for name in runnable:
         ordered = sorted(records[name], key=lambda r: r["seed"])
         summary = summarise(name, ordered, COHORTS[name].negative, n_resamples=args.resamples)
@@ -1023,13 +1109,16 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": args.jobs,
         "threads": args.threads,
         "elapsed_s": round(elapsed, 1),
+        **({"records": str(args.records), "cases_read_from_records": total_cases - len(tasks)}
+           if journal is not None else {}),
         "seed_base": args.seed_base,
         "commit": source_commit(),
         "n_per_cohort": {name: results[name].get("n", 0) for name in names},
         "models": models_seen,
         "paths": sorted({p for r in results.values() for p in r.get("path", [])}),
     }
-    print(f"{len(tasks)} cases in {elapsed:.0f} s")
+    print(f"{len(tasks)} cases run in {elapsed:.0f} s" + (f" ({total_cases - len(tasks)} read from "
+          f"{args.records})" if total_cases > len(tasks) else ""))
     if args.write:
         replace_section(RESULTS, BEGIN, END, markdown(results, meta))
         args.json.parent.mkdir(parents=True, exist_ok=True)

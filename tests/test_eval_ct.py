@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -239,3 +240,43 @@ def test_stage_two_kinds_crops_each_vertebra_at_its_true_box() -> None:
     assert levels == sorted(levels)
     # every crop holds bone around its middle (normalised HU > 0.3 somewhere in the centre)
     assert (crops[:, 8:16, 16:32, 16:32].max(axis=(1, 2, 3)) > 0.3).all()
+
+
+def test_records_file_resumes_a_run_and_refuses_another(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--records: finished cases are kept per line; the same command skips them and gives
+    the same figures; a cut-off last line runs again; other weights are refused."""
+    require_module("onnxruntime", "the onnxruntime package")
+    monkeypatch.setattr(eval_ct, "source_commit", lambda: "commit test")
+    records, out = tmp_path / "records.jsonl", tmp_path / "eval.json"
+    argv = ["--n", "2", "--cohorts", "same,neg/air", "--records", str(records), "--json", str(out)]
+    # --write without RESULTS.md or cards: keep the figures in the JSON file only.
+    monkeypatch.setattr(eval_ct, "replace_section", lambda *a, **k: None)
+    monkeypatch.setattr(eval_ct, "fold_into_cards", lambda *a, **k: [])
+    assert eval_ct.main([*argv, "--write"]) == 0
+    first = json.loads(out.read_text())["cohorts"]
+    lines = records.read_text().splitlines()
+    assert len(lines) == 1 + 4 and json.loads(lines[0])["config"]["commit"] == "commit test"
+    # A kill while the last case was written: its line is cut; that case runs again.
+    records.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    capsys.readouterr()
+    assert eval_ct.main([*argv, "--write"]) == 0
+    assert "3 of 4 cases read from" in capsys.readouterr().out
+    again = json.loads(out.read_text())["cohorts"]
+    for name in ("same", "neg/air"):
+        a, b = dict(first[name]), dict(again[name])
+        for result in (a, b):
+            result.pop("seconds_per_case", None)
+            result["records"] = [{k: v for k, v in r.items() if "seconds" not in k}
+                                 for r in result["records"]]
+        assert a.keys() == b.keys()
+        for key in a:
+            if "seconds" not in key:
+                assert a[key] == b[key], (name, key)
+    assert len(records.read_text().splitlines()) == 1 + 4
+    # Another model repository: refused, the file left as it was.
+    other = tmp_path / "engines"
+    (other / "cspine-ct-fracture").mkdir(parents=True)
+    (other / "cspine-ct-fracture" / "model.onnx").write_bytes(b"other weights")
+    with pytest.raises(SystemExit, match="weights differ"):
+        eval_ct.main([*argv, "--engines-dir", str(other)])
+    assert len(records.read_text().splitlines()) == 1 + 4
