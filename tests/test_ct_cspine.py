@@ -834,3 +834,53 @@ def test_cards_without_a_crop_frame_keep_axis_aligned_crops() -> None:
     for name, crop in crops.items():
         assert np.array_equal(crop, ct_cspine.vertebra_crop(hu, (1.0, 1.0, 1.0), boxes[name],
                                                             (24, 48, 48), 4.0))
+
+
+def test_stage_two_reads_each_vertebra_as_its_card_asks() -> None:
+    """preprocessing.test_time_augmentation: every listed margin, each also mirrored
+    left-right, the logits averaged; a card without it reads once and gets the model's
+    own probability; a key the pipeline does not know is refused, not ignored."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from spine_node.inference.pipelines import PipelineError
+
+    labels, hu, _ = _tilted_column(0.0)
+    volume = ct_cspine.CtVolume(hu.astype(np.float32), (1.0, 1.0, 1.0),
+                                tuple(map(str, range(hu.shape[0]))), "1.2", "1.2.3")
+    levels = SimpleNamespace(labels=labels)
+    card = ModelCard.load(ENGINES_DIR / ct_cspine.FRACTURE_MODEL)
+
+    class Recorder:
+        def __init__(self, preprocessing: dict) -> None:  # type: ignore[type-arg]
+            self.card = replace(card, preprocessing=preprocessing)
+            self.inputs: list[np.ndarray] = []
+
+        def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            crops = next(iter(feeds.values()))
+            self.inputs.append(crops)
+            # A toy "model" that sees where bone is: mirroring and margins move its answer.
+            weights = np.linspace(-0.5, 1.5, crops.shape[-1])
+            z = (crops[0] * weights).mean(axis=(1, 2, 3)) * 5.0 - 1.0
+            return {card.outputs[0].name: (1 / (1 + np.exp(-z)))[None]}
+
+    own = {k: v for k, v in card.preprocessing.items() if k != "test_time_augmentation"}
+    once = Recorder(own)
+    single, _ = ct_cspine.classify(once, volume, levels, (1.0, 1.0, 1.0))
+    assert len(once.inputs) == 1 and set(single) == {"C2", "C3", "C4", "C5", "C6"}
+
+    six = Recorder({**own, "test_time_augmentation": {"margins_mm": [4.0, 0.0, 8.0], "mirror": True}})
+    averaged, _ = ct_cspine.classify(six, volume, levels, (1.0, 1.0, 1.0))
+    assert len(six.inputs) == 6
+    assert np.array_equal(six.inputs[0], once.inputs[0])             # margin 4 mm: the plain read
+    assert np.array_equal(six.inputs[1], six.inputs[0][..., ::-1])    # and mirrored
+    assert not np.array_equal(six.inputs[2], six.inputs[0])           # other margins, other crops
+    reads = [six.infer({"crops": x})[card.outputs[0].name][0] for x in six.inputs[:6]]
+    logits = np.mean([np.log(r) - np.log1p(-r) for r in reads], axis=0)
+    expected = 1 / (1 + np.exp(-logits))
+    assert [averaged[n] for n in sorted(averaged)] == pytest.approx(list(expected), rel=1e-6)
+    assert averaged != single
+
+    with pytest.raises(PipelineError, match="flip_z"):
+        ct_cspine.classify(Recorder({**own, "test_time_augmentation": {"flip_z": True}}),
+                           volume, levels, (1.0, 1.0, 1.0))

@@ -91,6 +91,13 @@ FRACTURE_PREPROCESSING: dict[str, Any] = {
 }
 #: A card without ``crop_frame`` was trained on axis-aligned crops.
 LEGACY_CROP_FRAME = "scanner"
+#: Test-time augmentation a card may ask for (``preprocessing.test_time_augmentation``):
+#: stage 2 reads each vertebra at every box margin listed (mm) and, with ``mirror``, each
+#: of those crops mirrored left-right too, and the vertebra's probability is the mean of
+#: their logits. Both are changes training already draws (box jitter, mirror), so every
+#: read is one the model knows; their mean is steadier where one read is off (a box a
+#: little short or long, an unfamiliar shape). A card without the key: one read.
+TTA_KEYS = frozenset({"margins_mm", "mirror"})
 #: The local spine axis is taken at most this far (degrees) from the scanner's z axis.
 MAX_AXIS_TILT_DEG = 50.0
 
@@ -945,13 +952,28 @@ def classify(engine: object, volume: CtVolume, levels: LevelMap,
     card = engine_card(engine)
     pre = {**FRACTURE_PREPROCESSING, "crop_frame": LEGACY_CROP_FRAME, **card.preprocessing}
     threshold = float(pre.get("threshold", 0.5))
-    found = stage2_crops(volume.hu, volume.spacing, levels.labels, model_spacing, pre)
-    names = [name for name in LEVELS if name in found]
-    if not names:
-        return {}, threshold
-    crops = np.stack([normalise_crop(found[name], pre) for name in names])
-    outputs = engine.infer({card.inputs[0].name: crops[None]})  # type: ignore[attr-defined]
-    probabilities = _single_output(outputs, card)[0].astype(np.float64)
+    tta = dict(pre.get("test_time_augmentation") or {})
+    unknown = set(tta) - TTA_KEYS
+    if unknown:
+        raise PipelineError(f"{PIPELINE_NAME}: model {card.name} asks for test-time augmentation "
+                            f"this pipeline does not know: {', '.join(sorted(unknown))}")
+    margins = [float(m) for m in tta.get("margins_mm", [pre["crop_margin_mm"]])]
+    reads: list[np.ndarray] = []
+    names: list[str] = []
+    for margin in margins:
+        found = stage2_crops(volume.hu, volume.spacing, levels.labels, model_spacing,
+                             {**pre, "crop_margin_mm": margin})
+        names = [name for name in LEVELS if name in found]
+        if not names:
+            return {}, threshold
+        crops = np.stack([normalise_crop(found[name], pre) for name in names])
+        for view in ([crops, np.ascontiguousarray(crops[..., ::-1])] if tta.get("mirror") else [crops]):
+            outputs = engine.infer({card.inputs[0].name: view[None]})  # type: ignore[attr-defined]
+            reads.append(_single_output(outputs, card)[0].astype(np.float64))
+    probabilities = reads[0]
+    if len(reads) > 1:
+        p = np.clip(np.stack(reads), 1e-7, 1 - 1e-7)
+        probabilities = 1.0 / (1.0 + np.exp(-np.mean(np.log(p) - np.log1p(-p), axis=0)))
     return {name: float(p) for name, p in zip(names, probabilities, strict=True)}, threshold
 
 

@@ -83,6 +83,13 @@ from spine_node.inference.train import TrainOptions
 log = logging.getLogger(__name__)
 
 VERSION = "0.5.0"
+#: Stage 2's test-time augmentation, written into its card
+#: (``ct_cspine.TTA_KEYS``): the box margin training uses (4 mm) and 0 and 8 mm around
+#: it, each also mirrored left-right; logits averaged. Chosen 2026-11-28 among four
+#: schemes (none, mirror, mirror + margins, the same with logits averaged) on 60 cases of
+#: four benchmark cohorts; the benchmark figures since then are on other seeds
+#: (docs/models-ct.md, "Stage 2 read six ways").
+STAGE2_TTA: dict[str, Any] = {"margins_mm": [4.0, 0.0, 8.0], "mirror": True}
 SEG_ARCH = ("cspine-ct-unet3d", {"widths": [16, 32, 64, 64], "stem": 6, "classes": len(SEG_CLASSES) + 1})
 FRACTURE_ARCH = ("cspine-ct-vertebra-classifier-2.5d",
                  {"slices": 24, "group": 3, "widths": [12, 24, 32, 48], "hidden": 32})
@@ -965,7 +972,8 @@ def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
         inputs=(TensorSpec("crops", (-1, -1, *_crop_shape())),),
         outputs=(TensorSpec("probabilities", (-1, -1)),),
         labels={0: "fracture"},
-        preprocessing={**FRACTURE_PREPROCESSING, "threshold": round(threshold, 4),
+        preprocessing={**FRACTURE_PREPROCESSING, "test_time_augmentation": STAGE2_TTA,
+                       "threshold": round(threshold, 4),
                        **({"rule_out_threshold": point["rule_out_threshold"]}
                           if "rule_out_threshold" in point else {})},
         weights={**provenance, "sha256": _sha256(fracture_dir / "model.onnx"),
@@ -988,6 +996,21 @@ def _rewrite_validation(path: Path, metrics: dict[str, Any],
     data["preprocessing"].update(preprocessing or {})
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+def _adopt_tta(path: Path) -> None:
+    """Give the stage-2 card at ``path`` the recipe's :data:`STAGE2_TTA` before it is
+    validated, so the operating points are chosen on what the pipeline will read; a card
+    that changes this way moves on a patch version (same weights, other probabilities)."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if data["preprocessing"].get("test_time_augmentation") == STAGE2_TTA:
+        return
+    data["preprocessing"]["test_time_augmentation"] = STAGE2_TTA
+    major, minor, patch = (int(v) for v in str(data["version"]).split("."))
+    data["version"] = f"{major}.{minor}.{patch + 1}"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    log.info("%s: test-time augmentation %s, version %s", path.parent.name, STAGE2_TTA,
+             data["version"])
 
 
 def _split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1014,6 +1037,7 @@ def revalidate(options: TrainOptions) -> dict[str, Any]:
     gates, reporting) that moves what validation sees without retraining."""
     started = time.monotonic()
     out = Path(options.out)
+    _adopt_tta(out / FRACTURE_MODEL / "model.yaml")
     budget = Budget.quick() if options.quick else Budget()
     seeds = list(range(VALIDATION_SEEDS.start, VALIDATION_SEEDS.start + budget.validation_cases))
     validation = _map(validation_case, seeds, max(1, min(budget.workers, options.threads)),
