@@ -499,6 +499,7 @@ def generate(
     varied_fractures: bool = False,
     varied_anatomy: bool = False,
     posterior_detail: bool = False,
+    airway_hu: float = -1000.0,
 ) -> Phantom:
     """Draw a phantom from ``seed``.
 
@@ -561,6 +562,12 @@ def generate(
         longer, and cervical transverse processes 1.25-2 times longer (C1's 1.1-1.35).
         Drawn from a stream of its own: the rest of the phantom is the same with or
         without it.
+    airway_hu:
+        Cervical only: what fills the pharynx and trachea (default air, -1000 HU). Values
+        near soft tissue make the airway faint or invisible: domain randomisation for a
+        model that must not tell a lateral from a frontal radiograph by the airway alone
+        (the view gate did: with the airway filled it read 11 of 30 lateral views as AP).
+        Draws nothing: the rest of the phantom is the same.
     """
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}; expected one of {sorted(REGIONS)}")
@@ -775,6 +782,7 @@ def generate(
     hu, labels, structures, params = _rasterise(
         rng, placed, (nz, ny, nx), (sz, sy, sx), cervical, region, body_y, centre_x,
         top_margin, dislocated, shift_mm, context=context, variation=variation,
+        airway_hu=airway_hu,
     )
     sigma = float(noise_hu) if noise_hu is not None else float(rng.uniform(8.0, 20.0))
     blur = [0.6 / s for s in (sz, sy, sx)]
@@ -1005,6 +1013,7 @@ def _rasterise(
     shift_mm: float,
     context: bool = False,
     variation: _Variation | None = None,
+    airway_hu: float = -1000.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     nz, ny, nx = shape
     sz, sy, sx = spacing
@@ -1138,7 +1147,7 @@ def _rasterise(
             if cervical:
                 airway_v = -ls.b - ls.prevertebral - 6.0
                 airway = _elliptic_cylinder(q, 0.0, airway_v, 9.0, 6.0, -half, half) > 0
-                sub_hu[airway] = -1000.0
+                sub_hu[airway] = airway_hu
                 sub_st[airway & (sub_st == 8)] = 0
         hu[box] = sub_hu.reshape(hu[box].shape)
         structures[box] = sub_st.reshape(structures[box].shape)

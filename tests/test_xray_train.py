@@ -489,3 +489,46 @@ def test_rule_out_point_keeps_sensitivity_on_every_cohort() -> None:
     rule_out = rule_out_threshold([mixed], rule_in=0.8)
     assert (mixed[0][mixed[1] == 0] < rule_out).mean() >= 0.5
     assert rule_out_threshold([mixed], rule_in=0.15) == 0.15
+
+
+def test_gate_phantoms_hide_the_airway_and_collimate_some_fields() -> None:
+    """The gate must find the view in the spine: four in ten of its phantoms have a faint
+    or no airway (only that changes in the volume), and about a third of its spine
+    acquisitions are collimated on all four sides, smaller than its window, with bright
+    blades or without. Cohorts without a share draw nothing (their phantoms stay as
+    they were)."""
+    from spine_node.inference import phantoms
+    from spine_node.inference.train.xray import (
+        GATE_COHORT,
+        RADIOGRAPHIC_COHORT,
+        framed_acquisition,
+        gate_input,
+    )
+
+    fills = [GATE_COHORT.airway_hu(seed) for seed in range(400)]
+    faint = np.array([hu > -1000.0 for hu in fills])
+    assert 0.3 < faint.mean() < 0.5 and all(-900.0 <= hu <= 40.0 for hu, f in zip(fills, faint, strict=True) if f)
+    assert {RADIOGRAPHIC_COHORT.airway_hu(seed) for seed in range(50)} == {-1000.0}
+
+    air = phantoms.generate(7, spacing=2.0)
+    filled = phantoms.generate(7, spacing=2.0, airway_hu=40.0)
+    assert np.array_equal(air.labels, filled.labels)
+    changed = air.hu != filled.hu
+    # Only the airway changed: it was air (up to blur and noise at its edge) and is now soft.
+    assert 200 < changed.sum() < 0.05 * changed.size
+    assert np.median(air.hu[changed]) < -500 and np.median(filled.hu[changed]) > -100
+    assert np.array_equal(phantoms.generate(7, spacing=2.0).hu, air.hu)
+
+    integral = np.zeros((80, 64), np.float32)
+    integral[10:70, 24:40] = 2.0  # a bright column
+    shapes, blades = [], 0
+    for k in range(20):
+        rng = np.random.default_rng(k)
+        cut = framed_acquisition(integral, 2.0, rng)
+        shapes.append(cut.shape)
+        window = gate_input(cut, (2.0, 2.0), (80, 64), 2.0)
+        assert (window[0] == 0).all() and (window[-1] == 0).all()   # nothing beyond the field
+        edge = np.concatenate([cut[0], cut[-1], cut[:, 0], cut[:, -1]])
+        blades += bool(np.median(edge) > np.percentile(cut, 90))
+    assert all(r < 80 and c < 64 for r, c in shapes)
+    assert 5 <= blades <= 19  # blades bright inside the edges in most, cut off in some

@@ -145,6 +145,10 @@ class PhantomCohort:
     #: Share of the context phantoms also drawn with ``posterior_detail`` (articular
     #: pillars, sloping spinous processes: the LAT view's posterior column).
     posterior_share: float = 0.0
+    #: Share of the phantoms whose airway is faint or absent (``airway_hu`` drawn from
+    #: -900 to +40 HU instead of air): a model must find the view in the spine, not in
+    #: the air column in front of it.
+    faint_airway_share: float = 0.0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -162,6 +166,14 @@ class PhantomCohort:
             return False
         return bool(np.random.default_rng([seed, 4111]).random() < self.posterior_share)
 
+    def airway_hu(self, seed: int) -> float:
+        """What fills phantom ``seed``'s airway: air, or for :attr:`faint_airway_share` of
+        them something from -900 HU to soft tissue (no draw with a share of 0)."""
+        if self.faint_airway_share <= 0:
+            return -1000.0
+        rng = np.random.default_rng([seed, 4127])
+        return float(rng.uniform(-900.0, 40.0)) if rng.random() < self.faint_airway_share else -1000.0
+
 
 #: The classic 2 mm phantoms with every kind of finding (the view gate's until 0.2.0).
 CT_COHORT = PhantomCohort("ct", 2.0, radiographic_findings=False)
@@ -169,7 +181,8 @@ CT_COHORT = PhantomCohort("ct", 2.0, radiographic_findings=False)
 #: evaluation generator's spines the gate on classic phantoms alone read 50 % of AP and
 #: 60 % of LAT views as their own view (n = 60 each); this one 87 % / 83 %, with 2100 steps,
 #: 1.5 times the phantoms and chest junk twice as often (docs/models-xray.md).
-GATE_COHORT = PhantomCohort("gate", 2.0, radiographic_findings=False, context_share=0.5)
+GATE_COHORT = PhantomCohort("gate", 2.0, radiographic_findings=False, context_share=0.5,
+                           faint_airway_share=0.4)
 #: Segmenters: the same 2 mm phantoms, three in four drawn with their surroundings and
 #: varied anatomy (skull above, shoulders and ribs below, as the evaluation generator's
 #: radiographs show them; it took the spine U-Nets' Dice there from 0.20 / 0.16 to 0.37 /
@@ -320,14 +333,20 @@ SPECS: dict[str, Spec] = {
     GATE_MODEL: Spec(GATE_MODEL, "xray-view-gate", "classification", ("other", "AP", "LAT"),
                      SEGMENTER_SIZE, "View gate: spine AP / spine LAT / not a spine radiograph "
                      "(noise, blank, CT slices, chest, hand); run before every X-ray model.",
-                     steps=2100, batch_size=32, views=("AP", "LAT", "other"), cohort=GATE_COHORT,
-                     phantom_factor=1.5),
+                     steps=4200, batch_size=32, views=("AP", "LAT", "other"), cohort=GATE_COHORT,
+                     phantom_factor=2.0, version="0.3.0"),
 }
 #: Junk images per spine phantom in the gate's training and validation data.
 GATE_JUNK_PER_PHANTOM = 3
 #: The kinds of junk the gate sees, in turn: chest radiographs twice as often as the rest
 #: (a chest's centre shows a spine between the lungs; the hardest junk to tell apart).
 GATE_JUNK_KINDS = augment.JUNK_KINDS + ("chest",)
+#: Share of the gate's spine acquisitions collimated on all four sides to a field smaller
+#: than the gate's window (:func:`framed_acquisition`): a tightly coned-down or small-field
+#: cervical radiograph, blades bright inside its edges or cut off, nothing around it. Until
+#: gate 0.2.0 a field trimmed on all four sides was one draw in fifty, and such images
+#: read as the other view (docs/models-xray.md, "View gate 0.3.0").
+GATE_FRAMED_SHARE = 0.35
 
 
 # --------------------------------------------------------------------------- folders
@@ -526,7 +545,8 @@ def phantom_views(seed: int, cohort: PhantomCohort = CT_COHORT) -> PhantomViews:
     phantom = phantoms.generate(seed, region="cervical", shape=shape, spacing=sp,
                                 radiographic_findings=cohort.radiographic_findings,
                                 context=context, varied_anatomy=context,
-                                posterior_detail=cohort.with_posterior(seed))
+                                posterior_detail=cohort.with_posterior(seed),
+                                airway_hu=cohort.airway_hu(seed))
     views = {view: phantom.radiograph(view) for view in ("AP", "LAT")}
     ap, lat = views["AP"], views["LAT"]
     if ap.structures is None or lat.structures is None or ap.levels is None or lat.levels is None:
@@ -697,6 +717,23 @@ def gate_input(pixels: np.ndarray, spacing_mm: tuple[float, float], size: tuple[
     return window(image, valid, contrast_px=contrast_px)
 
 
+def framed_acquisition(integral: np.ndarray, grid_mm: float, rng: np.random.Generator
+                       ) -> np.ndarray:
+    """One acquisition of ``integral`` collimated on all four sides, cut to the recorded
+    field: with collimator blades (bright bands 0-12 mm wide inside the edges), or without
+    (the file holds only the exposed field). The pipeline centres what it gets in its
+    window, so the window shows the field with nothing around it."""
+    acq = augment.draw(rng, coverage_chance=0.0)
+    trims = tuple(float(v) for v in rng.uniform(0.04, 0.22, 4))
+    acq = replace(acq, coverage=trims, shutter=bool(rng.random() < 0.7))  # type: ignore[arg-type]
+    image, _, visible = augment.acquire(integral, grid_mm, acq, rng)
+    rows, cols = np.flatnonzero(visible.any(axis=1)), np.flatnonzero(visible.any(axis=0))
+    band = int(rng.integers(0, round(12 / grid_mm) + 1)) if acq.shutter else 0
+    top, bottom = max(int(rows[0]) - band, 0), min(int(rows[-1]) + 1 + band, image.shape[0])
+    left, right = max(int(cols[0]) - band, 0), min(int(cols[-1]) + 1 + band, image.shape[1])
+    return image[top:bottom, left:right]
+
+
 def gate_set(spec: Spec, seeds: Sequence[int], progress: Progress | None, workers: int,
              copies: int, split: int) -> ImageSet:
     """Spine AP / LAT acquisitions of the 2 mm phantoms and junk (:func:`augment.junk`),
@@ -711,9 +748,13 @@ def gate_set(spec: Spec, seeds: Sequence[int], progress: Progress | None, worker
         for label, integral in ((1, views_.ap), (2, views_.lat)):
             for copy in range(copies):
                 rng = np.random.default_rng([views_.seed, 11, label, copy, split])
-                image, valid, _ = augment.acquire(integral, grid, augment.draw(rng), rng)
-                images.append(resize_bilinear(window(image, valid, contrast_px=spec.contrast_px),
-                                              spec.size))
+                if rng.random() < GATE_FRAMED_SHARE:
+                    images.append(gate_input(framed_acquisition(integral, grid, rng), (grid, grid),
+                                             spec.size, grid, spec.contrast_px))
+                else:
+                    image, valid, _ = augment.acquire(integral, grid, augment.draw(rng), rng)
+                    images.append(resize_bilinear(window(image, valid, contrast_px=spec.contrast_px),
+                                                  spec.size))
                 targets.append(label)
                 views.append(spec.labels[label])
         for k in range(GATE_JUNK_PER_PHANTOM * copies):
@@ -1402,6 +1443,12 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
         if spec.cohort.posterior_share:
             cohort += (f", {spec.cohort.posterior_share:.0%} of those with posterior_detail=True "
                        "(articular pillars, sloping spinous processes)")
+        if spec.cohort.faint_airway_share:
+            cohort += (f", {spec.cohort.faint_airway_share:.0%} with a faint or no airway "
+                       "(airway_hu -900 to 40)")
+        if spec.name == GATE_MODEL:
+            cohort += (f"; {GATE_FRAMED_SHARE:.0%} of the spine acquisitions collimated on all "
+                       "four sides to a field smaller than the window")
         trained_on = (f"synthetic phantoms (spine-node inference.phantoms DRRs, seeds "
                       f"{train_seeds[0]}-{train_seeds[-1]}{cohort}), {spec.copies} randomised "
                       "acquisitions per view (inference.train.xray_augment: detector 0.1-0.2 mm, "
