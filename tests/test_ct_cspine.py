@@ -121,6 +121,17 @@ def test_choose_rule_out() -> None:
     point = recipe.choose_rule_out_point(truth, crowded, 0.9, 0.5)
     assert 0.45 < point <= 0.46
     assert np.mean(np.asarray(crowded[10:]) < point) >= 0.5
+    # Two kinds of scan: the pool's normals are mostly low, but the plain scans' normals
+    # are high; the point rises until half of the plain ones are below it as well.
+    truth2 = [1] * 10 + [0] * 8
+    scores2 = [0.05, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99,
+               0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.6, 0.7]
+    parts = ["random"] * 10 + ["random"] * 6 + ["plain"] * 2
+    assert recipe.choose_rule_out_point(truth2, scores2, 0.9, 0.5) == 0.3
+    split = recipe.choose_rule_out_point(truth2, scores2, 0.9, 0.5, parts)
+    assert 0.6 < split <= 0.61
+    # A part without normals sets nothing.
+    assert recipe.choose_rule_out_point(truth2, scores2, 0.9, 0.5, ["plain"] * 10 + ["random"] * 8) == 0.3
 
 
 def test_validation_holds_plain_scans_beside_randomised_ones() -> None:
