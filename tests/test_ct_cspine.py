@@ -236,6 +236,27 @@ def test_no_anchor_in_view_gives_no_level_rather_than_a_shifted_one() -> None:
     assert "C2 or T1" in levels.status["C4"][1]
 
 
+def test_t1_read_as_cervical_gives_no_shifted_label() -> None:
+    """Found by an independent tester: stage 1 took T1 for a cervical vertebra and T2 (with
+    ribs) for T1, so counting up named C4-C7 as C3-C6. Six vertebrae in one chain above
+    "T1" cannot all be C3-C7: that count names nothing (no shifted label)."""
+    ph = phantoms.generate(9_200_001, context=True, spacing=2.0)
+    classes, confidence, heat = _truth_maps(ph.labels, ph.spacing)
+    top = int(ph.vertebra("C3").center_mm[0] / 2) - 3  # no C1, no C2: only T1 anchors
+    misread = classes.copy()
+    misread[ph.labels == phantoms.LEVEL_LABELS["T1"]] = ct_cspine.CLASS_SUBAXIAL
+    truth = np.where(ph.labels <= 7, ph.labels, 0)[top:]
+    levels = ct_cspine.identify_levels(misread[top:], confidence[top:], heat[top:], ph.spacing)
+    for number in range(1, 8):
+        mine = levels.labels == number
+        if mine.any():
+            assert np.bincount(truth[mine], minlength=8).argmax() == number
+    assert not levels.assessed
+    # Read right, the same field is counted up from T1 as before.
+    right = ct_cspine.identify_levels(classes[top:], confidence[top:], heat[top:], ph.spacing)
+    assert right.assessed == ["C3", "C4", "C5", "C6", "C7"]
+
+
 def test_a_missed_vertebra_between_the_anchors_gives_no_shifted_label() -> None:
     ph = phantoms.generate(9_200_004, context=True, spacing=2.0)
     labels = ph.labels.copy()

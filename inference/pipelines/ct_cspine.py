@@ -659,6 +659,11 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                 if n and not linked(vertebrae[i], vertebrae[subs[len(subs) - n]]):
                     break
                 if 7 - n < 3:
+                    # A sixth vertebra in one unbroken chain above "T1": no neck has one, so
+                    # the count started on the wrong vertebra (a T1 read as cervical, the
+                    # vertebra with ribs below it taken for T1) and every name from it would
+                    # be shifted by a level. No name from this count.
+                    up = {}
                     break
                 up[i] = f"C{7 - n}"
         if down and up and any(down.get(i, name) != name for i, name in up.items()):
