@@ -49,6 +49,14 @@ def test_orthanc_study_comes_back_with_seg_and_sr(tmp_path):
             assert all(i["StudyInstanceUID"] == study_uid for i in found)
 
             engine = create_engine(url)
+
+            def dispatches_settled():  # type: ignore[no-untyped-def]
+                # Orthanc holds the objects as soon as each C-STORE lands; the node marks a
+                # dispatch sent only after the association ends, a moment later.
+                with Session(engine) as session:
+                    rows = list(session.scalars(select(Dispatch)))
+                return rows if rows and all(d.state == "sent" for d in rows) else None
+            wait_for(dispatches_settled, timeout=30, interval=0.5)
             with Session(engine) as session:
                 jobs = list(session.scalars(select(Job)))
                 dispatches = list(session.scalars(select(Dispatch)))
