@@ -430,7 +430,7 @@ def test_operating_points_are_chosen_on_both_validation_cohorts() -> None:
 
 def test_robust_threshold_keeps_a_specificity_floor() -> None:
     """The best worst-cohort J would flag half the second cohort's normals; the floor
-    (0.7 on every cohort) moves the threshold up, unless no threshold can keep it."""
+    (on every cohort) moves the threshold up, unless no threshold can keep it."""
     from spine_node.inference.train.xray import SPECIFICITY_FLOOR, robust_threshold
 
     classic = (np.array([0.1, 0.1, 0.9, 0.9]), np.array([0, 0, 1, 1]))
