@@ -257,6 +257,70 @@ def test_t1_read_as_cervical_gives_no_shifted_label() -> None:
     assert right.assessed == ["C3", "C4", "C5", "C6", "C7"]
 
 
+def _first_slice(ph: phantoms.Phantom, name: str) -> int:
+    return int(np.nonzero((ph.labels == phantoms.LEVEL_LABELS[name]).any(axis=(1, 2)))[0].min())
+
+
+def _last_slice(ph: phantoms.Phantom, name: str) -> int:
+    return int(np.nonzero((ph.labels == phantoms.LEVEL_LABELS[name]).any(axis=(1, 2)))[0].max())
+
+
+def _names_belong(levels: ct_cspine.LevelMap, truth: np.ndarray) -> None:
+    for number in range(1, 8):
+        mine = levels.labels == number
+        if mine.any():
+            assert np.bincount(truth[mine], minlength=8).argmax() == number
+
+
+def test_c3_at_the_top_read_as_c2_gives_no_shifted_label() -> None:
+    """Found by an independent tester: a field starting at the top of C3 (a sliver of C2
+    above it), stage 1 called C3 "C2" and counting down named C4-C7 as C3-C6. A C2 cut by
+    the first slice, with no C1 and too short to hold any dens, anchors nothing alone."""
+    ph = phantoms.generate(9_200_001, context=True, spacing=2.0)
+    top, bottom = _first_slice(ph, "C3"), _last_slice(ph, "C6") + 1  # no C2, no T1
+    labels = ph.labels[top:bottom]
+    misread = recipe.classes_from_labels(labels)
+    misread[labels == phantoms.LEVEL_LABELS["C3"]] = ct_cspine.CLASS_C2
+    heat = recipe.heat_target(np.where(labels == 3, 0, labels), ph.spacing)  # no C3 body peak
+    levels = ct_cspine.identify_levels(misread, np.ones(labels.shape, np.float32), heat, ph.spacing)
+    _names_belong(levels, np.where(labels <= 7, labels, 0))
+    assert not levels.assessed
+    assert "cut by the first slice" in levels.status["C2"][1]
+
+
+def test_a_cut_c2_is_named_where_the_count_up_from_t1_confirms_it() -> None:
+    ph = phantoms.generate(9_200_001, context=True, spacing=2.0)
+    c2 = ph.labels == phantoms.LEVEL_LABELS["C2"]
+    zs = np.nonzero(c2.any(axis=(1, 2)))[0]
+    top = int(zs.max()) - 7  # the lowest 16 mm of C2: its body, no dens, no C1
+    classes, confidence, heat = _truth_maps(ph.labels[top:], ph.spacing)
+    truth = np.where(ph.labels <= 7, ph.labels, 0)[top:]
+    confirmed = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing)
+    _names_belong(confirmed, truth)
+    assert confirmed.assessed == ["C2", "C3", "C4", "C5", "C6", "C7"]
+    # Without T1 the same C2 is not taken on trust, and nothing is counted from it.
+    bottom = _last_slice(ph, "C6") + 1 - top
+    alone = ct_cspine.identify_levels(classes[:bottom], confidence[:bottom], heat[:bottom], ph.spacing)
+    assert not alone.assessed
+    assert "cannot be told from C3" in alone.status["C2"][1]
+
+
+def test_ribs_above_the_vertebra_taken_for_t1_stop_the_count_up() -> None:
+    """T1 and T2 read as cervical, T3 (with ribs) taken for T1: the vertebra above it has
+    ribs far out to both sides (T2's), so no count starts there."""
+    ph = phantoms.generate(9_200_001, context=True, spacing=2.0)
+    top = _first_slice(ph, "C6")
+    labels = ph.labels[top:]
+    misread = recipe.classes_from_labels(labels)
+    for name in ("T1", "T2"):
+        misread[labels == phantoms.LEVEL_LABELS[name]] = ct_cspine.CLASS_SUBAXIAL
+    image = ct_cspine.normalise(ph.hu[top:])
+    levels = ct_cspine.identify_levels(misread, np.ones(labels.shape, np.float32),
+                                       recipe.heat_target(labels, ph.spacing), ph.spacing, image=image)
+    _names_belong(levels, np.where(labels <= 7, labels, 0))
+    assert not levels.assessed
+
+
 def test_a_missed_vertebra_between_the_anchors_gives_no_shifted_label() -> None:
     ph = phantoms.generate(9_200_004, context=True, spacing=2.0)
     labels = ph.labels.copy()

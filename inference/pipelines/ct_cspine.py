@@ -140,6 +140,16 @@ class Gates:
     #: fragment or a false find: not delineated
     min_c1_mm3: float = 1500.0
     min_c2_mm3: float = 2500.0
+    #: a C2 cut by the first slice with no C1 in view anchors a count only when it is at
+    #: least this many median steps tall (some of the dens in view): a C2 body alone looks
+    #: like C3's, and another generator's C3 at the top of the field was read as C2, every
+    #: name below it one level up
+    min_cut_c2_height_steps: float = 1.4
+    #: the vertebra above the one taken for T1 with bone this far (mm) to both sides of it
+    #: has ribs too: the anchor may be T2 under a T1 read as cervical, so no count up
+    #: (farther out than :func:`has_ribs`' 38 mm: a large C7's transverse processes reach
+    #: 40-45 mm, a first rib well beyond)
+    ribs_above_t1_mm: float = 50.0
     #: bone sits in soft tissue: the median of a 6 mm shell around a vertebra above this
     #: (HU) means the find is not a vertebra (noise, a dense phantom, contrast, metal)
     max_surround_hu: float = 300.0
@@ -610,6 +620,7 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     overgrown: set[int] = {i for i in (c1, c2) if i is not None and (peaks & vertebrae[i].mask).any()}
     order_ok = True
     anchored = False  # C2 or T1 (with its ribs) seen, so a count could start
+    cut_c2 = False  # C2 cut by the field's top edge, too short to be told from C3
     # Order: C1 above C2 above every subaxial vertebra above every thoracolumbar one.
     chain = [i for i in (c1, c2) if i is not None] + subs + lowers
     zs = [vertebrae[i].anchor_z for i in chain]
@@ -621,10 +632,19 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
         typical = float(np.clip(typical, 10.0, 24.0))
         if c2 is not None and vertebrae[c2].bottom_z - vertebrae[c2].top_z > gates.max_c2_height_steps * typical:
             overgrown.add(c2)
+        # Cut by the top of the field with neither C1 nor the dens in view, nothing in the
+        # image tells a C2 body from a C3 (a C3 at the top of another generator's field was
+        # read as C2, every name below it one level up): such a C2 is named, and counted
+        # from, only where a count up from T1 confirms it (below).
+        cut_c2 = (c2 is not None and c2 not in overgrown and c1 is None
+                  and vertebrae[c2].top_z < 2 * sz
+                  and vertebrae[c2].bottom_z - vertebrae[c2].top_z
+                  < gates.min_cut_c2_height_steps * typical)
         if c1 is not None and c1 not in overgrown:
             names[c1] = "C1"
         if c2 is not None and c2 not in overgrown:
-            names[c2] = "C2"
+            if not cut_c2:
+                names[c2] = "C2"
         else:
             c2 = None  # no count down from it
         sizes = [int(vertebrae[i].mask.sum()) for i in subs]
@@ -654,6 +674,11 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                 down[i] = f"C{3 + n}"
         up: dict[int, str] = {}
         t1_seen = bool(lowers) and (image is None or has_ribs(image, vertebrae[lowers[0]], spacing))
+        if (t1_seen and subs and image is not None
+                and has_ribs(image, vertebrae[subs[-1]], spacing, lateral_mm=gates.ribs_above_t1_mm)):
+            # The vertebra above "T1" has ribs as well: T1 may have been read as cervical and
+            # T2 taken for T1, so a count up would shift every name by a level.
+            t1_seen = False
         if t1_seen and subs and linked(vertebrae[subs[-1]], vertebrae[lowers[0]]):
             for n, i in enumerate(reversed(subs)):
                 if n and not linked(vertebrae[i], vertebrae[subs[len(subs) - n]]):
@@ -668,9 +693,14 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                 up[i] = f"C{7 - n}"
         if down and up and any(down.get(i, name) != name for i, name in up.items()):
             down, up = {}, {}  # the two counts disagree: a vertebra was missed or misread
-        anchored = c2 is not None or t1_seen
-        if up and not down and c2 is not None:
-            # Counted up from T1 with C2 in view: the space between C2 and the highest level
+        if cut_c2:
+            if set(down) & set(up):
+                names[c2] = "C2"  # confirmed by the count up from T1
+            else:
+                down = {}
+        anchored = (c2 is not None and not cut_c2) or t1_seen
+        if up and not down and c2 is not None and not cut_c2:
+            # Counted up from T1 with C2 in view (whole enough to be C2): the space between C2 and the highest level
             # counted must hold the levels in between (none for C3, one for C4, ...).
             top = min(up, key=lambda i: vertebrae[i].anchor_z)
             between = int(up[top][1]) - 3
@@ -709,7 +739,11 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     for number, level in enumerate(LEVELS, start=1):
         if level in status:
             continue
-        if not order_ok:
+        if level == "C2" and cut_c2 and not any(n == "C2" for n in names.values()):
+            status[level] = (AssessmentValues.NOT_ASSESSABLE,
+                             "C2 is cut by the first slice: without C1 or the dens in view it cannot "
+                             "be told from C3")
+        elif not order_ok:
             status[level] = (AssessmentValues.NOT_ASSESSABLE,
                              "The vertebrae found are not in a plausible order")
         elif unlabelled and anchored:
