@@ -980,3 +980,24 @@ def test_stage_two_reads_each_vertebra_as_its_card_asks() -> None:
     with pytest.raises(PipelineError, match="flip_z"):
         ct_cspine.classify(Recorder({**own, "test_time_augmentation": {"flip_z": True}}),
                            volume, levels, (1.0, 1.0, 1.0))
+
+
+def test_moved_operating_points_move_the_card_on_a_patch_version(tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    from spine_node import engines
+
+    card = tmp_path / "model.yaml"
+    shutil.copy(Path(engines.__file__).parent / ct_cspine.FRACTURE_MODEL / "model.yaml", card)
+    before = yaml.safe_load(card.read_text())
+    same = {"threshold": before["preprocessing"]["threshold"],
+            "rule_out_threshold": before["preprocessing"]["rule_out_threshold"]}
+    recipe._rewrite_validation(card, {"cases": 1}, same)
+    assert yaml.safe_load(card.read_text())["version"] == before["version"]
+    recipe._rewrite_validation(card, {"cases": 1}, {**same, "threshold": 0.5})
+    after = yaml.safe_load(card.read_text())
+    major, minor, patch = (int(v) for v in before["version"].split("."))
+    assert after["version"] == f"{major}.{minor}.{patch + 1}"
+    assert after["preprocessing"]["threshold"] == 0.5

@@ -1002,11 +1002,17 @@ def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
 def _rewrite_validation(path: Path, metrics: dict[str, Any],
                         preprocessing: dict[str, Any] | None = None) -> Path:
     """Replace the validation metrics in the card at ``path``, dated (``revalidated``),
-    and update its ``preprocessing`` with the given entries (operating points)."""
+    and update its ``preprocessing`` with the given entries (operating points). A card
+    whose operating points move this way moves on a patch version (same weights, other
+    calls), so a report names the points it was made with."""
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     data["weights"].setdefault("metrics", {})["validation"] = metrics
     data["weights"]["revalidated"] = time.strftime("%Y-%m-%d", time.gmtime())
+    changed = {k: v for k, v in (preprocessing or {}).items() if data["preprocessing"].get(k) != v}
     data["preprocessing"].update(preprocessing or {})
+    if changed:
+        major, minor, patch = (int(v) for v in str(data["version"]).split("."))
+        data["version"] = f"{major}.{minor}.{patch + 1}"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
 
