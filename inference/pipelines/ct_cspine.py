@@ -700,8 +700,9 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                 down = {}
         anchored = (c2 is not None and not cut_c2) or t1_seen
         if up and not down and c2 is not None and not cut_c2:
-            # Counted up from T1 with C2 in view (whole enough to be C2): the space between C2 and the highest level
-            # counted must hold the levels in between (none for C3, one for C4, ...).
+            # Counted up from T1 with C2 in view (whole enough to be C2): the space between C2
+            # and the highest level counted must hold the levels in between (none for C3,
+            # one for C4, ...).
             top = min(up, key=lambda i: vertebrae[i].anchor_z)
             between = int(up[top][1]) - 3
             room = vertebrae[top].top_z - vertebrae[c2].bottom_z
