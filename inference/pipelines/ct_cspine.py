@@ -699,10 +699,11 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
             else:
                 down = {}
         anchored = (c2 is not None and not cut_c2) or t1_seen
-        if up and not down and c2 is not None and not cut_c2:
-            # Counted up from T1 with C2 in view (whole enough to be C2): the space between C2
-            # and the highest level counted must hold the levels in between (none for C3,
-            # one for C4, ...).
+        if up and not down and c2 is not None:
+            # Counted up from T1 with C2 in view: the space between C2 and the highest level
+            # counted must hold the levels in between (none for C3, one for C4, ...). A C2
+            # cut by the first slice is held to this too: if it is C3, or the count up
+            # started on C7, the two cannot both be right, and neither names anything.
             top = min(up, key=lambda i: vertebrae[i].anchor_z)
             between = int(up[top][1]) - 3
             room = vertebrae[top].top_z - vertebrae[c2].bottom_z
