@@ -632,6 +632,11 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
         typical = float(np.clip(typical, 10.0, 24.0))
         if c2 is not None and vertebrae[c2].bottom_z - vertebrae[c2].top_z > gates.max_c2_height_steps * typical:
             overgrown.add(c2)
+        if c2 is not None and vertebrae[c2].confidence < gates.min_confidence:
+            # A fragment of C2 (too small or too unsure to delineate): the rest of it may
+            # have been read as a subaxial vertebra, and a count from it would name that
+            # piece C3 and every vertebra below one level too low.
+            overgrown.add(c2)
         # Cut by the top of the field with neither C1 nor the dens in view, nothing in the
         # image tells a C2 body from a C3 (a C3 at the top of another generator's field was
         # read as C2, every name below it one level up): such a C2 is named, and counted
