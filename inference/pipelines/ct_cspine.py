@@ -698,7 +698,7 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                 up[i] = f"C{7 - n}"
         if down and up and any(down.get(i, name) != name for i, name in up.items()):
             down, up = {}, {}  # the two counts disagree: a vertebra was missed or misread
-        if cut_c2:
+        if cut_c2 and c2 is not None:
             if set(down) & set(up):
                 names[c2] = "C2"  # confirmed by the count up from T1
             else:
