@@ -746,7 +746,7 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     for number, level in enumerate(LEVELS, start=1):
         if level in status:
             continue
-        if level == "C2" and cut_c2 and not any(n == "C2" for n in names.values()):
+        if level == "C2" and cut_c2 and "C2" not in names.values():
             status[level] = (AssessmentValues.NOT_ASSESSABLE,
                              "C2 is cut by the first slice: without C1 or the dens in view it cannot "
                              "be told from C3")

@@ -999,6 +999,13 @@ def write_cards(out: Path, provenance: dict[str, Any], metrics: dict[str, Any],
             + ([_save(fracture_card, FRACTURE_ARCH)] if fracture else []))
 
 
+def _next_patch(version: object) -> str:
+    """``major.minor.patch`` moved on one patch: a card with the same weights that now
+    calls otherwise."""
+    major, minor, patch = (int(v) for v in str(version).split("."))
+    return f"{major}.{minor}.{patch + 1}"
+
+
 def _rewrite_validation(path: Path, metrics: dict[str, Any],
                         preprocessing: dict[str, Any] | None = None) -> Path:
     """Replace the validation metrics in the card at ``path``, dated (``revalidated``),
@@ -1011,8 +1018,7 @@ def _rewrite_validation(path: Path, metrics: dict[str, Any],
     changed = {k: v for k, v in (preprocessing or {}).items() if data["preprocessing"].get(k) != v}
     data["preprocessing"].update(preprocessing or {})
     if changed:
-        major, minor, patch = (int(v) for v in str(data["version"]).split("."))
-        data["version"] = f"{major}.{minor}.{patch + 1}"
+        data["version"] = _next_patch(data["version"])
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
 
@@ -1025,8 +1031,7 @@ def _adopt_tta(path: Path) -> None:
     if data["preprocessing"].get("test_time_augmentation") == STAGE2_TTA:
         return
     data["preprocessing"]["test_time_augmentation"] = STAGE2_TTA
-    major, minor, patch = (int(v) for v in str(data["version"]).split("."))
-    data["version"] = f"{major}.{minor}.{patch + 1}"
+    data["version"] = _next_patch(data["version"])
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     log.info("%s: test-time augmentation %s, version %s", path.parent.name, STAGE2_TTA,
              data["version"])
