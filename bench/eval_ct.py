@@ -168,6 +168,9 @@ PERTURBATIONS: dict[str, tuple[Perturbation, str]] = {
     "size-15": (Perturbation(size_scale=0.85), "patient size x 0.85"),
     "rot10": (Perturbation(rotation_deg=10.0), "10 degrees about one axis"),
     "no_skull_base": (Perturbation(z_range=("C2", "T1")), "field C2 to T1"),
+    # An independent tester's field starting at the top of C3 (at most a sliver of C2):
+    # the top vertebra was read as C2 and every name below it shifted by a level.
+    "from_c3": (Perturbation(z_range=("C3", "T1")), "field C3 to T1 (at most a sliver of C2)"),
 }
 CROSS_NEGATIVES = ("head", "chest", "abdomen", "air", "water", "noise")
 SAME_NEGATIVES = ("thoracic", "lumbar")

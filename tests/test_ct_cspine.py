@@ -4,6 +4,7 @@ and the ``ct-cspine-fracture`` pipeline end to end from DICOM files."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -305,6 +306,55 @@ def test_a_cut_c2_is_named_where_the_count_up_from_t1_confirms_it() -> None:
     assert "cannot be told from C3" in alone.status["C2"][1]
 
 
+def test_a_c2_fragment_anchors_no_count() -> None:
+    """Found by the benchmark (a rescaled grid): C2 split into an unsure C2 fragment and a
+    lower piece classed subaxial with a body peak of its own.
+    Counted down from the fragment, that piece would be "C3" and every name below it one
+    level low; a C2 under ``min_confidence`` anchors nothing."""
+    ph = phantoms.generate(9_200_002, context=True, spacing=2.0)
+    labels = ph.labels.copy()
+    classes, confidence, _ = _truth_maps(labels, ph.spacing)
+    c2 = labels == phantoms.LEVEL_LABELS["C2"]
+    zs = np.nonzero(c2.any(axis=(1, 2)))[0]
+    cut = int(zs.min() + 0.7 * (zs.max() - zs.min()))  # dens and the top of the body stay C2
+    lower = c2.copy()
+    lower[:cut] = False
+    classes[lower] = ct_cspine.CLASS_SUBAXIAL
+    confidence[c2 & ~lower] = 0.3
+    marked = labels.copy()
+    marked[lower] = 40  # a body peak of its own
+    heat = recipe.heat_target(marked, ph.spacing)
+    # the fragment passes the size floor here, so only its confidence tells
+    gates = dataclasses.replace(ct_cspine.GATES, min_c2_mm3=500.0)
+    levels = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing, gates)
+    _names_belong(levels, np.where(labels <= 7, labels, 0))
+    assert "C2" not in levels.assessed and "C1" in levels.assessed
+
+
+def test_a_sliver_at_the_top_is_not_named_c2() -> None:
+    """The benchmark's field from C3 (a sliver of C2 above it) on the second generator:
+    stage 1 classed the top of C3 as C2 and the rest of C3 as subaxial; the
+    count up from T1 agreed with the count down from that "C2", so a C2 label sat on C3.
+    A C2 cut by the first slice with less bone than ``min_cut_c2_size_ratio`` of a
+    subaxial vertebra is a sliver: no name; the levels below keep theirs."""
+    ph = phantoms.generate(9_200_001, context=True, spacing=2.0)
+    top = _first_slice(ph, "C3")  # C2's last slices merge into what is read as C2
+    labels = ph.labels[top:].copy()
+    classes, confidence, _ = _truth_maps(labels, ph.spacing)
+    c3 = labels == phantoms.LEVEL_LABELS["C3"]
+    zs = np.nonzero(c3.any(axis=(1, 2)))[0]
+    upper = c3.copy()
+    upper[int(zs.min() + 0.3 * (zs.max() - zs.min())):] = False
+    classes[upper] = ct_cspine.CLASS_C2
+    heat = recipe.heat_target(np.where(upper, 0, labels), ph.spacing)
+    # the sliver passes the size floor here, so only its share of a subaxial vertebra tells
+    gates = dataclasses.replace(ct_cspine.GATES, min_c2_mm3=500.0)
+    levels = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing, gates)
+    _names_belong(levels, np.where(labels <= 7, labels, 0))
+    assert "C2" not in levels.assessed
+    assert levels.assessed == ["C3", "C4", "C5", "C6", "C7"]
+
+
 def test_ribs_above_the_vertebra_taken_for_t1_stop_the_count_up() -> None:
     """T1 and T2 read as cervical, T3 (with ribs) taken for T1: the vertebra above it has
     ribs far out to both sides (T2's), so no count starts there."""
@@ -319,6 +369,25 @@ def test_ribs_above_the_vertebra_taken_for_t1_stop_the_count_up() -> None:
                                        recipe.heat_target(labels, ph.spacing), ph.spacing, image=image)
     _names_belong(levels, np.where(labels <= 7, labels, 0))
     assert not levels.assessed
+
+
+def test_a_cervical_vertebra_classed_thoracolumbar_between_two_cervical_ones_is_counted() -> None:
+    """Found by an independent tester: stage 1 classed one mid-neck body thoracolumbar, the
+    order check failed and no level was assessed. Between two subaxial vertebrae it is a
+    cervical one, so it is counted, and every name stays on its own vertebra."""
+    ph = phantoms.generate(9_200_005, context=True, spacing=2.0)
+    classes, confidence, heat = _truth_maps(ph.labels, ph.spacing)
+    classes[ph.labels == 5] = ct_cspine.CLASS_LOWER
+    levels = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing)
+    assert levels.assessed == list(ct_cspine.LEVELS)
+    truth = np.where(ph.labels <= 7, ph.labels, 0)
+    assert min(_dice(levels.labels, truth, level) for level in range(1, 8)) > 0.97
+    # Two in a row classed thoracolumbar are not taken for cervical: no shifted name.
+    classes[ph.labels == 6] = ct_cspine.CLASS_LOWER
+    two = ct_cspine.identify_levels(classes, confidence, heat, ph.spacing)
+    for level in two.assessed:
+        number = ct_cspine.LEVELS.index(level) + 1
+        assert _dice(two.labels, truth, number) > 0.97, level
 
 
 def test_a_missed_vertebra_between_the_anchors_gives_no_shifted_label() -> None:

@@ -80,6 +80,16 @@ def test_calibration_shift(models: Callable[[str], Any]) -> None:
     assert _share(result["level_accuracy"]["wrong"]) <= WRONG_LEVELS_MAX
 
 
+def test_a_field_starting_at_c3_gives_no_shifted_level(models: Callable[[str], Any]) -> None:
+    """An independent tester's failure: a field starting at the top of C3 (at most a
+    sliver of C2 above it) had its top vertebra read as C2 and every name below shifted."""
+    result = evaluate_cohort("cross/from_c3", SEEDS[40:48], models)
+    print(result["level_accuracy"])
+    assert result["crashed"] == 0
+    assert _share(result["level_accuracy"]["wrong"]) <= WRONG_LEVELS_MAX
+    assert _share(result["level_accuracy"]["right_or_unlabelled"]) >= RIGHT_OR_UNLABELLED_CROSS
+
+
 @pytest.mark.parametrize("cohort", ["neg/air", "neg/noise", "neg/water", "neg/lumbar"])
 def test_negatives_are_not_assessed(models: Callable[[str], Any], cohort: str) -> None:
     result = evaluate_cohort(cohort, SEEDS[20:22], models)

@@ -141,10 +141,15 @@ class Gates:
     min_c1_mm3: float = 1500.0
     min_c2_mm3: float = 2500.0
     #: a C2 cut by the first slice with no C1 in view anchors a count only when it is at
-    #: least this many median steps tall (some of the dens in view): a C2 body alone looks
-    #: like C3's, and another generator's C3 at the top of the field was read as C2, every
-    #: name below it one level up
-    min_cut_c2_height_steps: float = 1.4
+    #: least this many median steps tall (its body and most of the dens in view: C2 with
+    #: its dens spans about three steps): a C2 body alone looks like C3's, and another
+    #: generator's C3 at the top of the field, its processes sloping down, was read as C2
+    #: 1.4 steps tall, every name below it one level up
+    min_cut_c2_height_steps: float = 2.0
+    #: ... and a C2 cut by the first slice with less bone than this share of the median
+    #: subaxial vertebra is a sliver (or the top of C3 misread): it gets no name and anchors
+    #: nothing (a C2 body alone, with its large arch, is bigger than C3)
+    min_cut_c2_size_ratio: float = 0.6
     #: the vertebra above the one taken for T1 with bone this far (mm) to both sides of it
     #: has ribs too: the anchor may be T2 under a T1 read as cervical, so no count up
     #: (farther out than :func:`has_ribs`' 38 mm: a large C7's transverse processes reach
@@ -609,6 +614,15 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     peaks = body_peaks(heat, classes > 0, spacing, gates)
     vertebrae = _find_vertebrae(classes, confidence, peaks, spacing, gates)
     names: dict[int, str] = {}
+    # A vertebra classed thoracolumbar with subaxial vertebrae right above and right below
+    # it is a cervical one whose body stage 1 misread (no neck holds a thoracic vertebra
+    # between two cervical ones): it takes its place in the chain as subaxial, rather than
+    # failing the order check and leaving every level unassessed.
+    column = sorted((v for v in vertebrae if v.kind in (CLASS_SUBAXIAL, CLASS_LOWER)),
+                    key=lambda v: v.anchor_z)
+    for above, middle, below in zip(column, column[1:], column[2:], strict=False):
+        if middle.kind == CLASS_LOWER and above.kind == below.kind == CLASS_SUBAXIAL:
+            middle.kind = CLASS_SUBAXIAL
     by_kind = {kind: [i for i, v in enumerate(vertebrae) if v.kind == kind]
                for kind in (CLASS_C1, CLASS_C2, CLASS_SUBAXIAL, CLASS_LOWER)}
     c1 = by_kind[CLASS_C1][0] if by_kind[CLASS_C1] else None
@@ -637,11 +651,20 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
             # have been read as a subaxial vertebra, and a count from it would name that
             # piece C3 and every vertebra below one level too low.
             overgrown.add(c2)
+        sizes = [int(vertebrae[i].mask.sum()) for i in subs]
+        usual = float(np.median(sizes)) if sizes else 0.0
+        # C1 seen means a piece of it that could be delineated, not a fragment at the edge
+        c1_seen = c1 is not None and vertebrae[c1].confidence >= gates.min_confidence
+        if (c2 is not None and not c1_seen and vertebrae[c2].top_z < 2 * sz and usual
+                and int(vertebrae[c2].mask.sum()) < gates.min_cut_c2_size_ratio * usual):
+            # A sliver at the field's top edge (the last of C2, or the top of C3 misread as
+            # C2 above the rest of C3): named C2 it would sit on the wrong bone.
+            overgrown.add(c2)
         # Cut by the top of the field with neither C1 nor the dens in view, nothing in the
         # image tells a C2 body from a C3 (a C3 at the top of another generator's field was
         # read as C2, every name below it one level up): such a C2 is named, and counted
         # from, only where a count up from T1 confirms it (below).
-        cut_c2 = (c2 is not None and c2 not in overgrown and c1 is None
+        cut_c2 = (c2 is not None and c2 not in overgrown and not c1_seen
                   and vertebrae[c2].top_z < 2 * sz
                   and vertebrae[c2].bottom_z - vertebrae[c2].top_z
                   < gates.min_cut_c2_height_steps * typical)
@@ -652,8 +675,6 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                 names[c2] = "C2"
         else:
             c2 = None  # no count down from it
-        sizes = [int(vertebrae[i].mask.sum()) for i in subs]
-        usual = float(np.median(sizes)) if sizes else 0.0
 
         def plausible(v: _Vertebra) -> bool:
             # Two vertebrae grown into one (a missed peak) are too tall or too big for one.
