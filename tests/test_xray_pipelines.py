@@ -205,14 +205,16 @@ def test_cspine_pipeline_findings_and_saliency_map(cohort: tuple[dict, dict],
 
 @needs_gate_weights
 def test_cspine_saliency_is_the_models(study: dict, models: OrtModels) -> None:
-    """The pipeline's map is the ONNX graph's saliency output, placed back on the source
-    pixels from the model's mm grid."""
+    """The pipeline's map is the ONNX graph's saliency output (read as the card asks: as
+    it is and mirrored), placed back on the source pixels from the model's mm grid."""
+    from spine_node.inference.pipelines.xray import _infer_read
+
     lat: SeriesRef = study["lat"]
     engine = models("xray-cspine-classifier")
     card = engine.card
     size, grid_mm = tuple(card.preprocessing["size"]), _grid_mm(card)
     image = read_radiograph(lat.files()[0])
-    outputs = engine.infer({"image": _windows(engine, [image])})
+    outputs = _infer_read(engine, {"image": _windows(engine, [image])})
     result = get_pipeline("xray-cspine-classify").run([lat], models)
     expected = np.clip(_window_to_source(outputs["saliency"][0, 0], image, grid_mm, size), 0, 1)
     np.testing.assert_allclose(result.probability_map.values[0], expected, atol=1e-5)
@@ -461,3 +463,61 @@ def test_a_score_between_rule_out_and_rule_in_is_indeterminate_in_the_report() -
                               "damage", "pair") == 0.3
     calls = [Finding("dislocation", p, threshold=0.6, rule_out=0.2).call for p in (0.1, 0.3, 0.7)]
     assert calls == ["absent", "indeterminate", "present"]
+
+
+class _HalvesEngine:
+    """A stand-in classifier whose answer depends on which side of the window is bright:
+    p = (left mean, right mean) normalised, saliency = the window itself."""
+
+    def __init__(self, flip: bool) -> None:
+        preprocessing = {"test_time_flip": True} if flip else {}
+        self.card = ModelCard.from_dict({
+            "name": "halves", "version": "0.0.1", "task": "classification",
+            "inputs": [{"name": "image", "shape": [-1, 1, 8, 8], "dtype": "float32"}],
+            "outputs": [{"name": "probabilities", "shape": [-1, 2], "dtype": "float32"},
+                        {"name": "saliency", "shape": [-1, 1, 8, 8], "dtype": "float32"}],
+            "labels": {0: "normal", 1: "fracture"}, "preprocessing": preprocessing,
+            "weights": {"file": "none.onnx", "trained_on": "nothing: a test stand-in"},
+            "intended_use": "tests only", "clinical_use": False})
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["image"]
+        halves = np.stack([x[..., :4].mean(axis=(1, 2, 3)), x[..., 4:].mean(axis=(1, 2, 3))], 1)
+        return {"probabilities": halves / halves.sum(1, keepdims=True), "saliency": x.copy()}
+
+
+def test_mirrored_reads_average_both_sides_and_keep_maps_in_place() -> None:
+    from spine_node.inference.pipelines.xray import _infer_read
+
+    window = np.zeros((2, 1, 8, 8), np.float32) + 0.1
+    window[0, ..., :4] = 0.9  # bright on the left
+    window[1, ..., 4:] = 0.9  # its mirror image
+    single = _infer_read(_HalvesEngine(flip=False), {"image": window})
+    assert single["probabilities"][0, 0] > 0.8 and single["probabilities"][1, 1] > 0.8
+    both = _infer_read(_HalvesEngine(flip=True), {"image": window})
+    # an image and its mirror image get one answer: the view and a finding do not change
+    assert np.allclose(both["probabilities"], 0.5, atol=1e-6)
+    # a map is mirrored back before averaging: it stays on the pixels it was made from
+    assert np.allclose(both["saliency"], window)
+
+
+@needs_gate_weights
+def test_a_lateral_facing_the_other_way_reads_the_same(study: dict, models: OrtModels,
+                                                       tmp_path: Path) -> None:
+    """Classifier and gate cards ask for mirrored reads: a lateral radiograph facing left
+    gets the view and the findings of the same radiograph facing right."""
+    for name in ("xray-cspine-classifier", "xray-view-gate"):
+        assert ModelCard.load(ENGINES_DIR / name).preprocessing.get("test_time_flip") is True
+    source = study["lat"].files()[0]
+    ds = pydicom.dcmread(source)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
+    folder = tmp_path / "mirrored"
+    folder.mkdir()
+    ds.save_as(folder / source.name)
+    mirrored = SeriesRef(study_uid=study["lat"].study_uid, series_uid=study["lat"].series_uid,
+                         path=folder, view_position="LAT")
+    first = get_pipeline("xray-cspine-classify").run([study["lat"]], models)
+    second = get_pipeline("xray-cspine-classify").run([mirrored], models)
+    assert first.performed and second.performed
+    for a, b in zip(first.findings, second.findings, strict=True):
+        assert a.kind == b.kind and abs(a.probability - b.probability) < 0.03, (a, b)

@@ -465,6 +465,8 @@ def test_validate_only_rechooses_classifier_operating_points(tmp_path: Path) -> 
     assert set(point["parts"]) == {"classic", "context"}
     assert "auc_dislocation_context" in card.weights["metrics"]
     assert "second cohort" in card.weights["evaluated_on"]
+    # the points are chosen on the reads the pipelines make: as it is and mirrored
+    assert card.preprocessing["test_time_flip"] is True
     with pytest.raises(DatasetError, match="operating points"):
         run_recipe("xray-spine-unet-ap", TrainOptions(out=tmp_path, quick=True, progress=False,
                                                       validate_only=True))
@@ -532,3 +534,22 @@ def test_gate_phantoms_hide_the_airway_and_collimate_some_fields() -> None:
         blades += bool(np.median(edge) > np.percentile(cut, 90))
     assert all(r < 80 and c < 64 for r, c in shapes)
     assert 5 <= blades <= 19  # blades bright inside the edges in most, cut off in some
+
+
+def test_mirrored_validation_reads_average_an_image_and_its_mirror() -> None:
+    """``onnx_predict(mirror=True)`` reads each image as it is and mirrored and averages,
+    as the pipelines do for a card with ``test_time_flip``: an image and its mirror image
+    get one score."""
+    from spine_node.inference.train.xray import CSPINE_MODEL, ENGINES_DIR, ImageSet, onnx_predict
+
+    rng = np.random.default_rng(5)
+    image = rng.random((1, 1, 160, 128)).astype(np.float32)
+    data = ImageSet(images=np.concatenate([image, image[..., ::-1]]), targets=np.zeros(2, int))
+    path = ENGINES_DIR / CSPINE_MODEL / "model.onnx"
+    single = onnx_predict(path, data)["probabilities"]
+    both = onnx_predict(path, data, mirror=True)
+    assert not np.allclose(single[0], single[1], atol=1e-4)
+    np.testing.assert_allclose(both["probabilities"][0], both["probabilities"][1], atol=1e-5)
+    np.testing.assert_allclose(both["probabilities"][0], single.mean(axis=0), atol=1e-5)
+    # the saliency map of the mirror image, mirrored back, is the image's own
+    np.testing.assert_allclose(both["saliency"][0], both["saliency"][1][..., ::-1], atol=1e-5)

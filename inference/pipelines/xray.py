@@ -514,6 +514,33 @@ def _infer(engine: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
         raise PipelineError(f"model {engine_card(engine).name} failed: {exc}") from exc
 
 
+def mirrored_reads(card: Any) -> bool:
+    """Whether the card asks for each window to be read as it is and mirrored left-right
+    (``preprocessing.test_time_flip``): a view, a fracture or a dislocation is the same in a
+    mirror image, and a lateral radiograph comes facing either way."""
+    return bool(card.preprocessing.get("test_time_flip", False))
+
+
+def _infer_read(engine: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`_infer` for a classifier's ``(N, 1, H, W)`` windows; where the card asks for
+    mirrored reads (:func:`mirrored_reads`) every window is also read mirrored and the two
+    outputs are averaged (a map output is mirrored back first)."""
+    if not mirrored_reads(engine_card(engine)):
+        return _infer(engine, inputs)
+    count = len(next(iter(inputs.values())))
+    doubled = {name: np.concatenate([value, value[..., ::-1]]).astype(np.float32)
+               for name, value in inputs.items()}
+    outputs = _infer(engine, doubled)
+    averaged = {}
+    for name, value in outputs.items():
+        value = np.asarray(value)
+        second = value[count:]
+        if value.ndim >= 3:  # a map over the window: back into the window's orientation
+            second = second[..., ::-1]
+        averaged[name] = ((value[:count] + second) / 2).astype(value.dtype)
+    return averaged
+
+
 def _class_index(card: Any, key: str) -> int:
     for index, name in card.labels.items():
         if name == key:
@@ -634,8 +661,8 @@ def gate_images(images: Sequence[Radiograph], models: ModelProvider) -> list[Gat
         windows.append(window(win, valid, percentiles, contrast)[None])
     if card is not None:
         labels = [card.labels[k] for k in sorted(card.labels)]
-        probabilities = _infer(engine, {"image": np.stack(windows).astype(np.float32)}
-                               )["probabilities"]
+        probabilities = _infer_read(engine, {"image": np.stack(windows).astype(np.float32)}
+                                    )["probabilities"]
     else:
         labels = ["other", "AP", "LAT"]
         probabilities = np.array([[0.0, float(view_of(i) == "AP"), float(view_of(i) == "LAT")]
@@ -730,7 +757,7 @@ class FracturePipeline:
         usable = _apply_gate(result, gate_images(images, models), card_views(card), card.name)
         if not usable:
             return result
-        probabilities = _infer(engine, {"image": _windows(engine, [g.image for g in usable])}
+        probabilities = _infer_read(engine, {"image": _windows(engine, [g.image for g in usable])}
                                )["probabilities"][:, _class_index(card, "fracture")]
         thresholds = [operating_threshold(card, "fracture", g.view) for g in usable]
         best = int(np.argmax(np.asarray(probabilities) - np.asarray(thresholds)))
@@ -771,7 +798,7 @@ class CSpineClassifyPipeline:
         usable = _apply_gate(result, gate_images(images, models), card_views(card), card.name)
         if not usable:
             return result
-        outputs = _infer(engine, {"image": _windows(engine, [g.image for g in usable])})
+        outputs = _infer_read(engine, {"image": _windows(engine, [g.image for g in usable])})
         probabilities, saliency = outputs["probabilities"], outputs["saliency"]
         for kind in ("fracture", "dislocation"):
             scores = probabilities[:, _class_index(card, kind)]
@@ -939,7 +966,7 @@ class PairClassifyPipeline:
             result.site_status = ()
             return result
         ap, lat = by_view["AP"].image, by_view["LAT"].image
-        outputs = _infer(engine, {"ap": _windows(engine, [ap]), "lat": _windows(engine, [lat])})
+        outputs = _infer_read(engine, {"ap": _windows(engine, [ap]), "lat": _windows(engine, [lat])})
         damage = float(outputs["probabilities"][0, _class_index(card, "damage")])
         result.findings.append(Finding(kind="damage", probability=damage,
                                        threshold=operating_threshold(card, "damage", "pair"),

@@ -284,6 +284,10 @@ class Spec:
     #: The tissue model keeps the plain window: open beam and soft tissue differ by their
     #: absolute brightness, which local contrast removes.
     local_contrast_mm: float | None = LOCAL_CONTRAST_MM
+    #: Read each window as it is and mirrored left-right, outputs averaged (the card's
+    #: ``preprocessing.test_time_flip``; validation reads the same way). A view, fracture or
+    #: dislocation is the same in a mirror image, and a lateral comes facing either way.
+    test_time_flip: bool = False
 
     @property
     def contrast_px(self) -> float | None:
@@ -296,8 +300,9 @@ class Spec:
 
 #: How the three classifiers train on phantoms (the MobileNet learns the AP view slower).
 _CLASSIFIER_TRAINING: dict[str, Any] = {"cohort": RADIOGRAPHIC_COHORT, "crop_steps": 2000,
-                                        "steps": 600, "copies": 3, "version": "0.1.2",
-                                        "validation_mix": CONTEXT_VALIDATION_COHORT}
+                                        "steps": 600, "copies": 3, "version": "0.1.3",
+                                        "validation_mix": CONTEXT_VALIDATION_COHORT,
+                                        "test_time_flip": True}
 
 SPECS: dict[str, Spec] = {
     PAIR_MODEL: Spec(PAIR_MODEL, "xray-pair-classifier", "classification", ("normal", "damage"),
@@ -334,7 +339,7 @@ SPECS: dict[str, Spec] = {
                      SEGMENTER_SIZE, "View gate: spine AP / spine LAT / not a spine radiograph "
                      "(noise, blank, CT slices, chest, hand); run before every X-ray model.",
                      steps=4200, batch_size=32, views=("AP", "LAT", "other"), cohort=GATE_COHORT,
-                     phantom_factor=2.0, version="0.3.0"),
+                     phantom_factor=2.0, version="0.3.1", test_time_flip=True),
 }
 #: Junk images per spine phantom in the gate's training and validation data.
 GATE_JUNK_PER_PHANTOM = 3
@@ -1094,8 +1099,18 @@ def export_onnx(model: nn.Module, spec: Spec, path: Path) -> None:
                           dynamo=False)
 
 
-def onnx_predict(path: Path, data: ImageSet, batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Run an exported model over ``data`` with ONNX Runtime (CPU)."""
+def onnx_predict(path: Path, data: ImageSet, batch_size: int = 32,
+                 mirror: bool = False) -> dict[str, np.ndarray]:
+    """Run an exported model over ``data`` with ONNX Runtime (CPU); with ``mirror`` each
+    image is also read mirrored left-right and the outputs averaged, as the pipelines do
+    for a card with ``test_time_flip`` (a map output is mirrored back first)."""
+    if mirror:
+        flipped = replace(data, images=np.ascontiguousarray(data.images[..., ::-1]),
+                          second=(None if data.second is None
+                                  else np.ascontiguousarray(data.second[..., ::-1])))
+        plain, other = onnx_predict(path, data, batch_size), onnx_predict(path, flipped, batch_size)
+        return {name: ((value + (other[name][..., ::-1] if value.ndim >= 3 else other[name])) / 2
+                       ).astype(value.dtype) for name, value in plain.items()}
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -1260,7 +1275,7 @@ def evaluate(spec: Spec, onnx_path: Path, data: ImageSet,
     ``data`` and ``mix`` together where ``mix`` (a classifier's context validation set,
     :data:`CONTEXT_VALIDATION_COHORT`) is given; its AUCs go in as ``..._context``.
     """
-    outputs = onnx_predict(onnx_path, data)
+    outputs = onnx_predict(onnx_path, data, mirror=spec.test_time_flip)
     probabilities = outputs["probabilities"]
     metrics: dict[str, float] = {"samples": float(len(data))}
     views = sorted(set(data.views.tolist())) if data.views is not None else []
@@ -1286,7 +1301,8 @@ def evaluate(spec: Spec, onnx_path: Path, data: ImageSet,
                                                         data.targets[chosen] == k)
         if mix is not None:
             _mixed_points(spec, {"classic": (probabilities, data),
-                                 "context": (onnx_predict(onnx_path, mix)["probabilities"], mix)},
+                                 "context": (onnx_predict(onnx_path, mix, mirror=spec.test_time_flip
+                                                          )["probabilities"], mix)},
                           points if points is not None else {}, metrics)
         metrics["accuracy"] = float((probabilities.argmax(1) == data.targets).mean())
         if len(spec.labels) > 2:
@@ -1377,6 +1393,7 @@ def write_card(spec: Spec, model: nn.Module, folder: Path, weights: dict[str, An
             "percentiles": [1.0, 99.0],
             **({"local_contrast_mm": spec.local_contrast_mm}
                if phantoms and spec.local_contrast_mm else {}),
+            **({"test_time_flip": True} if spec.test_time_flip else {}),
             "range": [0.0, 1.0],
             "photometric": "bone bright: MONOCHROME1 inverted, modality rescale applied",
             "resize": "block mean then bilinear (half-pixel centres) to grid_mm; not imaged: 0",
@@ -1550,7 +1567,10 @@ def revalidate(name: str, out_dir: Path, plan: Plan, progress: Progress | None =
     weights["revalidated"] = (f"operating points re-chosen by spine-node train {name} "
                               f"--validate-only (recipe version {spec.version}); "
                               f"weights as trained (sha256 unchanged)")
-    card = replace(card, version=spec.version, weights=weights)
+    preprocessing = {k: v for k, v in card.preprocessing.items() if k != "test_time_flip"}
+    if spec.test_time_flip:
+        preprocessing["test_time_flip"] = True
+    card = replace(card, version=spec.version, weights=weights, preprocessing=preprocessing)
     card.save(folder)
     return card
 
