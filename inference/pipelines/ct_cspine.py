@@ -733,7 +733,15 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
             top = min(up, key=lambda i: vertebrae[i].anchor_z)
             between = int(up[top][1]) - 3
             room = vertebrae[top].top_z - vertebrae[c2].bottom_z
-            if abs(room - between * typical) > gates.room_tolerance_steps * typical:
+            # ... and no more vertebrae with a body of their own than that: a count up that
+            # started on T2 (T1 read as cervical) stops at a piece it cannot link, with
+            # that piece still between C2 and its "C3"
+            found_between = sum(1 for i, v in enumerate(vertebrae)
+                                if i not in up and v.kind in (CLASS_SUBAXIAL, CLASS_LOWER)
+                                and v.confidence > 0
+                                and vertebrae[c2].anchor_z < v.anchor_z < vertebrae[top].anchor_z)
+            if (abs(room - between * typical) > gates.room_tolerance_steps * typical
+                    or found_between > between):
                 up = {}
         names.update(down)
         names.update(up)
