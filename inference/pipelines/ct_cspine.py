@@ -653,9 +653,11 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
             overgrown.add(c2)
         sizes = [int(vertebrae[i].mask.sum()) for i in subs]
         usual = float(np.median(sizes)) if sizes else 0.0
-        # C1 seen means a piece of it that could be delineated, not a fragment at the edge
+        # C2 at the field's top edge with no C1 in view (C1 seen means a piece of it that
+        # could be delineated, not a fragment at the edge)
         c1_seen = c1 is not None and vertebrae[c1].confidence >= gates.min_confidence
-        if (c2 is not None and not c1_seen and vertebrae[c2].top_z < 2 * sz and usual
+        c2_at_top = c2 is not None and not c1_seen and vertebrae[c2].top_z < 2 * sz
+        if (c2 is not None and c2_at_top and usual
                 and int(vertebrae[c2].mask.sum()) < gates.min_cut_c2_size_ratio * usual):
             # A sliver at the field's top edge (the last of C2, or the top of C3 misread as
             # C2 above the rest of C3): named C2 it would sit on the wrong bone.
@@ -664,8 +666,7 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
         # image tells a C2 body from a C3 (a C3 at the top of another generator's field was
         # read as C2, every name below it one level up): such a C2 is named, and counted
         # from, only where a count up from T1 confirms it (below).
-        cut_c2 = (c2 is not None and c2 not in overgrown and not c1_seen
-                  and vertebrae[c2].top_z < 2 * sz
+        cut_c2 = (c2 is not None and c2 not in overgrown and c2_at_top
                   and vertebrae[c2].bottom_z - vertebrae[c2].top_z
                   < gates.min_cut_c2_height_steps * typical)
         if c1 is not None and c1 not in overgrown:

@@ -530,14 +530,22 @@ def _infer_read(engine: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.n
     count = len(next(iter(inputs.values())))
     doubled = {name: np.concatenate([value, value[..., ::-1]]).astype(np.float32)
                for name, value in inputs.items()}
-    outputs = _infer(engine, doubled)
+    outputs = {name: np.asarray(value) for name, value in _infer(engine, doubled).items()}
+    return average_mirrored({name: value[:count] for name, value in outputs.items()},
+                            {name: value[count:] for name, value in outputs.items()})
+
+
+def average_mirrored(plain: Mapping[str, np.ndarray],
+                     mirrored: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The mean of a model's outputs on windows and on the same windows mirrored
+    left-right; a map output (three or more axes) of the mirrored windows is mirrored back
+    first, so it stays on the pixels it was made from."""
     averaged = {}
-    for name, value in outputs.items():
-        value = np.asarray(value)
-        second = value[count:]
+    for name, value in plain.items():
+        second = mirrored[name]
         if value.ndim >= 3:  # a map over the window: back into the window's orientation
             second = second[..., ::-1]
-        averaged[name] = ((value[:count] + second) / 2).astype(value.dtype)
+        averaged[name] = ((value + second) / 2).astype(value.dtype)
     return averaged
 
 

@@ -74,6 +74,7 @@ from spine_node.inference.pipelines.xray import (
     UNET_AP_MODEL,
     UNET_LAT_MODEL,
     Grid,
+    average_mirrored,
     centre_origin,
     file_sha256,
     place,
@@ -1108,9 +1109,8 @@ def onnx_predict(path: Path, data: ImageSet, batch_size: int = 32,
         flipped = replace(data, images=np.ascontiguousarray(data.images[..., ::-1]),
                           second=(None if data.second is None
                                   else np.ascontiguousarray(data.second[..., ::-1])))
-        plain, other = onnx_predict(path, data, batch_size), onnx_predict(path, flipped, batch_size)
-        return {name: ((value + (other[name][..., ::-1] if value.ndim >= 3 else other[name])) / 2
-                       ).astype(value.dtype) for name, value in plain.items()}
+        return average_mirrored(onnx_predict(path, data, batch_size),
+                                onnx_predict(path, flipped, batch_size))
     import onnxruntime as ort
 
     options = ort.SessionOptions()
