@@ -371,6 +371,36 @@ def test_ribs_above_the_vertebra_taken_for_t1_stop_the_count_up() -> None:
     assert not levels.assessed
 
 
+def test_a_count_up_that_leaves_a_vertebra_between_it_and_c2_names_nothing() -> None:
+    """Found by the benchmark (rotated scan 9300018): T1 read as cervical, T2 taken for T1,
+    and the count up from it stopped at a piece of C3 it could not link (the rest of C3
+    read as C2), so C4-T1 were named C3-C7. A vertebra with a body of its own between C2
+    and the highest level counted, where the count says there is none, drops the count."""
+    ph = phantoms.generate(9_200_001, context=True, spacing=2.0)
+    labels = ph.labels.copy()
+    c3 = labels == phantoms.LEVEL_LABELS["C3"]
+    zs = np.nonzero(c3.any(axis=(1, 2)))[0]
+    upper = c3.copy()
+    upper[int(round(zs.max() - 0.3 * (zs.max() - zs.min()))):] = False
+    piece = c3 & ~upper  # too small to link, with a body peak of its own
+    classes = recipe.classes_from_labels(labels)
+    classes[upper] = ct_cspine.CLASS_C2
+    classes[labels == phantoms.LEVEL_LABELS["T1"]] = ct_cspine.CLASS_SUBAXIAL
+    marked = labels.copy()
+    marked[upper] = phantoms.LEVEL_LABELS["C2"]
+    marked[piece] = 40
+    heat = recipe.heat_target(marked, ph.spacing)
+    # the space between C2 and the count's "C3" passes the room check here, so only the
+    # vertebra found in it tells
+    gates = dataclasses.replace(ct_cspine.GATES, room_tolerance_steps=1.5)
+    levels = ct_cspine.identify_levels(classes, np.ones(labels.shape, np.float32), heat,
+                                       ph.spacing, gates)
+    _names_belong(levels, np.where(labels <= 7, labels, 0))
+    assert levels.assessed == ["C1", "C2"]
+    assert all(levels.status[level][0] is not AssessmentValues.ASSESSED
+               for level in ct_cspine.LEVELS[2:])
+
+
 def test_a_cervical_vertebra_classed_thoracolumbar_between_two_cervical_ones_is_counted() -> None:
     """Found by an independent tester: stage 1 classed one mid-neck body thoracolumbar, the
     order check failed and no level was assessed. Between two subaxial vertebrae it is a
