@@ -1095,8 +1095,8 @@ def reads_disagree(first: LevelMap, scaled: LevelMap, gates: Gates = GATES) -> s
     ``"names"``: a body both reads found at the same height (within
     ``gates.max_read_offset_steps`` median steps) carries a different level in each: one
     of the two counts is wrong, and nothing says which."""
-    ours = sorted(first.bodies)
-    theirs = sorted(scaled.bodies)
+    ours = sorted(first.bodies, key=lambda body: body[0])
+    theirs = sorted(scaled.bodies, key=lambda body: body[0])
     if len(ours) < 2 or not theirs:
         return None
     typical = float(np.clip(np.median(np.diff([z for z, _ in ours])), 10.0, 24.0))
