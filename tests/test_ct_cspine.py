@@ -401,68 +401,111 @@ def test_a_count_up_that_leaves_a_vertebra_between_it_and_c2_names_nothing() -> 
                for level in ct_cspine.LEVELS[2:])
 
 
-def _read(*bodies: tuple[float, str | None]) -> ct_cspine.LevelMap:
+def _read(*bodies: tuple[float, str | None], extra: tuple[str, ...] = ()) -> ct_cspine.LevelMap:
     """A read as :func:`ct_cspine.choose_read` sees it: its bodies, and the levels named on
-    them assessed."""
-    named = {name for _, name in bodies if name}
+    them (and ``extra``, e.g. C1 and C2, named by shape) assessed."""
+    named = {name for _, name in bodies if name} | set(extra)
     status = {level: (AssessmentValues.ASSESSED, "") if level in named
               else (AssessmentValues.NOT_ASSESSABLE, "") for level in ct_cspine.LEVELS}
     return ct_cspine.LevelMap(np.zeros((1, 1, 1), np.uint8), status, bodies=bodies)
 
 
-def test_a_scaled_read_that_folds_two_vertebrae_into_one_is_not_used() -> None:
-    """Found by the benchmark (field from C3, second generator, scan 9300084): on the 1.2
-    grid stage 1 folded C5 and C6 into one vertebra and the count up from T1 named C3-C6
-    as C4-C7; the card-grid read had a body of its own at C5, 13 mm from both bodies of the
-    scaled read around it. Bodies (mm along z, level) as the two reads found them."""
-    card = _read((10.0, None), (26.0, None), (39.8, None), (56.0, "C6"), (76.0, "C7"), (98.0, None))
-    folded = _read((9.6, "C4"), (26.4, "C5"), (52.8, "C6"), (76.8, "C7"), (98.4, None))
-    assert ct_cspine.reads_disagree(card, folded) == "fold"
+# Scan 9300084 of the benchmark (field from C3, second generator), bodies (mm along z,
+# level) as two reads found them: on the 1.2 grid stage 1 folded C5 and C6 into one
+# vertebra and the count up from T1 named C3-C6 as C4-C7; the card-grid read had a body of
+# its own at C5, 13 mm from both bodies of the scaled read around it.
+FOLD_CARD = ((10.0, None), (26.0, None), (39.8, None), (56.0, "C6"), (76.0, "C7"), (98.0, None))
+FOLD_SCALED = ((9.6, "C4"), (26.4, "C5"), (52.8, "C6"), (76.8, "C7"), (98.4, None))
+# Scan 9300075 (second generator, size -15 %): the card grid named C3, C6 and C7 right
+# (C4 and C5 folded, unnamed), the 1.2 grid counted down from C2 through the same fold
+# (C4-C7 one level high), the 0.85 grid named all seven right.
+NAMES_CARD = ((60.0, "C3"), (83.0, None), (106.0, "C6"), (120.0, "C7"), (136.0, None))
+NAMES_COARSE = ((62.4, "C3"), (81.6, "C4"), (105.6, "C5"), (120.0, "C6"), (136.8, "C7"))
+NAMES_FINE = ((61.2, "C3"), (76.5, "C4"), (90.1, "C5"), (105.4, "C6"), (120.7, "C7"), (137.7, None))
+
+
+def test_a_scaled_read_that_folds_two_vertebrae_into_one_is_not_kept() -> None:
+    card, folded = _read(*FOLD_CARD), _read(*FOLD_SCALED, extra=("C1", "C2"))
+    assert ct_cspine.folds(card, folded)
     # The same scan read without the fold: every body of one read lies near one of the other.
     agreeing = _read((9.6, "C3"), (26.4, "C4"), (40.8, "C5"), (55.2, "C6"), (76.8, "C7"), (98.4, None))
-    assert ct_cspine.reads_disagree(card, agreeing) is None
+    assert not ct_cspine.folds(card, agreeing)
     # A first read that folded two vertebrae the scaled read tells apart is what the
     # scaled read is for.
-    assert ct_cspine.reads_disagree(folded, card) is None
+    assert not ct_cspine.folds(folded, card)
+    # A first read that split one vertebra into two peaks 8 mm apart (a large patient on
+    # the card's grid) does not make the scaled read a fold.
+    split = _read((20.0, None), (40.0, None), (56.0, None), (64.0, None), (80.0, None), (100.0, None))
+    assert not ct_cspine.folds(split, _read((20.4, "C3"), (40.8, "C4"), (60.0, "C5"), (79.2, "C6"), (100.8, "C7")))
+    grid, coarse = (2.0, 2.0, 2.0), (2.4, 2.4, 2.4)
+    # Kept even though it names more levels (and even where it also names a body otherwise
+    # than the first read: a fold is not evidence).
+    assert ct_cspine.choose_read([(card, grid), (folded, coarse)])[0] is card
+    renamed = _read((9.6, "C4"), (26.4, "C5"), (52.8, "C5"), (76.8, "C7"), (98.4, None), extra=("C1", "C2"))
+    assert ct_cspine.choose_read([(card, grid), (renamed, coarse)])[0] is card
 
 
-def test_a_scaled_read_naming_a_vertebra_otherwise_than_the_first_is_not_used() -> None:
-    """Benchmark scan 9300075 (second generator, size -15 %): both reads folded C4 and C5,
-    the card-grid read named what lay below them by counting up from T1 (right), the 1.2
-    read counted down from C2 through the fold (one level high). Where two reads name one
-    body differently, the scaled read is not used."""
-    card = _read((60.0, "C3"), (83.0, None), (106.0, "C6"), (120.0, "C7"), (136.0, None), (154.0, None))
-    scaled = _read((62.4, "C3"), (81.6, "C4"), (105.6, "C5"), (120.0, "C6"), (136.8, "C7"), (156.0, None))
-    assert ct_cspine.reads_disagree(card, scaled) == "names"
-    assert ct_cspine.reads_disagree(card, _read((62.4, "C3"), (81.6, None), (105.6, "C6"), (120.0, "C7"))) is None
+def test_reads_that_name_one_vertebra_differently_disagree_either_way_round() -> None:
+    card, coarse = _read(*NAMES_CARD), _read(*NAMES_COARSE)
+    assert ct_cspine.names_differ(card, coarse) and ct_cspine.names_differ(coarse, card)
+    assert not ct_cspine.names_differ(card, _read((62.4, "C3"), (81.6, None), (105.6, "C6"), (120.0, "C7")))
+    # A read with a single body still disagrees with one naming it otherwise.
+    assert ct_cspine.names_differ(_read((106.0, "C6")), coarse)
+    assert ct_cspine.names_differ(coarse, _read((106.0, "C6")))
 
 
-def test_a_read_two_others_contradict_is_outvoted_and_a_fold_is_not_used() -> None:
-    """Benchmark scan 9300075 again, with all three reads: the card grid (C3, C6, C7 right,
-    C4 and C5 folded and unnamed), the 1.2 grid (seven names, C4-C7 one level high) and the
-    0.85 grid (seven names, right). The 1.2 read, which reads first after the card's and
-    names the most, contradicts both others: it is outvoted, and the 0.85 read is kept.
-    Before, the 1.2 read's seven levels ended the search and were reported."""
-    grid = (2.0, 2.0, 2.0)
-    card = (_read((60.0, "C3"), (83.0, None), (106.0, "C6"), (120.0, "C7"), (136.0, None)), grid)
-    coarse = (_read((62.4, "C3"), (81.6, "C4"), (105.6, "C5"), (120.0, "C6"), (136.8, "C7")),
-              (2.4, 2.4, 2.4))
-    fine = (_read((61.2, "C3"), (76.5, "C4"), (90.1, "C5"), (105.4, "C6"), (120.7, "C7"),
-                  (137.7, None)), (1.7, 1.7, 1.7))
+def test_a_read_two_others_contradict_is_outvoted() -> None:
+    """Scan 9300075 with all three reads: the 1.2 read names the most (seven with C1 and
+    C2) and contradicts both others: it is outvoted, and the 0.85 read is kept. Before,
+    the 1.2 read's seven levels ended the search and were reported."""
+    card = (_read(*NAMES_CARD, extra=("C1", "C2")), (2.0, 2.0, 2.0))
+    coarse = (_read(*NAMES_COARSE, extra=("C1", "C2")), (2.4, 2.4, 2.4))
+    fine = (_read(*NAMES_FINE, extra=("C1", "C2")), (1.7, 1.7, 1.7))
+    assert len(coarse[0].assessed) == 7 and len(card[0].assessed) == 5
     assert ct_cspine._contradicted([card, coarse], ct_cspine.GATES)  # so segment reads on
     assert ct_cspine.choose_read([card, coarse, fine])[0] is fine[0]
     # Two reads disagreeing with no third to settle it: the one naming more is kept.
     assert ct_cspine.choose_read([card, coarse])[0] is coarse[0]
-    # A scaled read that folded two vertebrae the first read tells apart is not used.
-    first = (_read((10.0, None), (26.0, None), (39.8, None), (56.0, "C6"), (76.0, "C7"), (98.0, None)), grid)
-    folded = (_read((9.6, "C4"), (26.4, "C5"), (52.8, "C6"), (76.8, "C7"), (98.4, None)), (2.4, 2.4, 2.4))
-    assert ct_cspine.choose_read([first, folded])[0] is first[0]
     # Three reads, each contradicted by both others: no level is named.
     one, two, three = ((_read((60.0, f"C{n}"), (80.0, f"C{n + 1}"), (100.0, f"C{n + 2}"), (120.0, None)),
-                        grid) for n in (3, 4, 5))
+                        card[1]) for n in (3, 4, 5))
     levels, _ = ct_cspine.choose_read([one, two, three])
     assert levels.assessed == [] and not levels.labels.any()
     assert "differently" in levels.status["C3"][1]
+
+
+def test_segment_reads_the_next_grid_when_a_full_read_is_contradicted_or_folded(
+        engines: dict[str, OnnxCpuEngine], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search over grids: a seven-level read ends it only when it is the read kept and
+    no read contradicts it. Stage 1 runs on a small volume; what each read names is given."""
+    engine = engines[ct_cspine.SEGMENTATION_MODEL]
+    volume = ct_cspine.CtVolume(np.full((40, 48, 48), -1000.0, np.float32), (2.0, 1.0, 1.0),
+                                tuple(str(k) for k in range(40)), "1.2.3", "1.2.4")
+
+    def run(*reads: ct_cspine.LevelMap) -> tuple[ct_cspine.LevelMap, int]:
+        given = iter(reads)
+        calls = []
+
+        def identify(*args: object, **kwargs: object) -> ct_cspine.LevelMap:
+            calls.append(1)
+            return next(given)
+
+        monkeypatch.setattr(ct_cspine, "identify_levels", identify)
+        levels, _ = ct_cspine.segment(engine, volume)
+        return levels, len(calls)
+
+    card = _read(*NAMES_CARD, extra=("C1", "C2"))
+    coarse = _read(*NAMES_COARSE, extra=("C1", "C2"))
+    fine = _read(*NAMES_FINE, extra=("C1", "C2"))
+    assert run(card, coarse, fine) == (fine, 3)
+    # A full first read ends the search at once.
+    assert run(fine, coarse, card) == (fine, 1)
+    # A full scaled read that agrees with the first ends it too.
+    partial = _read(*NAMES_FINE[:2])
+    assert run(partial, fine, coarse) == (fine, 2)
+    # A full scaled read that folded is not kept, so the next grid is read.
+    assert run(_read(*FOLD_CARD), _read(*FOLD_SCALED, extra=("C1", "C2", "C3")),
+               _read((10.2, "C3"), (26.4, "C4"), (40.0, "C5"), (56.1, "C6"), (76.5, "C7")))[1] == 3
 
 
 def test_a_cervical_vertebra_classed_thoracolumbar_between_two_cervical_ones_is_counted() -> None:
