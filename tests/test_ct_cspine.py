@@ -437,6 +437,12 @@ def test_a_scaled_read_that_folds_two_vertebrae_into_one_is_not_kept() -> None:
     # the card's grid) does not make the scaled read a fold.
     split = _read((20.0, None), (40.0, None), (56.0, None), (64.0, None), (80.0, None), (100.0, None))
     assert not ct_cspine.folds(split, _read((20.4, "C3"), (40.8, "C4"), (60.0, "C5"), (79.2, "C6"), (100.8, "C7")))
+    # A vertebra the scaled read found only as a piece no body peak reached (the count
+    # steps through it) is not folded into a neighbour.
+    even = _read((20.0, None), (36.0, None), (52.0, None), (68.0, None), (84.0, None), (100.0, None))
+    gap = ((20.4, "C3"), (36.0, "C4"), (68.4, "C6"), (84.0, "C7"))
+    assert not ct_cspine.folds(even, dataclasses.replace(_read(*gap), pieces=(52.8,)))
+    assert ct_cspine.folds(even, _read(*gap))
     grid, coarse = (2.0, 2.0, 2.0), (2.4, 2.4, 2.4)
     # Kept even though it names more levels (and even where it also names a body otherwise
     # than the first read: a fold is not evidence).

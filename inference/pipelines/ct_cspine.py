@@ -464,6 +464,9 @@ class LevelMap:
     #: (mm along z, level or None) of every vertebra below C2 found with a body of its own,
     #: named or not: what :func:`segment` compares between two reads of one scan
     bodies: tuple[tuple[float, str | None], ...] = ()
+    #: mm along z of every piece of vertebra below C2 that no body peak reached (counted
+    #: through, never named): where a vertebra is, for :func:`folds`
+    pieces: tuple[float, ...] = ()
 
     @property
     def assessed(self) -> list[str]:
@@ -811,8 +814,11 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
                     and status[names[i]][0] is AssessmentValues.ASSESSED else None)
                    for i, v in enumerate(vertebrae)
                    if v.kind in (CLASS_SUBAXIAL, CLASS_LOWER) and v.confidence > 0)
+    pieces = tuple(v.anchor_z for v in vertebrae
+                   if v.kind in (CLASS_SUBAXIAL, CLASS_LOWER) and v.confidence <= 0)
     return LevelMap(labels, status, unlabelled, centroids,
-                    vertebrae_found=sum(v.kind != CLASS_LOWER for v in vertebrae), bodies=bodies)
+                    vertebrae_found=sum(v.kind != CLASS_LOWER for v in vertebrae), bodies=bodies,
+                    pieces=pieces)
 
 
 # --------------------------------------------------------------- stage 2 crops
@@ -1116,12 +1122,13 @@ def folds(first: LevelMap, scaled: LevelMap, gates: Gates = GATES) -> bool:
     under 0.6 of a step; no such scan changed among 400 of either generator at +-15 %
     size.)"""
     ours = sorted(z for z, _ in first.bodies)
-    theirs = sorted(scaled.bodies, key=lambda body: body[0])
-    if len(ours) < 2 or not any(name for _, name in theirs):
+    if len(ours) < 2 or not any(name for _, name in scaled.bodies):
         return False
     typical = _typical_step(first)
     near = gates.max_read_offset_steps * typical
-    heights = np.array([z for z, _ in theirs])
+    # where the scaled read has a vertebra: its bodies, and the pieces no peak reached
+    # (a count steps through those, so a vertebra there is not folded into a neighbour)
+    heights = np.array(sorted([z for z, _ in scaled.bodies] + list(scaled.pieces)))
     # the first read's bodies within the scaled read's span (beyond it, every body has the
     # scaled read's last as its nearest)
     inside = [y for y in ours if heights[0] - near <= y <= heights[-1] + near]
