@@ -612,6 +612,13 @@ def _surround_hu(image: np.ndarray, mask: np.ndarray, hu_scale: float) -> float:
     return float(np.median(image[box][shell])) * hu_scale if shell.any() else float("-inf")
 
 
+def _median_step(heights: Sequence[float]) -> float:
+    """The median step (mm) between successive vertebra heights in cranio-caudal order,
+    held to 10-24 mm; 16 with fewer than two heights."""
+    steps = np.diff(heights)
+    return float(np.clip(np.median(steps) if len(steps) else 16.0, 10.0, 24.0))
+
+
 def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarray,
                     spacing: Sequence[float], gates: Gates = GATES,
                     image: np.ndarray | None = None,
@@ -653,9 +660,7 @@ def identify_levels(classes: np.ndarray, confidence: np.ndarray, heat: np.ndarra
     if any(b < a for a, b in zip(zs, zs[1:], strict=False)):
         order_ok = False
     if order_ok:
-        steps = np.diff([vertebrae[i].anchor_z for i in subs + lowers[:1]])
-        typical = float(np.median(steps)) if len(steps) else 16.0
-        typical = float(np.clip(typical, 10.0, 24.0))
+        typical = _median_step([vertebrae[i].anchor_z for i in subs + lowers[:1]])
         if c2 is not None and vertebrae[c2].bottom_z - vertebrae[c2].top_z > gates.max_c2_height_steps * typical:
             overgrown.add(c2)
         if c2 is not None and vertebrae[c2].confidence < gates.min_confidence:
@@ -1091,11 +1096,8 @@ def unnamed(levels: LevelMap, reason: str) -> LevelMap:
 
 
 def _typical_step(levels: LevelMap) -> float:
-    """The median height step between a read's bodies (mm, 10-24; 16 with fewer than two)."""
-    heights = sorted(z for z, _ in levels.bodies)
-    if len(heights) < 2:
-        return 16.0
-    return float(np.clip(np.median(np.diff(heights)), 10.0, 24.0))
+    """The median height step between a read's bodies (:func:`_median_step`)."""
+    return _median_step(sorted(z for z, _ in levels.bodies))
 
 
 def names_differ(one: LevelMap, other: LevelMap, gates: Gates = GATES) -> bool:
