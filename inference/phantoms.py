@@ -341,6 +341,9 @@ class _Placed:
     crack_posterior: bool = False
     #: a second fracture line without displacement (e.g. the second break of a C1 ring)
     crack2: tuple[np.ndarray, float, float] | None = None  # normal, offset, width
+    #: An incomplete fracture (:func:`_local_crack`): the crack and its shift stop at this
+    #: ball (centre in the vertebra's frame, radius mm); None: the plane cuts right through.
+    crack_ball: tuple[np.ndarray, float] | None = None
     ribs: bool = False
     #: Anatomical variation (:class:`_Variation`): bifid spinous process, C1 ring and
     #: dens size factors.
@@ -500,6 +503,7 @@ def generate(
     varied_anatomy: bool = False,
     posterior_detail: bool = False,
     airway_hu: float = -1000.0,
+    local_cracks: float = 0.0,
 ) -> Phantom:
     """Draw a phantom from ``seed``.
 
@@ -568,6 +572,13 @@ def generate(
         model that must not tell a lateral from a frontal radiograph by the airway alone
         (the view gate did: with the airway filled it read 11 of 30 lateral views as AP).
         Draws nothing: the rest of the phantom is the same.
+    local_cracks:
+        With ``varied_fractures``: the share of C2-C7 fracture lines drawn as incomplete
+        fractures confined to one part of the vertebra (:func:`_local_crack`: one pedicle,
+        lamina, articular pillar, transverse or spinous process, a corner of the body or
+        part of it) instead of a plane through the whole bone. Drawn from a stream of its
+        own per level, so the rest of the phantom (which levels are broken included) is
+        the same for any share; 0 draws nothing.
     """
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}; expected one of {sorted(REGIONS)}")
@@ -752,6 +763,10 @@ def generate(
             _c2_pattern(rng, item, ls, kind)
         elif kind == "crack" and varied_fractures:
             _varied_crack(rng, item, ls)
+            if local_cracks > 0 and name != "C1":
+                own = np.random.default_rng([seed, 0x10CA1, LEVEL_LABELS[name]])
+                if own.random() < local_cracks:
+                    _local_crack(own, item, ls)
         elif kind == "crack":
             item.fracture = "crack"
             if name == "C1":
@@ -957,6 +972,69 @@ def _varied_crack(rng: np.random.Generator, item: _Placed, ls: _LevelShape) -> N
     item.crack = (normal / np.linalg.norm(normal), float(rng.uniform(-0.45, 0.45) * extent_axis),
                   width, slide)
     item.crack_posterior = bool(rng.random() < 0.4)
+
+
+#: Where an incomplete fracture (:func:`_local_crack`) sits, and how often.
+LOCAL_CRACK_SITES: dict[str, float] = {
+    "pedicle": 0.15, "lamina": 0.15, "pillar": 0.1, "spinous": 0.15, "transverse": 0.1,
+    "corner": 0.15, "body": 0.2}
+
+
+def _local_crack(rng: np.random.Generator, item: _Placed, ls: _LevelShape) -> None:
+    """An incomplete, barely displaced fracture confined to one part of the vertebra.
+
+    Many real cervical fractures do not cross the whole bone: one pedicle or lamina, an
+    articular pillar or facet, a transverse or spinous process (clay-shoveler's), a
+    corner of the body (teardrop) or part of the body. The crack is a plane through a
+    point of that part, across it (tilted up to ~20 degrees), 1.5-3 mm wide, and it and
+    its 0-1.5 mm shift stop at a ball of 5-10 mm around the point (``crack_ball``)."""
+    a, b, h = ls.a, ls.b, ls.h
+    ped_x = ls.canal_w + 0.4 * ls.pedicle_r
+    ped_end = b + ls.pedicle_len
+    lam_end = ped_end + ls.lamina_len * 0.8
+    side = float(rng.choice([-1.0, 1.0]))
+    sites = list(LOCAL_CRACK_SITES)
+    weights = np.array([LOCAL_CRACK_SITES[k] for k in sites])
+    site = sites[int(rng.choice(len(sites), p=weights / weights.sum()))]
+    t = float(rng.uniform(0.3, 0.7))
+    radius = float(rng.uniform(5.0, 7.5))
+    if site == "pedicle":
+        root, end = np.array([side * 0.75 * a, 0.75 * b, 0.0]), np.array([side * ped_x, ped_end, 0.0])
+        centre, along = root + t * (end - root), end - root
+    elif site == "lamina":
+        root, end = np.array([side * ped_x, ped_end, 0.0]), np.array([0.0, lam_end, 1.0])
+        centre = root + t * (end - root) + np.array([0.0, 0.0, rng.uniform(-0.22, 0.22) * h])
+        along = end - root
+    elif site == "pillar":
+        centre = np.array([side * ped_x, ped_end, rng.uniform(-0.3, 0.3) * h])
+        along = np.array([0.0, 0.0, 1.0])
+        radius = float(rng.uniform(6.0, 8.0))
+    elif site == "spinous":
+        t = float(rng.uniform(0.3, 0.8))
+        centre = np.array([0.0, lam_end + t * ls.spinous_len, t * ls.spinous_drop])
+        along = np.array([0.0, ls.spinous_len, ls.spinous_drop])
+    elif site == "transverse":
+        root = np.array([side * 0.8 * a, 0.2 * b, -0.1 * h])
+        end = np.array([side * (ped_x + ls.transverse_len), 0.35 * b, 0.0])
+        centre, along = root + t * (end - root), end - root
+    elif site == "corner":
+        vertical = float(rng.choice([-1.0, 1.0], p=[0.3, 0.7]))  # mostly the lower corner
+        centre = np.array([rng.uniform(-0.3, 0.3) * a, -0.75 * b, vertical * 0.35 * h])
+        along = np.array([0.0, 0.6, -vertical * 0.8])
+    else:
+        centre = np.array([rng.uniform(-0.5, 0.5) * a, rng.uniform(-0.5, 0.5) * b,
+                           rng.uniform(-0.3, 0.3) * h])
+        along = rng.normal(size=3)
+        radius = float(rng.uniform(6.0, 10.0))
+    normal = along / np.linalg.norm(along) + rng.uniform(-0.35, 0.35, size=3)
+    normal = normal / np.linalg.norm(normal)
+    item.fracture = "crack"
+    item.crack = (normal, float(normal @ centre), float(rng.uniform(1.5, 3.0)),
+                  float(rng.uniform(0.0, 1.5)))
+    item.crack2 = None
+    item.slide_direction = None
+    item.crack_ball = (centre, radius)
+    item.crack_posterior = True
 
 
 def _c2_pattern(rng: np.random.Generator, item: _Placed, ls: _LevelShape, pattern: str) -> None:
@@ -1181,6 +1259,11 @@ def _rasterise(
             if item.crack2 is not None:
                 normal2, offset2, width2 = item.crack2
                 crack_band |= np.abs(q @ normal2 - offset2) < width2 / 2
+            if item.crack_ball is not None:
+                ball_centre, ball_radius = item.crack_ball
+                inside = np.linalg.norm(q - ball_centre, axis=1) < ball_radius
+                crack_band &= inside
+                side &= inside
             if item.slide_direction is not None:
                 tangent = item.slide_direction
             else:

@@ -335,6 +335,12 @@ def _fine_scan(ph: phantoms.Phantom, render: float, rng: np.random.Generator
 #: 0.4.0 saw a few dozen dens and hangman's fractures and scored them like intact C2s
 #: on the second generator (vertebra AUC 0.30 and 0.15, n = 21 and 14).
 UPPER_CERVICAL_SHARE = 0.4
+#: Share of the stage-2 phantoms' C2-C7 fracture lines drawn as incomplete fractures
+#: confined to one part of the vertebra (``phantoms.generate(local_cracks=...)``: one
+#: pedicle, lamina, pillar, process, a corner or part of the body). Until 0.5.2 every
+#: line crossed the whole bone, and stage 2 scored the second generator's fractures of
+#: one side of the arch or of a process like intact bone; 0 draws nothing.
+LOCAL_CRACK_SHARE = 0.0
 #: (level, kind) of those forced fractures, drawn uniformly.
 UPPER_PATTERNS: tuple[tuple[str, str], ...] = (
     ("C1", "crack"), ("C2", "dens"), ("C2", "dens"), ("C2", "hangman"), ("C2", "hangman"),
@@ -353,7 +359,7 @@ def fracture_case(seed: int, scans: int = 3) -> CropSet:
         level, kind = UPPER_PATTERNS[int(rng.integers(len(UPPER_PATTERNS)))]
         forced = {"fractures": {level: kind}}
     ph = phantoms.generate(seed, spacing=render, shape=tuple(int(n / render) for n in (150, 128, 128)),
-                           p_fracture=0.7, **anatomy, **forced)
+                           p_fracture=0.7, local_cracks=LOCAL_CRACK_SHARE, **anatomy, **forced)
     fractured = [v.name for v in ph.vertebrae if v.fractured]
     sets = []
     for _ in range(scans):
