@@ -843,6 +843,11 @@ def _train_command(family: str) -> Callable[..., None]:
         stage: Annotated[str, typer.Option(
             "--stage", help="all, or one stage to train alone with the others kept as they "
             "are in --out (ct-cspine: fracture, segmentation).")] = "all",
+        average: Annotated[list[Path] | None, typer.Option(
+            "--average", help="Instead of training, average the weights (model.pt) of these "
+            "model repositories, fine-tunes of one model, then validate as training does "
+            "(repeat the option; ct-cspine --stage fracture).", exists=True,
+            file_okay=False)] = None,
     ) -> None:
         from dataclasses import replace
 
@@ -856,8 +861,13 @@ def _train_command(family: str) -> Callable[..., None]:
         if stage != "all" and stage not in STAGE_RECIPES.get(family, ()):
             known = ", ".join(f"{f}: {', '.join(s[1:])}" for f, s in STAGE_RECIPES.items())
             raise typer.BadParameter(f"--stage {stage} is not a stage of {family} ({known})")
+        if average and (family, stage) != ("ct-cspine", "fracture"):
+            raise typer.BadParameter("--average is supported by ct-cspine --stage fracture")
+        if average and len(average) < 2:
+            raise typer.BadParameter("--average needs at least two model repositories")
         options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, budget=budget,
-                               init=init, validate_only=validate_only, stage=stage)
+                               init=init, validate_only=validate_only, stage=stage,
+                               average=tuple(average or ()))
         if out is not None:
             options = replace(options, out=out)
         summary = run(family, options)

@@ -804,6 +804,50 @@ def test_stage_fracture_trains_stage_two_alone(tmp_path: Path) -> None:
         run("ct-cspine", TrainOptions(out=out, quick=True, progress=False, stage="vertebrae"))
 
 
+def test_stage_fracture_can_average_the_weights_of_fine_tunes(tmp_path: Path) -> None:
+    """--stage fracture --average A --average B: stage 2's weights are the mean of A's and
+    B's (a model soup), validated and carded as training does; the card names what was
+    averaged. Other architectures and a single folder are refused."""
+    import shutil
+
+    import torch
+
+    from spine_node.inference.train import TrainOptions, run
+
+    out, seg, fracture = _trained_before_one_stage(tmp_path, "fracture", "vertebra-seg")
+    other = tmp_path / "other"
+    run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=other, quick=True, progress=False,
+                                  threads=1, seed=9))
+    first = tmp_path / "first"
+    shutil.copytree(out, first)
+    seg_onnx = recipe._sha256(seg / "model.onnx")
+    summary = run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=out, quick=True,
+                                            progress=False, threads=1, stage="fracture",
+                                            average=(first, other)))
+    states = [torch.load(f / ct_cspine.FRACTURE_MODEL / "model.pt", weights_only=True)
+              for f in (first, other, out)]
+    floating = [k for k, v in states[0].items() if v.is_floating_point()]
+    assert floating and any(not torch.equal(states[0][k], states[1][k]) for k in floating)
+    for key in floating:
+        assert torch.allclose(states[2][key], (states[0][key] + states[1][key]) / 2, atol=1e-6)
+    card = ModelCard.load(fracture)
+    sources = card.weights["averaged_from"]
+    assert [s["model_pt_sha256"] for s in sources] == [
+        recipe._sha256(f / ct_cspine.FRACTURE_MODEL / "model.pt") for f in (first, other)]
+    assert f"--average {first} --average {other}" in card.weights["recipe"]
+    assert card.preprocessing["threshold"] == round(summary["metrics"]["operating_point"]["threshold"], 4)
+    assert recipe._sha256(seg / "model.onnx") == seg_onnx
+    with pytest.raises(ValueError, match="at least two"):
+        recipe.average_fracture([first])
+    broken = tmp_path / "broken"
+    shutil.copytree(first, broken)
+    state = states[0]
+    state.pop(floating[0])
+    torch.save(state, broken / ct_cspine.FRACTURE_MODEL / "model.pt")
+    with pytest.raises(ValueError, match="another architecture"):
+        recipe.average_fracture([first, broken])
+
+
 def test_stage_segmentation_trains_stage_one_alone(tmp_path: Path) -> None:
     """--stage segmentation retrains stage 1 only: stage 2's weights and recipe stay, its
     operating points and validation metrics are chosen again through the new stage 1."""

@@ -56,6 +56,9 @@ class TrainOptions:
     #: "all", or one stage of a multi-stage recipe to train alone, the others kept as they
     #: are in ``out`` (recipes that support it: ct-cspine, stage "fracture").
     stage: str = "all"
+    #: Instead of training stage 2, average the weights (model.pt) of these model
+    #: repositories, fine-tunes of one model ("model soup"; ct-cspine ``--stage fracture``).
+    average: tuple[Path, ...] = ()
 
 
 RECIPES: dict[str, Recipe] = {

@@ -82,7 +82,7 @@ from spine_node.inference.train import TrainOptions
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.5.0"
+VERSION = "0.7.0"
 #: Stage 2's test-time augmentation, written into its card
 #: (``ct_cspine.TTA_KEYS``): the box margin training uses (4 mm) and 0 and 8 mm around
 #: it, each also mirrored left-right; logits averaged. Chosen 2026-11-28 among four
@@ -1118,6 +1118,48 @@ def _started_from(init: Path | None) -> dict[str, Any]:
     return found
 
 
+def _averaged_from(folders: Sequence[Path]) -> list[dict[str, Any]]:
+    """What a weight average (``--average``) is made of: each source's version, recipe,
+    training data and the hash of its stage-2 weights."""
+    found = []
+    for folder in folders:
+        card = Path(folder) / FRACTURE_MODEL / "model.yaml"
+        data = yaml.safe_load(card.read_text(encoding="utf-8")) if card.is_file() else {}
+        data = data if isinstance(data, dict) else {}
+        weights = data.get("weights") or {}
+        found.append({"version": data.get("version"), "recipe": weights.get("recipe"),
+                      "seed": weights.get("seed"), "trained_on": weights.get("trained_on"),
+                      "model_pt_sha256": _sha256(Path(folder) / FRACTURE_MODEL / "model.pt")})
+    return found
+
+
+def average_fracture(folders: Sequence[Path]) -> torch.nn.Module:
+    """Stage 2 whose weights are the mean of the ``model.pt`` weights in ``folders``
+    (a uniform "model soup"). Averaging fine-tunes of one model keeps what they share and
+    evens out what each learned of its own training draws; it only makes sense for models
+    fine-tuned from one another (one basin), which the caller vouches for. Integer buffers
+    (BatchNorm's batch counter) are taken from the first."""
+    if len(folders) < 2:
+        raise ValueError("averaging needs at least two model repositories")
+    states = []
+    for folder in folders:
+        path = Path(folder) / FRACTURE_MODEL / "model.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--average {folder}: no {FRACTURE_MODEL}/model.pt there")
+        states.append(torch.load(path, map_location="cpu", weights_only=True))
+    keys = set(states[0])
+    for folder, state in zip(folders, states, strict=True):
+        if set(state) != keys or any(state[k].shape != states[0][k].shape for k in keys):
+            raise ValueError(f"--average {folder}: its stage 2 is another architecture")
+    mean = {k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+                if v.is_floating_point() else v) for k, v in states[0].items()}
+    name, kwargs = FRACTURE_ARCH
+    model = architecture(name, **kwargs)
+    model.load_state_dict(mean)
+    log.info("ct-cspine: stage 2 = the mean of %d models' weights", len(states))
+    return model.eval()
+
+
 def _engines(folder: Path) -> Callable[[str], Any]:
     """The exported models on ONNX Runtime (CPU), as a worker without a GPU runs them."""
     from spine_node.inference.runtime.selection import load_engine
@@ -1193,7 +1235,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
         seg_cases = [] if fracture_only else _map(
             partial(seg_case, negative_share=budget.negative_share), seg_seeds, workers,
             options.progress, "stage 1 cases (phantom + acquisition)")
-        crop_sets = [] if segmentation_only else _map(
+        crop_sets = [] if segmentation_only or options.average else _map(
             fracture_case, fracture_seeds, workers, options.progress,
             "stage 2 crops (phantom at 1 mm + acquisition)")
         validation = _map(validation_case, validation_seeds, workers, options.progress,
@@ -1216,7 +1258,9 @@ def run(options: TrainOptions) -> dict[str, Any]:
         seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress, init)
         log.info("ct-cspine: stage 1 trained at %.0f s", time.monotonic() - started)
     fracture_model = None
-    if not segmentation_only:
+    if options.average:
+        fracture_model = average_fracture(options.average)
+    elif not segmentation_only:
         fracture_model = train_fracture(crop_sets, budget, options.seed + 1, options.progress, init)
     train_seconds = time.monotonic() - started
     log.info("ct-cspine: stage 2 trained at %.0f s", train_seconds)
@@ -1226,6 +1270,10 @@ def run(options: TrainOptions) -> dict[str, Any]:
         export_segmentation(seg_model, out / SEGMENTATION_MODEL)
     if fracture_model is not None:
         export_fracture(fracture_model, out / FRACTURE_MODEL)
+    if options.average:
+        trained_on = " + ".join(f"{a['trained_on']} [{a['version']}]"
+                                for a in _averaged_from(options.average)) + (
+            " (stage 2: the mean of these models' weights, see averaged_from)")
     provenance = {
         "trained_on": trained_on,
         "validated_on": validated_on,
@@ -1233,7 +1281,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
                   + (" --budget gpu" if options.budget == "gpu" else "")
                   + (f" --epochs {options.epochs}" if options.epochs is not None else "")
                   + (f" --init {init}" if init is not None else "")
-                  + (f" --stage {options.stage}" if options.stage != "all" else ""),
+                  + (f" --stage {options.stage}" if options.stage != "all" else "")
+                  + "".join(f" --average {Path(a)}" for a in options.average),
         "seed": options.seed,
         "torch": str(torch.__version__),
         "device": str(_device()),
@@ -1242,6 +1291,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
     }
     if started_from:
         provenance["fine_tuned_from"] = started_from
+    if options.average:
+        provenance["averaged_from"] = _averaged_from(options.average)
     # Cards first with a provisional threshold, so the pipeline can load the exports.
     write_cards(out, provenance, {}, float(FRACTURE_PREPROCESSING["threshold"]),
                 segmentation=not fracture_only, fracture=not segmentation_only)
