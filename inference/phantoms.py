@@ -763,7 +763,7 @@ def generate(
             _c2_pattern(rng, item, ls, kind)
         elif kind == "crack" and varied_fractures:
             _varied_crack(rng, item, ls)
-            if local_cracks > 0 and name != "C1":
+            if local_cracks > 0 and name.startswith("C") and name != "C1":
                 own = np.random.default_rng([seed, 0x10CA1, LEVEL_LABELS[name]])
                 if own.random() < local_cracks:
                     _local_crack(own, item, ls)
@@ -987,7 +987,8 @@ def _local_crack(rng: np.random.Generator, item: _Placed, ls: _LevelShape) -> No
     articular pillar or facet, a transverse or spinous process (clay-shoveler's), a
     corner of the body (teardrop) or part of the body. The crack is a plane through a
     point of that part, across it (tilted up to ~20 degrees), 1.5-3 mm wide, and it and
-    its 0-1.5 mm shift stop at a ball of 5-10 mm around the point (``crack_ball``)."""
+    its 0-1.5 mm shift stop at a ball of 5-10 mm around the point (``crack_ball``; the
+    shift tapers to nothing over the ball's outer half)."""
     a, b, h = ls.a, ls.b, ls.h
     ped_x = ls.canal_w + 0.4 * ls.pedicle_r
     ped_end = b + ls.pedicle_len
@@ -1259,18 +1260,23 @@ def _rasterise(
             if item.crack2 is not None:
                 normal2, offset2, width2 = item.crack2
                 crack_band |= np.abs(q @ normal2 - offset2) < width2 / 2
+            shift = np.full(q.shape[0], slide)
             if item.crack_ball is not None:
+                # The crack stops at the ball; its shift tapers to nothing over the ball's
+                # outer half, so the bone does not step where the crack ends.
                 ball_centre, ball_radius = item.crack_ball
-                inside = np.linalg.norm(q - ball_centre, axis=1) < ball_radius
+                distance = np.linalg.norm(q - ball_centre, axis=1)
+                inside = distance < ball_radius
                 crack_band &= inside
                 side &= inside
+                shift *= np.clip(2.0 * (1.0 - distance / ball_radius), 0.0, 1.0)
             if item.slide_direction is not None:
                 tangent = item.slide_direction
             else:
                 tangent = np.cross(normal, [0.0, 0.0, 1.0] if abs(normal[2]) < 0.9
                                    else [1.0, 0.0, 0.0])
                 tangent /= np.linalg.norm(tangent)
-            q_shifted = q - slide * tangent
+            q_shifted = q - shift[:, None] * tangent
         for structure, cuttable, solid in parts:
             d = solid(q)
             cuttable = cuttable or (item.crack_posterior and structure != 14)

@@ -865,6 +865,9 @@ def _train_command(family: str) -> Callable[..., None]:
             raise typer.BadParameter("--average is supported by ct-cspine --stage fracture")
         if average and len(average) < 2:
             raise typer.BadParameter("--average needs at least two model repositories")
+        if average and (init is not None or epochs is not None or validate_only):
+            raise typer.BadParameter("--average trains nothing: drop --init, --epochs and "
+                                     "--validate-only")
         options = TrainOptions(data=data, epochs=epochs, seed=seed, threads=threads, budget=budget,
                                init=init, validate_only=validate_only, stage=stage,
                                average=tuple(average or ()))

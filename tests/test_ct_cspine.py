@@ -837,8 +837,21 @@ def test_stage_fracture_can_average_the_weights_of_fine_tunes(tmp_path: Path) ->
     assert f"--average {first} --average {other}" in card.weights["recipe"]
     assert card.preprocessing["threshold"] == round(summary["metrics"]["operating_point"]["threshold"], 4)
     assert recipe._sha256(seg / "model.onnx") == seg_onnx
+    assert "seed" not in card.weights and "training_seconds" not in card.weights
     with pytest.raises(ValueError, match="at least two"):
         recipe.average_fracture([first])
+    for wrong in (dict(stage="all"), dict(stage="fracture", init=first),
+                  dict(stage="fracture", epochs=2)):
+        with pytest.raises(ValueError, match="--average replaces training"):
+            run("ct-cspine", TrainOptions(out=out, quick=True, progress=False,
+                                          average=(first, other), **wrong))  # type: ignore[arg-type]
+    # --out may be one of the averaged folders: the card names the weights it averaged.
+    before = recipe._sha256(other / ct_cspine.FRACTURE_MODEL / "model.pt")
+    shutil.copytree(seg, other / ct_cspine.SEGMENTATION_MODEL, dirs_exist_ok=True)
+    run("ct-cspine", TrainOptions(data=tmp_path / "rsna", out=other, quick=True, progress=False,
+                                  threads=1, stage="fracture", average=(first, other)))
+    sources = ModelCard.load(other / ct_cspine.FRACTURE_MODEL).weights["averaged_from"]
+    assert sources[1]["model_pt_sha256"] == before
     broken = tmp_path / "broken"
     shutil.copytree(first, broken)
     state = states[0]

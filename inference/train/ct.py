@@ -337,9 +337,8 @@ def _fine_scan(ph: phantoms.Phantom, render: float, rng: np.random.Generator
 UPPER_CERVICAL_SHARE = 0.4
 #: Share of the stage-2 phantoms' C2-C7 fracture lines drawn as incomplete fractures
 #: confined to one part of the vertebra (``phantoms.generate(local_cracks=...)``: one
-#: pedicle, lamina, pillar, process, a corner or part of the body). Until 0.5.2 every
-#: line crossed the whole bone, and stage 2 scored the second generator's fractures of
-#: one side of the arch or of a process like intact bone; 0 draws nothing.
+#: pedicle, lamina, pillar, process, a corner or part of the body); 0 draws nothing. Off:
+#: a fine-tune with 0.5 lost on the second generator (docs/models-ct.md, "Stage 2 0.7.0").
 LOCAL_CRACK_SHARE = 0.0
 #: (level, kind) of those forced fractures, drawn uniformly.
 UPPER_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -1120,15 +1119,19 @@ def _started_from(init: Path | None) -> dict[str, Any]:
 
 def _averaged_from(folders: Sequence[Path]) -> list[dict[str, Any]]:
     """What a weight average (``--average``) is made of: each source's version, recipe,
-    training data and the hash of its stage-2 weights."""
+    training data, what it was fine-tuned from and the hash of its stage-2 weights (read
+    before the average is written: ``--out`` may be one of the sources)."""
     found = []
     for folder in folders:
         card = Path(folder) / FRACTURE_MODEL / "model.yaml"
         data = yaml.safe_load(card.read_text(encoding="utf-8")) if card.is_file() else {}
         data = data if isinstance(data, dict) else {}
         weights = data.get("weights") or {}
+        origin = (weights.get("fine_tuned_from") or {}).get(FRACTURE_MODEL) or {}
         found.append({"version": data.get("version"), "recipe": weights.get("recipe"),
                       "seed": weights.get("seed"), "trained_on": weights.get("trained_on"),
+                      "fine_tuned_from": {k: origin[k] for k in ("version", "model_pt_sha256")
+                                          if k in origin},
                       "model_pt_sha256": _sha256(Path(folder) / FRACTURE_MODEL / "model.pt")})
     return found
 
@@ -1204,6 +1207,10 @@ def run(options: TrainOptions) -> dict[str, Any]:
     through the real pipeline, and write the cards (``validate_only``: :func:`revalidate`)."""
     from functools import partial
 
+    if options.average and (options.stage != "fracture" or options.init is not None
+                            or options.validate_only or options.epochs is not None):
+        raise ValueError("--average replaces training of stage 2: give it with --stage fracture "
+                         "and without --init, --epochs or --validate-only")
     if options.validate_only:
         return revalidate(options)
     if options.stage not in STAGES:
@@ -1258,6 +1265,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
         seg_model = train_segmentation(seg_cases, budget, options.seed, options.progress, init)
         log.info("ct-cspine: stage 1 trained at %.0f s", time.monotonic() - started)
     fracture_model = None
+    averaged_from = _averaged_from(options.average) if options.average else []
     if options.average:
         fracture_model = average_fracture(options.average)
     elif not segmentation_only:
@@ -1270,9 +1278,9 @@ def run(options: TrainOptions) -> dict[str, Any]:
         export_segmentation(seg_model, out / SEGMENTATION_MODEL)
     if fracture_model is not None:
         export_fracture(fracture_model, out / FRACTURE_MODEL)
-    if options.average:
+    if averaged_from:
         trained_on = " + ".join(f"{a['trained_on']} [{a['version']}]"
-                                for a in _averaged_from(options.average)) + (
+                                for a in averaged_from) + (
             " (stage 2: the mean of these models' weights, see averaged_from)")
     provenance = {
         "trained_on": trained_on,
@@ -1291,8 +1299,11 @@ def run(options: TrainOptions) -> dict[str, Any]:
     }
     if started_from:
         provenance["fine_tuned_from"] = started_from
-    if options.average:
-        provenance["averaged_from"] = _averaged_from(options.average)
+    if averaged_from:
+        # Nothing was trained: no seed or training time of this run's to report.
+        provenance["averaged_from"] = averaged_from
+        provenance.pop("seed")
+        provenance.pop("training_seconds")
     # Cards first with a provisional threshold, so the pipeline can load the exports.
     write_cards(out, provenance, {}, float(FRACTURE_PREPROCESSING["threshold"]),
                 segmentation=not fracture_only, fracture=not segmentation_only)
