@@ -809,6 +809,8 @@ app.add_typer(train_app, name="train")
 #: Recipes that can re-run their validation on exported models (``--validate-only``).
 VALIDATE_ONLY_RECIPES = ("ct-cspine", "xray", "xray-pair-classifier", "xray-fracture-mobilenet",
                          "xray-cspine-classifier")
+#: X-ray recipes that can be fine-tuned (``--init``) and averaged (``--average``).
+XRAY_CLASSIFIERS = ("xray-cspine-classifier", "xray-fracture-mobilenet", "xray-pair-classifier")
 #: Recipes that can train one of their stages alone (``--stage``), and the stages.
 STAGE_RECIPES: dict[str, tuple[str, ...]] = {"ct-cspine": ("all", "fracture", "segmentation")}
 
@@ -834,7 +836,8 @@ def _train_command(family: str) -> Callable[..., None]:
             "for a CUDA GPU and many cores); recipes without budgets ignore it.")] = "default",
         init: Annotated[Path | None, typer.Option(
             "--init", help="Fine-tune: start from the weights (model.pt) in this model "
-            "repository instead of from scratch (recipes that support it: ct-cspine).",
+            "repository instead of from scratch (recipes that support it: ct-cspine and the "
+            "X-ray classifiers).",
             exists=True, file_okay=False)] = None,
         validate_only: Annotated[bool, typer.Option(
             "--validate-only", help="Train nothing: run the validation cohort through the "
@@ -846,7 +849,7 @@ def _train_command(family: str) -> Callable[..., None]:
         average: Annotated[list[Path] | None, typer.Option(
             "--average", help="Instead of training, average the weights (model.pt) of these "
             "model repositories, fine-tunes of one model, then validate as training does "
-            "(repeat the option; ct-cspine --stage fracture).", exists=True,
+            "(repeat the option; ct-cspine --stage fracture, the X-ray classifiers).", exists=True,
             file_okay=False)] = None,
     ) -> None:
         from dataclasses import replace
@@ -861,8 +864,9 @@ def _train_command(family: str) -> Callable[..., None]:
         if stage != "all" and stage not in STAGE_RECIPES.get(family, ()):
             known = ", ".join(f"{f}: {', '.join(s[1:])}" for f, s in STAGE_RECIPES.items())
             raise typer.BadParameter(f"--stage {stage} is not a stage of {family} ({known})")
-        if average and (family, stage) != ("ct-cspine", "fracture"):
-            raise typer.BadParameter("--average is supported by ct-cspine --stage fracture")
+        if average and (family, stage) != ("ct-cspine", "fracture") and family not in XRAY_CLASSIFIERS:
+            raise typer.BadParameter("--average is supported by ct-cspine --stage fracture and "
+                                     f"the X-ray classifiers ({', '.join(XRAY_CLASSIFIERS)})")
         if average and len(average) < 2:
             raise typer.BadParameter("--average needs at least two model repositories")
         if average and (init is not None or epochs is not None or validate_only):

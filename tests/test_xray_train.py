@@ -553,3 +553,58 @@ def test_mirrored_validation_reads_average_an_image_and_its_mirror() -> None:
     np.testing.assert_allclose(both["probabilities"][0], single.mean(axis=0), atol=1e-5)
     # the saliency map of the mirror image, mirrored back, is the image's own
     np.testing.assert_allclose(both["saliency"][0], both["saliency"][1][..., ::-1], atol=1e-5)
+
+
+def test_a_classifier_fine_tunes_and_averages_with_what_it_started_from(tmp_path: Path) -> None:
+    """--init fine-tunes a classifier on the fine-tuning cohort and --average takes the mean
+    of two models' weights; both validate and card as training does, name what they
+    started from and move on a minor version. Segmenters, --data and one folder are refused."""
+    import shutil
+
+    import torch
+
+    from spine_node.inference.train import xray as recipe
+
+    first = tmp_path / "first"
+    run_recipe("xray-cspine-classifier", TrainOptions(out=first, quick=True, threads=1, progress=False))
+    tuned = tmp_path / "tuned"
+    run_recipe("xray-cspine-classifier", TrainOptions(out=tuned, quick=True, threads=1,
+                                                      progress=False, init=first))
+    name = "xray-cspine-classifier"
+    card = ModelCard.load(tuned / name)
+    start = ModelCard.load(first / name)
+    assert card.weights["fine_tuned_from"]["model_pt_sha256"] == recipe.file_sha256(first / name / "model.pt")
+    assert card.weights["recipe"].endswith(f"--init {first}") and card.weights["operating_points"]
+    assert card.version == recipe._next_minor([start.version])
+    states = [torch.load(f / name / "model.pt", weights_only=True) for f in (first, tuned)]
+    floating = [k for k, v in states[0].items() if v.is_floating_point()]
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in floating)
+
+    mixed = tmp_path / "mixed"
+    summary = run_recipe(name, TrainOptions(out=mixed, quick=True, threads=1, progress=False,
+                                            average=(first, tuned)))
+    assert summary["cards"] == [str(mixed / name / "model.yaml")]
+    mean = torch.load(mixed / name / "model.pt", weights_only=True)
+    for key in floating:
+        assert torch.allclose(mean[key], (states[0][key] + states[1][key]) / 2, atol=1e-6)
+    card = ModelCard.load(mixed / name)
+    assert [s["model_pt_sha256"] for s in card.weights["averaged_from"]] == [
+        recipe.file_sha256(f / name / "model.pt") for f in (first, tuned)]
+    assert card.weights["averaged_from"][1]["fine_tuned_from"]["version"] == start.version
+    assert card.trained_on.startswith("synthetic phantoms (spine-node inference.phantoms DRRs")
+
+    with pytest.raises(DatasetError, match="X-ray classifiers"):
+        run_recipe("xray-spine-unet-lat", TrainOptions(out=tmp_path / "x", quick=True, progress=False,
+                                                       init=first))
+    with pytest.raises(DatasetError, match="drop --data"):
+        run_recipe(name, TrainOptions(out=tmp_path / "x", quick=True, progress=False, init=first,
+                                      data=tmp_path))
+    with pytest.raises(ValueError, match="at least two"):
+        recipe.tune_recipe(name, tmp_path / "x", recipe.Plan(), average=(first,))
+    broken = tmp_path / "broken"
+    shutil.copytree(first, broken)
+    states[0].pop(floating[0])
+    torch.save(states[0], broken / name / "model.pt")
+    with pytest.raises(ValueError, match="another architecture"):
+        recipe.tune_recipe(name, tmp_path / "x", recipe.Plan(train_phantoms=8, heldout_phantoms=6,
+                                                             steps=4), average=(first, broken))

@@ -216,6 +216,14 @@ CONTEXT_VALIDATION_COHORT = PhantomCohort("radiographic-context-posterior", 1.0,
                                           posterior_share=0.6)
 #: Seeds of the context validation phantoms: the plan's held-out seeds plus this.
 CONTEXT_VALIDATION_OFFSET = 1_000_000
+#: ``--init`` (fine-tuning a classifier): half its phantoms drawn with their surroundings
+#: and varied anatomy, six in ten of those with posterior detail, the findings as
+#: radiographs show them; half as many phantoms as training, on seeds of their own
+#: (the plan's seed plus :data:`FINE_TUNE_SEED_OFFSET`), at half the learning rate, with
+#: half the crop steps. Meant as an ingredient of a weight average (``--average``).
+FINE_TUNE_COHORT = PhantomCohort("radiographic-context-ft", 1.0, radiographic_findings=True,
+                                 context_share=0.5, posterior_share=0.6)
+FINE_TUNE_SEED_OFFSET = 7_000_000
 
 
 # --------------------------------------------------------------------------- samples
@@ -919,7 +927,8 @@ _Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | N
 
 
 def train_model(spec: Spec, train: ImageSet, seed: int, steps: int | None = None,
-                progress: Progress | None = None, crop_steps: int = 0) -> nn.Module:
+                progress: Progress | None = None, crop_steps: int = 0,
+                init_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Train a fresh ``spec`` model on ``train`` (AdamW, one-cycle schedule per phase).
 
     With ``crop_steps`` (classifiers with lesion maps and body masks, i.e. phantoms) the
@@ -931,7 +940,10 @@ def train_model(spec: Spec, train: ImageSet, seed: int, steps: int | None = None
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = architecture(spec.architecture, **spec.architecture_kwargs).to(_device())
+    model = architecture(spec.architecture, **spec.architecture_kwargs)
+    if init_state is not None:  # fine-tuning (``--init``)
+        model.load_state_dict(init_state)
+    model = model.to(_device())
     steps = steps or spec.steps
     images = torch.from_numpy(train.images)
     second = torch.from_numpy(train.second) if train.second is not None else None
@@ -1516,6 +1528,108 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
     return card
 
 
+def _source(folder: Path, spec: Spec) -> dict[str, Any]:
+    """What a fine-tune or an average starts from: version, recipe, seed, the hash of its
+    weights and what it was itself fine-tuned from."""
+    card = ModelCard.load(folder / spec.name)
+    found: dict[str, Any] = {"version": card.version, "recipe": card.weights.get("recipe"),
+                             "seed": card.weights.get("seed"),
+                             "model_pt_sha256": file_sha256(folder / spec.name / "model.pt")}
+    origin = card.weights.get("fine_tuned_from")
+    if isinstance(origin, dict):
+        found["fine_tuned_from"] = {k: origin[k] for k in ("version", "model_pt_sha256")
+                                    if k in origin}
+    return found
+
+
+def _next_minor(versions: Sequence[object]) -> str:
+    """One minor version past the highest of ``versions`` (other weights than any of them)."""
+    major, minor = max(tuple(int(v) for v in str(version).split(".")[:2]) for version in versions)
+    return f"{major}.{minor + 1}.0"
+
+
+def tune_recipe(model_name: str, out_dir: Path, plan: Plan = Plan(),
+                progress: Progress | None = None, init: Path | None = None,
+                average: Sequence[Path] = ()) -> ModelCard:
+    """A classifier fine-tuned from ``init`` (``--init``: :data:`FINE_TUNE_COHORT`), or
+    one whose weights are the mean of the models in ``average`` (``--average``: a "model
+    soup" of fine-tunes of one model); then validated, its operating points chosen and
+    its card written as training does. The card says what it started from."""
+    spec = SPECS[model_name]
+    if spec.validation_mix is None:
+        raise DatasetError(f"--init and --average are for the X-ray classifiers, not {model_name}")
+    if (init is None) == (not average):
+        raise ValueError("give one of init (a fine-tune) or average (two or more models)")
+    sources = [Path(init)] if init is not None else [Path(a) for a in average]
+    if init is None and len(sources) < 2:
+        raise ValueError("averaging needs at least two model repositories")
+    for source in sources:
+        if not (source / spec.name / "model.pt").is_file():
+            raise FileNotFoundError(f"{source}: no {spec.name}/model.pt there")
+    found = [_source(source, spec) for source in sources]  # before --out may be overwritten
+    states = [torch.load(source / spec.name / "model.pt", map_location="cpu", weights_only=True)
+              for source in sources]
+    started = time.monotonic()
+    extra: dict[str, Any]
+    if init is not None:
+        tuned = replace(spec, cohort=FINE_TUNE_COHORT, learning_rate=spec.learning_rate / 2)
+        count = max(1, round(plan.train_phantoms * spec.phantom_factor) // 2)
+        seeds = [plan.seed + FINE_TUNE_SEED_OFFSET + i for i in range(count)]
+        train = phantom_sets(tuned, seeds, progress, plan.workers)
+        steps, crop_steps = plan_steps(spec, plan, len(train), bool(train.body_masks))
+        crop_steps //= 2
+        model = train_model(tuned, train, plan.seed, steps, progress, crop_steps,
+                            init_state=states[0])
+        extra = {"trained_on": (f"synthetic phantoms (spine-node inference.phantoms DRRs, seeds "
+                                f"{seeds[0]}-{seeds[-1]}; 1 mm grid, radiographic findings, "
+                                "half drawn with context=True and varied_anatomy=True, 60% of "
+                                f"those with posterior_detail=True), {spec.copies} randomised "
+                                "acquisitions per view (inference.train.xray_augment); "
+                                "fine-tuned from fine_tuned_from"),
+                 "recipe": f"spine-node train {spec.name} --init {init}",
+                 "seed": plan.seed, "train_samples": len(train), "steps": steps,
+                 "crop_steps": crop_steps, "learning_rate": tuned.learning_rate,
+                 "fine_tuned_from": found[0]}
+    else:
+        keys = set(states[0])
+        for source, state in zip(sources, states, strict=True):
+            if set(state) != keys or any(state[k].shape != states[0][k].shape for k in keys):
+                raise ValueError(f"{source}: {spec.name} there is another architecture")
+        mean = {k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+                    if v.is_floating_point() else v) for k, v in states[0].items()}
+        model = architecture(spec.architecture, **spec.architecture_kwargs)
+        model.load_state_dict(mean)
+        extra = {"trained_on": ("synthetic phantoms (spine-node inference.phantoms DRRs): the "
+                                "mean of the weights of the models in averaged_from, each "
+                                "trained on them"),
+                 "recipe": f"spine-node train {spec.name}" + "".join(f" --average {a}" for a in sources),
+                 "averaged_from": found}
+    model = model.cpu().eval()
+    held, mix = validation_sets(spec, plan, progress)
+    folder = out_dir / spec.name
+    onnx_path = folder / "model.onnx"
+    export_onnx(model, spec, onnx_path)
+    torch.save(model.state_dict(), folder / "model.pt")
+    points: dict[str, dict[str, Any]] = {}
+    metrics = evaluate(spec, onnx_path, held, points, mix)
+    weights = {
+        **extra,
+        "architecture": {"name": spec.architecture, "kwargs": dict(spec.architecture_kwargs)},
+        "evaluated_on": validation_text(spec, plan),
+        "metrics": {key: round(value, 4) for key, value in metrics.items()},
+        "framework": f"torch {torch.__version__.split('+')[0]}",
+        "sha256": file_sha256(onnx_path),
+        "operating_points": points,
+    }
+    limitations = " ".join(filter(None, (limitations_note(spec, metrics), RADIOGRAPHIC_LIMITATION)))
+    if limitations:
+        weights["limitations"] = limitations
+    card = write_card(replace(spec, version=_next_minor([f["version"] for f in found])), model,
+                      folder, weights)
+    logger.info("%s: %s in %.0f s", spec.name, weights["metrics"], time.monotonic() - started)
+    return card
+
+
 def validation_sets(spec: Spec, plan: Plan, progress: Progress | None = None
                     ) -> tuple[ImageSet, ImageSet | None]:
     """The validation phantoms of ``spec`` and, for a classifier, its second validation set
@@ -1605,9 +1719,13 @@ def _run(names: Sequence[str], options: TrainOptions) -> dict[str, Any]:
         if options.data is not None:
             raise DatasetError("--validate-only runs the phantom validation cohorts; drop --data")
         names = chosen
-    elif options.init is not None:
-        raise DatasetError("--init (fine-tuning) is supported by ct-cspine only; the X-ray "
-                           "recipes train from scratch")
+    tuning = options.init is not None or bool(options.average)
+    if tuning and (options.data is not None or options.validate_only or options.epochs is not None):
+        raise DatasetError("--init and --average run on phantoms with the recipe's steps: drop "
+                           "--data, --epochs and --validate-only")
+    if tuning and any(SPECS[n].validation_mix is None for n in names):
+        raise DatasetError("--init and --average are for the X-ray classifiers "
+                           "(xray-cspine-classifier, xray-fracture-mobilenet, xray-pair-classifier)")
     torch.set_num_threads(max(1, options.threads))
     plan = _plan(options)
     started = time.monotonic()
@@ -1615,8 +1733,13 @@ def _run(names: Sequence[str], options: TrainOptions) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     with _progress(options.progress) as progress:
         for name in names:
-            card = (revalidate(name, Path(options.out), plan, progress) if options.validate_only
-                    else train_recipe(name, Path(options.out), options.data, plan, progress))
+            if options.validate_only:
+                card = revalidate(name, Path(options.out), plan, progress)
+            elif tuning:
+                card = tune_recipe(name, Path(options.out), plan, progress, options.init,
+                                   options.average)
+            else:
+                card = train_recipe(name, Path(options.out), options.data, plan, progress)
             cards.append(str(card.folder / "model.yaml"))
             metrics.update({f"{name}.{k}": v for k, v in card.weights["metrics"].items()})
     return {"cards": cards, "metrics": metrics, "seconds": round(time.monotonic() - started, 1)}
