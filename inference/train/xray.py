@@ -1533,7 +1533,7 @@ def _source(folder: Path, spec: Spec) -> dict[str, Any]:
     weights and what it was itself fine-tuned from."""
     card = ModelCard.load(folder / spec.name)
     found: dict[str, Any] = {"version": card.version, "recipe": card.weights.get("recipe"),
-                             "seed": card.weights.get("seed"),
+                             "seed": card.weights.get("seed"), "trained_on": card.trained_on,
                              "model_pt_sha256": file_sha256(folder / spec.name / "model.pt")}
     origin = card.weights.get("fine_tuned_from")
     if isinstance(origin, dict):
@@ -1599,9 +1599,8 @@ def tune_recipe(model_name: str, out_dir: Path, plan: Plan = Plan(),
                     if v.is_floating_point() else v) for k, v in states[0].items()}
         model = architecture(spec.architecture, **spec.architecture_kwargs)
         model.load_state_dict(mean)
-        extra = {"trained_on": ("synthetic phantoms (spine-node inference.phantoms DRRs): the "
-                                "mean of the weights of the models in averaged_from, each "
-                                "trained on them"),
+        extra = {"trained_on": " + ".join(f"{f['trained_on']} [{f['version']}]" for f in found)
+                 + " (the mean of these models' weights, see averaged_from)",
                  "recipe": f"spine-node train {spec.name}" + "".join(f" --average {a}" for a in sources),
                  "averaged_from": found}
     model = model.cpu().eval()
