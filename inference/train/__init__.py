@@ -13,6 +13,7 @@ one entry in :data:`RECIPES`; its module defines ``run(options: TrainOptions) ->
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,3 +104,20 @@ def run(family: str, options: TrainOptions) -> dict[str, Any]:
     module = importlib.import_module(entry.module)
     summary: dict[str, Any] = getattr(module, entry.function)(options)
     return summary
+
+
+def mean_weights(states: Sequence[Mapping[str, Any]], sources: Sequence[object]) -> dict[str, Any]:
+    """The element-wise mean of the state dicts ``states`` (``--average``: a "model soup"
+    of fine-tunes of one model); integer buffers (BatchNorm's batch counter) are taken from
+    the first. ``sources`` name them in the error when one has another architecture."""
+    import torch
+
+    if len(states) < 2:
+        raise ValueError("averaging needs at least two model repositories")
+    keys = set(states[0])
+    for source, state in zip(sources, states, strict=True):
+        if set(state) != keys or any(state[k].shape != states[0][k].shape for k in keys):
+            raise ValueError(f"{source}: another architecture than {sources[0]}")
+    return {k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+                if v.is_floating_point() else v) for k, v in states[0].items()}
+

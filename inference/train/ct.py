@@ -78,7 +78,7 @@ from spine_node.inference.pipelines.ct_cspine import (
     stage2_crops,
 )
 from spine_node.inference.stats import roc_auc, wilson_ci
-from spine_node.inference.train import TrainOptions
+from spine_node.inference.train import TrainOptions, mean_weights
 
 log = logging.getLogger(__name__)
 
@@ -1150,12 +1150,7 @@ def average_fracture(folders: Sequence[Path]) -> torch.nn.Module:
         if not path.is_file():
             raise FileNotFoundError(f"--average {folder}: no {FRACTURE_MODEL}/model.pt there")
         states.append(torch.load(path, map_location="cpu", weights_only=True))
-    keys = set(states[0])
-    for folder, state in zip(folders, states, strict=True):
-        if set(state) != keys or any(state[k].shape != states[0][k].shape for k in keys):
-            raise ValueError(f"--average {folder}: its stage 2 is another architecture")
-    mean = {k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
-                if v.is_floating_point() else v) for k, v in states[0].items()}
+    mean = mean_weights(states, [f"--average {folder}: stage 2" for folder in folders])
     name, kwargs = FRACTURE_ARCH
     model = architecture(name, **kwargs)
     model.load_state_dict(mean)

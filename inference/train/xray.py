@@ -85,7 +85,7 @@ from spine_node.inference.pipelines.xray import (
     window,
 )
 from spine_node.inference.stats import roc_auc, wilson_ci
-from spine_node.inference.train import TrainOptions
+from spine_node.inference.train import TrainOptions, mean_weights
 from spine_node.inference.train import xray_augment as augment
 
 logger = logging.getLogger(__name__)
@@ -1495,11 +1495,7 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
         evaluated_on = f"folder dataset {data.name}/val"
     steps, crop_steps = plan_steps(spec, plan, len(train), bool(train.body_masks))
     model = train_model(spec, train, plan.seed, steps, progress, crop_steps)
-    onnx_path = folder / "model.onnx"
-    export_onnx(model, spec, onnx_path)
-    torch.save(model.state_dict(), folder / "model.pt")
-    points: dict[str, dict[str, Any]] = {}
-    metrics = evaluate(spec, onnx_path, held, points, mix)
+    onnx_path, points, metrics = _export_and_validate(model, spec, folder, held, mix)
     weights = {
         "trained_on": trained_on,
         "recipe": ("spine-node train xray (the gate trains with the family)" if spec.name == GATE_MODEL
@@ -1526,6 +1522,17 @@ def train_recipe(model_name: str, out_dir: Path | None = None, data: Path | None
     card = write_card(spec, model, folder, weights, phantoms=data is None)
     logger.info("%s: %s in %.0f s", spec.name, weights["metrics"], time.monotonic() - started)
     return card
+
+
+def _export_and_validate(model: nn.Module, spec: Spec, folder: Path, held: ImageSet,
+                         mix: ImageSet | None) -> tuple[Path, dict[str, dict[str, Any]], dict[str, float]]:
+    """Export ``model`` (ONNX and state dict) into ``folder`` and measure the export on the
+    validation sets: the ONNX path, the operating points chosen and the metrics."""
+    onnx_path = folder / "model.onnx"
+    export_onnx(model, spec, onnx_path)
+    torch.save(model.state_dict(), folder / "model.pt")
+    points: dict[str, dict[str, Any]] = {}
+    return onnx_path, points, evaluate(spec, onnx_path, held, points, mix)
 
 
 def _source(folder: Path, spec: Spec) -> dict[str, Any]:
@@ -1591,12 +1598,7 @@ def tune_recipe(model_name: str, out_dir: Path, plan: Plan = Plan(),
                  "crop_steps": crop_steps, "learning_rate": tuned.learning_rate,
                  "fine_tuned_from": found[0]}
     else:
-        keys = set(states[0])
-        for source, state in zip(sources, states, strict=True):
-            if set(state) != keys or any(state[k].shape != states[0][k].shape for k in keys):
-                raise ValueError(f"{source}: {spec.name} there is another architecture")
-        mean = {k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
-                    if v.is_floating_point() else v) for k, v in states[0].items()}
+        mean = mean_weights(states, [f"{source}: {spec.name}" for source in sources])
         model = architecture(spec.architecture, **spec.architecture_kwargs)
         model.load_state_dict(mean)
         extra = {"trained_on": " + ".join(f"{f['trained_on']} [{f['version']}]" for f in found)
@@ -1606,11 +1608,7 @@ def tune_recipe(model_name: str, out_dir: Path, plan: Plan = Plan(),
     model = model.cpu().eval()
     held, mix = validation_sets(spec, plan, progress)
     folder = out_dir / spec.name
-    onnx_path = folder / "model.onnx"
-    export_onnx(model, spec, onnx_path)
-    torch.save(model.state_dict(), folder / "model.pt")
-    points: dict[str, dict[str, Any]] = {}
-    metrics = evaluate(spec, onnx_path, held, points, mix)
+    onnx_path, points, metrics = _export_and_validate(model, spec, folder, held, mix)
     weights = {
         **extra,
         "architecture": {"name": spec.architecture, "kwargs": dict(spec.architecture_kwargs)},
