@@ -33,8 +33,11 @@ def _push_pynetdicom(port: int, studies: list[dict[str, list[Path]]]) -> list[li
     def peer(index: int) -> None:
         try:
             files = [p for paths in studies[index].values() for p in paths]
+            # All eight associate at once. (Waiting for the others after associating let
+            # an early association idle past the peers' 30 s network timeout when the
+            # machine was loaded, and the peer then dropped it.)
+            start.wait(timeout=60)
             with association(port, calling=f"PEER{index}") as assoc:
-                start.wait(timeout=60)
                 for path in files:
                     statuses[index].append(store(assoc, path))
         except BaseException as exc:  # noqa: BLE001 - reported below
