@@ -1142,8 +1142,6 @@ def average_fracture(folders: Sequence[Path]) -> torch.nn.Module:
     evens out what each learned of its own training draws; it only makes sense for models
     fine-tuned from one another (one basin), which the caller vouches for. Integer buffers
     (BatchNorm's batch counter) are taken from the first."""
-    if len(folders) < 2:
-        raise ValueError("averaging needs at least two model repositories")
     states = []
     for folder in folders:
         path = Path(folder) / FRACTURE_MODEL / "model.pt"

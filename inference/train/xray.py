@@ -1568,8 +1568,6 @@ def tune_recipe(model_name: str, out_dir: Path, plan: Plan = Plan(),
     if (init is None) == (not average):
         raise ValueError("give one of init (a fine-tune) or average (two or more models)")
     sources = [Path(init)] if init is not None else [Path(a) for a in average]
-    if init is None and len(sources) < 2:
-        raise ValueError("averaging needs at least two model repositories")
     for source in sources:
         if not (source / spec.name / "model.pt").is_file():
             raise FileNotFoundError(f"{source}: no {spec.name}/model.pt there")
@@ -1721,8 +1719,8 @@ def _run(names: Sequence[str], options: TrainOptions) -> dict[str, Any]:
         raise DatasetError("--init and --average run on phantoms with the recipe's steps: drop "
                            "--data, --epochs and --validate-only")
     if tuning and any(SPECS[n].validation_mix is None for n in names):
-        raise DatasetError("--init and --average are for the X-ray classifiers "
-                           "(xray-cspine-classifier, xray-fracture-mobilenet, xray-pair-classifier)")
+        classifiers = ", ".join(n for n, s in SPECS.items() if s.validation_mix is not None)
+        raise DatasetError(f"--init and --average are for the X-ray classifiers ({classifiers})")
     torch.set_num_threads(max(1, options.threads))
     plan = _plan(options)
     started = time.monotonic()
