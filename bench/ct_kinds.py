@@ -1,4 +1,4 @@
-"""Stage 2 alone on the second CT generator, per fracture kind.
+"""Stage 2 alone on the second CT generator (or the training generator), per fracture kind.
 
 Crops every C1-C7 vertebra of second-generator scans at its *true* box (stage 1 left out),
 scores them with the fracture model of one or more engine folders and prints, per
@@ -14,6 +14,14 @@ The scans force one fracture pattern each, in turn (C2 dens, C2 hangman, C1 Jeff
 lower-level line, compression, burst, teardrop, spinous process) with every fifth scan
 fracture-free, so each kind has dozens of cases at n = 120. Seeds start at 7 100 000,
 apart from the benchmark's (bench/eval_ct.py). Synthetic data; not for clinical use.
+
+``--generator same`` reads the training generator's default phantoms
+(``spine_node.inference.phantoms.generate``, 2 mm grid, the benchmark's ``same`` cohort)
+the same way, with C2 and C5 patterns forced in turn and the kind each draw took
+(``params["fracture_patterns"]``: a plain C2 crack is a line at the base of the dens in
+half the draws, "dens base"; the varied patterns give "dens II", "dens III", "hangman"):
+
+    python -m bench.ct_kinds --generator same --n 120 --cache bench/out/ct_kinds_same.npz
 """
 
 from __future__ import annotations
@@ -59,11 +67,41 @@ def case_crops(seed: int) -> tuple[np.ndarray, list[str], list[str]]:
     return (np.stack(crops) if crops else np.zeros(shape, np.float32)), levels, kinds
 
 
-def build_cache(n: int, path: Path, workers: int) -> None:
+#: The training generator's patterns forced in turn: (level, kind, varied_fractures).
+SAME_PATTERNS: tuple[tuple[str, str, bool] | None, ...] = (
+    ("C2", "crack", False), ("C2", "dens", True), None, ("C2", "crack", False),
+    ("C2", "wedge", False), ("C2", "hangman", True), None, ("C5", "crack", False),
+    ("C1", "crack", False), ("C5", "wedge", False))
+
+
+def same_case_crops(seed: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """The same for one of the training generator's default phantoms: crops, level, kind."""
+    from spine_node.inference import phantoms
+    from spine_node.inference.pipelines import ct_cspine
+
+    pattern = SAME_PATTERNS[(seed - SEED_BASE) % len(SAME_PATTERNS)]
+    forced = ({"fractures": {pattern[0]: pattern[1]}, "varied_fractures": pattern[2]}
+              if pattern else {"fractures": {}})
+    ph = phantoms.generate(seed, **forced)
+    labels = _cervical(ph.labels)
+    pre = ct_cspine.FRACTURE_PREPROCESSING
+    found = ct_cspine.stage2_crops(ph.hu, ph.spacing, labels, ph.spacing, pre)
+    kinds_of = ph.params["fracture_patterns"]
+    crops, levels, kinds = [], [], []
+    for level, crop in found.items():
+        crops.append(ct_cspine.normalise_crop(crop))
+        levels.append(level)
+        kinds.append(kinds_of.get(level, ""))
+    shape = (0, *(int(n) for n in pre["crop_shape"]))
+    return (np.stack(crops) if crops else np.zeros(shape, np.float32)), levels, kinds
+
+
+def build_cache(n: int, path: Path, workers: int, generator: str = "cross") -> None:
     seeds = list(range(SEED_BASE, SEED_BASE + n))
     crops, levels, kinds, cases = [], [], [], []
+    reader = same_case_crops if generator == "same" else case_crops
     with ProcessPoolExecutor(workers) as pool:
-        for k, (c, lv, kd) in enumerate(pool.map(case_crops, seeds)):
+        for k, (c, lv, kd) in enumerate(pool.map(reader, seeds)):
             crops.append(c.astype(np.float16))
             levels += lv
             kinds += kd
@@ -112,9 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("bench/out/ct_kinds.npz"))
     parser.add_argument("--engines", type=Path, nargs="*", default=[Path("engines")])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--generator", choices=("cross", "same"), default="cross",
+                        help="scans of the second generator (default) or the training one")
     args = parser.parse_args(argv)
     if args.n:
-        build_cache(args.n, args.cache, args.workers)
+        build_cache(args.n, args.cache, args.workers, args.generator)
     data = dict(np.load(args.cache))
     for engines in args.engines:
         print("\n".join(report(engines, data)))

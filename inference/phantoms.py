@@ -712,6 +712,9 @@ def generate(
         shift_mm = float(rng.uniform(3.5, 7.0))
 
     placed: list[_Placed] = []
+    #: each fractured level's pattern: its kind ("crack", "wedge"), or finer where the
+    #: draw says more ("dens base", "dens II", "dens III", "hangman", "burst")
+    patterns: dict[str, str] = {}
     for name in drawn:
         ls = shapes[name]
         s_mm = centres_s[name]
@@ -733,6 +736,8 @@ def generate(
                 item.pillars = variation.pillars
             item.c1_transverse = _C1_TRANSVERSE_MM * variation.transverse_long[2]
         kind = fracture_kind.get(name)
+        if kind is not None:
+            patterns[name] = kind
         if kind == "wedge" and radiographic_findings:
             # Compression: the top end plate sinks everywhere, more at the centre and most
             # at the front (25-50 % of the height there), so the AP view shows it too.
@@ -741,6 +746,7 @@ def generate(
             item.crush = (everywhere, float(rng.uniform(0.10, 0.20)))
         elif kind == "wedge" and varied_fractures and rng.random() < 0.4:
             # Burst-like: the end plate sinks centrally and everywhere, less at the front.
+            patterns[name] = "burst"
             item.fracture, item.wedge_loss = "wedge", float(rng.uniform(0.0, 0.15))
             item.crush = (float(rng.uniform(0.08, 0.2)), float(rng.uniform(0.1, 0.25)))
         elif kind == "wedge":
@@ -760,7 +766,7 @@ def generate(
             item.slide_direction = (np.cos(angle) * first
                                     + np.sin(angle) * np.cross(normal, first))
         elif kind in C2_PATTERNS:
-            _c2_pattern(rng, item, ls, kind)
+            patterns[name] = _c2_pattern(rng, item, ls, kind)
         elif kind == "crack" and varied_fractures:
             _varied_crack(rng, item, ls)
             if local_cracks > 0 and name.startswith("C") and name != "C1":
@@ -775,6 +781,7 @@ def generate(
             elif name == "C2" and rng.random() < 0.5:
                 normal = np.array([rng.uniform(-0.2, 0.2), rng.uniform(-0.3, 0.3), 1.0])
                 offset = -ls.h / 2 - float(rng.uniform(1.0, 3.0))  # base of the dens
+                patterns[name] = "dens base"
             else:
                 axis = int(rng.integers(0, 3))
                 normal = rng.uniform(-0.35, 0.35, size=3)
@@ -805,6 +812,7 @@ def generate(
     for k in range(hu.shape[0]):
         hu[k] += rng.normal(0.0, sigma, size=hu.shape[1:]).astype(np.float32)
     np.clip(hu, -1024.0, 3071.0, out=hu)
+    params.update(fracture_patterns=patterns)
     params.update(scale=scale, curve_mm=curve, noise_hu=sigma, dislocation_mm=shift_mm,
                   dislocation_lateral_mm=lateral_mm, radiographic_findings=radiographic_findings,
                   rotation_deg=[float(np.rad2deg(x)) for x in (axial, lateral, flexion)])
@@ -1038,7 +1046,7 @@ def _local_crack(rng: np.random.Generator, item: _Placed, ls: _LevelShape) -> No
     item.crack_posterior = True
 
 
-def _c2_pattern(rng: np.random.Generator, item: _Placed, ls: _LevelShape, pattern: str) -> None:
+def _c2_pattern(rng: np.random.Generator, item: _Placed, ls: _LevelShape, pattern: str) -> str:
     """A forced C2 fracture pattern (:data:`C2_PATTERNS`), wider in form than the ones
     :func:`_varied_crack` draws at random: training sees each often enough to learn it.
 
@@ -1055,7 +1063,7 @@ def _c2_pattern(rng: np.random.Generator, item: _Placed, ls: _LevelShape, patter
         tilt = np.radians(rng.uniform(-25.0, 25.0))
         side = np.radians(rng.uniform(-12.0, 12.0))
         normal = np.array([np.sin(side), np.sin(tilt), np.cos(tilt) * np.cos(side)])
-        if rng.random() < 2 / 3:
+        if type_ii := rng.random() < 2 / 3:
             offset = -ls.h / 2 - float(rng.uniform(0.5, 3.5))  # type II: base of the dens
         else:
             offset = -ls.h / 2 + float(rng.uniform(1.5, 5.0))  # type III: into the body
@@ -1063,7 +1071,7 @@ def _c2_pattern(rng: np.random.Generator, item: _Placed, ls: _LevelShape, patter
         item.crack = (normal, offset, width, float(rng.uniform(0.0, 3.0)))
         direction = np.cross(normal, [np.cos(a := rng.uniform(0, 2 * np.pi)), np.sin(a), 0.0])
         item.slide_direction = direction / np.linalg.norm(direction)
-        return
+        return "dens II" if type_ii else "dens III"
     if pattern != "hangman":
         raise ValueError(f"unknown C2 pattern {pattern!r}; expected one of {C2_PATTERNS}")
     tilt = np.radians(rng.uniform(-25.0, 25.0))
@@ -1076,6 +1084,7 @@ def _c2_pattern(rng: np.random.Generator, item: _Placed, ls: _LevelShape, patter
     item.crack = (normal, offset, width, float(rng.uniform(0.0, 3.5)))
     item.slide_direction = slip / np.linalg.norm(slip)
     item.crack_posterior = True
+    return "hangman"
 
 
 def _rasterise(

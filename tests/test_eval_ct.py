@@ -242,6 +242,26 @@ def test_stage_two_kinds_crops_each_vertebra_at_its_true_box() -> None:
     assert (crops[:, 8:16, 16:32, 16:32].max(axis=(1, 2, 3)) > 0.3).all()
 
 
+def test_stage_two_kinds_on_the_training_generator_name_the_drawn_pattern() -> None:
+    """bench.ct_kinds --generator same: the training generator's default phantom with the
+    pattern forced in turn; each fractured crop carries the kind the draw took."""
+    from bench import ct_kinds
+
+    seen = set()
+    for offset in range(len(ct_kinds.SAME_PATTERNS)):
+        pattern = ct_kinds.SAME_PATTERNS[offset]
+        crops, levels, kinds = ct_kinds.same_case_crops(ct_kinds.SEED_BASE + offset)
+        assert len(crops) == len(levels) == 7 and levels == sorted(levels)
+        fractured = {lv: k for lv, k in zip(levels, kinds, strict=True) if k}
+        if pattern is None:
+            assert fractured == {}
+            continue
+        assert set(fractured) == {pattern[0]}
+        seen.add(fractured[pattern[0]])
+    assert {"dens II", "dens III"} & seen and "hangman" in seen and "wedge" in seen
+    assert {"dens base", "crack"} & seen
+
+
 def test_records_file_resumes_a_run_and_refuses_another(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     """--records: finished cases are kept per line; the same command skips them and gives
     the same figures; a cut-off last line runs again; other weights are refused."""

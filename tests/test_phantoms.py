@@ -315,3 +315,23 @@ def test_local_cracks_stay_in_one_part_of_the_vertebra_and_draw_on_their_own_str
         some_local_some_not |= 0 < len(balls) < 3
         balls.clear()
     assert some_local_some_not
+
+
+def test_fracture_patterns_name_what_each_draw_took() -> None:
+    """params["fracture_patterns"] gives each fractured level's pattern, finer than its
+    kind where the draw says more (a plain C2 line at the base of the dens, the dens
+    types, hangman's, burst-like), and draws nothing: the phantom is the one it was."""
+    seen: dict[str, set[str]] = {}
+    for seed in range(40):
+        ph = phantoms.generate(seed, p_fracture=0.0, fractures={"C2": "crack"})
+        seen.setdefault("plain", set()).add(ph.params["fracture_patterns"]["C2"])
+        assert set(ph.params["fracture_patterns"]) == {"C2"}
+        varied = phantoms.generate(seed, p_fracture=0.0, varied_fractures=True,
+                                   fractures={"C2": "dens" if seed % 2 else "hangman"})
+        seen.setdefault("varied", set()).add(varied.params["fracture_patterns"]["C2"])
+    assert seen["plain"] == {"crack", "dens base"}
+    assert seen["varied"] == {"dens II", "dens III", "hangman"}
+    fractured = phantoms.generate(8600171)  # C1 and C2 broken
+    assert fractured.params["fracture_patterns"] == {"C1": "crack", "C2": "dens base"}
+    assert set(fractured.params["fracture_patterns"]) == {v.name for v in fractured.vertebrae
+                                                           if v.fractured}
