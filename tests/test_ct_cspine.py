@@ -1270,3 +1270,38 @@ def test_moved_operating_points_move_the_card_on_a_patch_version(tmp_path: Path)
     major, minor, patch = (int(v) for v in before["version"].split("."))
     assert after["version"] == f"{major}.{minor}.{patch + 1}"
     assert after["preprocessing"]["threshold"] == 0.5
+
+
+def test_plain_findings_share_turns_varied_patterns_plain() -> None:
+    """About PLAIN_FRACTURE_SHARE of the stage-2 seeds draw the generator's plain findings
+    (varied_fractures off), decided on a stream of their own; a forced dens or hangman's
+    pattern, which only the varied draws know, becomes a plain C2 crack; other forced
+    levels stay; a share of 0 changes nothing."""
+    anatomy = {"varied_fractures": True, "context": False}
+    drawn = [recipe._with_plain_findings(seed, anatomy, {}, 0.3)[0]["varied_fractures"]
+             for seed in range(400)]
+    assert 0.62 < np.mean(drawn) < 0.78
+    plain = next(seed for seed in range(400) if not drawn[seed])
+    for forced, expected in (({"fractures": {"C2": "dens"}}, {"C2": "crack"}),
+                             ({"fractures": {"C2": "hangman"}}, {"C2": "crack"}),
+                             ({"fractures": {"C1": "crack"}}, {"C1": "crack"})):
+        new_anatomy, new_forced = recipe._with_plain_findings(plain, anatomy, forced, 0.3)
+        assert new_anatomy["varied_fractures"] is False and new_forced["fractures"] == expected
+        assert anatomy["varied_fractures"] is True  # the caller's dict is not changed
+    assert recipe._with_plain_findings(plain, anatomy, {"fractures": {"C2": "dens"}}, 0.0) == (
+        anatomy, {"fractures": {"C2": "dens"}})
+    # the plain phantom the generator then draws: C2 forced as a crack is accepted
+    ph = phantoms.generate(plain, p_fracture=0.0, varied_fractures=False,
+                           fractures={"C2": "crack"})
+    assert [v.name for v in ph.vertebrae if v.fractured] == ["C2"]
+
+
+def test_card_names_the_stage2_draws_beyond_the_varied_phantoms(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PLAIN_FRACTURE_SHARE", "LOCAL_CRACK_SHARE", "FRACTURE_POSTERIOR_SHARE",
+                 "SHAPE_JITTER_SHARE"):
+        monkeypatch.setattr(recipe, name, 0.0)
+    assert recipe._stage2_draws() == ""
+    monkeypatch.setattr(recipe, "PLAIN_FRACTURE_SHARE", 0.5)
+    monkeypatch.setattr(recipe, "SHAPE_JITTER_SHARE", 0.7)
+    assert recipe._stage2_draws() == ("; stage 2: plain fracture patterns in 50%"
+                                      "; stage 2: shape jitter in 70%")

@@ -340,10 +340,37 @@ UPPER_CERVICAL_SHARE = 0.4
 #: pedicle, lamina, pillar, process, a corner or part of the body); 0 draws nothing. Off:
 #: a fine-tune with 0.5 lost on the second generator (docs/models-ct.md, "Stage 2 0.7.0").
 LOCAL_CRACK_SHARE = 0.0
+#: Share of the stage-2 phantoms whose findings are drawn as the generator's plain default
+#: draws them (``varied_fractures=False``: a C2 line at the base of the dens in half the
+#: C2 cracks, anterior wedges of 22-45 %, C1 with one break), with the same random anatomy
+#: and acquisitions; decided on a stream of its own. Off (0: no draw): a fine-tune from
+#: 0.7.0 with 0.5 did not read the plain phantoms' C2 better (docs/models-ct.md, "C2 on
+#: the training generator").
+PLAIN_FRACTURE_SHARE = 0.0
 #: (level, kind) of those forced fractures, drawn uniformly.
 UPPER_PATTERNS: tuple[tuple[str, str], ...] = (
     ("C1", "crack"), ("C2", "dens"), ("C2", "dens"), ("C2", "hangman"), ("C2", "hangman"),
     ("C2", "crack"))
+
+
+def _with_plain_findings(seed: int, anatomy: dict[str, Any], forced: dict[str, Any], share: float
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``anatomy`` and ``forced`` with the plain default findings (``varied_fractures``
+    off) for ``share`` of the seeds, drawn from a stream of its own; a forced C2 pattern of
+    the varied draws (dens, hangman's) becomes a plain C2 crack, which breaks the base of
+    the dens in half the draws."""
+    if share <= 0 or np.random.default_rng([seed, 0x91A1]).random() >= share:
+        return anatomy, forced
+    if forced.get("fractures", {}).get("C2") in phantoms.C2_PATTERNS:
+        forced = {**forced, "fractures": {**forced["fractures"], "C2": "crack"}}
+    return {**anatomy, "varied_fractures": False}, forced
+
+
+def _stage2_draws() -> str:
+    """The stage-2 draws this recipe takes beyond the varied phantoms, for the card."""
+    shares = {"plain fracture patterns": PLAIN_FRACTURE_SHARE, "incomplete fractures": LOCAL_CRACK_SHARE,
+              "posterior detail": FRACTURE_POSTERIOR_SHARE, "shape jitter": SHAPE_JITTER_SHARE}
+    return "".join(f"; stage 2: {what} in {share:.0%}" for what, share in shares.items() if share > 0)
 
 
 def fracture_case(seed: int, scans: int = 3) -> CropSet:
@@ -357,6 +384,7 @@ def fracture_case(seed: int, scans: int = 3) -> CropSet:
     if rng.random() < UPPER_CERVICAL_SHARE:
         level, kind = UPPER_PATTERNS[int(rng.integers(len(UPPER_PATTERNS)))]
         forced = {"fractures": {level: kind}}
+    anatomy, forced = _with_plain_findings(seed, anatomy, forced, PLAIN_FRACTURE_SHARE)
     ph = phantoms.generate(seed, spacing=render, shape=tuple(int(n / render) for n in (150, 128, 128)),
                            p_fracture=0.7, local_cracks=LOCAL_CRACK_SHARE, **anatomy, **forced)
     fractured = [v.name for v in ph.vertebrae if v.fractured]
@@ -1241,7 +1269,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
         validation = _map(validation_case, validation_seeds, workers, options.progress,
                           "validation scans")
         trained_on = (f"synthetic phantoms (spine-node inference.phantoms with context, random "
-                      f"anatomy and acquisition; seeds {seed0}-{seed0 + 5_000 + budget.fracture_cases - 1})")
+                      f"anatomy and acquisition; seeds {seed0}-{seed0 + 5_000 + budget.fracture_cases - 1}"
+                      f"{'' if segmentation_only else _stage2_draws()})")
         validated_on = (f"synthetic phantoms, validation seeds {validation_seeds[0]}-{validation_seeds[-1]} "
                         "(same generator); test cohorts and a second generator: bench/RESULTS.md")
     else:
