@@ -258,6 +258,9 @@ def test_spine_seg_without_view_position_reads_the_view_from_the_image(
     result = get_pipeline("xray-spine-seg").run([series], models)
     assert result.performed and result.model.name == "xray-spine-unet-ap"
     assert [(s.site, s.assessment) for s in result.site_status] == [("AP", "assessed")]
+    # the report says the view was inferred, so the reader checks it
+    assert any(note.startswith("No AP/LAT ViewPosition: the view (AP) was read from the image")
+               for note in result.notes), result.notes
 
 
 @needs_gate_weights

@@ -706,6 +706,11 @@ def gate_images(images: Sequence[Radiograph], models: ModelProvider) -> list[Gat
                              f"{view} (view gate p {spine[view]:.2f}): the view is unclear",
                              tuple(notes)))
             continue
+        if not declared:
+            # Nothing to compare the gate with: say so, so the reader checks the view
+            # (another generator's laterals have been read as AP at p 0.95).
+            notes.append(f"No AP/LAT ViewPosition: the view ({view}) was read from the image "
+                         f"alone (view gate p {spine[view]:.2f}).")
         out.append(Gated(image, view, spine[view], "", tuple(notes)))
     return out
 
