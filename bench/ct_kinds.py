@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -47,22 +47,30 @@ PATTERNS: tuple[tuple[str, str] | None, ...] = (
 def case_crops(seed: int) -> tuple[np.ndarray, list[str], list[str]]:
     """Normalised stage-2 crops of one second-generator scan: crops, level, kind ('' intact)."""
     from spine_node.inference.heldout import ct as heldout
-    from spine_node.inference.pipelines import ct_cspine
 
     pattern = PATTERNS[(seed - SEED_BASE) % len(PATTERNS)]
     fractures = {pattern[0]: pattern[1]} if pattern else {}
     ct = heldout.generate(seed, fractures=fractures)
-    labels = _cervical(np.asarray(ct.labels))
-    listed = set(ct.levels_in_field)
+    return _true_box_crops(np.asarray(ct.hu, np.float32), ct.spacing, np.asarray(ct.labels),
+                           ct.fractures, set(ct.levels_in_field))
+
+
+def _true_box_crops(hu: np.ndarray, spacing: Sequence[float], labels: np.ndarray,
+                    kinds_of: Mapping[str, str], listed: set[str] | None = None
+                    ) -> tuple[np.ndarray, list[str], list[str]]:
+    """Normalised stage-2 crops of every cervical level of ``labels`` (those in ``listed``
+    where given) at its true box, its level and kind (``kinds_of``; '' intact)."""
+    from spine_node.inference.pipelines import ct_cspine
+
     pre = ct_cspine.FRACTURE_PREPROCESSING
-    found = ct_cspine.stage2_crops(np.asarray(ct.hu, np.float32), ct.spacing, labels, ct.spacing, pre)
+    found = ct_cspine.stage2_crops(hu, spacing, _cervical(labels), spacing, pre)
     crops, levels, kinds = [], [], []
     for level, crop in found.items():
-        if level not in listed:
+        if listed is not None and level not in listed:
             continue
         crops.append(ct_cspine.normalise_crop(crop))
         levels.append(level)
-        kinds.append(ct.fractures.get(level, ""))
+        kinds.append(kinds_of.get(level, ""))
     shape = (0, *(int(n) for n in pre["crop_shape"]))
     return (np.stack(crops) if crops else np.zeros(shape, np.float32)), levels, kinds
 
@@ -77,23 +85,12 @@ SAME_PATTERNS: tuple[tuple[str, str, bool] | None, ...] = (
 def same_case_crops(seed: int) -> tuple[np.ndarray, list[str], list[str]]:
     """The same for one of the training generator's default phantoms: crops, level, kind."""
     from spine_node.inference import phantoms
-    from spine_node.inference.pipelines import ct_cspine
 
     pattern = SAME_PATTERNS[(seed - SEED_BASE) % len(SAME_PATTERNS)]
     forced = ({"fractures": {pattern[0]: pattern[1]}, "varied_fractures": pattern[2]}
               if pattern else {"fractures": {}})
     ph = phantoms.generate(seed, **forced)
-    labels = _cervical(ph.labels)
-    pre = ct_cspine.FRACTURE_PREPROCESSING
-    found = ct_cspine.stage2_crops(ph.hu, ph.spacing, labels, ph.spacing, pre)
-    kinds_of = ph.params["fracture_patterns"]
-    crops, levels, kinds = [], [], []
-    for level, crop in found.items():
-        crops.append(ct_cspine.normalise_crop(crop))
-        levels.append(level)
-        kinds.append(kinds_of.get(level, ""))
-    shape = (0, *(int(n) for n in pre["crop_shape"]))
-    return (np.stack(crops) if crops else np.zeros(shape, np.float32)), levels, kinds
+    return _true_box_crops(ph.hu, ph.spacing, ph.labels, ph.params["fracture_patterns"])
 
 
 def build_cache(n: int, path: Path, workers: int, generator: str = "cross") -> None:

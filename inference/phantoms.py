@@ -812,9 +812,9 @@ def generate(
     for k in range(hu.shape[0]):
         hu[k] += rng.normal(0.0, sigma, size=hu.shape[1:]).astype(np.float32)
     np.clip(hu, -1024.0, 3071.0, out=hu)
-    params.update(fracture_patterns=patterns)
-    params.update(scale=scale, curve_mm=curve, noise_hu=sigma, dislocation_mm=shift_mm,
-                  dislocation_lateral_mm=lateral_mm, radiographic_findings=radiographic_findings,
+    params.update(fracture_patterns=patterns, scale=scale, curve_mm=curve, noise_hu=sigma,
+                  dislocation_mm=shift_mm, dislocation_lateral_mm=lateral_mm,
+                  radiographic_findings=radiographic_findings,
                   rotation_deg=[float(np.rad2deg(x)) for x in (axial, lateral, flexion)])
 
     vertebrae = tuple(

@@ -120,4 +120,3 @@ def mean_weights(states: Sequence[Mapping[str, Any]], sources: Sequence[object])
             raise ValueError(f"{source}: another architecture than {sources[0]}")
     return {k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
                 if v.is_floating_point() else v) for k, v in states[0].items()}
-
